@@ -1,0 +1,4 @@
+//! Examples from disk, the prompt template, tokenisation and batches.
+pub mod batch;
+pub mod formats;
+pub mod prompt;

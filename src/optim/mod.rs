@@ -1,0 +1,3 @@
+//! Optimizers over the trainable (LoRA + head) parameters, and the LR schedule.
+pub mod adamw8bit;
+pub mod schedule;

@@ -1,0 +1,3 @@
+//! 4-bit NF4 weights (bitsandbytes-exact) and the linear layer that uses them.
+pub mod nf4;
+pub mod qlinear;

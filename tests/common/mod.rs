@@ -1,0 +1,59 @@
+//! Helpers shared by the integration tests: the oracle Python in `.venv`, the shared MRPC
+//! data, scratch folders.
+#![allow(dead_code)]
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The venv that `make setup` made; oracles (transformers, peft, bitsandbytes, pyarrow) live there.
+pub fn python() -> PathBuf {
+    let venv = std::env::var("QLORA_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join(".venv"));
+    venv.join("bin").join("python")
+}
+
+/// Runs `tests/oracles/<script>` with the venv's Python; panics with its stderr on failure.
+pub fn oracle(script: &str, args: &[&str]) -> String {
+    let out = Command::new(python())
+        .arg(root().join("tests").join("oracles").join(script))
+        .args(args)
+        .env("PYTHONHASHSEED", "0")
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TRANSFORMERS_VERBOSITY", "error")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run oracle {script}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "oracle {script} {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `../shared/data/mrpc` beside the checkout (or `QLORA_SHARED/data/mrpc`).
+pub fn mrpc_dir() -> PathBuf {
+    let shared = std::env::var("QLORA_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join("..").join("shared"));
+    let dir = shared.join("data").join("mrpc");
+    assert!(
+        dir.join("train.tsv").exists(),
+        "MRPC not found at {}; set QLORA_SHARED",
+        dir.display()
+    );
+    dir
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}
