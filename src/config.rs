@@ -1,1 +1,467 @@
-//! (filled in)
+//! One `Config`, read from a YAML file, overridden by command-line flags of the same names,
+//! validated once. Keys carry the reference script's argparse names (`model_dir`, `r`,
+//! `lora_alpha`, `bnb_4bit_compute_dtype`, ...), so its users feel at home.
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_yaml::{Mapping, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Hugging Face model folder (config.json + safetensors).
+    pub model_dir: Option<PathBuf>,
+    /// Folder with tokenizer.json (defaults to model_dir).
+    pub tokenizer_dir: Option<PathBuf>,
+    /// Folder with the data in any supported layout (parquet, GLUE TSV, MSR txt, CSV, JSONL).
+    pub data_dir: Option<PathBuf>,
+    /// The run folder.
+    pub results_path: PathBuf,
+    pub task: String,
+    pub num_classes: i64,
+    // LoRA (PEFT's LoraConfig)
+    pub r: i64,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub target_modules: Vec<String>,
+    // Quantization (bitsandbytes' BitsAndBytesConfig)
+    pub load_in_4bit: bool,
+    pub bnb_4bit_use_double_quant: bool,
+    pub bnb_4bit_quant_type: String,
+    pub bnb_4bit_compute_dtype: String,
+    pub bnb_4bit_blocksize: i64,
+    // Data
+    pub prompt: String,
+    pub max_length: Option<usize>,
+    pub bucket_by_length: bool,
+    pub train_splits: String,
+    pub eval_split: String,
+    // Optimisation
+    pub batch_size: usize,
+    pub eval_batch_size: usize,
+    pub seed: u64,
+    pub lr: f64,
+    pub epochs: usize,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub optimizer: String,
+    pub max_grad_norm: Option<f64>,
+    pub gradient_checkpointing: bool,
+    /// Stop after this many optimizer steps (for smoke runs); null = all epochs.
+    pub max_steps: Option<usize>,
+    pub eval_before_training: bool,
+    // Runtime
+    pub device: String,
+    pub log_every: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            model_dir: None,
+            tokenizer_dir: None,
+            data_dir: None,
+            results_path: PathBuf::from("runs/run"),
+            task: "mrpc".into(),
+            num_classes: 2,
+            r: 8,
+            lora_alpha: 16.0,
+            lora_dropout: 0.1,
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+            load_in_4bit: true,
+            bnb_4bit_use_double_quant: true,
+            bnb_4bit_quant_type: "nf4".into(),
+            bnb_4bit_compute_dtype: "auto".into(),
+            bnb_4bit_blocksize: 64,
+            prompt: "perfect".into(),
+            max_length: None,
+            bucket_by_length: false,
+            train_splits: "train".into(),
+            eval_split: "validation".into(),
+            batch_size: 8,
+            eval_batch_size: 8,
+            seed: 42,
+            lr: 3e-4,
+            epochs: 10,
+            warmup_ratio: 0.06,
+            weight_decay: 0.01,
+            optimizer: "adamw8bit".into(),
+            max_grad_norm: None,
+            gradient_checkpointing: true,
+            max_steps: None,
+            eval_before_training: true,
+            device: "auto".into(),
+            log_every: 10,
+        }
+    }
+}
+
+pub const TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// Every key a YAML file or a flag may set.
+pub fn keys() -> Vec<String> {
+    match serde_yaml::to_value(Config::default()) {
+        Ok(Value::Mapping(m)) => m
+            .keys()
+            .filter_map(|k| k.as_str().map(str::to_string))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Levenshtein distance, for "did you mean" hints.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// The candidate nearest to `word`, when it is close enough to be a plausible typo.
+pub fn nearest<'a, I: IntoIterator<Item = &'a str>>(word: &str, candidates: I) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (edit_distance(word, c), c))
+        .filter(|(d, c)| *d <= 3.max(c.len() / 3))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+fn hint(word: &str, candidates: &[String]) -> String {
+    match nearest(word, candidates.iter().map(String::as_str)) {
+        Some(n) => format!(" (did you mean `{n}`?)"),
+        None => String::new(),
+    }
+}
+
+/// Where each key's value came from, for error messages.
+#[derive(Debug, Clone, Default)]
+pub struct Origins(BTreeMap<String, String>);
+
+impl Origins {
+    pub fn of(&self, key: &str) -> String {
+        self.0
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| "the built-in defaults".into())
+    }
+}
+
+/// A command-line override: `--batch_size 16`, `--batch-size=16`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Override {
+    pub key: String,
+    pub value: String,
+}
+
+/// Splits `--key value` / `--key=value` flags; a flag with no value (or followed by another
+/// flag) means `true`.
+pub fn parse_flags(args: &[String]) -> Result<Vec<Override>> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let a = &args[i];
+        let Some(stripped) = a.strip_prefix("--") else {
+            bail!("unexpected argument `{a}`: configuration flags look like `--key value`");
+        };
+        let (key, value) = match stripped.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => {
+                let next = args.get(i + 1);
+                match next {
+                    Some(n) if !n.starts_with("--") => {
+                        i += 1;
+                        (stripped.to_string(), n.clone())
+                    }
+                    _ => (stripped.to_string(), "true".to_string()),
+                }
+            }
+        };
+        out.push(Override {
+            key: key.replace('-', "_"),
+            value,
+        });
+        i += 1;
+    }
+    Ok(out)
+}
+
+fn yaml_scalar(key: &str, text: &str) -> Value {
+    // Paths and prompts stay strings even when they look like numbers or booleans.
+    match key {
+        "prompt" | "model_dir" | "tokenizer_dir" | "data_dir" | "results_path" | "task" => {
+            Value::String(text.to_string())
+        }
+        "target_modules" => Value::Sequence(
+            text.split(',')
+                .map(|s| Value::String(s.trim().to_string()))
+                .filter(|v| v.as_str() != Some(""))
+                .collect(),
+        ),
+        _ => serde_yaml::from_str::<Value>(text).unwrap_or_else(|_| Value::String(text.into())),
+    }
+}
+
+impl Config {
+    /// Reads `file` (if any), applies `overrides`, validates. Errors name the file or flag
+    /// and the key.
+    pub fn load(file: Option<&Path>, overrides: &[Override]) -> Result<(Config, Origins)> {
+        let known = keys();
+        let mut merged = match serde_yaml::to_value(Config::default())? {
+            Value::Mapping(m) => m,
+            _ => Mapping::new(),
+        };
+        let mut origins = Origins::default();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?;
+            let doc: Value = serde_yaml::from_str(&text)
+                .with_context(|| format!("{}: not valid YAML", path.display()))?;
+            let map = match doc {
+                Value::Mapping(m) => m,
+                Value::Null => Mapping::new(),
+                _ => bail!("{}: expected a mapping of `key: value`", path.display()),
+            };
+            let base = path.parent().unwrap_or(Path::new("."));
+            for (k, v) in map {
+                let key = k
+                    .as_str()
+                    .with_context(|| format!("{}: key {k:?} is not a string", path.display()))?
+                    .to_string();
+                if !known.contains(&key) {
+                    bail!(
+                        "{}: unknown key `{key}`{}",
+                        path.display(),
+                        hint(&key, &known)
+                    );
+                }
+                // Relative paths in a config file are relative to the working directory,
+                // as the reference script's flags are; `base` is only used for messages.
+                let _ = base;
+                origins.0.insert(key.clone(), path.display().to_string());
+                merged.insert(Value::String(key), v);
+            }
+        }
+        for o in overrides {
+            if !known.contains(&o.key) {
+                bail!(
+                    "unknown flag `--{}`{}",
+                    o.key,
+                    hint(&o.key, &known).replace('`', "`--")
+                );
+            }
+            origins
+                .0
+                .insert(o.key.clone(), format!("the command line (--{})", o.key));
+            merged.insert(Value::String(o.key.clone()), yaml_scalar(&o.key, &o.value));
+        }
+        let cfg: Config = match serde_yaml::from_value(Value::Mapping(merged.clone())) {
+            Ok(c) => c,
+            Err(e) => {
+                // Find the key that does not parse, to name it.
+                let defaults = match serde_yaml::to_value(Config::default())? {
+                    Value::Mapping(m) => m,
+                    _ => Mapping::new(),
+                };
+                for (k, v) in &merged {
+                    let mut one = defaults.clone();
+                    one.insert(k.clone(), v.clone());
+                    if let Err(e1) = serde_yaml::from_value::<Config>(Value::Mapping(one)) {
+                        let key = k.as_str().unwrap_or("?");
+                        bail!("{}: key `{key}`: {e1}", origins.of(key));
+                    }
+                }
+                bail!("invalid configuration: {e}");
+            }
+        };
+        cfg.validate(&origins)?;
+        Ok((cfg, origins))
+    }
+
+    fn validate(&self, o: &Origins) -> Result<()> {
+        let err = |key: &str, msg: String| -> Result<()> { bail!("{}: key `{key}`: {msg}", o.of(key)) };
+        if self.r <= 0 {
+            err("r", format!("LoRA rank must be positive, got {}", self.r))?;
+        }
+        if !(self.lora_alpha > 0.0) {
+            err("lora_alpha", format!("must be positive, got {}", self.lora_alpha))?;
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            err(
+                "lora_dropout",
+                format!("must be in [0, 1), got {}", self.lora_dropout),
+            )?;
+        }
+        if !(self.lr > 0.0) || !self.lr.is_finite() {
+            err("lr", format!("must be positive, got {}", self.lr))?;
+        }
+        if self.batch_size == 0 {
+            err("batch_size", "must be at least 1".into())?;
+        }
+        if self.eval_batch_size == 0 {
+            err("eval_batch_size", "must be at least 1".into())?;
+        }
+        if self.epochs == 0 {
+            err("epochs", "must be at least 1".into())?;
+        }
+        if self.num_classes < 2 {
+            err(
+                "num_classes",
+                format!("must be at least 2, got {}", self.num_classes),
+            )?;
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            err(
+                "warmup_ratio",
+                format!("must be in [0, 1), got {}", self.warmup_ratio),
+            )?;
+        }
+        if self.weight_decay < 0.0 {
+            err("weight_decay", "must not be negative".into())?;
+        }
+        if self.max_length == Some(0) {
+            err("max_length", "must be at least 1 (or null)".into())?;
+        }
+        if self.log_every == 0 {
+            err("log_every", "must be at least 1".into())?;
+        }
+        if self.target_modules.is_empty() {
+            err("target_modules", "name at least one module".into())?;
+        }
+        let targets: Vec<String> = TARGETS.iter().map(|s| s.to_string()).collect();
+        for t in &self.target_modules {
+            if !TARGETS.contains(&t.as_str()) {
+                err(
+                    "target_modules",
+                    format!(
+                        "unknown module `{t}`{}; choose from {}",
+                        hint(t, &targets),
+                        TARGETS.join(", ")
+                    ),
+                )?;
+            }
+        }
+        if self.bnb_4bit_quant_type != "nf4" {
+            err(
+                "bnb_4bit_quant_type",
+                format!(
+                    "only `nf4` is supported, got `{}`",
+                    self.bnb_4bit_quant_type
+                ),
+            )?;
+        }
+        let dtypes = ["auto", "bfloat16", "float16", "float32"];
+        if !dtypes.contains(&self.bnb_4bit_compute_dtype.as_str()) {
+            err(
+                "bnb_4bit_compute_dtype",
+                format!(
+                    "`{}` is not one of {}",
+                    self.bnb_4bit_compute_dtype,
+                    dtypes.join(", ")
+                ),
+            )?;
+        }
+        if !(64..=4096).contains(&self.bnb_4bit_blocksize)
+            || !(self.bnb_4bit_blocksize as u64).is_power_of_two()
+        {
+            err(
+                "bnb_4bit_blocksize",
+                format!(
+                    "must be a power of two in 64..4096, got {}",
+                    self.bnb_4bit_blocksize
+                ),
+            )?;
+        }
+        let opts = ["adamw8bit", "adamw"];
+        if !opts.contains(&self.optimizer.as_str()) {
+            err(
+                "optimizer",
+                format!("`{}` is not one of {}", self.optimizer, opts.join(", ")),
+            )?;
+        }
+        if self.task != "mrpc" {
+            err(
+                "task",
+                format!("only `mrpc` (sentence-pair classification) is supported, got `{}`", self.task),
+            )?;
+        }
+        if let Err(e) = crate::data::prompt::resolve_prompt(&self.prompt) {
+            err("prompt", format!("{e:#}"))?;
+        }
+        let dev = self.device.as_str();
+        if !(dev == "auto" || dev == "cpu" || dev == "cuda" || dev.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok())) {
+            err("device", format!("`{dev}` is not auto, cpu, cuda or cuda:N"))?;
+        }
+        for (key, dir) in [
+            ("model_dir", &self.model_dir),
+            ("tokenizer_dir", &self.tokenizer_dir),
+            ("data_dir", &self.data_dir),
+        ] {
+            if let Some(d) = dir {
+                if !d.is_dir() {
+                    err(key, format!("folder {} does not exist", d.display()))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn model_dir(&self) -> Result<&Path> {
+        self.model_dir
+            .as_deref()
+            .context("no model_dir: set `model_dir` in the config or pass --model_dir DIR")
+    }
+
+    pub fn tokenizer_dir(&self) -> Result<&Path> {
+        match &self.tokenizer_dir {
+            Some(d) => Ok(d),
+            None => self.model_dir(),
+        }
+    }
+
+    pub fn data_dir(&self) -> Result<&Path> {
+        self.data_dir
+            .as_deref()
+            .context("no data_dir: set `data_dir` in the config or pass --data_dir DIR")
+    }
+
+    pub fn device(&self) -> tch::Device {
+        match self.device.as_str() {
+            "cpu" => tch::Device::Cpu,
+            "cuda" => tch::Device::Cuda(0),
+            "auto" => tch::Device::cuda_if_available(),
+            d => d
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(tch::Device::Cuda)
+                .unwrap_or(tch::Device::Cpu),
+        }
+    }
+
+    /// The compute dtype; `auto` is bf16 on a GPU and fp32 on a CPU.
+    pub fn compute_kind(&self, device: tch::Device) -> tch::Kind {
+        match self.bnb_4bit_compute_dtype.as_str() {
+            "bfloat16" => tch::Kind::BFloat16,
+            "float16" => tch::Kind::Half,
+            "float32" => tch::Kind::Float,
+            _ if device.is_cuda() => tch::Kind::BFloat16,
+            _ => tch::Kind::Float,
+        }
+    }
+}

@@ -11,3 +11,7 @@ pub mod model;
 pub mod optim;
 pub mod quant;
 pub mod runio;
+pub mod adapter;
+pub mod eval;
+pub mod metrics;
+pub mod train;

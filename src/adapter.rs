@@ -1,0 +1,166 @@
+//! PEFT's adapter layout: `adapter_config.json` + `adapter_model.safetensors`, with PEFT's
+//! key names (the `score` head included, as `modules_to_save` saves it), so that
+//! `PeftModel.from_pretrained(base, dir)` loads what we train and we load what PEFT trains.
+use crate::config::Config;
+use crate::runio;
+use anyhow::{bail, Context, Result};
+use safetensors::tensor::{Dtype, TensorView};
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+/// PEFT's LoraConfig fields for this run (what `lora_config.json` and the adapter hold).
+pub fn lora_config_json(cfg: &Config) -> serde_json::Value {
+    json!({
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS",
+        "base_model_name_or_path": cfg.model_dir.as_ref().map(|p| p.display().to_string()),
+        "r": cfg.r,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout,
+        "target_modules": cfg.target_modules,
+        "modules_to_save": ["classifier", "score"],
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "use_rslora": false,
+        "use_dora": false,
+        "layers_to_transform": null,
+        "layers_pattern": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": null
+    })
+}
+
+/// bitsandbytes' BitsAndBytesConfig fields for this run (`quant_config.json`).
+pub fn quant_config_json(cfg: &Config) -> serde_json::Value {
+    json!({
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": cfg.load_in_4bit,
+        "load_in_8bit": false,
+        "bnb_4bit_quant_type": cfg.bnb_4bit_quant_type,
+        "bnb_4bit_use_double_quant": cfg.bnb_4bit_use_double_quant,
+        "bnb_4bit_compute_dtype": cfg.bnb_4bit_compute_dtype,
+        "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_blocksize": cfg.bnb_4bit_blocksize,
+    })
+}
+
+fn kind_to_dtype(k: Kind) -> Result<Dtype> {
+    Ok(match k {
+        Kind::Float => Dtype::F32,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Half => Dtype::F16,
+        Kind::Double => Dtype::F64,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Int8 => Dtype::I8,
+        Kind::Bool => Dtype::BOOL,
+        k => bail!("cannot store a {k:?} tensor in safetensors"),
+    })
+}
+
+fn dtype_to_kind(d: Dtype) -> Result<Kind> {
+    Ok(match d {
+        Dtype::F32 => Kind::Float,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F16 => Kind::Half,
+        Dtype::F64 => Kind::Double,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::I8 => Kind::Int8,
+        Dtype::BOOL => Kind::Bool,
+        d => bail!("unsupported safetensors dtype {d:?}"),
+    })
+}
+
+/// Serialises named tensors to safetensors bytes (with `{"format": "pt"}`, as torch writes).
+pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
+    let mut owned = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = t.detach().to_device(Device::Cpu).contiguous();
+        let n = t.numel() * t.kind().elt_size_in_bytes();
+        let mut bytes = vec![0u8; n];
+        t.copy_data_u8(&mut bytes, n);
+        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+        owned.push((name.clone(), kind_to_dtype(t.kind())?, shape, bytes));
+    }
+    let views: Vec<(String, TensorView)> = owned
+        .iter()
+        .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
+        .collect::<Result<_>>()?;
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    Ok(safetensors::serialize(views, &Some(meta))?)
+}
+
+/// Writes named tensors to a safetensors file, atomically.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    runio::write_atomic(path, &safetensors_bytes(tensors)?)
+}
+
+/// Reads every tensor of a safetensors file (CPU).
+pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let kind = dtype_to_kind(view.dtype()).with_context(|| format!("{}: {name}", path.display()))?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let t = Tensor::from_data_size(view.data(), &shape, kind);
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+/// Saves the trainable tensors (PEFT key names) and PEFT's adapter_config.json into `dir`.
+pub fn save(dir: &Path, cfg: &Config, trainable: &[(String, Tensor)]) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    write_safetensors(&dir.join(WEIGHTS_FILE), trainable)?;
+    runio::write_json(&dir.join(CONFIG_FILE), &lora_config_json(cfg))
+}
+
+/// The LoRA hyper-parameters an adapter was trained with (they must match the model built
+/// to receive it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterMeta {
+    pub r: i64,
+    pub lora_alpha: f64,
+    pub target_modules: Vec<String>,
+}
+
+pub fn read_meta(dir: &Path) -> Result<AdapterMeta> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {} (is this a PEFT adapter folder?)", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let r = v["r"]
+        .as_i64()
+        .with_context(|| format!("{}: key `r` missing or not an integer", path.display()))?;
+    let lora_alpha = v["lora_alpha"]
+        .as_f64()
+        .with_context(|| format!("{}: key `lora_alpha` missing or not a number", path.display()))?;
+    let target_modules = match &v["target_modules"] {
+        serde_json::Value::Array(a) => a
+            .iter()
+            .map(|x| x.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .with_context(|| format!("{}: `target_modules` must be strings", path.display()))?,
+        serde_json::Value::String(s) => vec![s.clone()],
+        _ => bail!("{}: key `target_modules` missing", path.display()),
+    };
+    Ok(AdapterMeta {
+        r,
+        lora_alpha,
+        target_modules,
+    })
+}

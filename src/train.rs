@@ -1,0 +1,375 @@
+//! The training run, top to bottom like the reference script: seed, data, model, optimizer,
+//! baseline evaluation, then per epoch train ─► evaluate ─► log ─► save the adapter.
+use crate::adapter;
+use crate::config::Config;
+use crate::data::batch::{collate, encode_examples, epoch_batches, Encoded, TextEncoder};
+use crate::data::{formats, prompt};
+use crate::eval::{self, EvalResult};
+use crate::lora::LoraConfig;
+use crate::metrics::CsvLog;
+use crate::model::classifier::{LlamaClassifier, ModelOptions};
+use crate::model::hf_config::peft_param_line;
+use crate::optim::adamw8bit::{AdamW32, AdamW8bit, AdamWConfig, Optimizer};
+use crate::optim::schedule;
+use crate::quant::nf4::Nf4Options;
+use crate::runio;
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+pub const METRICS_HEADER: [&str; 8] = [
+    "step",
+    "epoch",
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "elapsed_s",
+    "peak_mem_bytes",
+];
+pub const EVAL_HEADER: [&str; 5] = ["epoch", "split", "accuracy", "f1", "loss"];
+
+/// Everything a run needs besides the optimizer: the model, the tokenised splits.
+pub struct Loaded {
+    pub model: LlamaClassifier,
+    pub encoder: TextEncoder,
+    pub device: Device,
+}
+
+pub fn model_options(cfg: &Config, device: Device, pad_id: i64) -> ModelOptions {
+    ModelOptions {
+        device,
+        compute_dtype: cfg.compute_kind(device),
+        quant: cfg.load_in_4bit.then_some(Nf4Options {
+            blocksize: cfg.bnb_4bit_blocksize,
+            double_quant: cfg.bnb_4bit_use_double_quant,
+        }),
+        lora: Some(LoraConfig {
+            r: cfg.r,
+            alpha: cfg.lora_alpha,
+            dropout: cfg.lora_dropout,
+            target_modules: cfg.target_modules.clone(),
+        }),
+        num_labels: cfg.num_classes,
+        pad_token_id: pad_id,
+        gradient_checkpointing: cfg.gradient_checkpointing,
+        seed: cfg.seed,
+    }
+}
+
+/// Loads the tokenizer and the (quantized) model with fresh LoRA adapters and head.
+pub fn load_model(cfg: &Config) -> Result<Loaded> {
+    let device = cfg.device();
+    let encoder = TextEncoder::from_dir(cfg.tokenizer_dir()?, cfg.max_length)?;
+    let model_dir = cfg.model_dir()?;
+    let model = LlamaClassifier::load(model_dir, &model_options(cfg, device, encoder.pad_id()))
+        .with_context(|| format!("cannot load the model from {}", model_dir.display()))?;
+    let vocab = model.config.vocab_size as i64;
+    if encoder.max_id() >= vocab {
+        bail!(
+            "{}: the tokenizer produces ids up to {} but the model's embedding has only {vocab} rows ({}); \
+             point tokenizer_dir at the model's own tokenizer",
+            cfg.tokenizer_dir()?.join("tokenizer.json").display(),
+            encoder.max_id(),
+            model_dir.join("config.json").display()
+        );
+    }
+    Ok(Loaded {
+        model,
+        encoder,
+        device,
+    })
+}
+
+/// Reads a split, checks its labels against num_classes, renders the prompt and tokenises.
+pub fn load_split(cfg: &Config, encoder: &TextEncoder, split: &str) -> Result<Vec<Encoded>> {
+    let dir = cfg.data_dir()?;
+    let examples = formats::load_split(dir, split)?;
+    formats::check_labels(&examples, cfg.num_classes, &format!("{} ({split})", dir.display()))?;
+    let text = prompt::resolve_prompt(&cfg.prompt)?;
+    encode_examples(encoder, &examples, &text)
+}
+
+/// Peak resident memory of this process (VmHWM), in bytes.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn fmt_duration(s: f64) -> String {
+    let s = s.max(0.0) as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
+fn opt_fmt(v: Option<f64>) -> String {
+    v.map_or(String::new(), |x| format!("{x:.6}"))
+}
+
+fn log_eval(log: &mut CsvLog, epoch: usize, split: &str, r: &EvalResult) -> Result<()> {
+    log.row(&[
+        epoch.to_string(),
+        split.to_string(),
+        opt_fmt(r.accuracy),
+        opt_fmt(r.f1),
+        opt_fmt(r.loss),
+    ]);
+    log.flush()
+}
+
+/// L2 norm of all gradients (optionally clipped to `max_norm`, as torch's clip_grad_norm_).
+fn grad_norm(params: &[Tensor], max_norm: Option<f64>) -> f64 {
+    let _g = tch::no_grad_guard();
+    let mut sq = 0.0;
+    for p in params {
+        let g = p.grad();
+        if g.defined() {
+            sq += g.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]);
+        }
+    }
+    let norm = sq.sqrt();
+    if let Some(max) = max_norm {
+        let coef = max / (norm + 1e-6);
+        if coef < 1.0 {
+            for p in params {
+                let mut g = p.grad();
+                if g.defined() {
+                    let _ = g.g_mul_scalar_(coef);
+                }
+            }
+        }
+    }
+    norm
+}
+
+/// The summary of a finished run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    pub baseline: Option<serde_json::Value>,
+    pub final_eval: Option<serde_json::Value>,
+    pub best_accuracy: Option<f64>,
+    pub steps: usize,
+    pub train_examples: usize,
+    pub eval_examples: usize,
+    pub elapsed_s: f64,
+    pub peak_mem_bytes: u64,
+    pub tokens_per_s: f64,
+    pub trainable_params: u64,
+    pub all_params: u64,
+}
+
+fn eval_json(r: &EvalResult) -> serde_json::Value {
+    json!({"accuracy": r.accuracy, "f1": r.f1, "loss": r.loss, "examples": r.pred.len()})
+}
+
+pub fn train(cfg: &Config) -> Result<Summary> {
+    let start = Instant::now();
+    tch::manual_seed(cfg.seed as i64);
+    let run = cfg.results_path.clone();
+    std::fs::create_dir_all(&run)
+        .with_context(|| format!("cannot create the run folder {}", run.display()))?;
+    runio::write_json(&run.join("config.json"), cfg)
+        .with_context(|| format!("the run folder {} is not writable", run.display()))?;
+    runio::write_json(&run.join("quant_config.json"), &adapter::quant_config_json(cfg))?;
+    runio::write_json(&run.join("lora_config.json"), &adapter::lora_config_json(cfg))?;
+
+    // Data and model.
+    let Loaded {
+        model,
+        encoder,
+        device,
+    } = load_model(cfg)?;
+    let pad = encoder.pad_id();
+    let train_set = load_split(cfg, &encoder, &cfg.train_splits)?;
+    let eval_set = load_split(cfg, &encoder, &cfg.eval_split)?;
+    let (trainable, all) = model.param_counts();
+    println!("{}", peft_param_line(trainable, all));
+    println!(
+        "data: {} training examples ({}), {} evaluation examples ({}), prompt {:?}, device {:?}, compute {:?}",
+        train_set.len(),
+        cfg.train_splits,
+        eval_set.len(),
+        cfg.eval_split,
+        prompt::resolve_prompt(&cfg.prompt)?,
+        device,
+        cfg.compute_kind(device)
+    );
+
+    // Optimizer and schedule over the trainable tensors (LoRA A/B, head).
+    let params: Vec<Tensor> = model
+        .trainable_parameters()
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
+    let opt_cfg = AdamWConfig {
+        weight_decay: cfg.weight_decay,
+        ..AdamWConfig::default()
+    };
+    let mut optimizer: Box<dyn Optimizer> = match cfg.optimizer.as_str() {
+        "adamw" => Box::new(AdamW32::new(params.clone(), opt_cfg)),
+        _ => Box::new(AdamW8bit::new(params.clone(), opt_cfg)),
+    };
+    let steps_per_epoch = train_set.len().div_ceil(cfg.batch_size);
+    let planned = steps_per_epoch * cfg.epochs;
+    let total_steps = cfg.max_steps.map_or(planned, |m| m.min(planned));
+    let warmup = schedule::warmup_steps(planned, cfg.warmup_ratio);
+
+    let mut metrics = CsvLog::create(run.join("metrics.csv"), &METRICS_HEADER)?;
+    let mut evals = CsvLog::create(run.join("eval.csv"), &EVAL_HEADER)?;
+    let eval_split = cfg.eval_split.as_str();
+
+    let mut baseline = None;
+    if cfg.eval_before_training {
+        let r = eval::evaluate(&model, &eval_set, cfg.eval_batch_size, pad, device)?;
+        println!(
+            "epoch 0 (before training): {eval_split} accuracy {} f1 {} (majority class {:.4})",
+            opt_fmt(r.accuracy),
+            opt_fmt(r.f1),
+            eval::majority_fraction(&eval_set)
+        );
+        log_eval(&mut evals, 0, eval_split, &r)?;
+        baseline = Some(eval_json(&r));
+    }
+
+    let lengths: Vec<usize> = train_set.iter().map(|e| e.ids.len()).collect();
+    let mut step = 0usize;
+    let mut tokens_seen = 0i64;
+    let train_start = Instant::now();
+    let mut last_eval = None;
+    let mut best_accuracy: Option<f64> = None;
+    'epochs: for epoch in 1..=cfg.epochs {
+        let batches = epoch_batches(
+            train_set.len(),
+            cfg.batch_size,
+            Some(cfg.seed),
+            epoch,
+            cfg.bucket_by_length.then_some(lengths.as_slice()),
+        );
+        for batch_idx in batches {
+            if step >= total_steps {
+                break 'epochs;
+            }
+            let items: Vec<&Encoded> = batch_idx.iter().map(|&i| &train_set[i]).collect();
+            let b = collate(&items, pad);
+            let labels = b
+                .labels
+                .as_ref()
+                .context("training examples must have labels")?
+                .to_device(device);
+            let lr = cfg.lr * schedule::linear_warmup_multiplier(step, warmup, planned);
+            let (loss, _) = model.forward_backward(
+                &b.input_ids.to_device(device),
+                &b.attention_mask.to_device(device),
+                &labels,
+            )?;
+            if !loss.is_finite() {
+                bail!(
+                    "non-finite loss {loss} at step {} (epoch {epoch}); batch example idx {:?}",
+                    step + 1,
+                    b.idx
+                );
+            }
+            let gnorm = grad_norm(&params, cfg.max_grad_norm);
+            optimizer.step(lr)?;
+            optimizer.zero_grad();
+            step += 1;
+            tokens_seen += b.n_tokens;
+
+            let elapsed = train_start.elapsed().as_secs_f64();
+            let tps = tokens_seen as f64 / elapsed.max(1e-9);
+            metrics.row(&[
+                step.to_string(),
+                format!("{:.4}", step as f64 / steps_per_epoch as f64),
+                format!("{loss:.6}"),
+                format!("{lr:.6e}"),
+                format!("{gnorm:.6}"),
+                format!("{tps:.1}"),
+                format!("{:.3}", start.elapsed().as_secs_f64()),
+                peak_rss_bytes().to_string(),
+            ]);
+            if step % cfg.log_every == 0 || step == total_steps {
+                metrics.flush()?;
+                let eta = elapsed / step as f64 * (total_steps - step) as f64;
+                print!(
+                    "\repoch {epoch}/{} step {step}/{total_steps} loss {loss:.4} lr {lr:.2e} tok/s {tps:.0} eta {}   ",
+                    cfg.epochs,
+                    fmt_duration(eta)
+                );
+                let _ = std::io::stdout().flush();
+            }
+        }
+        metrics.flush()?;
+        println!();
+        let r = eval::evaluate(&model, &eval_set, cfg.eval_batch_size, pad, device)?;
+        println!(
+            "epoch {epoch}: {eval_split} accuracy {} f1 {} loss {}",
+            opt_fmt(r.accuracy),
+            opt_fmt(r.f1),
+            opt_fmt(r.loss)
+        );
+        log_eval(&mut evals, epoch, eval_split, &r)?;
+        adapter::save(&run.join("adapter"), cfg, &model.trainable_parameters())?;
+        if let Some(acc) = r.accuracy {
+            if best_accuracy.is_none_or(|b| acc > b) {
+                best_accuracy = Some(acc);
+                adapter::save(&run.join("best_adapter"), cfg, &model.trainable_parameters())?;
+            }
+        }
+        last_eval = Some(r);
+    }
+    // A run cut short by max_steps still evaluates the weights it ends with.
+    if last_eval.is_none() {
+        let r = eval::evaluate(&model, &eval_set, cfg.eval_batch_size, pad, device)?;
+        log_eval(&mut evals, 1, eval_split, &r)?;
+        adapter::save(&run.join("adapter"), cfg, &model.trainable_parameters())?;
+        last_eval = Some(r);
+    }
+
+    let elapsed = train_start.elapsed().as_secs_f64();
+    let summary = Summary {
+        baseline,
+        final_eval: last_eval.as_ref().map(eval_json),
+        best_accuracy,
+        steps: step,
+        train_examples: train_set.len(),
+        eval_examples: eval_set.len(),
+        elapsed_s: start.elapsed().as_secs_f64(),
+        peak_mem_bytes: peak_rss_bytes(),
+        tokens_per_s: tokens_seen as f64 / elapsed.max(1e-9),
+        trainable_params: trainable,
+        all_params: all,
+    };
+    runio::write_json(&run.join("summary.json"), &summary)?;
+    println!("run folder: {}", run.display());
+    Ok(summary)
+}
+
+/// `qlora-cls eval`/`predict`: the model with a trained adapter loaded.
+pub fn load_with_adapter(cfg: &Config, adapter_dir: &Path) -> Result<Loaded> {
+    let meta = adapter::read_meta(adapter_dir)?;
+    let mut cfg = cfg.clone();
+    cfg.r = meta.r;
+    cfg.lora_alpha = meta.lora_alpha;
+    cfg.target_modules = meta.target_modules;
+    let mut loaded = load_model(&cfg)?;
+    let weights_path = adapter_dir.join(adapter::WEIGHTS_FILE);
+    let weights = adapter::read_safetensors(&weights_path)?;
+    loaded
+        .model
+        .load_trainable(&|name| weights.get(name).map(|t| t.shallow_clone()))
+        .with_context(|| format!("cannot load the adapter {}", weights_path.display()))?;
+    Ok(loaded)
+}
