@@ -62,34 +62,42 @@ lint: setup
 	cargo clippy --release --all-targets -- -D warnings
 
 # The main job. Without MODEL_DIR/DATA_DIR it trains on the embedded demo (and says so).
-TRAIN_ARGS = --prompt "$(PROMPT)" --results_path $(OUT)/$(if $(MODEL_DIR),run,demo)-$(subst $() ,_,$(PROMPT))
+# EXTRA passes more flags (`EXTRA="--epochs 2 --lr 1e-4"`); RUN names the run folder.
+PROMPT_SLUG = $(shell printf '%s' "$(PROMPT)" | tr -c 'A-Za-z0-9_-' '_' | cut -c1-40)
+RUN       ?= $(if $(MODEL_DIR),run,demo)-$(PROMPT_SLUG)
+EXTRA     ?=
 ifeq ($(strip $(MODEL_DIR)$(DATA_DIR)),)
 TRAIN_CFG  = configs/demo.yaml
 TRAIN_DEPS = demo-assets
-TRAIN_ARGS += --model_dir $(DEMO_DIR)/model --tokenizer_dir $(DEMO_DIR)/model --data_dir $(DEMO_DIR)/data
+DATA_ARGS  = --model_dir $(DEMO_DIR)/model --tokenizer_dir $(DEMO_DIR)/model --data_dir $(DEMO_DIR)/data
 else
 TRAIN_CFG  = $(CONFIG)
 TRAIN_DEPS = build
-TRAIN_ARGS += $(if $(MODEL_DIR),--model_dir $(MODEL_DIR) --tokenizer_dir $(MODEL_DIR)) $(if $(DATA_DIR),--data_dir $(DATA_DIR))
+DATA_ARGS  = $(if $(MODEL_DIR),--model_dir $(MODEL_DIR) --tokenizer_dir $(MODEL_DIR)) $(if $(DATA_DIR),--data_dir $(DATA_DIR))
 endif
+RUN_ARGS = --config $(TRAIN_CFG) $(DATA_ARGS) --prompt "$(PROMPT)"
 
 train: $(TRAIN_DEPS)
 	@if [ -z "$(strip $(MODEL_DIR)$(DATA_DIR))" ]; then \
-	  echo "make train: no MODEL_DIR/DATA_DIR given, training the embedded demo in $(DEMO_DIR)"; fi
+	  echo "make train: no MODEL_DIR/DATA_DIR given, training the embedded demo ($(DEMO_DIR))"; fi
 	@if [ "$(GPUS)" -gt 1 ]; then \
-	  scripts/launch.sh --nproc $(GPUS) -- $(BIN) train --config $(TRAIN_CFG) $(TRAIN_ARGS); \
+	  scripts/launch.sh --nproc $(GPUS) -- $(BIN) train $(RUN_ARGS) --results_path $(OUT)/$(RUN) $(EXTRA); \
 	else \
-	  $(BIN) train --config $(TRAIN_CFG) $(TRAIN_ARGS); fi
+	  $(BIN) train $(RUN_ARGS) --results_path $(OUT)/$(RUN) $(EXTRA); fi
 
 eval: $(TRAIN_DEPS)
-	$(BIN) eval --config $(TRAIN_CFG) $(filter-out --results_path %,$(TRAIN_ARGS)) --adapter $(ADAPTER) --split $(SPLIT)
+	@test -n "$(ADAPTER)" || { echo "make eval: set ADAPTER=runs/<run>/adapter"; exit 2; }
+	$(BIN) eval $(RUN_ARGS) --adapter $(ADAPTER) --split $(SPLIT) $(EXTRA)
 
 predict: $(TRAIN_DEPS)
-	$(BIN) predict --config $(TRAIN_CFG) $(filter-out --results_path %,$(TRAIN_ARGS)) --adapter $(ADAPTER) --split $(SPLIT) --out $(OUT)/predictions-$(SPLIT).csv
+	@test -n "$(ADAPTER)" || { echo "make predict: set ADAPTER=runs/<run>/adapter"; exit 2; }
+	$(BIN) predict $(RUN_ARGS) --adapter $(ADAPTER) --split $(SPLIT) --out $(OUT)/predictions-$(SPLIT).csv $(EXTRA)
 
+# The four prompts, one run folder each, plus the untrained baseline (evaluation only).
 sweep: $(TRAIN_DEPS)
 	@for p in none perfect conflicting insufficient; do \
 	  $(MAKE) --no-print-directory train PROMPT=$$p || exit 1; done
+	$(MAKE) --no-print-directory train PROMPT=perfect RUN=baseline-perfect EXTRA="--max_steps 0"
 
 plots: build
 	$(BIN) plot --runs $(OUT) --out $(OUT)/plots

@@ -15,3 +15,4 @@ pub mod adapter;
 pub mod eval;
 pub mod metrics;
 pub mod train;
+pub mod plot;

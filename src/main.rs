@@ -3,7 +3,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use qlora_cls::config::{self, Config};
 use qlora_cls::model::hf_config::{peft_param_counts, peft_param_line, LlamaConfig};
-use qlora_cls::{demo, eval, runio, train};
+use qlora_cls::{demo, eval, plot, runio, train};
 use std::path::PathBuf;
 
 const CONFIG_HELP: &str = "Configuration: `--config FILE` picks a YAML file (configs/mrpc.yaml); \
@@ -64,6 +64,14 @@ enum Cmd {
     /// Writes the embedded demo: a tiny Llama checkpoint, its tokenizer and a synthetic
     /// paraphrase data set in GLUE TSV layout.
     DemoAssets {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Draws the loss and per-epoch accuracy of every run folder below `--runs` (PNG + SVG)
+    /// and writes a Markdown table of the final accuracy/F1.
+    Plot {
+        #[arg(long, default_value = "runs")]
+        runs: PathBuf,
         #[arg(long)]
         out: PathBuf,
     },
@@ -152,6 +160,11 @@ fn run() -> Result<()> {
         Cmd::DemoAssets { out } => {
             demo::write_demo_assets(&out)?;
             println!("wrote the demo model and data to {}", out.display());
+        }
+        Cmd::Plot { runs, out } => {
+            for p in plot::plot(&runs, &out)? {
+                println!("wrote {}", p.display());
+            }
         }
     }
     Ok(())

@@ -232,6 +232,7 @@ pub fn train(cfg: &Config) -> Result<Summary> {
     let eval_split = cfg.eval_split.as_str();
 
     let mut baseline = None;
+    let mut last_eval = None;
     if cfg.eval_before_training {
         let r = eval::evaluate(&model, &eval_set, cfg.eval_batch_size, pad, device)?;
         println!(
@@ -242,13 +243,14 @@ pub fn train(cfg: &Config) -> Result<Summary> {
         );
         log_eval(&mut evals, 0, eval_split, &r)?;
         baseline = Some(eval_json(&r));
+        last_eval = Some(r);
     }
 
     let lengths: Vec<usize> = train_set.iter().map(|e| e.ids.len()).collect();
     let mut step = 0usize;
+    let mut unevaluated_steps = false;
     let mut tokens_seen = 0i64;
     let train_start = Instant::now();
-    let mut last_eval = None;
     let mut best_accuracy: Option<f64> = None;
     'epochs: for epoch in 1..=cfg.epochs {
         let batches = epoch_batches(
@@ -286,6 +288,7 @@ pub fn train(cfg: &Config) -> Result<Summary> {
             optimizer.step(lr)?;
             optimizer.zero_grad();
             step += 1;
+            unevaluated_steps = true;
             tokens_seen += b.n_tokens;
 
             let elapsed = train_start.elapsed().as_secs_f64();
@@ -321,6 +324,7 @@ pub fn train(cfg: &Config) -> Result<Summary> {
             opt_fmt(r.loss)
         );
         log_eval(&mut evals, epoch, eval_split, &r)?;
+        unevaluated_steps = false;
         adapter::save(&run.join("adapter"), cfg, &model.trainable_parameters())?;
         if let Some(acc) = r.accuracy {
             if best_accuracy.is_none_or(|b| acc > b) {
@@ -330,10 +334,12 @@ pub fn train(cfg: &Config) -> Result<Summary> {
         }
         last_eval = Some(r);
     }
-    // A run cut short by max_steps still evaluates the weights it ends with.
-    if last_eval.is_none() {
+    // A run cut short by max_steps in mid-epoch still evaluates the weights it
+    // ends with; `max_steps: 0` is the untrained baseline alone.
+    if unevaluated_steps {
         let r = eval::evaluate(&model, &eval_set, cfg.eval_batch_size, pad, device)?;
-        log_eval(&mut evals, 1, eval_split, &r)?;
+        let epoch = step as f64 / steps_per_epoch as f64;
+        log_eval(&mut evals, epoch.ceil() as usize, eval_split, &r)?;
         adapter::save(&run.join("adapter"), cfg, &model.trainable_parameters())?;
         last_eval = Some(r);
     }

@@ -1,0 +1,288 @@
+//! `qlora-cls plot`: what the reference showed, from the run folders of a sweep: the training
+//! loss, accuracy per epoch with one line per prompt and the untrained baseline, as PNG and
+//! SVG, and a Markdown table of the final accuracy/F1 per prompt.
+use crate::runio;
+use anyhow::{bail, Context, Result};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use std::path::{Path, PathBuf};
+
+/// One run folder, as the plots need it.
+#[derive(Debug, Clone)]
+pub struct RunData {
+    pub name: String,
+    pub prompt: String,
+    /// (step, loss)
+    pub loss: Vec<(f64, f64)>,
+    /// (epoch, accuracy, f1)
+    pub evals: Vec<(f64, f64, f64)>,
+}
+
+fn read_csv(path: &Path) -> Result<Vec<Vec<String>>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(text
+        .lines()
+        .skip(1)
+        .filter(|l| !l.is_empty())
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect())
+}
+
+fn num(path: &Path, line: usize, v: Option<&String>) -> Result<f64> {
+    v.and_then(|s| s.parse::<f64>().ok())
+        .with_context(|| format!("{}:{}: not a number", path.display(), line + 2))
+}
+
+/// Reads every run folder below `runs` that has an eval.csv.
+pub fn read_runs(runs: &Path) -> Result<Vec<RunData>> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(runs)
+        .with_context(|| format!("cannot read the runs folder {}", runs.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("eval.csv").is_file())
+        .collect();
+    dirs.sort();
+    let mut out = Vec::new();
+    for d in dirs {
+        let cfg: serde_json::Value = std::fs::read(d.join("config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let prompt = cfg["prompt"].as_str().unwrap_or("?").to_string();
+        let ev_path = d.join("eval.csv");
+        let mut evals = Vec::new();
+        for (i, r) in read_csv(&ev_path)?.iter().enumerate() {
+            if r.get(2).is_some_and(|s| s.is_empty()) {
+                continue; // unlabelled split
+            }
+            evals.push((num(&ev_path, i, r.first())?, num(&ev_path, i, r.get(2))?, num(&ev_path, i, r.get(3))?));
+        }
+        let m_path = d.join("metrics.csv");
+        let mut loss = Vec::new();
+        if m_path.is_file() {
+            for (i, r) in read_csv(&m_path)?.iter().enumerate() {
+                loss.push((num(&m_path, i, r.first())?, num(&m_path, i, r.get(2))?));
+            }
+        }
+        out.push(RunData {
+            name: d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            prompt,
+            loss,
+            evals,
+        });
+    }
+    if out.is_empty() {
+        bail!("no run folders with eval.csv below {}", runs.display());
+    }
+    Ok(out)
+}
+
+/// Moving average, so a per-step loss curve is readable.
+fn smooth(points: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
+    let w = window.max(1);
+    let mut out = Vec::with_capacity(points.len());
+    let mut sum = 0.0;
+    for i in 0..points.len() {
+        sum += points[i].1;
+        if i >= w {
+            sum -= points[i - w].1;
+        }
+        out.push((points[i].0, sum / (i + 1).min(w) as f64));
+    }
+    out
+}
+
+fn bounds(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    for v in values {
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    if !lo.is_finite() {
+        return (0.0, 1.0);
+    }
+    if hi - lo < 1e-9 {
+        return (lo - 0.5, hi + 0.5);
+    }
+    (lo, hi)
+}
+
+fn draw_loss<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, runs: &[RunData]) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    area.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let trained: Vec<&RunData> = runs.iter().filter(|r| !r.loss.is_empty()).collect();
+    let (x0, x1) = bounds(trained.iter().flat_map(|r| r.loss.iter().map(|p| p.0)));
+    let (_, y1) = bounds(trained.iter().flat_map(|r| r.loss.iter().map(|p| p.1)));
+    let mut chart = ChartBuilder::on(area)
+        .caption("Training loss (moving average)", ("sans-serif", 24))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x0..x1, 0.0..y1 * 1.05)
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("cross-entropy loss")
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    for (i, r) in trained.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let window = (r.loss.len() / 50).max(1);
+        chart
+            .draw_series(LineSeries::new(smooth(&r.loss, window), color.stroke_width(2)))
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?
+            .label(format!("{} ({})", r.name, r.prompt))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    area.present().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    Ok(())
+}
+
+fn draw_accuracy<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, runs: &[RunData]) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    area.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let max_epoch = runs
+        .iter()
+        .flat_map(|r| r.evals.iter().map(|e| e.0))
+        .fold(1.0f64, f64::max);
+    let (lo, _) = bounds(runs.iter().flat_map(|r| r.evals.iter().map(|e| e.1)));
+    let mut chart = ChartBuilder::on(area)
+        .caption("Validation accuracy per epoch", ("sans-serif", 24))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..max_epoch, (lo - 0.05).max(0.0)..1.0)
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("epoch (0 = before fine-tuning)")
+        .y_desc("accuracy")
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    for (i, r) in runs.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let pts: Vec<(f64, f64)> = r.evals.iter().map(|e| (e.0, e.1)).collect();
+        let untrained = r.loss.is_empty();
+        let label = if untrained {
+            format!("{} (untrained baseline, {})", r.name, r.prompt)
+        } else {
+            format!("{} ({})", r.name, r.prompt)
+        };
+        let series: Vec<(f64, f64)> = if untrained && pts.len() == 1 {
+            // A baseline is one number: draw it across the whole axis.
+            vec![(0.0, pts[0].1), (max_epoch, pts[0].1)]
+        } else {
+            pts.clone()
+        };
+        chart
+            .draw_series(LineSeries::new(series, color.stroke_width(2)))
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart
+            .draw_series(pts.iter().map(|p| Circle::new(*p, 3, color.filled())))
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    area.present().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    Ok(())
+}
+
+/// The Markdown table of final results per run.
+pub fn results_table(runs: &[RunData]) -> String {
+    let mut s = String::from(
+        "| run | prompt | accuracy before | final accuracy | final F1 | best accuracy |\n|---|---|---|---|---|---|\n",
+    );
+    for r in runs {
+        let before = r.evals.iter().find(|e| e.0 == 0.0).map(|e| e.1);
+        let last = r.evals.last();
+        let best = r.evals.iter().map(|e| e.1).fold(f64::NAN, f64::max);
+        let f = |v: Option<f64>| v.map_or("—".to_string(), |x| format!("{:.2}%", 100.0 * x));
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            r.name,
+            if r.prompt.is_empty() { "(none)" } else { &r.prompt },
+            f(before),
+            f(last.map(|e| e.1)),
+            f(last.map(|e| e.2)),
+            f(Some(best).filter(|b| b.is_finite())),
+        ));
+    }
+    s
+}
+
+const FONT_PATHS: [&str; 4] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+];
+
+fn register_font() -> Result<()> {
+    let path = std::env::var("QLORA_FONT")
+        .ok()
+        .map(PathBuf::from)
+        .or_else(|| FONT_PATHS.iter().map(PathBuf::from).find(|p| p.is_file()))
+        .context("no TrueType font found for the PNG text (install fonts-dejavu-core or set QLORA_FONT=/path/font.ttf)")?;
+    let bytes = std::fs::read(&path).with_context(|| format!("cannot read font {}", path.display()))?;
+    let leaked: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, leaked)
+        .map_err(|_| anyhow::anyhow!("{} is not a usable TrueType font", path.display()))?;
+    Ok(())
+}
+
+/// Draws loss and accuracy (PNG + SVG) and writes results.md into `out`.
+pub fn plot(runs_dir: &Path, out: &Path) -> Result<Vec<PathBuf>> {
+    let runs = read_runs(runs_dir)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    register_font()?;
+    let mut written = Vec::new();
+    for (name, draw) in [
+        ("loss", draw_loss as fn(&DrawingArea<SVGBackend, Shift>, &[RunData]) -> Result<()>),
+        ("accuracy", draw_accuracy),
+    ] {
+        let mut svg = String::new();
+        {
+            let area = SVGBackend::with_string(&mut svg, (1000, 600)).into_drawing_area();
+            draw(&area, &runs)?;
+        }
+        let p = out.join(format!("{name}.svg"));
+        runio::write_text(&p, &svg)?;
+        written.push(p);
+    }
+    for (name, draw) in [
+        ("loss", draw_loss as fn(&DrawingArea<BitMapBackend, Shift>, &[RunData]) -> Result<()>),
+        ("accuracy", draw_accuracy),
+    ] {
+        // The bitmap backend writes the file itself: give it a temporary name, then rename.
+        let p = out.join(format!("{name}.png"));
+        let tmp = out.join(format!(".{name}.png.tmp-{}.png", std::process::id()));
+        {
+            let area = BitMapBackend::new(&tmp, (1000, 600)).into_drawing_area();
+            draw(&area, &runs)?;
+        }
+        std::fs::rename(&tmp, &p).with_context(|| format!("cannot write {}", p.display()))?;
+        written.push(p);
+    }
+    let p = out.join("results.md");
+    runio::write_text(&p, &results_table(&runs))?;
+    written.push(p);
+    Ok(written)
+}
