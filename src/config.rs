@@ -51,6 +51,15 @@ pub struct Config {
     /// Stop after this many optimizer steps (for smoke runs); null = all epochs.
     pub max_steps: Option<usize>,
     pub eval_before_training: bool,
+    // Checkpoints
+    /// Save a checkpoint every N optimizer steps (0: only at the end of each epoch).
+    pub checkpoint_every: usize,
+    /// How many checkpoints to keep (the newest).
+    pub keep_checkpoints: usize,
+    /// `auto` (the run folder's newest checkpoint, or a fresh start), a checkpoint folder, or null.
+    pub resume: Option<String>,
+    /// What a non-finite loss or gradient does: `stop` (with the step and examples named) or `skip` the step.
+    pub on_nonfinite: String,
     // Runtime
     pub device: String,
     pub log_every: usize,
@@ -91,6 +100,10 @@ impl Default for Config {
             gradient_checkpointing: true,
             max_steps: None,
             eval_before_training: true,
+            checkpoint_every: 0,
+            keep_checkpoints: 2,
+            resume: None,
+            on_nonfinite: "stop".into(),
             device: "auto".into(),
             log_every: 10,
         }
@@ -205,7 +218,8 @@ pub fn parse_flags(args: &[String]) -> Result<Vec<Override>> {
 fn yaml_scalar(key: &str, text: &str) -> Value {
     // Paths and prompts stay strings even when they look like numbers or booleans.
     match key {
-        "prompt" | "model_dir" | "tokenizer_dir" | "data_dir" | "results_path" | "task" => {
+        "prompt" | "model_dir" | "tokenizer_dir" | "data_dir" | "results_path" | "task"
+        | "resume" => {
             Value::String(text.to_string())
         }
         "target_modules" => Value::Sequence(
@@ -337,6 +351,15 @@ impl Config {
         }
         if self.max_length == Some(0) {
             err("max_length", "must be at least 1 (or null)".into())?;
+        }
+        if self.keep_checkpoints == 0 {
+            err("keep_checkpoints", "must be at least 1".into())?;
+        }
+        if !["stop", "skip"].contains(&self.on_nonfinite.as_str()) {
+            err(
+                "on_nonfinite",
+                format!("`{}` is not one of stop, skip", self.on_nonfinite),
+            )?;
         }
         if self.log_every == 0 {
             err("log_every", "must be at least 1".into())?;

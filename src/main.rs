@@ -24,6 +24,9 @@ enum Cmd {
     Train {
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Continue from a checkpoint: `auto` (the run folder's newest) or a folder.
+        #[arg(long, num_args = 0..=1, default_missing_value = "auto")]
+        resume: Option<String>,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
         flags: Vec<String>,
     },
@@ -85,8 +88,15 @@ fn load_config(file: &Option<PathBuf>, flags: &[String]) -> Result<Config> {
 fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Train { config, flags } => {
-            let cfg = load_config(&config, &flags)?;
+        Cmd::Train {
+            config,
+            resume,
+            flags,
+        } => {
+            let mut cfg = load_config(&config, &flags)?;
+            if resume.is_some() {
+                cfg.resume = resume;
+            }
             train::train(&cfg)?;
         }
         Cmd::Eval {
@@ -172,6 +182,12 @@ fn run() -> Result<()> {
 
 fn main() {
     if let Err(e) = run() {
+        // A run stopped by a signal saved its checkpoint: say how to go on, exit as
+        // interrupted (128 + SIGINT) so launchers and schedulers see it did not finish.
+        if let Some(i) = e.downcast_ref::<train::Interrupted>() {
+            eprintln!("{i}");
+            std::process::exit(130);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -39,14 +39,21 @@ pub struct CsvLog {
 }
 
 impl CsvLog {
-    /// Starts a log with `header`, keeping the rows of an existing file with the same header
-    /// (a resumed run appends to its log).
-    pub fn create(path: PathBuf, header: &[&str]) -> Result<Self> {
-        let head = format!("{}\n", header.join(","));
-        let text = match std::fs::read_to_string(&path) {
-            Ok(old) if old.starts_with(&head) => old,
-            _ => head,
-        };
+    /// Starts a log with `header`, keeping the rows of an existing file (with the same
+    /// header) for which `keep` says so: a resumed run keeps the rows up to its checkpoint.
+    pub fn create(path: PathBuf, header: &[&str], keep: impl Fn(&[&str]) -> bool) -> Result<Self> {
+        let mut text = format!("{}\n", header.join(","));
+        if let Ok(old) = std::fs::read_to_string(&path) {
+            if old.starts_with(&text) {
+                for line in old.lines().skip(1) {
+                    let fields: Vec<&str> = line.split(',').collect();
+                    if keep(&fields) {
+                        text.push_str(line);
+                        text.push('\n');
+                    }
+                }
+            }
+        }
         let log = CsvLog { path, text };
         log.flush()?;
         Ok(log)

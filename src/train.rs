@@ -16,7 +16,11 @@ use crate::runio;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use std::io::Write;
+use crate::resume::{self, TrainState};
+use signal_hook::consts::{SIGINT, SIGTERM};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -175,6 +179,26 @@ fn eval_json(r: &EvalResult) -> serde_json::Value {
     json!({"accuracy": r.accuracy, "f1": r.f1, "loss": r.loss, "examples": r.pred.len()})
 }
 
+/// Set by SIGINT/SIGTERM: the loop saves a checkpoint after the current step and stops.
+fn install_signal_flag() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        // A second signal, while the first is being handled, exits at once.
+        signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone())?;
+        signal_hook::flag::register(sig, flag.clone())?;
+    }
+    Ok(flag)
+}
+
+/// Dropout's randomness for one step: a function of (seed, step), so a resumed run draws
+/// exactly what the uninterrupted one drew.
+fn step_seed(seed: u64, step: usize) -> i64 {
+    let mut x = seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^= x >> 31;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    (x >> 1) as i64
+}
+
 pub fn train(cfg: &Config) -> Result<Summary> {
     let start = Instant::now();
     tch::manual_seed(cfg.seed as i64);
@@ -185,10 +209,11 @@ pub fn train(cfg: &Config) -> Result<Summary> {
         .with_context(|| format!("the run folder {} is not writable", run.display()))?;
     runio::write_json(&run.join("quant_config.json"), &adapter::quant_config_json(cfg))?;
     runio::write_json(&run.join("lora_config.json"), &adapter::lora_config_json(cfg))?;
+    let resume_from = resume::resolve(&run, cfg.resume.as_deref().unwrap_or(""))?;
 
     // Data and model.
     let Loaded {
-        model,
+        mut model,
         encoder,
         device,
     } = load_model(cfg)?;
@@ -227,13 +252,57 @@ pub fn train(cfg: &Config) -> Result<Summary> {
     let total_steps = cfg.max_steps.map_or(planned, |m| m.min(planned));
     let warmup = schedule::warmup_steps(planned, cfg.warmup_ratio);
 
-    let mut metrics = CsvLog::create(run.join("metrics.csv"), &METRICS_HEADER)?;
-    let mut evals = CsvLog::create(run.join("eval.csv"), &EVAL_HEADER)?;
+    // Where we start: fresh, or from a checkpoint.
+    let mut st = TrainState {
+        step: 0,
+        epochs_done: 0,
+        batch_in_epoch: 0,
+        tokens_seen: 0,
+        best_accuracy: None,
+        train_seconds: 0.0,
+        seed: cfg.seed,
+    };
+    if let Some(dir) = &resume_from {
+        let ck = resume::load(dir)?;
+        if ck.state.seed != cfg.seed {
+            bail!(
+                "{}: this checkpoint was made with seed {}, the configuration says {}; \
+                 resume with the same configuration",
+                dir.display(),
+                ck.state.seed,
+                cfg.seed
+            );
+        }
+        model
+            .load_trainable(&|n| ck.trainable.get(n).map(|t| t.shallow_clone()))
+            .with_context(|| format!("cannot restore the weights of {}", dir.display()))?;
+        optimizer
+            .load_state_tensors(&|n| ck.optimizer.get(n).map(|t| t.shallow_clone()))
+            .with_context(|| format!("cannot restore the optimizer of {}", dir.display()))?;
+        st = ck.state;
+        println!(
+            "resuming from {} (step {}, epoch {}, batch {})",
+            dir.display(),
+            st.step,
+            st.epochs_done + 1,
+            st.batch_in_epoch
+        );
+    }
+    let resumed = resume_from.is_some();
+    let keep_step = st.step;
+    let keep_epochs = st.epochs_done;
+    let mut metrics = CsvLog::create(run.join("metrics.csv"), &METRICS_HEADER, |row| {
+        resumed && row.first().and_then(|s| s.parse::<usize>().ok()).is_some_and(|s| s <= keep_step)
+    })?;
+    let mut evals = CsvLog::create(run.join("eval.csv"), &EVAL_HEADER, |row| {
+        resumed && row.first().and_then(|s| s.parse::<usize>().ok()).is_some_and(|e| e <= keep_epochs)
+    })?;
     let eval_split = cfg.eval_split.as_str();
+    let stop = install_signal_flag()?;
 
     let mut baseline = None;
     let mut last_eval = None;
-    if cfg.eval_before_training {
+    if cfg.eval_before_training && !resumed {
         let r = eval::evaluate(&model, &eval_set, cfg.eval_batch_size, pad, device)?;
         println!(
             "epoch 0 (before training): {eval_split} accuracy {} f1 {} (majority class {:.4})",
@@ -246,13 +315,20 @@ pub fn train(cfg: &Config) -> Result<Summary> {
         last_eval = Some(r);
     }
 
+    let save_checkpoint = |st: &TrainState, model: &LlamaClassifier, optimizer: &dyn Optimizer| {
+        resume::save(
+            &run,
+            st,
+            &model.trainable_parameters(),
+            &optimizer.state_tensors(),
+            cfg.keep_checkpoints,
+        )
+    };
     let lengths: Vec<usize> = train_set.iter().map(|e| e.ids.len()).collect();
-    let mut step = 0usize;
     let mut unevaluated_steps = false;
-    let mut tokens_seen = 0i64;
-    let train_start = Instant::now();
-    let mut best_accuracy: Option<f64> = None;
-    'epochs: for epoch in 1..=cfg.epochs {
+    let session_start = Instant::now();
+    let session_tokens_start = st.tokens_seen;
+    'epochs: for epoch in (st.epochs_done + 1)..=cfg.epochs {
         let batches = epoch_batches(
             train_set.len(),
             cfg.batch_size,
@@ -260,8 +336,8 @@ pub fn train(cfg: &Config) -> Result<Summary> {
             epoch,
             cfg.bucket_by_length.then_some(lengths.as_slice()),
         );
-        for batch_idx in batches {
-            if step >= total_steps {
+        for batch_idx in batches.iter().skip(st.batch_in_epoch) {
+            if st.step >= total_steps {
                 break 'epochs;
             }
             let items: Vec<&Encoded> = batch_idx.iter().map(|&i| &train_set[i]).collect();
@@ -271,47 +347,81 @@ pub fn train(cfg: &Config) -> Result<Summary> {
                 .as_ref()
                 .context("training examples must have labels")?
                 .to_device(device);
-            let lr = cfg.lr * schedule::linear_warmup_multiplier(step, warmup, planned);
+            let lr = cfg.lr * schedule::linear_warmup_multiplier(st.step, warmup, planned);
+            tch::manual_seed(step_seed(cfg.seed, st.step));
             let (loss, _) = model.forward_backward(
                 &b.input_ids.to_device(device),
                 &b.attention_mask.to_device(device),
                 &labels,
             )?;
-            if !loss.is_finite() {
-                bail!(
-                    "non-finite loss {loss} at step {} (epoch {epoch}); batch example idx {:?}",
-                    step + 1,
+            let gnorm = grad_norm(&params, cfg.max_grad_norm);
+            if !loss.is_finite() || !gnorm.is_finite() {
+                let what = format!(
+                    "non-finite {} at step {} (epoch {epoch}, batch {}); the batch's example idx: {:?}",
+                    if loss.is_finite() { format!("gradient norm {gnorm}") } else { format!("loss {loss}") },
+                    st.step + 1,
+                    st.batch_in_epoch + 1,
                     b.idx
                 );
+                if cfg.on_nonfinite == "skip" {
+                    eprintln!("\nwarning: {what}; step skipped (on_nonfinite: skip)");
+                    optimizer.zero_grad();
+                    st.batch_in_epoch += 1;
+                    continue;
+                }
+                metrics.flush()?;
+                let last_good = resume::latest(&run)?
+                    .map_or("none yet".to_string(), |p| p.display().to_string());
+                bail!(
+                    "{what}. The last good checkpoint: {last_good}. Lower `lr`, set `max_grad_norm`, \
+                     or set `on_nonfinite: skip`"
+                );
             }
-            let gnorm = grad_norm(&params, cfg.max_grad_norm);
             optimizer.step(lr)?;
             optimizer.zero_grad();
-            step += 1;
+            st.step += 1;
+            st.batch_in_epoch += 1;
+            st.tokens_seen += b.n_tokens;
             unevaluated_steps = true;
-            tokens_seen += b.n_tokens;
 
-            let elapsed = train_start.elapsed().as_secs_f64();
-            let tps = tokens_seen as f64 / elapsed.max(1e-9);
+            let session = session_start.elapsed().as_secs_f64();
+            let tps = (st.tokens_seen - session_tokens_start) as f64 / session.max(1e-9);
             metrics.row(&[
-                step.to_string(),
-                format!("{:.4}", step as f64 / steps_per_epoch as f64),
+                st.step.to_string(),
+                format!("{:.4}", st.step as f64 / steps_per_epoch as f64),
                 format!("{loss:.6}"),
                 format!("{lr:.6e}"),
                 format!("{gnorm:.6}"),
                 format!("{tps:.1}"),
-                format!("{:.3}", start.elapsed().as_secs_f64()),
+                format!("{:.3}", st.train_seconds + session),
                 peak_rss_bytes().to_string(),
             ]);
-            if step % cfg.log_every == 0 || step == total_steps {
+            let interrupted = stop.load(Ordering::SeqCst);
+            if st.step % cfg.log_every == 0 || st.step == total_steps || interrupted {
                 metrics.flush()?;
-                let eta = elapsed / step as f64 * (total_steps - step) as f64;
+                let done_here = (st.step - keep_step).max(1) as f64;
+                let eta = session / done_here * (total_steps - st.step) as f64;
                 print!(
-                    "\repoch {epoch}/{} step {step}/{total_steps} loss {loss:.4} lr {lr:.2e} tok/s {tps:.0} eta {}   ",
+                    "\repoch {epoch}/{} step {}/{total_steps} loss {loss:.4} lr {lr:.2e} tok/s {tps:.0} eta {}   ",
                     cfg.epochs,
+                    st.step,
                     fmt_duration(eta)
                 );
                 let _ = std::io::stdout().flush();
+            }
+            let periodic = cfg.checkpoint_every > 0 && st.step % cfg.checkpoint_every == 0;
+            if periodic || interrupted {
+                let mut snap = st.clone();
+                snap.train_seconds += session_start.elapsed().as_secs_f64();
+                let dir = save_checkpoint(&snap, &model, optimizer.as_ref())?;
+                if interrupted {
+                    println!();
+                    bail!(Interrupted(format!(
+                        "interrupted at step {}: checkpoint saved to {}; continue with --resume auto",
+                        st.step,
+                        dir.display()
+                    )));
+                }
             }
         }
         metrics.flush()?;
@@ -327,34 +437,39 @@ pub fn train(cfg: &Config) -> Result<Summary> {
         unevaluated_steps = false;
         adapter::save(&run.join("adapter"), cfg, &model.trainable_parameters())?;
         if let Some(acc) = r.accuracy {
-            if best_accuracy.is_none_or(|b| acc > b) {
-                best_accuracy = Some(acc);
+            if st.best_accuracy.is_none_or(|b| acc > b) {
+                st.best_accuracy = Some(acc);
                 adapter::save(&run.join("best_adapter"), cfg, &model.trainable_parameters())?;
             }
         }
+        st.epochs_done = epoch;
+        st.batch_in_epoch = 0;
+        let mut snap = st.clone();
+        snap.train_seconds += session_start.elapsed().as_secs_f64();
+        save_checkpoint(&snap, &model, optimizer.as_ref())?;
         last_eval = Some(r);
     }
-    // A run cut short by max_steps in mid-epoch still evaluates the weights it
-    // ends with; `max_steps: 0` is the untrained baseline alone.
+    // A run cut short by max_steps in mid-epoch still evaluates the weights it ends with;
+    // `max_steps: 0` is the untrained baseline alone.
     if unevaluated_steps {
         let r = eval::evaluate(&model, &eval_set, cfg.eval_batch_size, pad, device)?;
-        let epoch = step as f64 / steps_per_epoch as f64;
+        let epoch = st.step as f64 / steps_per_epoch as f64;
         log_eval(&mut evals, epoch.ceil() as usize, eval_split, &r)?;
         adapter::save(&run.join("adapter"), cfg, &model.trainable_parameters())?;
         last_eval = Some(r);
     }
 
-    let elapsed = train_start.elapsed().as_secs_f64();
+    let session = session_start.elapsed().as_secs_f64();
     let summary = Summary {
         baseline,
         final_eval: last_eval.as_ref().map(eval_json),
-        best_accuracy,
-        steps: step,
+        best_accuracy: st.best_accuracy,
+        steps: st.step,
         train_examples: train_set.len(),
         eval_examples: eval_set.len(),
         elapsed_s: start.elapsed().as_secs_f64(),
         peak_mem_bytes: peak_rss_bytes(),
-        tokens_per_s: tokens_seen as f64 / elapsed.max(1e-9),
+        tokens_per_s: (st.tokens_seen - session_tokens_start) as f64 / session.max(1e-9),
         trainable_params: trainable,
         all_params: all,
     };
@@ -362,6 +477,11 @@ pub fn train(cfg: &Config) -> Result<Summary> {
     println!("run folder: {}", run.display());
     Ok(summary)
 }
+
+/// The error a run stopped by SIGINT/SIGTERM ends with (after saving its checkpoint).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Interrupted(pub String);
 
 /// `qlora-cls eval`/`predict`: the model with a trained adapter loaded.
 pub fn load_with_adapter(cfg: &Config, adapter_dir: &Path) -> Result<Loaded> {
