@@ -509,6 +509,9 @@ impl Core {
         Ok(())
     }
 
+    /// Zeroes the gradients in place (tch has no way to reset them to None as torch's
+    /// `zero_grad(set_to_none=True)` does): a parameter that once had a gradient keeps taking
+    /// part in later steps even if a backward pass leaves its gradient at zero.
     fn zero_grad(&mut self) {
         for p in self.params.iter_mut() {
             p.zero_grad();
