@@ -90,7 +90,7 @@ __global__ void nf4_quantize_kernel(const void* __restrict__ x, int dtype, int64
     const int64_t n_blocks = (n + blocksize - 1) / blocksize;
     const int64_t warps = (int64_t)gridDim.x * kWarpsPerBlock;
     const float tiny = (float)1e-38;
-    const float zero_q = (float)nf4_bucket(bounds, 0.0f);
+    const uint32_t zero_q = nf4_bucket(bounds, 0.0f);
     for (int64_t b = (int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarp; b < n_blocks;
          b += warps) {
         const int64_t start = b * blocksize;
@@ -112,7 +112,7 @@ __global__ void nf4_quantize_kernel(const void* __restrict__ x, int dtype, int64
         if (lane == 0) absmax[b] = full ? am : amc;
         const float recip = __frcp_rn(amc);
         for (int64_t i = start + 2 * lane; i < end; i += 2 * kWarp) {
-            uint32_t q[2] = {(uint32_t)zero_q, (uint32_t)zero_q};
+            uint32_t q[2] = {zero_q, zero_q};
             for (int e = 0; e < 2 && i + e < end; ++e) {
                 const float v = qlora_load_f32(x, dtype, i + e);
                 const float s = full ? __fmul_rn(v, recip) : __fdiv_rn(v, amc);

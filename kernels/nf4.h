@@ -55,8 +55,8 @@ int qlora_nf4_dequantize_cpu(const uint8_t* packed, QloraNf4Scales scales, int64
 // CPU quantize_blockwise (65536-bin lookup-table rule). q: n bytes, absmax: ceil(n/blocksize).
 int qlora_q8_quantize_cpu(const float* code, const float* x, float sub, int64_t n, int64_t blocksize,
                           uint8_t* q, float* absmax);
-// out[i] = fl(fl(code[q[i]] * absmax[i/blocksize]) + add) (add = 0 adds nothing: x + 0 == x
-// for every x but -0, and code*absmax never yields -0 where bitsandbytes would not).
+// out[i] = fl(fl(code[q[i]] * absmax[i/blocksize]) + add); add = -0.0f is the exact identity
+// (x + -0 == x for every x, -0 included), add = offset rebuilds a nested absmax.
 int qlora_q8_dequantize_cpu(const float* code, const uint8_t* q, const float* absmax, float add,
                             int64_t n, int64_t blocksize, float* out);
 // y[m, n_out] = x[m, k] . W^T with W the NF4 weight of shape [n_out, k]; x and y of `dtype`.

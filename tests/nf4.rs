@@ -250,7 +250,7 @@ fn make_weight(case: &Case) -> Tensor {
                 }
             }
             if let Pattern::Scaled(f) = case.pattern {
-                w = w * f;
+                w *= f;
             }
             if let Pattern::ZeroTail = case.pattern {
                 let tail = n % case.blocksize;
