@@ -1,0 +1,265 @@
+// CPU kernels for NF4 (bitsandbytes-exact) and the blockwise 8-bit code used by double
+// quantization. See nf4.h for the ABI and layout; nf4.cu holds the CUDA twins, which must
+// evaluate the same f32 operations in the same order.
+//
+// Reference behaviour (bitsandbytes 0.50.2, CPU backend):
+// * quantize_4bit runs the default torch backend: x.float(); absmax = max|x| per block;
+//   full blocks are scaled by x * (1 / max(absmax, 1e-38)), the last partial block by
+//   x / max(absmax, 1e-38) and stores the clamped absmax; scaled values are clamped to
+//   [-1, 1] and bucketized against the midpoints of the NF4 code (a value on a midpoint
+//   goes to the lower code, NaN to 15); an odd count is padded with a scaled 0.
+// * quantize_blockwise (the nested absmax) runs the native lib's lookup-table rule; see
+//   qlora_q8_lut_index in nf4.h.
+// * dequantization multiplies code * absmax in f32 and rounds once to the output dtype.
+#include "nf4.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+// The bit-exact twins rely on every product and sum being rounded separately; keep GCC
+// from fusing them into FMAs on targets that have one.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+
+namespace {
+
+struct Nf4Tables {
+    float code[16];
+    float bounds[15];
+    uint32_t zero_index;  // bucket of a scaled 0 (the padding of an odd count)
+};
+
+uint32_t nf4_bucket(const float* bounds, float s) {
+    // torch.bucketize(right=False): number of bounds strictly below s; NaN lands past the end.
+    if (s != s) return 15;
+    uint32_t q = 0;
+    for (int i = 0; i < 15; ++i) q += bounds[i] < s ? 1u : 0u;
+    return q;
+}
+
+const Nf4Tables& nf4_tables() {
+    static const Nf4Tables tables = [] {
+        Nf4Tables t{};
+        const uint32_t bits[16] = QLORA_NF4_CODE_BITS;
+        for (int i = 0; i < 16; ++i) t.code[i] = qlora_bits_f32(bits[i]);
+        for (int i = 0; i < 15; ++i) t.bounds[i] = (t.code[i] + t.code[i + 1]) / 2.0f;
+        t.zero_index = nf4_bucket(t.bounds, 0.0f);
+        return t;
+    }();
+    return tables;
+}
+
+bool valid_dtype(int dtype) {
+    return dtype == QLORA_NF4_F32 || dtype == QLORA_NF4_BF16 || dtype == QLORA_NF4_F16;
+}
+
+// torch.clamp(absmax, min=1e-38): the Python double 1e-38 is narrowed to f32 by the kernel.
+const float kTinyAbsmax = (float)1e-38;
+const float kNan = qlora_bits_f32(0x7fc00000u);
+
+float clamp_unit(float s) {
+    // torch.clamp(s, -1, 1) propagates NaN.
+    if (s != s) return s;
+    return s < -1.0f ? -1.0f : (s > 1.0f ? 1.0f : s);
+}
+
+struct ScaleReader {
+    const QloraNf4Scales& s;
+    float operator()(int64_t block) const {
+        if (s.absmax != nullptr) return s.absmax[block];
+        const float v = s.code2[s.qabsmax[block]] * s.absmax2[block / s.blocksize2];
+        return v + s.offset;
+    }
+};
+
+bool valid_scales(const QloraNf4Scales& s) {
+    if (s.absmax != nullptr) return true;
+    return s.qabsmax != nullptr && s.code2 != nullptr && s.absmax2 != nullptr && s.blocksize2 > 0;
+}
+
+void q8_midpoints(const float* code, float* mid) {
+    for (int i = 0; i < 255; ++i) mid[i] = (code[i] + code[i + 1]) * 0.5f;
+}
+
+}  // namespace
+
+extern "C" int qlora_nf4_quantize_cpu(const void* x, int dtype, int64_t n, int64_t blocksize,
+                                      uint8_t* packed, float* absmax) {
+    if (x == nullptr || packed == nullptr || absmax == nullptr || n <= 0 || blocksize <= 0 ||
+        blocksize % 2 != 0 || !valid_dtype(dtype)) {
+        return QLORA_NF4_EINVAL;
+    }
+    const Nf4Tables& t = nf4_tables();
+    const int64_t n_blocks = (n + blocksize - 1) / blocksize;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < n_blocks; ++b) {
+        const int64_t start = b * blocksize;
+        const int64_t end = std::min(start + blocksize, n);
+        const bool full = end - start == blocksize;
+        float am = 0.0f;
+        bool any_nan = false;
+        for (int64_t i = start; i < end; ++i) {
+            const float a = std::fabs(qlora_load_f32(x, dtype, i));
+            if (a != a) {
+                any_nan = true;
+            } else if (a > am) {
+                am = a;
+            }
+        }
+        if (any_nan) am = kNan;  // torch's max propagates NaN
+        const float amc = (am != am) ? am : (am < kTinyAbsmax ? kTinyAbsmax : am);
+        absmax[b] = full ? am : amc;
+        const float recip = 1.0f / amc;
+        // Blocksizes are even, so the two nibbles of a byte never straddle two blocks.
+        for (int64_t i = start; i < end; i += 2) {
+            uint32_t q[2] = {t.zero_index, t.zero_index};
+            for (int64_t e = 0; e < 2 && i + e < end; ++e) {
+                const float v = qlora_load_f32(x, dtype, i + e);
+                const float s = full ? v * recip : v / amc;
+                q[e] = nf4_bucket(t.bounds, clamp_unit(s));
+            }
+            packed[i >> 1] = (uint8_t)((q[0] << 4) | q[1]);
+        }
+    }
+    return QLORA_NF4_OK;
+}
+
+extern "C" int qlora_nf4_dequantize_cpu(const uint8_t* packed, QloraNf4Scales scales, int64_t n,
+                                        int64_t blocksize, void* out, int out_dtype) {
+    if (packed == nullptr || out == nullptr || n < 0 || blocksize <= 0 || blocksize % 2 != 0 ||
+        !valid_dtype(out_dtype) || !valid_scales(scales)) {
+        return QLORA_NF4_EINVAL;
+    }
+    const Nf4Tables& t = nf4_tables();
+    const ScaleReader scale_of{scales};
+    const int64_t n_blocks = (n + blocksize - 1) / blocksize;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < n_blocks; ++b) {
+        const float scale = scale_of(b);
+        const int64_t start = b * blocksize;
+        const int64_t end = std::min(start + blocksize, n);
+        for (int64_t i = start; i < end; i += 2) {
+            const uint8_t byte = packed[i >> 1];
+            qlora_store_f32(out, out_dtype, i, t.code[byte >> 4] * scale);
+            if (i + 1 < end) qlora_store_f32(out, out_dtype, i + 1, t.code[byte & 15] * scale);
+        }
+    }
+    return QLORA_NF4_OK;
+}
+
+extern "C" int qlora_q8_quantize_cpu(const float* code, const float* x, float sub, int64_t n,
+                                     int64_t blocksize, uint8_t* q, float* absmax) {
+    if (code == nullptr || x == nullptr || q == nullptr || absmax == nullptr || n <= 0 ||
+        blocksize <= 0) {
+        return QLORA_NF4_EINVAL;
+    }
+    float mid[255];
+    q8_midpoints(code, mid);
+    const int64_t n_blocks = (n + blocksize - 1) / blocksize;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < n_blocks; ++b) {
+        const int64_t start = b * blocksize;
+        const int64_t end = std::min(start + blocksize, n);
+        // bitsandbytes: `omp simd reduction(max)` over std::max (NaN never wins), seeded
+        // with -inf and finally combined with 0.
+        float priv = -INFINITY;
+        for (int64_t i = start; i < end; ++i) {
+            const float a = std::fabs(x[i] - sub);
+            priv = priv < a ? a : priv;
+        }
+        const float am = 0.0f > priv ? 0.0f : priv;
+        absmax[b] = am;
+        if (am == 0.0f) {
+            std::fill(q + start, q + end, (uint8_t)0);
+            continue;
+        }
+        const float inv = 1.0f / am;
+        for (int64_t i = start; i < end; ++i) {
+            const float v = (x[i] - sub) * inv;
+            q[i] = (uint8_t)qlora_q8_code_index(mid, qlora_q8_lut_value(qlora_q8_lut_index(v)));
+        }
+    }
+    return QLORA_NF4_OK;
+}
+
+extern "C" int qlora_q8_dequantize_cpu(const float* code, const uint8_t* q, const float* absmax,
+                                       float add, int64_t n, int64_t blocksize, float* out) {
+    if (code == nullptr || q == nullptr || absmax == nullptr || out == nullptr || n < 0 ||
+        blocksize <= 0) {
+        return QLORA_NF4_EINVAL;
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+        const float v = code[q[i]] * absmax[i / blocksize];
+        out[i] = v + add;
+    }
+    return QLORA_NF4_OK;
+}
+
+// Reduction order of one output y[i, j] (the CUDA kernel uses one warp per j):
+//  * element c of the row belongs to lane (c / 8) % 32; each lane sums its elements in
+//    increasing c: acc = fl(acc + fl(x[i,c] * w[c])), starting from +0;
+//  * the 32 lane sums are combined by the xor butterfly 16, 8, 4, 2, 1, i.e.
+//    p[l] = fl(p[l] + p[l + off]) for l < off;
+//  * w[c] = fl(code * scale) rounded to the dtype of x (the dequantized weight in x's dtype);
+//    the result is rounded once to the dtype of x.
+extern "C" int qlora_nf4_matmul_small_cpu(const void* x, int dtype, int64_t m, int64_t k,
+                                          const uint8_t* packed, QloraNf4Scales scales,
+                                          int64_t blocksize, int64_t n_out, void* y) {
+    if (x == nullptr || packed == nullptr || y == nullptr || m < 0 || k <= 0 || n_out < 0 ||
+        blocksize <= 0 || blocksize % 2 != 0 || !valid_dtype(dtype) || !valid_scales(scales)) {
+        return QLORA_NF4_EINVAL;
+    }
+    if (m == 0 || n_out == 0) return QLORA_NF4_OK;
+    const Nf4Tables& t = nf4_tables();
+    const ScaleReader scale_of{scales};
+    std::vector<float> xf((size_t)(m * k));
+    for (int64_t i = 0; i < m * k; ++i) xf[(size_t)i] = qlora_load_f32(x, dtype, i);
+    constexpr int kLanes = 32;
+    constexpr int kRows = 16;
+#pragma omp parallel
+    {
+        std::vector<float> w((size_t)k);
+        float p[kRows][kLanes];
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < n_out; ++j) {
+            int64_t cached_block = -1;
+            float scale = 0.0f;
+            for (int64_t c = 0; c < k; ++c) {
+                const int64_t f = j * k + c;
+                const int64_t block = f / blocksize;
+                if (block != cached_block) {
+                    scale = scale_of(block);
+                    cached_block = block;
+                }
+                const uint8_t byte = packed[f >> 1];
+                const uint32_t nib = (f & 1) ? (byte & 15u) : (uint32_t)(byte >> 4);
+                w[(size_t)c] = qlora_round_to(t.code[nib] * scale, dtype);
+            }
+            for (int64_t i0 = 0; i0 < m; i0 += kRows) {
+                const int rows = (int)std::min<int64_t>(kRows, m - i0);
+                for (int r = 0; r < rows; ++r) std::fill(p[r], p[r] + kLanes, 0.0f);
+                for (int64_t c = 0; c < k; ++c) {
+                    const int lane = (int)((c >> 3) & (kLanes - 1));
+                    const float wc = w[(size_t)c];
+                    for (int r = 0; r < rows; ++r) {
+                        const float prod = xf[(size_t)((i0 + r) * k + c)] * wc;
+                        p[r][lane] = p[r][lane] + prod;
+                    }
+                }
+                for (int r = 0; r < rows; ++r) {
+                    for (int off = kLanes / 2; off > 0; off >>= 1) {
+                        for (int l = 0; l < off; ++l) p[r][l] = p[r][l] + p[r][l + off];
+                    }
+                    qlora_store_f32(y, dtype, (i0 + r) * n_out + j, p[r][0]);
+                }
+            }
+        }
+    }
+    return QLORA_NF4_OK;
+}
