@@ -188,7 +188,11 @@ fn main() {
             eprintln!("{i}");
             std::process::exit(130);
         }
-        eprintln!("error: {e:#}");
+        let msg = format!("{e:#}");
+        eprintln!("error: {msg}");
+        if let Some(h) = train::error_hint(&msg) {
+            eprintln!("hint: {h}");
+        }
         std::process::exit(1);
     }
 }

@@ -478,6 +478,20 @@ pub fn train(cfg: &Config) -> Result<Summary> {
     Ok(summary)
 }
 
+/// What to do about an error the user can act on, if we recognise it.
+pub fn error_hint(message: &str) -> Option<&'static str> {
+    if message.contains("out of memory") || message.contains("CUDA error: out of memory") {
+        return Some(
+            "the GPU ran out of memory: lower `batch_size` / `eval_batch_size`, set `max_length`, \
+             keep `gradient_checkpointing: true`, or use fewer `target_modules`",
+        );
+    }
+    if message.contains("No space left on device") {
+        return Some("the disk is full: free space in the run folder's file system (the previous checkpoint is intact)");
+    }
+    None
+}
+
 /// The error a run stopped by SIGINT/SIGTERM ends with (after saving its checkpoint).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -498,4 +512,25 @@ pub fn load_with_adapter(cfg: &Config, adapter_dir: &Path) -> Result<Loaded> {
         .load_trainable(&|name| weights.get(name).map(|t| t.shallow_clone()))
         .with_context(|| format!("cannot load the adapter {}", weights_path.display()))?;
     Ok(loaded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_for_oom_and_full_disk() {
+        let oom = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.10 GiB total capacity)";
+        assert!(error_hint(oom).unwrap().contains("batch_size"));
+        assert!(error_hint("write failed: No space left on device (os error 28)").unwrap().contains("disk is full"));
+        assert!(error_hint("something else").is_none());
+    }
+
+    #[test]
+    fn step_seeds_differ_and_repeat() {
+        assert_eq!(step_seed(42, 7), step_seed(42, 7));
+        assert_ne!(step_seed(42, 7), step_seed(42, 8));
+        assert_ne!(step_seed(42, 7), step_seed(43, 7));
+        assert!(step_seed(u64::MAX, usize::MAX) >= 0);
+    }
 }
