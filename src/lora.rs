@@ -1,1 +1,101 @@
-//! (filled in)
+//! LoRA adapters as PEFT applies them to bitsandbytes `Linear4bit`: the input is cast to the
+//! adapter's fp32, passed through dropout, A then B, scaled by alpha/r, and cast back to the
+//! dtype of the frozen layer's output before being added to it.
+use anyhow::{bail, Result};
+use tch::{Device, Kind, Tensor};
+
+/// The projections LoRA may target.
+pub const LORA_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraConfig {
+    pub r: i64,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: Vec<String>,
+}
+
+impl LoraConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.r <= 0 {
+            bail!("LoRA rank r must be positive, got {}", self.r);
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            bail!("LoRA dropout must be in [0, 1), got {}", self.dropout);
+        }
+        if self.target_modules.is_empty() {
+            bail!("LoRA target_modules is empty");
+        }
+        for m in &self.target_modules {
+            if !LORA_TARGETS.contains(&m.as_str()) {
+                bail!(
+                    "unknown LoRA target module {m:?} (expected some of {})",
+                    LORA_TARGETS.join(", ")
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// PEFT's `lora_alpha / r` (rsLoRA off).
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.r as f64
+    }
+
+    pub fn targets(&self, module: &str) -> bool {
+        self.target_modules.iter().any(|m| m == module)
+    }
+}
+
+#[derive(Debug)]
+pub struct LoraAdapter {
+    /// `[r, in]`, fp32 leaf with requires_grad.
+    pub a: Tensor,
+    /// `[out, r]`, fp32 leaf with requires_grad.
+    pub b: Tensor,
+    pub scale: f64,
+    pub dropout: f64,
+}
+
+impl LoraAdapter {
+    /// PEFT's default init: A Kaiming-uniform with a=√5 (i.e. U(-1/√in, 1/√in)), B zeros.
+    /// Draws from the global torch generator on the CPU so the result does not depend on
+    /// the device; the caller seeds it.
+    pub fn new(in_features: i64, out_features: i64, cfg: &LoraConfig, device: Device) -> Self {
+        let bound = 1.0 / (in_features as f64).sqrt();
+        let a = Tensor::empty([cfg.r, in_features], (Kind::Float, Device::Cpu))
+            .uniform_(-bound, bound)
+            .to_device(device)
+            .set_requires_grad(true);
+        let b = Tensor::zeros([out_features, cfg.r], (Kind::Float, device)).set_requires_grad(true);
+        LoraAdapter {
+            a,
+            b,
+            scale: cfg.scale(),
+            dropout: cfg.dropout,
+        }
+    }
+
+    /// The LoRA bypass for `x`, in `out_kind` (the frozen layer's output dtype).
+    pub fn forward(&self, x: &Tensor, train: bool, out_kind: Kind) -> Tensor {
+        let x = x.to_kind(Kind::Float);
+        let x = if train && self.dropout > 0.0 {
+            x.dropout(self.dropout, true)
+        } else {
+            x
+        };
+        let y = x
+            .linear::<Tensor>(&self.a, None)
+            .linear::<Tensor>(&self.b, None)
+            * self.scale;
+        y.to_kind(out_kind)
+    }
+}

@@ -1,1 +1,363 @@
-//! (being written)
+//! Hugging Face safetensors checkpoints: one `model.safetensors` or shards listed in
+//! `model.safetensors.index.json`, memory-mapped. Tensors are read one at a time; each frozen
+//! linear weight is moved to the target device and quantised there before the next one is
+//! read, so neither the host nor the device ever holds the whole model in 16 or 32 bits.
+//! `lm_head` is never read. bitsandbytes 4-bit checkpoints (weight + absmax + quant state)
+//! are accepted as they are.
+use crate::model::hf_config::LlamaConfig;
+use crate::quant::nf4::{self, Nf4Options, Nf4Tensor};
+use crate::quant::qlinear::FrozenWeight;
+use anyhow::{anyhow, bail, Context, Result};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+pub const SINGLE_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+struct Shard {
+    path: PathBuf,
+    map: Mmap,
+}
+
+/// The tensors of a checkpoint folder, memory-mapped.
+pub struct Checkpoint {
+    shards: Vec<Shard>,
+    index: HashMap<String, usize>,
+}
+
+fn map_file(path: &Path) -> Result<Mmap> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: the file is opened read-only and is not expected to change while mapped;
+    // a checkpoint rewritten under a running job is outside what we can defend against.
+    unsafe { Mmap::map(&file) }.with_context(|| format!("cannot memory-map {}", path.display()))
+}
+
+fn kind_of(dtype: Dtype) -> Option<Kind> {
+    Some(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F16 => Kind::Half,
+        Dtype::F64 => Kind::Double,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::I8 => Kind::Int8,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I32 => Kind::Int,
+        Dtype::I64 => Kind::Int64,
+        Dtype::BOOL => Kind::Bool,
+        _ => return None,
+    })
+}
+
+impl Checkpoint {
+    /// Opens `dir/model.safetensors.index.json` (sharded) or `dir/model.safetensors`, and
+    /// validates every shard's header against its file size.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index_path = dir.join(INDEX_FILE);
+        let single = dir.join(SINGLE_FILE);
+        let mut shards = Vec::new();
+        let mut index = HashMap::new();
+        if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path)
+                .with_context(|| format!("cannot read {}", index_path.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: malformed JSON", index_path.display()))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| anyhow!("{}: key `weight_map` is missing", index_path.display()))?;
+            let mut by_file: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for (name, file) in map {
+                let file = file.as_str().ok_or_else(|| {
+                    anyhow!(
+                        "{}: weight_map entry {name} is not a file name",
+                        index_path.display()
+                    )
+                })?;
+                by_file
+                    .entry(file.to_string())
+                    .or_default()
+                    .push(name.clone());
+            }
+            for (file, names) in by_file {
+                let path = dir.join(&file);
+                if !path.exists() {
+                    bail!(
+                        "shard {} listed in {} is missing (it holds {} tensors, e.g. {})",
+                        path.display(),
+                        index_path.display(),
+                        names.len(),
+                        names[0]
+                    );
+                }
+                let shard = Self::open_shard(&path)?;
+                let st = SafeTensors::deserialize(&shard.map).expect("validated in open_shard");
+                for name in names {
+                    if st.tensor(&name).is_err() {
+                        bail!(
+                            "tensor {name} is listed in {} but missing from shard {}",
+                            index_path.display(),
+                            path.display()
+                        );
+                    }
+                    index.insert(name, shards.len());
+                }
+                shards.push(shard);
+            }
+        } else if single.exists() {
+            let shard = Self::open_shard(&single)?;
+            let st = SafeTensors::deserialize(&shard.map).expect("validated in open_shard");
+            for name in st.names() {
+                index.insert(name.to_string(), 0);
+            }
+            shards.push(shard);
+        } else {
+            bail!(
+                "no checkpoint in {}: neither {SINGLE_FILE} nor {INDEX_FILE} exists",
+                dir.display()
+            );
+        }
+        Ok(Checkpoint { shards, index })
+    }
+
+    fn open_shard(path: &Path) -> Result<Shard> {
+        let map = map_file(path)?;
+        SafeTensors::deserialize(&map).map_err(|e| {
+            anyhow!(
+                "{}: not a valid safetensors file ({e:?}); truncated or corrupt?",
+                path.display()
+            )
+        })?;
+        Ok(Shard {
+            path: path.to_path_buf(),
+            map,
+        })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// The file holding `name`.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.index.get(name).map(|&i| self.shards[i].path.as_path())
+    }
+
+    /// (dtype, shape) from the header, without reading the data.
+    pub fn info(&self, name: &str) -> Result<(Dtype, Vec<i64>)> {
+        let (st, _) = self.view(name)?;
+        let t = st
+            .tensor(name)
+            .map_err(|e| anyhow!("tensor {name}: {e:?}"))?;
+        Ok((t.dtype(), t.shape().iter().map(|&d| d as i64).collect()))
+    }
+
+    fn view(&self, name: &str) -> Result<(SafeTensors<'_>, &Path)> {
+        let &i = self
+            .index
+            .get(name)
+            .ok_or_else(|| anyhow!("tensor {name} is missing from the checkpoint"))?;
+        let shard = &self.shards[i];
+        let st = SafeTensors::deserialize(&shard.map)
+            .map_err(|e| anyhow!("{}: {e:?}", shard.path.display()))?;
+        Ok((st, shard.path.as_path()))
+    }
+
+    /// Copies one tensor out of the mapping into a CPU tensor.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let (st, path) = self.view(name)?;
+        let view = st
+            .tensor(name)
+            .map_err(|e| anyhow!("tensor {name} in {}: {e:?}", path.display()))?;
+        let kind = kind_of(view.dtype()).ok_or_else(|| {
+            anyhow!(
+                "tensor {name} in {} has unsupported dtype {:?}",
+                path.display(),
+                view.dtype()
+            )
+        })?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        Tensor::f_from_data_size(view.data(), &shape, kind)
+            .with_context(|| format!("cannot read tensor {name} from {}", path.display()))
+    }
+}
+
+/// The frozen weights of one decoder layer.
+pub struct LayerWeights {
+    pub input_layernorm: Tensor,
+    pub post_attention_layernorm: Tensor,
+    /// q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj.
+    pub linears: Vec<(&'static str, FrozenWeight)>,
+}
+
+pub struct BaseWeights {
+    pub embed_tokens: Tensor,
+    pub layers: Vec<LayerWeights>,
+    pub norm: Tensor,
+    /// `score.weight` when the checkpoint is already a sequence classifier with this many labels.
+    pub score: Option<Tensor>,
+}
+
+pub const LINEAR_NAMES: [(&str, &str); 7] = [
+    ("self_attn", "q_proj"),
+    ("self_attn", "k_proj"),
+    ("self_attn", "v_proj"),
+    ("self_attn", "o_proj"),
+    ("mlp", "gate_proj"),
+    ("mlp", "up_proj"),
+    ("mlp", "down_proj"),
+];
+
+pub struct LoadOptions {
+    pub device: Device,
+    pub compute_dtype: Kind,
+    pub quant: Option<Nf4Options>,
+    pub num_labels: i64,
+}
+
+struct Loader<'a> {
+    ck: &'a Checkpoint,
+    cfg: &'a LlamaConfig,
+    opts: &'a LoadOptions,
+    prefix: &'static str,
+    bnb: bool,
+}
+
+impl Loader<'_> {
+    fn where_(&self, name: &str) -> String {
+        match self.ck.file_of(name) {
+            Some(p) => format!("tensor {name} in {}", p.display()),
+            None => format!("tensor {name}"),
+        }
+    }
+
+    /// A float tensor of the expected shape, still on the host in its file dtype.
+    fn float(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        let (dtype, got) = self
+            .ck
+            .info(name)
+            .with_context(|| format!("checkpoint lacks tensor {name} needed by config.json"))?;
+        if !matches!(dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
+            bail!(
+                "{} has dtype {dtype:?}; expected F32, BF16 or F16",
+                self.where_(name)
+            );
+        }
+        if got != shape {
+            bail!(
+                "{} has shape {got:?}, which does not fit config.json (expected {shape:?})",
+                self.where_(name)
+            );
+        }
+        self.ck.tensor(name)
+    }
+
+    fn dense(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        Ok(self
+            .float(name, shape)?
+            .to_device(self.opts.device)
+            .to_kind(self.opts.compute_dtype))
+    }
+
+    fn linear(&self, name: &str, out: i64, inp: i64) -> Result<FrozenWeight> {
+        if self.bnb {
+            let get = |k: &str| -> Option<Tensor> {
+                self.ck
+                    .tensor(k)
+                    .ok()
+                    .map(|t| t.to_device(self.opts.device))
+            };
+            let q = Nf4Tensor::from_bnb_tensors(&get, name)
+                .with_context(|| format!("cannot read bitsandbytes 4-bit {}", self.where_(name)))?;
+            if q.shape != [out, inp] {
+                bail!(
+                    "{} has shape {:?}, which does not fit config.json (expected {:?})",
+                    self.where_(name),
+                    q.shape,
+                    [out, inp]
+                );
+            }
+            return Ok(match self.opts.quant {
+                Some(_) => FrozenWeight::Nf4(q),
+                None => FrozenWeight::Dense(nf4::dequantize(&q, self.opts.compute_dtype)?),
+            });
+        }
+        let w = self.float(name, &[out, inp])?.to_device(self.opts.device);
+        Ok(match &self.opts.quant {
+            Some(q) => FrozenWeight::Nf4(
+                nf4::quantize(&w, q)
+                    .with_context(|| format!("cannot quantise {}", self.where_(name)))?,
+            ),
+            None => FrozenWeight::Dense(w.to_kind(self.opts.compute_dtype)),
+        })
+    }
+}
+
+/// Loads the frozen base model (no `lm_head`) for `cfg` from `dir`.
+pub fn load_base(dir: &Path, cfg: &LlamaConfig, opts: &LoadOptions) -> Result<BaseWeights> {
+    let _g = tch::no_grad_guard();
+    let ck = Checkpoint::open(dir)?;
+    let prefix = if ck.contains("model.embed_tokens.weight") {
+        "model."
+    } else if ck.contains("embed_tokens.weight") {
+        ""
+    } else {
+        bail!(
+            "checkpoint in {} lacks tensor model.embed_tokens.weight",
+            dir.display()
+        );
+    };
+    let bnb = cfg.quantization.is_some()
+        || ck.contains(&format!("{prefix}layers.0.self_attn.q_proj.weight.absmax"));
+    let l = Loader {
+        ck: &ck,
+        cfg,
+        opts,
+        prefix,
+        bnb,
+    };
+    let h = cfg.hidden_size;
+    let embed_tokens = l.dense(
+        &format!("{prefix}embed_tokens.weight"),
+        &[cfg.vocab_size, h],
+    )?;
+    let mut layers = Vec::with_capacity(cfg.num_hidden_layers as usize);
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("{}layers.{i}", l.prefix);
+        let mut linears = Vec::with_capacity(7);
+        for (group, name) in LINEAR_NAMES {
+            let (inp, out) = l.cfg.linear_shape(name).expect("known projection");
+            let w = l.linear(&format!("{p}.{group}.{name}.weight"), out, inp)?;
+            linears.push((name, w));
+        }
+        layers.push(LayerWeights {
+            input_layernorm: l.dense(&format!("{p}.input_layernorm.weight"), &[h])?,
+            post_attention_layernorm: l
+                .dense(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            linears,
+        });
+    }
+    let norm = l.dense(&format!("{prefix}norm.weight"), &[h])?;
+    let score = if ck.contains("score.weight") {
+        Some(
+            l.float("score.weight", &[opts.num_labels, h])?
+                .to_kind(Kind::Float)
+                .to_device(opts.device),
+        )
+    } else {
+        None
+    };
+    Ok(BaseWeights {
+        embed_tokens,
+        layers,
+        norm,
+        score,
+    })
+}

@@ -1,1 +1,361 @@
-//! (being written)
+//! `LlamaForSequenceClassification` under PEFT: frozen (NF4 or dense) Llama, LoRA adapters,
+//! and a trainable fp32 `score` head (PEFT's `modules_to_save`). Logits are read at the
+//! rightmost token that is not `pad_token_id`, transformers' rule.
+use crate::lora::LoraConfig;
+use crate::model::checkpoint::{self, LoadOptions};
+use crate::model::hf_config::{peft_param_counts, LlamaConfig};
+use crate::model::llama::{LayerContext, LlamaModel};
+use crate::quant::nf4::Nf4Options;
+use anyhow::{bail, Context, Result};
+use std::cell::Cell;
+use std::path::Path;
+use tch::{Device, Kind, Reduction, Tensor};
+
+#[derive(Clone, Debug)]
+pub struct ModelOptions {
+    pub device: Device,
+    pub compute_dtype: Kind,
+    pub quant: Option<Nf4Options>,
+    pub lora: Option<LoraConfig>,
+    pub num_labels: i64,
+    pub pad_token_id: i64,
+    pub gradient_checkpointing: bool,
+    pub seed: u64,
+}
+
+pub const SCORE_KEY: &str = "base_model.model.score.weight";
+
+pub struct LlamaClassifier {
+    pub config: LlamaConfig,
+    pub model: LlamaModel,
+    /// `[num_labels, hidden]`, fp32 leaf with requires_grad.
+    pub score: Tensor,
+    pub opts: ModelOptions,
+    /// Counts training forwards, so each draws fresh dropout masks that a checkpointed
+    /// recomputation can reproduce.
+    dropout_step: Cell<u64>,
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl LlamaClassifier {
+    /// Reads `model_dir/config.json` and the safetensors checkpoint, quantising linear weights
+    /// as they are read; then draws LoRA A (Kaiming-uniform, a=√5), B (zeros) and the score
+    /// head (N(0, initializer_range)) from the torch generator seeded with `opts.seed`.
+    pub fn load(model_dir: &Path, opts: &ModelOptions) -> Result<Self> {
+        if !matches!(
+            opts.compute_dtype,
+            Kind::Float | Kind::BFloat16 | Kind::Half
+        ) {
+            bail!(
+                "compute dtype {:?} is not supported (float32, bfloat16, float16)",
+                opts.compute_dtype
+            );
+        }
+        if opts.num_labels < 1 {
+            bail!("num_labels must be at least 1, got {}", opts.num_labels);
+        }
+        if let Some(l) = &opts.lora {
+            l.validate()?;
+        }
+        let config = LlamaConfig::from_dir(model_dir)?;
+        let weights = checkpoint::load_base(
+            model_dir,
+            &config,
+            &LoadOptions {
+                device: opts.device,
+                compute_dtype: opts.compute_dtype,
+                quant: opts.quant,
+                num_labels: opts.num_labels,
+            },
+        )
+        .with_context(|| format!("cannot load the model in {}", model_dir.display()))?;
+        tch::manual_seed(opts.seed as i64);
+        let from_file = weights.score.as_ref().map(|s| s.shallow_clone());
+        let model = LlamaModel::new(&config, weights, opts.lora.as_ref(), opts.device);
+        let score = match from_file {
+            Some(s) => s,
+            None => Tensor::empty(
+                [opts.num_labels, config.hidden_size],
+                (Kind::Float, Device::Cpu),
+            )
+            .normal_(0.0, config.initializer_range),
+        };
+        let score = score
+            .to_kind(Kind::Float)
+            .to_device(opts.device)
+            .detach()
+            .set_requires_grad(true);
+        Ok(LlamaClassifier {
+            config,
+            model,
+            score,
+            opts: opts.clone(),
+            dropout_step: Cell::new(0),
+        })
+    }
+
+    fn uses_dropout(&self, train: bool) -> bool {
+        train && self.opts.lora.as_ref().is_some_and(|l| l.dropout > 0.0)
+    }
+
+    /// Per-layer seeds for one training forward; `None` when dropout is off.
+    fn dropout_seeds(&self, train: bool) -> Option<Vec<i64>> {
+        if !self.uses_dropout(train) {
+            return None;
+        }
+        let step = self.dropout_step.get();
+        self.dropout_step.set(step + 1);
+        let base = splitmix(self.opts.seed ^ splitmix(step));
+        Some(
+            (0..self.model.layers.len() as u64)
+                .map(|i| (splitmix(base.wrapping_add(i)) >> 1) as i64)
+                .collect(),
+        )
+    }
+
+    fn check_inputs(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<()> {
+        let s = input_ids.size();
+        if s.len() != 2 || attention_mask.size() != s {
+            bail!(
+                "input_ids {:?} and attention_mask {:?} must both be [batch, seq]",
+                s,
+                attention_mask.size()
+            );
+        }
+        if s[0] == 0 || s[1] == 0 {
+            bail!("empty batch {s:?}");
+        }
+        Ok(())
+    }
+
+    fn context(&self, attention_mask: &Tensor) -> LayerContext {
+        LayerContext::new(
+            &self.model.inv_freq,
+            &attention_mask.to_device(self.opts.device),
+            self.opts.compute_dtype,
+        )
+    }
+
+    /// transformers' pooling index: `argmax(arange(T) * (input_ids != pad))`.
+    fn last_non_pad(&self, input_ids: &Tensor) -> Tensor {
+        let t = input_ids.size()[1];
+        let non_pad = input_ids.ne(self.opts.pad_token_id).to_kind(Kind::Int64);
+        (Tensor::arange(t, (Kind::Int64, input_ids.device())) * non_pad).argmax(-1, false)
+    }
+
+    /// Final norm, pooling and the fp32 score head.
+    fn head(&self, hidden: &Tensor, input_ids: &Tensor) -> Tensor {
+        let h = self.model.norm.forward(hidden);
+        let s = h.size();
+        let (b, t) = (s[0], s[1]);
+        let rows = Tensor::arange(b, (Kind::Int64, h.device())) * t + self.last_non_pad(input_ids);
+        let pooled = h.reshape([b * t, s[2]]).index_select(0, &rows);
+        pooled
+            .to_kind(Kind::Float)
+            .linear::<Tensor>(&self.score, None)
+    }
+
+    fn run_layers(
+        &self,
+        h: Tensor,
+        ctx: &LayerContext,
+        train: bool,
+        seeds: Option<&[i64]>,
+    ) -> Result<Tensor> {
+        let mut h = h;
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            if let Some(s) = seeds {
+                tch::manual_seed(s[i]);
+            }
+            h = layer
+                .forward(&h, ctx, train)
+                .with_context(|| format!("decoder layer {i}"))?;
+        }
+        Ok(h)
+    }
+
+    /// fp32 logits `[B, num_labels]` with the autograd graph; `train` enables LoRA dropout.
+    pub fn try_forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        self.check_inputs(input_ids, attention_mask)?;
+        let ids = input_ids.to_device(self.opts.device).to_kind(Kind::Int64);
+        let ctx = self.context(attention_mask);
+        let seeds = self.dropout_seeds(train);
+        let h = self.run_layers(self.model.embed(&ids), &ctx, train, seeds.as_deref())?;
+        Ok(self.head(&h, &ids))
+    }
+
+    /// As [`Self::try_forward`]; panics on malformed inputs.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
+        match self.try_forward(input_ids, attention_mask, train) {
+            Ok(t) => t,
+            Err(e) => panic!("LlamaClassifier::forward: {e:#}"),
+        }
+    }
+
+    fn loss(&self, logits: &Tensor, labels: &Tensor) -> Tensor {
+        logits.cross_entropy_loss::<Tensor>(
+            &labels.to_device(logits.device()).to_kind(Kind::Int64),
+            None,
+            Reduction::Mean,
+            -100,
+            0.0,
+        )
+    }
+
+    /// Mean cross-entropy forward and backward, accumulating `.grad` of the trainable
+    /// tensors. With gradient checkpointing, the forward keeps only each decoder layer's
+    /// input; the backward then recomputes one layer at a time and pushes the incoming
+    /// gradient through it as the vector-Jacobian product `(out · grad_out).sum()`.
+    /// Returns (loss, detached logits).
+    pub fn forward_backward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        labels: &Tensor,
+    ) -> Result<(f64, Tensor)> {
+        self.check_inputs(input_ids, attention_mask)?;
+        if labels.size() != [input_ids.size()[0]] {
+            bail!(
+                "labels {:?} must be [batch] for input_ids {:?}",
+                labels.size(),
+                input_ids.size()
+            );
+        }
+        let ids = input_ids.to_device(self.opts.device).to_kind(Kind::Int64);
+        let ctx = self.context(attention_mask);
+        let seeds = self.dropout_seeds(true);
+        let seeds = seeds.as_deref();
+        let emb = self.model.embed(&ids);
+
+        if !self.opts.gradient_checkpointing {
+            let h = self.run_layers(emb, &ctx, true, seeds)?;
+            let logits = self.head(&h, &ids);
+            let loss = self.loss(&logits, labels);
+            loss.f_backward().context("backward pass")?;
+            return Ok((loss.double_value(&[]), logits.detach()));
+        }
+
+        let mut inputs = Vec::with_capacity(self.model.layers.len());
+        let last = tch::no_grad(|| -> Result<Tensor> {
+            let mut h = emb;
+            for (i, layer) in self.model.layers.iter().enumerate() {
+                if let Some(s) = seeds {
+                    tch::manual_seed(s[i]);
+                }
+                let next = layer
+                    .forward(&h, &ctx, true)
+                    .with_context(|| format!("decoder layer {i}"))?;
+                inputs.push(h);
+                h = next;
+            }
+            Ok(h)
+        })?;
+        let last = last.detach().set_requires_grad(true);
+        let logits = self.head(&last, &ids);
+        let loss = self.loss(&logits, labels);
+        loss.f_backward().context("backward pass (head)")?;
+        let mut grad_out = last.grad();
+        drop(last);
+        for (i, layer) in self.model.layers.iter().enumerate().rev() {
+            let x = inputs.pop().expect("one input per layer").detach();
+            // The embeddings are frozen: layer 0's input needs no gradient.
+            let x = if i > 0 { x.set_requires_grad(true) } else { x };
+            if let Some(s) = seeds {
+                tch::manual_seed(s[i]);
+            }
+            let out = layer
+                .forward(&x, &ctx, true)
+                .with_context(|| format!("recomputing decoder layer {i}"))?;
+            if out.requires_grad() {
+                (out * &grad_out)
+                    .sum(Kind::Float)
+                    .f_backward()
+                    .with_context(|| format!("backward pass (layer {i})"))?;
+            }
+            if i > 0 {
+                let g = x.grad();
+                grad_out = if g.defined() {
+                    g
+                } else {
+                    grad_out.zeros_like()
+                };
+            }
+        }
+        Ok((loss.double_value(&[]), logits.detach()))
+    }
+
+    /// Trainable tensors under PEFT's adapter names (`get_peft_model_state_dict`), sharing
+    /// storage and `.grad` with the model.
+    pub fn trainable_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            for (path, a) in layer.adapters() {
+                let p = format!("base_model.model.model.layers.{i}.{path}");
+                out.push((format!("{p}.lora_A.weight"), a.a.shallow_clone()));
+                out.push((format!("{p}.lora_B.weight"), a.b.shallow_clone()));
+            }
+        }
+        out.push((SCORE_KEY.to_string(), self.score.shallow_clone()));
+        out
+    }
+
+    /// Copies values from a PEFT adapter (`adapter_model.safetensors`) into the trainable
+    /// tensors; every expected key must be present with the right shape.
+    pub fn load_trainable(&mut self, get: &dyn Fn(&str) -> Option<Tensor>) -> Result<()> {
+        let params = self.trainable_parameters();
+        let mut missing = Vec::new();
+        let mut found = Vec::with_capacity(params.len());
+        for (name, p) in params {
+            match get(&name) {
+                None => missing.push(name),
+                Some(v) => {
+                    if v.size() != p.size() {
+                        bail!(
+                            "adapter tensor {name} has shape {:?}, expected {:?}",
+                            v.size(),
+                            p.size()
+                        );
+                    }
+                    found.push((p, v));
+                }
+            }
+        }
+        if !missing.is_empty() {
+            bail!(
+                "adapter lacks {} tensor(s): {}",
+                missing.len(),
+                missing.join(", ")
+            );
+        }
+        tch::no_grad(|| {
+            for (mut p, v) in found {
+                p.copy_(&v.to_device(p.device()).to_kind(p.kind()));
+            }
+        });
+        Ok(())
+    }
+
+    /// PEFT-style (trainable, all) counts, as `peft_param_counts`.
+    pub fn param_counts(&self) -> (u64, u64) {
+        match &self.opts.lora {
+            Some(l) => {
+                peft_param_counts(&self.config, self.opts.num_labels, l.r, &l.target_modules)
+            }
+            None => {
+                let score = (self.opts.num_labels * self.config.hidden_size) as u64;
+                (score, self.config.base_param_count() + score)
+            }
+        }
+    }
+}
