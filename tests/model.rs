@@ -1,0 +1,478 @@
+//! The Llama classifier against transformers, PEFT and bitsandbytes (tests/oracles/model_oracle.py
+//! builds tiny random checkpoints and computes the references).
+mod common;
+
+use qlora_cls::lora::LoraConfig;
+use qlora_cls::model::classifier::{LlamaClassifier, ModelOptions};
+use qlora_cls::model::hf_config::{peft_param_counts, peft_param_line, LlamaConfig, RopeScaling};
+use qlora_cls::model::llama::inv_freq;
+use qlora_cls::quant::nf4::Nf4Options;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use tch::{Device, Kind, Tensor};
+
+const PAD: i64 = 2;
+const NUM_LABELS: i64 = 3;
+const TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// Tests share torch's global generator (LoRA init, dropout), so they take turns.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The oracle's output, built once per test run.
+fn fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("model_oracle");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("fixture dir");
+        common::oracle(
+            "model_oracle.py",
+            &["fixtures", dir.to_str().expect("utf-8 path")],
+        );
+        dir
+    })
+}
+
+fn read(path: &Path) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .collect()
+}
+
+fn facts() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixtures().join("facts.json")).expect("facts.json");
+    serde_json::from_str(&text).expect("facts.json is JSON")
+}
+
+fn opts(quant: Option<Nf4Options>, lora: Option<LoraConfig>, gc: bool) -> ModelOptions {
+    ModelOptions {
+        device: Device::Cpu,
+        compute_dtype: Kind::Float,
+        quant,
+        lora,
+        num_labels: NUM_LABELS,
+        pad_token_id: PAD,
+        gradient_checkpointing: gc,
+        seed: 7,
+    }
+}
+
+fn load_with(dir: &str, o: &ModelOptions, trainable: &str) -> LlamaClassifier {
+    let mut m = LlamaClassifier::load(&fixtures().join(dir), o)
+        .unwrap_or_else(|e| panic!("load {dir}: {e:#}"));
+    let t = read(&fixtures().join(trainable));
+    m.load_trainable(&|k: &str| t.get(k).map(|x| x.shallow_clone()))
+        .unwrap_or_else(|e| panic!("load_trainable: {e:#}"));
+    m
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shapes differ");
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+fn max_abs(a: &Tensor) -> f64 {
+    a.to_kind(Kind::Double).abs().max().double_value(&[])
+}
+
+fn batch(which: &str) -> (Tensor, Tensor) {
+    let inputs = read(&fixtures().join("inputs.safetensors"));
+    (
+        inputs[&format!("batch_{which}_ids")].shallow_clone(),
+        inputs[&format!("batch_{which}_mask")].shallow_clone(),
+    )
+}
+
+fn lora_all(dropout: f64) -> LoraConfig {
+    LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout,
+        target_modules: TARGETS.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+#[test]
+fn fp32_logits_match_transformers() {
+    let _turn = serial();
+    let expected = read(&fixtures().join("expected.safetensors"));
+    for model in ["gqa", "tied"] {
+        let m = load_with(model, &opts(None, None, false), "score.safetensors");
+        for which in ["pad", "full"] {
+            let (ids, mask) = batch(which);
+            let got = m.forward(&ids, &mask, false);
+            let want = &expected[&format!("logits_{model}_{which}")];
+            let d = max_abs_diff(&got, want);
+            assert!(
+                d <= 1e-4,
+                "{model}/{which}: max |Δlogit| {d:e} > 1e-4\n{got}\n{want}"
+            );
+            assert!(max_abs(want) > 0.1, "reference logits are degenerate");
+        }
+    }
+}
+
+#[test]
+fn nf4_logits_match_bitsandbytes() {
+    let _turn = serial();
+    let expected = read(&fixtures().join("expected.safetensors"));
+    let q = Some(Nf4Options::default());
+    // Quantised while loading the fp32 checkpoint, and read back from bitsandbytes' own file.
+    for dir in ["gqa", "bnb"] {
+        let m = load_with(dir, &opts(q, None, false), "score.safetensors");
+        for which in ["pad", "full"] {
+            let (ids, mask) = batch(which);
+            let got = m.forward(&ids, &mask, false);
+            let want = &expected[&format!("logits_nf4_{which}")];
+            let d = max_abs_diff(&got, want);
+            assert!(d <= 1e-3, "{dir}/{which}: NF4 max |Δlogit| {d:e} > 1e-3");
+            // The 4-bit model is measurably not the fp32 one, so the check has teeth.
+            let fp32 = &expected[&format!("logits_gqa_{which}")];
+            assert!(max_abs_diff(want, fp32) > 1e-3);
+        }
+    }
+}
+
+fn grads(m: &LlamaClassifier) -> Vec<(String, Tensor)> {
+    m.trainable_parameters()
+        .into_iter()
+        .map(|(n, p)| {
+            let g = p.grad();
+            assert!(g.defined(), "{n} has no gradient");
+            (n, g.copy())
+        })
+        .collect()
+}
+
+#[test]
+fn lora_and_head_gradients_match_peft() {
+    let _turn = serial();
+    let (ids, mask) = batch("pad");
+    let labels = read(&fixtures().join("inputs.safetensors"))["labels_pad"].shallow_clone();
+    let want = read(&fixtures().join("peft_grads.safetensors"));
+    let expected = read(&fixtures().join("expected.safetensors"));
+    let adapter = "peft_adapter/adapter_model.safetensors";
+
+    // Our names are PEFT's saved adapter keys, exactly.
+    let m = load_with("gqa", &opts(None, Some(lora_all(0.0)), false), adapter);
+    let mut ours: Vec<String> = m
+        .trainable_parameters()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let mut theirs: Vec<String> = read(&fixtures().join(adapter)).into_keys().collect();
+    ours.sort();
+    theirs.sort();
+    assert_eq!(ours, theirs);
+
+    let (loss, logits) = m
+        .forward_backward(&ids, &mask, &labels)
+        .expect("forward_backward");
+    let peft_loss = facts()["loss_pad"].as_f64().expect("loss");
+    assert!(
+        (loss - peft_loss).abs() <= 1e-5 * peft_loss.abs().max(1.0),
+        "loss {loss} vs {peft_loss}"
+    );
+    assert!(max_abs_diff(&logits, &expected["logits_peft_pad"]) <= 1e-4);
+    let plain = grads(&m);
+    assert_eq!(plain.len(), want.len());
+    for (name, g) in &plain {
+        let w = want
+            .get(name)
+            .unwrap_or_else(|| panic!("PEFT has no gradient for {name}"));
+        let scale = max_abs(w);
+        assert!(
+            scale > 0.0,
+            "{name}: PEFT gradient is zero, the check would be empty"
+        );
+        let d = max_abs_diff(g, w);
+        assert!(
+            d <= 1e-4 * scale,
+            "{name}: max |Δgrad| {d:e} > 1e-4 × {scale:e}"
+        );
+    }
+
+    // Gradient checkpointing changes nothing.
+    let gc = load_with("gqa", &opts(None, Some(lora_all(0.0)), true), adapter);
+    let (gc_loss, _) = gc
+        .forward_backward(&ids, &mask, &labels)
+        .expect("checkpointed");
+    assert_eq!(gc_loss.to_bits(), loss.to_bits());
+    for ((name, a), (_, b)) in plain.iter().zip(grads(&gc)) {
+        let d = max_abs_diff(a, &b);
+        assert!(d <= 1e-6, "{name}: checkpointed gradient differs by {d:e}");
+    }
+}
+
+#[test]
+fn checkpointing_reproduces_dropout_masks() {
+    let _turn = serial();
+    let (ids, mask) = batch("pad");
+    let labels = read(&fixtures().join("inputs.safetensors"))["labels_pad"].shallow_clone();
+    let adapter = "peft_adapter/adapter_model.safetensors";
+    let a = load_with("gqa", &opts(None, Some(lora_all(0.3)), false), adapter);
+    let b = load_with("gqa", &opts(None, Some(lora_all(0.3)), true), adapter);
+    let nodrop = load_with("gqa", &opts(None, Some(lora_all(0.0)), false), adapter);
+    let (la, _) = a.forward_backward(&ids, &mask, &labels).expect("plain");
+    let (lb, _) = b
+        .forward_backward(&ids, &mask, &labels)
+        .expect("checkpointed");
+    let (ln, _) = nodrop
+        .forward_backward(&ids, &mask, &labels)
+        .expect("no dropout");
+    assert_eq!(la.to_bits(), lb.to_bits());
+    assert!((la - ln).abs() > 1e-6, "dropout had no effect");
+    for ((name, x), (_, y)) in grads(&a).iter().zip(grads(&b)) {
+        let d = max_abs_diff(x, &y);
+        assert!(d <= 1e-6, "{name}: checkpointed gradient differs by {d:e}");
+    }
+    // Evaluation is deterministic and dropout-free.
+    let e1 = a.forward(&ids, &mask, false);
+    let e2 = nodrop.forward(&ids, &mask, false);
+    assert_eq!(max_abs_diff(&e1, &e2), 0.0);
+}
+
+const LLAMA31_CONFIG: &str = r#"{
+  "architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+  "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "hidden_act": "silu",
+  "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+  "max_position_embeddings": 131072, "mlp_bias": false, "model_type": "llama",
+  "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+  "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+  "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+  "rope_theta": 500000.0, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+  "transformers_version": "4.43.0.dev0", "use_cache": true, "vocab_size": 128256
+}"#;
+
+#[test]
+fn hf_config_llama31_and_transformers5() {
+    let _turn = serial();
+    let expected = read(&fixtures().join("expected.safetensors"));
+    let c = LlamaConfig::from_json_str(LLAMA31_CONFIG, "llama31/config.json").expect("3.1 config");
+    assert_eq!(c.num_key_value_heads, 8);
+    assert_eq!(c.head_dim, 128);
+    assert_eq!(c.eos_token_ids, vec![128001, 128008, 128009]);
+    assert_eq!(c.bos_token_ids, vec![128000]);
+    assert_eq!(c.rope_theta, 500000.0);
+    assert_eq!(
+        c.rope_scaling,
+        RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192
+        }
+    );
+    assert_eq!(c.dtype.as_deref(), Some("bfloat16"));
+    // Bitwise the frequencies transformers derives.
+    assert_eq!(
+        max_abs_diff(&inv_freq(&c), &expected["inv_freq_llama31"]),
+        0.0
+    );
+
+    // Written by transformers 5 (rope_parameters nested), compared with its own attributes.
+    let f = facts();
+    for name in ["gqa", "tied"] {
+        let c = LlamaConfig::from_dir(&fixtures().join(name)).expect("t5 config");
+        let want = &f[format!("config_{name}")];
+        let int = |k: &str| want[k].as_i64().unwrap_or_else(|| panic!("{k}"));
+        assert_eq!(c.vocab_size, int("vocab_size"));
+        assert_eq!(c.hidden_size, int("hidden_size"));
+        assert_eq!(c.intermediate_size, int("intermediate_size"));
+        assert_eq!(c.num_hidden_layers, int("num_hidden_layers"));
+        assert_eq!(c.num_attention_heads, int("num_attention_heads"));
+        assert_eq!(c.num_key_value_heads, int("num_key_value_heads"));
+        assert_eq!(c.head_dim, int("head_dim"));
+        assert_eq!(c.max_position_embeddings, int("max_position_embeddings"));
+        assert_eq!(c.rms_norm_eps, want["rms_norm_eps"].as_f64().unwrap());
+        assert_eq!(
+            c.initializer_range,
+            want["initializer_range"].as_f64().unwrap()
+        );
+        assert_eq!(
+            c.tie_word_embeddings,
+            want["tie_word_embeddings"].as_bool().unwrap()
+        );
+        let eos: Vec<i64> = match &want["eos_token_id"] {
+            serde_json::Value::Array(a) => a.iter().map(|v| v.as_i64().unwrap()).collect(),
+            v => vec![v.as_i64().unwrap()],
+        };
+        assert_eq!(c.eos_token_ids, eos);
+        let rope = &want["rope_parameters"];
+        assert_eq!(c.rope_theta, rope["rope_theta"].as_f64().unwrap());
+        match rope["rope_type"].as_str().unwrap() {
+            "default" => assert_eq!(c.rope_scaling, RopeScaling::Default),
+            "llama3" => {
+                assert_eq!(
+                    c.rope_scaling,
+                    RopeScaling::Llama3 {
+                        factor: rope["factor"].as_f64().unwrap(),
+                        low_freq_factor: rope["low_freq_factor"].as_f64().unwrap(),
+                        high_freq_factor: rope["high_freq_factor"].as_f64().unwrap(),
+                        original_max_position_embeddings: rope["original_max_position_embeddings"]
+                            .as_i64()
+                            .unwrap(),
+                    }
+                );
+                assert_eq!(max_abs_diff(&inv_freq(&c), &expected["inv_freq_gqa"]), 0.0);
+            }
+            other => panic!("unexpected rope_type {other}"),
+        }
+    }
+    // The bitsandbytes checkpoint's quantization_config.
+    let c = LlamaConfig::from_dir(&fixtures().join("bnb")).expect("bnb config");
+    let q = c.quantization.expect("quantization_config");
+    assert!(q.load_in_4bit && q.double_quant && q.quant_type == "nf4");
+}
+
+#[test]
+fn peft_parameter_lines() {
+    let _turn = serial();
+    let c = LlamaConfig::from_json_str(LLAMA31_CONFIG, "llama3/config.json").expect("config");
+    let qv = vec!["q_proj".to_string(), "v_proj".to_string()];
+    let (t, a) = peft_param_counts(&c, 2, 8, &qv);
+    assert_eq!(
+        peft_param_line(t, a),
+        "trainable params: 3,416,064 || all params: 7,508,348,928 || trainable%: 0.0455"
+    );
+    let tiny = LlamaConfig::from_dir(&fixtures().join("gqa")).expect("tiny config");
+    let (t, a) = peft_param_counts(&tiny, NUM_LABELS, 8, &qv);
+    let want = facts()["peft_line_tiny"]
+        .as_str()
+        .expect("line")
+        .to_string();
+    assert_eq!(peft_param_line(t, a), want);
+    let lora = LoraConfig {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        target_modules: qv,
+    };
+    let m = LlamaClassifier::load(
+        &fixtures().join("gqa"),
+        &opts(Some(Nf4Options::default()), Some(lora), false),
+    )
+    .expect("load");
+    let (t2, a2) = m.param_counts();
+    assert_eq!(peft_param_line(t2, a2), want);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn load_err(dir: &Path) -> String {
+    match LlamaClassifier::load(dir, &opts(None, None, false)) {
+        Ok(_) => panic!("{} loaded although it is broken", dir.display()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn load_errors_name_the_file_and_tensor() {
+    let _turn = serial();
+    let tmp = common::tempdir();
+    let t = tmp.path();
+
+    let empty = t.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let e = load_err(&empty);
+    assert!(e.contains("config.json"), "{e}");
+
+    let bad = t.join("malformed");
+    copy_dir(&fixtures().join("gqa"), &bad);
+    std::fs::write(bad.join("config.json"), "{\"hidden_size\": 64,").unwrap();
+    let e = load_err(&bad);
+    assert!(e.contains("config.json") && e.contains("malformed"), "{e}");
+
+    let text = std::fs::read_to_string(fixtures().join("gqa/config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v.as_object_mut().unwrap().remove("hidden_size");
+    std::fs::write(bad.join("config.json"), v.to_string()).unwrap();
+    let e = load_err(&bad);
+    assert!(
+        e.contains("config.json") && e.contains("hidden_size"),
+        "{e}"
+    );
+
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["intermediate_size"] = serde_json::json!(96);
+    std::fs::write(bad.join("config.json"), v.to_string()).unwrap();
+    let e = load_err(&bad);
+    assert!(
+        e.contains("model.layers.0.mlp.gate_proj.weight")
+            && e.contains("shape")
+            && e.contains("model.safetensors"),
+        "{e}"
+    );
+
+    let sharded = t.join("sharded");
+    copy_dir(&fixtures().join("tied"), &sharded);
+    let index = std::fs::read_to_string(sharded.join("model.safetensors.index.json")).unwrap();
+    let index: serde_json::Value = serde_json::from_str(&index).unwrap();
+    let victim = index["weight_map"]["model.layers.1.mlp.down_proj.weight"]
+        .as_str()
+        .expect("sharded fixture");
+    std::fs::remove_file(sharded.join(victim)).unwrap();
+    let e = load_err(&sharded);
+    assert!(e.contains(victim) && e.contains("missing"), "{e}");
+
+    let trunc = t.join("truncated");
+    copy_dir(&fixtures().join("gqa"), &trunc);
+    let f = trunc.join("model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    let e = load_err(&trunc);
+    assert!(e.contains("model.safetensors"), "{e}");
+
+    let lying = t.join("lying");
+    copy_dir(&fixtures().join("gqa"), &lying);
+    let f = lying.join("model.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    bytes[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    std::fs::write(&f, bytes).unwrap();
+    let e = load_err(&lying);
+    assert!(e.contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn nf4_dequantised_weight_matches_bitsandbytes() {
+    let _turn = serial();
+    let expected = read(&fixtures().join("expected.safetensors"));
+    let w = read(&fixtures().join("gqa/model.safetensors"))["model.layers.1.mlp.down_proj.weight"]
+        .shallow_clone();
+    let q = qlora_cls::quant::nf4::quantize(&w, &Nf4Options::default()).expect("quantize");
+    let d = qlora_cls::quant::nf4::dequantize(&q, Kind::Float).expect("dequantize");
+    let want = &expected["nf4_dequant_down1"];
+    let diff = max_abs_diff(&d, want);
+    assert!(
+        diff <= 1e-6,
+        "NF4 dequantised weight differs from bitsandbytes by {diff:e}"
+    );
+}

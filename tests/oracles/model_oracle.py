@@ -1,0 +1,248 @@
+"""Oracle for tests/model.rs: tiny random Llama checkpoints and what transformers, PEFT and
+bitsandbytes compute on them.
+
+usage: model_oracle.py fixtures OUT_DIR
+
+Writes under OUT_DIR:
+  gqa/            Llama-3-style: GQA, llama3 rope scaling, untied, one model.safetensors
+  tied/           tied embeddings, MHA, head_dim != hidden/heads, sharded (index.json)
+  bnb/            `gqa` loaded in bitsandbytes 4-bit (nf4, double quant) and saved again
+  inputs.safetensors        batch_pad_{ids,mask}, batch_full_{ids,mask}, labels_pad, labels_full
+  score.safetensors         base_model.model.score.weight used for every forward below
+  expected.safetensors      logits_{gqa,tied}_{pad,full}, logits_nf4_{pad,full}, inv_freq_{gqa,llama31}
+  peft_adapter/adapter_model.safetensors   initial LoRA (B non-zero) + score for the gradient check
+  peft_grads.safetensors    gradients after one backward, PEFT key names
+  facts.json                loss, PEFT's trainable-parameter line, config attributes
+"""
+import contextlib
+import io
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PAD = 2
+NUM_LABELS = 3
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+LLAMA31 = {
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+    "max_position_embeddings": 131072, "rope_theta": 500000.0,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+}
+
+
+def tiny_configs():
+    from transformers import LlamaConfig
+
+    gqa = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=[PAD, 3],
+        initializer_range=0.05,
+    )
+    tied = LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=192, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, head_dim=32, max_position_embeddings=128,
+        rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=1,
+        eos_token_id=PAD, initializer_range=0.05,
+    )
+    return gqa, tied
+
+
+def randomize(model, gen):
+    """Weights of a useful size everywhere (norms too), so every path matters."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 / p.shape[-1] ** 0.5) * 2.0)
+
+
+def make_inputs(gen, vocab):
+    t = 12
+    def toks(n):
+        x = torch.randint(4, vocab, (n,), generator=gen)
+        return x
+    rows, masks = [], []
+    # no padding / right padding / left padding / one real token (right) / one real token (left)
+    for kind, real in [("none", t), ("right", 7), ("left", 9), ("right", 1), ("left", 1)]:
+        ids = torch.full((t,), PAD, dtype=torch.long)
+        mask = torch.zeros(t, dtype=torch.long)
+        if kind in ("none", "right"):
+            ids[:real] = toks(real)
+            mask[:real] = 1
+        else:
+            ids[t - real:] = toks(real)
+            mask[t - real:] = 1
+        rows.append(ids)
+        masks.append(mask)
+    pad_ids, pad_mask = torch.stack(rows), torch.stack(masks)
+    full_ids = torch.randint(4, vocab, (3, 10), generator=gen)
+    full_mask = torch.ones_like(full_ids)
+    return {
+        "batch_pad_ids": pad_ids, "batch_pad_mask": pad_mask,
+        "batch_full_ids": full_ids, "batch_full_mask": full_mask,
+        "labels_pad": torch.tensor([0, 2, 1, 1, 0]), "labels_full": torch.tensor([2, 0, 1]),
+    }
+
+
+def seq_cls(path, score, **kw):
+    from transformers import LlamaForSequenceClassification
+
+    m = LlamaForSequenceClassification.from_pretrained(
+        path, num_labels=NUM_LABELS, pad_token_id=PAD, dtype=torch.float32, **kw
+    )
+    with torch.no_grad():
+        m.score.weight.copy_(score)
+    m.eval()
+    return m
+
+
+def logits(m, inputs, which):
+    with torch.no_grad():
+        return m(input_ids=inputs[f"batch_{which}_ids"],
+                 attention_mask=inputs[f"batch_{which}_mask"]).logits.float().contiguous()
+
+
+def bnb_config():
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.float32)
+
+
+def cuda_like_absmax_quantization():
+    """bitsandbytes' CPU kernel for the 8-bit blockwise quantisation of the absmax values
+    (double quant) picks a neighbour of the nearest code entry for values close to a
+    midpoint; its CUDA kernel picks the nearest. The reference follows CUDA, where the
+    trainer runs: scale by the reciprocal block absmax, nearest entry."""
+    from bitsandbytes import functional as F
+
+    def quantize_blockwise(A, code=None, absmax=None, out=None, blocksize=4096, nested=False):
+        assert absmax is None and out is None and not nested
+        code = F.create_dynamic_map() if code is None else code
+        flat = A.reshape(-1).float()
+        n = flat.numel()
+        nb = -(-n // blocksize)
+        blocks = torch.nn.functional.pad(flat, (0, nb * blocksize - n)).reshape(nb, blocksize)
+        am = blocks.abs().max(-1)[0]
+        scaled = (blocks * (1.0 / am.clamp(min=1e-38)).view(-1, 1)).clamp(-1, 1).reshape(-1)[:n]
+        q = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2).to(torch.uint8).reshape(A.shape)
+        return q, F.QuantState(absmax=am, code=code.clone(), blocksize=blocksize, dtype=A.dtype)
+
+    F.quantize_blockwise = quantize_blockwise
+
+
+def peft_line(model):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        model.print_trainable_parameters()
+    return buf.getvalue().strip()
+
+
+def peft_key(name):
+    name = name.replace(".modules_to_save.default", "").replace(".default", "")
+    return name
+
+
+def fixtures(out):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    gen = torch.Generator().manual_seed(1234)
+    gqa_cfg, tied_cfg = tiny_configs()
+    expected, facts = {}, {}
+
+    for name, cfg, shard in [("gqa", gqa_cfg, None), ("tied", tied_cfg, "100KB")]:
+        torch.manual_seed(0)
+        lm = LlamaForCausalLM(cfg)
+        randomize(lm, gen)
+        kw = {"max_shard_size": shard} if shard else {}
+        lm.save_pretrained(os.path.join(out, name), **kw)
+    inputs = make_inputs(gen, min(gqa_cfg.vocab_size, tied_cfg.vocab_size))
+    save_file(inputs, os.path.join(out, "inputs.safetensors"))
+    score = torch.randn(NUM_LABELS, 64, generator=gen) * 0.3
+    save_file({"base_model.model.score.weight": score}, os.path.join(out, "score.safetensors"))
+
+    for name in ["gqa", "tied"]:
+        m = seq_cls(os.path.join(out, name), score)
+        for which in ["pad", "full"]:
+            expected[f"logits_{name}_{which}"] = logits(m, inputs, which)
+        inv, _ = ROPE_INIT_FUNCTIONS["llama3"](m.config) if name == "gqa" else (None, None)
+        if inv is not None:
+            expected["inv_freq_gqa"] = inv.float().contiguous()
+        facts[f"config_{name}"] = {
+            k: getattr(m.config, k) for k in [
+                "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+                "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id",
+                "max_position_embeddings"]
+        }
+        facts[f"config_{name}"]["rope_parameters"] = dict(m.config.rope_parameters)
+
+    c31 = LlamaConfig(**LLAMA31)
+    inv31, _ = ROPE_INIT_FUNCTIONS["llama3"](c31)
+    expected["inv_freq_llama31"] = inv31.float().contiguous()
+
+    # bitsandbytes 4-bit NF4 (double quant), fp32 compute.
+    cuda_like_absmax_quantization()
+    m4 = seq_cls(os.path.join(out, "gqa"), score, quantization_config=bnb_config(), device_map="cpu")
+    # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for inference and multiplies
+    # in bf16; everywhere else (CUDA included) it dequantises and multiplies in the compute
+    # dtype. The reference is the latter.
+    import bitsandbytes as bnb
+
+    for mod in m4.modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            mod.support_avx512bf16_for_cpu = False
+    for which in ["pad", "full"]:
+        expected[f"logits_nf4_{which}"] = logits(m4, inputs, which)
+    w = m4.model.layers[1].mlp.down_proj.weight
+    expected["nf4_dequant_down1"] = bnb.functional.dequantize_4bit(w.data, w.quant_state).contiguous()
+    m4.save_pretrained(os.path.join(out, "bnb"))
+    lc = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                    modules_to_save=["score"], task_type="SEQ_CLS")
+    facts["peft_line_tiny"] = peft_line(get_peft_model(m4, lc))
+
+    # Gradients of LoRA and the head after one backward (fp32, no dropout).
+    base = seq_cls(os.path.join(out, "gqa"), score)
+    lc = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
+                    modules_to_save=["score"], task_type="SEQ_CLS")
+    pm = get_peft_model(base, lc)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    pm.save_pretrained(os.path.join(out, "peft_adapter"))
+    pm.train()
+    res = pm(input_ids=inputs["batch_pad_ids"], attention_mask=inputs["batch_pad_mask"],
+             labels=inputs["labels_pad"])
+    res.loss.backward()
+    grads = {peft_key(n): p.grad.detach().float().contiguous()
+             for n, p in pm.named_parameters() if p.requires_grad}
+    save_file(grads, os.path.join(out, "peft_grads.safetensors"))
+    facts["loss_pad"] = res.loss.item()
+    expected["logits_peft_pad"] = res.logits.detach().float().contiguous()
+
+    save_file(expected, os.path.join(out, "expected.safetensors"))
+    with open(os.path.join(out, "facts.json"), "w") as f:
+        json.dump(facts, f, indent=1)
+    print("ok")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "fixtures":
+        sys.exit(__doc__)
+    torch.set_num_threads(1)
+    fixtures(sys.argv[2])
