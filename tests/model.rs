@@ -119,6 +119,7 @@ fn fp32_logits_match_transformers() {
             let got = m.forward(&ids, &mask, false);
             let want = &expected[&format!("logits_{model}_{which}")];
             let d = max_abs_diff(&got, want);
+            eprintln!("{model}/{which}: max |Δlogit| {d:e}");
             assert!(
                 d <= 1e-4,
                 "{model}/{which}: max |Δlogit| {d:e} > 1e-4\n{got}\n{want}"
@@ -141,6 +142,7 @@ fn nf4_logits_match_bitsandbytes() {
             let got = m.forward(&ids, &mask, false);
             let want = &expected[&format!("logits_nf4_{which}")];
             let d = max_abs_diff(&got, want);
+            eprintln!("nf4 {dir}/{which}: max |Δlogit| {d:e}");
             assert!(d <= 1e-3, "{dir}/{which}: NF4 max |Δlogit| {d:e} > 1e-3");
             // The 4-bit model is measurably not the fp32 one, so the check has teeth.
             let fp32 = &expected[&format!("logits_gqa_{which}")];
@@ -192,6 +194,7 @@ fn lora_and_head_gradients_match_peft() {
     assert!(max_abs_diff(&logits, &expected["logits_peft_pad"]) <= 1e-4);
     let plain = grads(&m);
     assert_eq!(plain.len(), want.len());
+    let mut worst = 0f64;
     for (name, g) in &plain {
         let w = want
             .get(name)
@@ -202,12 +205,14 @@ fn lora_and_head_gradients_match_peft() {
             "{name}: PEFT gradient is zero, the check would be empty"
         );
         let d = max_abs_diff(g, w);
+        worst = worst.max(d / scale);
         assert!(
             d <= 1e-4 * scale,
             "{name}: max |Δgrad| {d:e} > 1e-4 × {scale:e}"
         );
     }
 
+    eprintln!("largest gradient difference vs PEFT: {worst:e} of the tensor's max");
     // Gradient checkpointing changes nothing.
     let gc = load_with("gqa", &opts(None, Some(lora_all(0.0)), true), adapter);
     let (gc_loss, _) = gc
@@ -475,4 +480,47 @@ fn nf4_dequantised_weight_matches_bitsandbytes() {
         diff <= 1e-6,
         "NF4 dequantised weight differs from bitsandbytes by {diff:e}"
     );
+}
+
+#[test]
+fn bf16_and_fp16_compute() {
+    let _turn = serial();
+    let expected = read(&fixtures().join("expected.safetensors"));
+    let (ids, mask) = batch("pad");
+    let labels = read(&fixtures().join("inputs.safetensors"))["labels_pad"].shallow_clone();
+    let mut o = opts(None, None, false);
+    o.compute_dtype = Kind::BFloat16;
+    let m = load_with("gqa", &o, "score_bf16.safetensors");
+    for which in ["pad", "full"] {
+        let (ids, mask) = batch(which);
+        let got = m.forward(&ids, &mask, false);
+        assert_eq!(got.kind(), Kind::Float);
+        let want = &expected[&format!("logits_bf16_{which}")];
+        let d = max_abs_diff(&got, want);
+        let scale = max_abs(want);
+        eprintln!("bf16/{which}: max |Δlogit| {d:e} (logits up to {scale:e})");
+        // Only the head differs (fp32 here, bf16 there): a few bf16 ulps of the logits.
+        assert!(d <= 2e-2 * scale, "bf16/{which}: max |Δlogit| {d:e}");
+    }
+    // NF4 + LoRA training steps run in bf16 and fp16, with and without checkpointing.
+    let adapter = "peft_adapter/adapter_model.safetensors";
+    for kind in [Kind::BFloat16, Kind::Half] {
+        let mut g = Vec::new();
+        for gc in [false, true] {
+            let mut o = opts(Some(Nf4Options::default()), Some(lora_all(0.0)), gc);
+            o.compute_dtype = kind;
+            let m = load_with("gqa", &o, adapter);
+            let (loss, logits) = m.forward_backward(&ids, &mask, &labels).expect("step");
+            assert!(loss.is_finite(), "{kind:?}: loss {loss}");
+            assert_eq!(logits.kind(), Kind::Float);
+            g.push(grads(&m));
+        }
+        for ((name, a), (_, b)) in g[0].iter().zip(&g[1]) {
+            let d = max_abs_diff(a, b);
+            assert!(
+                d <= 1e-2 * max_abs(a).max(1e-3),
+                "{kind:?} {name}: checkpointing changes the gradient by {d:e}"
+            );
+        }
+    }
 }

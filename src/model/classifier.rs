@@ -7,8 +7,8 @@ use crate::model::hf_config::{peft_param_counts, LlamaConfig};
 use crate::model::llama::{LayerContext, LlamaModel};
 use crate::quant::nf4::Nf4Options;
 use anyhow::{bail, Context, Result};
-use std::cell::Cell;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tch::{Device, Kind, Reduction, Tensor};
 
 #[derive(Clone, Debug)]
@@ -33,7 +33,7 @@ pub struct LlamaClassifier {
     pub opts: ModelOptions,
     /// Counts training forwards, so each draws fresh dropout masks that a checkpointed
     /// recomputation can reproduce.
-    dropout_step: Cell<u64>,
+    dropout_step: AtomicU64,
 }
 
 fn splitmix(mut z: u64) -> u64 {
@@ -96,7 +96,7 @@ impl LlamaClassifier {
             model,
             score,
             opts: opts.clone(),
-            dropout_step: Cell::new(0),
+            dropout_step: AtomicU64::new(0),
         })
     }
 
@@ -104,13 +104,14 @@ impl LlamaClassifier {
         train && self.opts.lora.as_ref().is_some_and(|l| l.dropout > 0.0)
     }
 
-    /// Per-layer seeds for one training forward; `None` when dropout is off.
+    /// Per-layer seeds for one training forward; `None` when dropout is off. Each decoder
+    /// layer runs right after `tch::manual_seed(seed_i)`, so a checkpointed recomputation
+    /// draws the same dropout masks; this reseeds torch's global generator.
     fn dropout_seeds(&self, train: bool) -> Option<Vec<i64>> {
         if !self.uses_dropout(train) {
             return None;
         }
-        let step = self.dropout_step.get();
-        self.dropout_step.set(step + 1);
+        let step = self.dropout_step.fetch_add(1, Ordering::Relaxed);
         let base = splitmix(self.opts.seed ^ splitmix(step));
         Some(
             (0..self.model.layers.len() as u64)
@@ -181,6 +182,8 @@ impl LlamaClassifier {
     }
 
     /// fp32 logits `[B, num_labels]` with the autograd graph; `train` enables LoRA dropout.
+    /// For evaluation call it under `tch::no_grad`, or the graph (and with NF4 weights, each
+    /// layer's dequantised copies) is kept alive until the logits are dropped.
     pub fn try_forward(
         &self,
         input_ids: &Tensor,
@@ -267,6 +270,10 @@ impl LlamaClassifier {
         loss.f_backward().context("backward pass (head)")?;
         let mut grad_out = last.grad();
         drop(last);
+        if self.opts.lora.is_none() {
+            // Only the head trains: nothing below it needs a gradient.
+            return Ok((loss.double_value(&[]), logits.detach()));
+        }
         for (i, layer) in self.model.layers.iter().enumerate().rev() {
             let x = inputs.pop().expect("one input per layer").detach();
             // The embeddings are frozen: layer 0's input needs no gradient.

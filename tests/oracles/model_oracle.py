@@ -9,7 +9,9 @@ Writes under OUT_DIR:
   bnb/            `gqa` loaded in bitsandbytes 4-bit (nf4, double quant) and saved again
   inputs.safetensors        batch_pad_{ids,mask}, batch_full_{ids,mask}, labels_pad, labels_full
   score.safetensors         base_model.model.score.weight used for every forward below
-  expected.safetensors      logits_{gqa,tied}_{pad,full}, logits_nf4_{pad,full}, inv_freq_{gqa,llama31}
+  score_bf16.safetensors    the same rounded to bf16 (for the bf16 forward)
+  expected.safetensors      logits_{gqa,tied}_{pad,full}, logits_nf4_{pad,full},
+                            logits_bf16_{pad,full}, nf4_dequant_down1, inv_freq_{gqa,llama31}
   peft_adapter/adapter_model.safetensors   initial LoRA (B non-zero) + score for the gradient check
   peft_grads.safetensors    gradients after one backward, PEFT key names
   facts.json                loss, PEFT's trainable-parameter line, config attributes
@@ -95,11 +97,11 @@ def make_inputs(gen, vocab):
     }
 
 
-def seq_cls(path, score, **kw):
+def seq_cls(path, score, dtype=torch.float32, **kw):
     from transformers import LlamaForSequenceClassification
 
     m = LlamaForSequenceClassification.from_pretrained(
-        path, num_labels=NUM_LABELS, pad_token_id=PAD, dtype=torch.float32, **kw
+        path, num_labels=NUM_LABELS, pad_token_id=PAD, dtype=dtype, **kw
     )
     with torch.no_grad():
         m.score.weight.copy_(score)
@@ -190,6 +192,14 @@ def fixtures(out):
                 "max_position_embeddings"]
         }
         facts[f"config_{name}"]["rope_parameters"] = dict(m.config.rope_parameters)
+
+    # bf16 end to end (the score head rounded to bf16 so both sides hold the same values).
+    score16 = score.to(torch.bfloat16)
+    save_file({"base_model.model.score.weight": score16.float()},
+              os.path.join(out, "score_bf16.safetensors"))
+    mb = seq_cls(os.path.join(out, "gqa"), score16, dtype=torch.bfloat16)
+    for which in ["pad", "full"]:
+        expected[f"logits_bf16_{which}"] = logits(mb, inputs, which)
 
     c31 = LlamaConfig(**LLAMA31)
     inv31, _ = ROPE_INIT_FUNCTIONS["llama3"](c31)
