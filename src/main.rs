@@ -163,7 +163,20 @@ fn run() -> Result<()> {
             let cfg = load_config(&config, &flags)?;
             let dir = cfg.model_dir()?;
             let hf = LlamaConfig::from_dir(dir)?;
-            println!("{}", hf.describe());
+            println!(
+                "{}: Llama, hidden {}, intermediate {}, {} layers, {} heads ({} KV heads, head_dim {}), \
+                 vocab {}, {} embeddings, rope_theta {}",
+                dir.join("config.json").display(),
+                hf.hidden_size,
+                hf.intermediate_size,
+                hf.num_hidden_layers,
+                hf.num_attention_heads,
+                hf.num_key_value_heads,
+                hf.head_dim,
+                hf.vocab_size,
+                if hf.tie_word_embeddings { "tied" } else { "untied" },
+                hf.rope_theta
+            );
             let (t, a) = peft_param_counts(&hf, cfg.num_classes, cfg.r, &cfg.target_modules);
             println!("{}", peft_param_line(t, a));
         }

@@ -274,7 +274,9 @@ impl Loader<'_> {
                     .ok()
                     .map(|t| t.to_device(self.opts.device))
             };
-            let q = Nf4Tensor::from_bnb_tensors(&get, name)
+            // bitsandbytes' tensors sit beside the weight: `<module>.weight`, `<module>.weight.absmax`, ...
+            let prefix = name.strip_suffix("weight").unwrap_or(name);
+            let q = Nf4Tensor::from_bnb_tensors(&get, prefix)
                 .with_context(|| format!("cannot read bitsandbytes 4-bit {}", self.where_(name)))?;
             if q.shape != [out, inp] {
                 bail!(

@@ -100,6 +100,12 @@ impl LlamaClassifier {
         })
     }
 
+    /// Sets the training step the next forward's dropout masks derive from; a resumed run
+    /// sets it to the checkpoint's step so it draws exactly what the uninterrupted run drew.
+    pub fn set_dropout_step(&self, step: u64) {
+        self.dropout_step.store(step, Ordering::Relaxed);
+    }
+
     fn uses_dropout(&self, train: bool) -> bool {
         train && self.opts.lora.as_ref().is_some_and(|l| l.dropout > 0.0)
     }
