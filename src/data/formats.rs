@@ -375,9 +375,12 @@ fn read_tsv(path: &Path) -> Result<Vec<Example>> {
     if s2.is_none() {
         missing.push("#2 String");
     }
-    let (Some(s1), Some(s2), false) = (s1, s2, !missing.is_empty()) else {
+    let (Some(s1), Some(s2)) = (s1, s2) else {
         return Err(missing_columns_error(path, &missing, &header));
     };
+    if !missing.is_empty() {
+        return Err(missing_columns_error(path, &missing, &header));
+    }
     let mut out = Vec::with_capacity(lines.len());
     for (i, raw) in lines.iter().enumerate().skip(1) {
         let line = strip_cr(raw);
