@@ -16,3 +16,4 @@ pub mod eval;
 pub mod metrics;
 pub mod train;
 pub mod plot;
+pub mod dist;
