@@ -374,7 +374,8 @@ int qd_init(const char* master_addr, int port, int rank, int world_size, int loc
   g->world = world_size;
   g->local_rank = local_rank;
   g->timeout = milliseconds(timeout_ms);
-  const char* stage = "connecting to the TCPStore";
+  const char* stage = rank == 0 ? "starting the TCPStore server"
+                                 : "connecting to the TCPStore hosted by rank 0 (is it running?)";
   try {
     c10d::TCPStoreOptions so;
     so.port = static_cast<uint16_t>(port);
