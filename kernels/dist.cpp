@@ -259,6 +259,20 @@ struct qd_group {
   std::thread heartbeat, watchdog;
   bool broken = false;
   std::string broken_msg;
+
+  // Only reached with live threads when qd_init fails half-way; qd_destroy joins or detaches
+  // them itself. A joinable std::thread must never be destroyed (std::terminate).
+  ~qd_group() {
+    if (mon) {
+      {
+        std::lock_guard<std::mutex> lk(mon->stop_mu);
+        mon->stop.store(true);
+      }
+      mon->stop_cv.notify_all();
+    }
+    if (heartbeat.joinable()) heartbeat.join();
+    if (watchdog.joinable()) watchdog.join();
+  }
 };
 
 namespace {
