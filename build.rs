@@ -133,10 +133,7 @@ fn main() {
         let cuda_root = nvcc.parent().unwrap().parent().unwrap().to_path_buf();
         let mut objs = Vec::new();
         for f in &cu {
-            let obj = out_dir.join(format!(
-                "{}.o",
-                f.file_stem().unwrap().to_string_lossy()
-            ));
+            let obj = out_dir.join(format!("{}.o", f.file_stem().unwrap().to_string_lossy()));
             let status = Command::new(&nvcc)
                 .args(["-c", "-O3", "-std=c++17", "--expt-relaxed-constexpr"])
                 .args(["-gencode", "arch=compute_80,code=sm_80"])

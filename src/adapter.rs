@@ -113,7 +113,8 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
         .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
-        let kind = dtype_to_kind(view.dtype()).with_context(|| format!("{}: {name}", path.display()))?;
+        let kind =
+            dtype_to_kind(view.dtype()).with_context(|| format!("{}: {name}", path.display()))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         let t = Tensor::from_data_size(view.data(), &shape, kind);
         out.insert(name, t);
@@ -139,16 +140,23 @@ pub struct AdapterMeta {
 
 pub fn read_meta(dir: &Path) -> Result<AdapterMeta> {
     let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {} (is this a PEFT adapter folder?)", path.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot read {} (is this a PEFT adapter folder?)",
+            path.display()
+        )
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
     let r = v["r"]
         .as_i64()
         .with_context(|| format!("{}: key `r` missing or not an integer", path.display()))?;
-    let lora_alpha = v["lora_alpha"]
-        .as_f64()
-        .with_context(|| format!("{}: key `lora_alpha` missing or not a number", path.display()))?;
+    let lora_alpha = v["lora_alpha"].as_f64().with_context(|| {
+        format!(
+            "{}: key `lora_alpha` missing or not a number",
+            path.display()
+        )
+    })?;
     let target_modules = match &v["target_modules"] {
         serde_json::Value::Array(a) => a
             .iter()

@@ -62,6 +62,8 @@ pub struct Config {
     pub on_nonfinite: String,
     // Runtime
     pub device: String,
+    /// Seconds a collective may wait for the other ranks before the run stops, naming the lost rank.
+    pub dist_timeout_s: u64,
     pub log_every: usize,
 }
 
@@ -105,6 +107,7 @@ impl Default for Config {
             resume: None,
             on_nonfinite: "stop".into(),
             device: "auto".into(),
+            dist_timeout_s: 300,
             log_every: 10,
         }
     }
@@ -219,9 +222,7 @@ fn yaml_scalar(key: &str, text: &str) -> Value {
     // Paths and prompts stay strings even when they look like numbers or booleans.
     match key {
         "prompt" | "model_dir" | "tokenizer_dir" | "data_dir" | "results_path" | "task"
-        | "resume" => {
-            Value::String(text.to_string())
-        }
+        | "resume" => Value::String(text.to_string()),
         "target_modules" => Value::Sequence(
             text.split(',')
                 .map(|s| Value::String(s.trim().to_string()))
@@ -309,12 +310,16 @@ impl Config {
     }
 
     fn validate(&self, o: &Origins) -> Result<()> {
-        let err = |key: &str, msg: String| -> Result<()> { bail!("{}: key `{key}`: {msg}", o.of(key)) };
+        let err =
+            |key: &str, msg: String| -> Result<()> { bail!("{}: key `{key}`: {msg}", o.of(key)) };
         if self.r <= 0 {
             err("r", format!("LoRA rank must be positive, got {}", self.r))?;
         }
         if !(self.lora_alpha > 0.0) {
-            err("lora_alpha", format!("must be positive, got {}", self.lora_alpha))?;
+            err(
+                "lora_alpha",
+                format!("must be positive, got {}", self.lora_alpha),
+            )?;
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             err(
@@ -360,6 +365,9 @@ impl Config {
                 "on_nonfinite",
                 format!("`{}` is not one of stop, skip", self.on_nonfinite),
             )?;
+        }
+        if self.dist_timeout_s == 0 {
+            err("dist_timeout_s", "must be at least 1".into())?;
         }
         if self.log_every == 0 {
             err("log_every", "must be at least 1".into())?;
@@ -421,15 +429,27 @@ impl Config {
         if self.task != "mrpc" {
             err(
                 "task",
-                format!("only `mrpc` (sentence-pair classification) is supported, got `{}`", self.task),
+                format!(
+                    "only `mrpc` (sentence-pair classification) is supported, got `{}`",
+                    self.task
+                ),
             )?;
         }
         if let Err(e) = crate::data::prompt::resolve_prompt(&self.prompt) {
             err("prompt", format!("{e:#}"))?;
         }
         let dev = self.device.as_str();
-        if !(dev == "auto" || dev == "cpu" || dev == "cuda" || dev.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok())) {
-            err("device", format!("`{dev}` is not auto, cpu, cuda or cuda:N"))?;
+        if !(dev == "auto"
+            || dev == "cpu"
+            || dev == "cuda"
+            || dev
+                .strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<usize>().is_ok()))
+        {
+            err(
+                "device",
+                format!("`{dev}` is not auto, cpu, cuda or cuda:N"),
+            )?;
         }
         for (key, dir) in [
             ("model_dir", &self.model_dir),

@@ -11,7 +11,11 @@ every key of it is also a flag of the same name (`--batch_size 16`, `--batch-siz
 `--load_in_4bit false`); flags win over the file. See README.md for every key.";
 
 #[derive(Parser)]
-#[command(name = "qlora-cls", version, about = "QLoRA fine-tuning of Llama sequence classifiers on libtorch")]
+#[command(
+    name = "qlora-cls",
+    version,
+    about = "QLoRA fine-tuning of Llama sequence classifiers on libtorch"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -114,12 +118,17 @@ fn run() -> Result<()> {
                 cfg.eval_batch_size,
                 loaded.encoder.pad_id(),
                 loaded.device,
+                None,
             )?;
             let (acc, f1) = (
-                r.accuracy.context(format!("split `{split}` has no labels: use `predict`"))?,
+                r.accuracy
+                    .context(format!("split `{split}` has no labels: use `predict`"))?,
                 r.f1.unwrap_or(0.0),
             );
-            println!("{split}: accuracy {acc:.4} f1 {f1:.4} ({} examples)", data.len());
+            println!(
+                "{split}: accuracy {acc:.4} f1 {f1:.4} ({} examples)",
+                data.len()
+            );
             let out = adapter.join(format!("eval-{split}.json"));
             runio::write_json(
                 &out,
@@ -143,6 +152,7 @@ fn run() -> Result<()> {
                 cfg.eval_batch_size,
                 loaded.encoder.pad_id(),
                 loaded.device,
+                None,
             )?;
             let mut text = String::from("index,prediction");
             for c in 0..cfg.num_classes {

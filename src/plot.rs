@@ -19,7 +19,8 @@ pub struct RunData {
 }
 
 fn read_csv(path: &Path) -> Result<Vec<Vec<String>>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     Ok(text
         .lines()
         .skip(1)
@@ -55,7 +56,11 @@ pub fn read_runs(runs: &Path) -> Result<Vec<RunData>> {
             if r.get(2).is_some_and(|s| s.is_empty()) {
                 continue; // unlabelled split
             }
-            evals.push((num(&ev_path, i, r.first())?, num(&ev_path, i, r.get(2))?, num(&ev_path, i, r.get(3))?));
+            evals.push((
+                num(&ev_path, i, r.first())?,
+                num(&ev_path, i, r.get(2))?,
+                num(&ev_path, i, r.get(3))?,
+            ));
         }
         let m_path = d.join("metrics.csv");
         let mut loss = Vec::new();
@@ -65,7 +70,10 @@ pub fn read_runs(runs: &Path) -> Result<Vec<RunData>> {
             }
         }
         out.push(RunData {
-            name: d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            name: d
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             prompt,
             loss,
             evals,
@@ -132,10 +140,15 @@ where
         let color = Palette99::pick(i).to_rgba();
         let window = (r.loss.len() / 50).max(1);
         chart
-            .draw_series(LineSeries::new(smooth(&r.loss, window), color.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                smooth(&r.loss, window),
+                color.stroke_width(2),
+            ))
             .map_err(|e| anyhow::anyhow!("{e:?}"))?
             .label(format!("{} ({})", r.name, r.prompt))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
     }
     chart
         .configure_series_labels()
@@ -189,7 +202,9 @@ where
             .draw_series(LineSeries::new(series, color.stroke_width(2)))
             .map_err(|e| anyhow::anyhow!("{e:?}"))?
             .label(label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
         chart
             .draw_series(pts.iter().map(|p| Circle::new(*p, 3, color.filled())))
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -218,7 +233,11 @@ pub fn results_table(runs: &[RunData]) -> String {
         s.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} |\n",
             r.name,
-            if r.prompt.is_empty() { "(none)" } else { &r.prompt },
+            if r.prompt.is_empty() {
+                "(none)"
+            } else {
+                &r.prompt
+            },
             f(before),
             f(last.map(|e| e.1)),
             f(last.map(|e| e.2)),
@@ -241,7 +260,8 @@ fn register_font() -> Result<()> {
         .map(PathBuf::from)
         .or_else(|| FONT_PATHS.iter().map(PathBuf::from).find(|p| p.is_file()))
         .context("no TrueType font found for the PNG text (install fonts-dejavu-core or set QLORA_FONT=/path/font.ttf)")?;
-    let bytes = std::fs::read(&path).with_context(|| format!("cannot read font {}", path.display()))?;
+    let bytes =
+        std::fs::read(&path).with_context(|| format!("cannot read font {}", path.display()))?;
     let leaked: &'static [u8] = Box::leak(bytes.into_boxed_slice());
     plotters::style::register_font("sans-serif", FontStyle::Normal, leaked)
         .map_err(|_| anyhow::anyhow!("{} is not a usable TrueType font", path.display()))?;
@@ -254,7 +274,11 @@ enum Chart {
     Accuracy,
 }
 
-fn draw<DB: DrawingBackend>(which: Chart, area: &DrawingArea<DB, Shift>, runs: &[RunData]) -> Result<()>
+fn draw<DB: DrawingBackend>(
+    which: Chart,
+    area: &DrawingArea<DB, Shift>,
+    runs: &[RunData],
+) -> Result<()>
 where
     DB::ErrorType: 'static,
 {

@@ -56,7 +56,11 @@ pub fn save(
     let root = run.join(DIR);
     std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
     let final_dir = step_dir(run, state.step);
-    let tmp = root.join(format!(".tmp-step-{:08}-{}", state.step, std::process::id()));
+    let tmp = root.join(format!(
+        ".tmp-step-{:08}-{}",
+        state.step,
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&tmp);
     let write = || -> Result<()> {
         std::fs::create_dir_all(&tmp)?;
@@ -97,7 +101,10 @@ pub fn list(run: &Path) -> Result<Vec<(usize, PathBuf)>> {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(n) = name.strip_prefix("step-").and_then(|s| s.parse::<usize>().ok()) {
+        if let Some(n) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<usize>().ok())
+        {
             if e.path().join(STATE).is_file() {
                 out.push((n, e.path()));
             }
@@ -114,8 +121,12 @@ pub fn latest(run: &Path) -> Result<Option<PathBuf>> {
 
 pub fn load(dir: &Path) -> Result<Checkpoint> {
     let state_path = dir.join(STATE);
-    let text = std::fs::read_to_string(&state_path)
-        .with_context(|| format!("cannot read {} (not a checkpoint folder?)", state_path.display()))?;
+    let text = std::fs::read_to_string(&state_path).with_context(|| {
+        format!(
+            "cannot read {} (not a checkpoint folder?)",
+            state_path.display()
+        )
+    })?;
     let state: TrainState = serde_json::from_str(&text)
         .with_context(|| format!("{}: not a valid checkpoint state", state_path.display()))?;
     let trainable = adapter::read_safetensors(&dir.join(WEIGHTS))?;
@@ -140,7 +151,10 @@ pub fn resolve(run: &Path, resume: &str) -> Result<Option<PathBuf>> {
         path => {
             let p = PathBuf::from(path);
             if !p.join(STATE).is_file() {
-                bail!("--resume {path}: no checkpoint there (expected {})", p.join(STATE).display());
+                bail!(
+                    "--resume {path}: no checkpoint there (expected {})",
+                    p.join(STATE).display()
+                );
             }
             Ok(Some(p))
         }

@@ -4,6 +4,7 @@ use crate::adapter;
 use crate::config::Config;
 use crate::data::batch::{collate, encode_examples, epoch_batches, Encoded, TextEncoder};
 use crate::data::{formats, prompt};
+use crate::dist::{self, Dist};
 use crate::eval::{self, EvalResult};
 use crate::lora::LoraConfig;
 use crate::metrics::CsvLog;
@@ -12,16 +13,16 @@ use crate::model::hf_config::peft_param_line;
 use crate::optim::adamw8bit::{AdamW32, AdamW8bit, AdamWConfig, Optimizer};
 use crate::optim::schedule;
 use crate::quant::nf4::Nf4Options;
+use crate::resume::{self, TrainState};
 use crate::runio;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use std::io::Write;
-use crate::resume::{self, TrainState};
 use signal_hook::consts::{SIGINT, SIGTERM};
+use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 pub const METRICS_HEADER: [&str; 8] = [
@@ -65,8 +66,7 @@ pub fn model_options(cfg: &Config, device: Device, pad_id: i64) -> ModelOptions 
 }
 
 /// Loads the tokenizer and the (quantized) model with fresh LoRA adapters and head.
-pub fn load_model(cfg: &Config) -> Result<Loaded> {
-    let device = cfg.device();
+pub fn load_model(cfg: &Config, device: Device) -> Result<Loaded> {
     let encoder = TextEncoder::from_dir(cfg.tokenizer_dir()?, cfg.max_length)?;
     let model_dir = cfg.model_dir()?;
     let model = LlamaClassifier::load(model_dir, &model_options(cfg, device, encoder.pad_id()))
@@ -92,7 +92,11 @@ pub fn load_model(cfg: &Config) -> Result<Loaded> {
 pub fn load_split(cfg: &Config, encoder: &TextEncoder, split: &str) -> Result<Vec<Encoded>> {
     let dir = cfg.data_dir()?;
     let examples = formats::load_split(dir, split)?;
-    formats::check_labels(&examples, cfg.num_classes as usize, &format!("{} ({split})", dir.display()))?;
+    formats::check_labels(
+        &examples,
+        cfg.num_classes as usize,
+        &format!("{} ({split})", dir.display()),
+    )?;
     let text = prompt::resolve_prompt(&cfg.prompt)?;
     encode_examples(encoder, &examples, &text)
 }
@@ -146,7 +150,11 @@ fn grad_norm(params: &[Tensor], max_norm: Option<f64>) -> f64 {
     for p in params {
         let g = p.grad();
         if g.defined() {
-            sq += g.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]);
+            sq += g
+                .to_kind(Kind::Double)
+                .square()
+                .sum(Kind::Double)
+                .double_value(&[]);
         }
     }
     let norm = sq.sqrt();
@@ -178,6 +186,7 @@ pub struct Summary {
     pub tokens_per_s: f64,
     pub trainable_params: u64,
     pub all_params: u64,
+    pub world_size: usize,
 }
 
 fn eval_json(r: &EvalResult) -> serde_json::Value {
@@ -195,16 +204,42 @@ fn install_signal_flag() -> Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
+/// Prints on the main rank only (the others stay quiet, as accelerate's main process does).
+macro_rules! say {
+    ($main:expr, $($arg:tt)*) => {
+        if $main {
+            println!($($arg)*);
+        }
+    };
+}
+
 pub fn train(cfg: &Config) -> Result<Summary> {
     let start = Instant::now();
     tch::manual_seed(cfg.seed as i64);
+    // Data parallelism when a launcher set RANK/WORLD_SIZE (torchrun, scripts/launch.sh, srun).
+    let dist = Dist::from_env(Duration::from_secs(cfg.dist_timeout_s))?;
+    let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.rank, d.world_size));
+    let main = rank == 0;
+    let device = match &dist {
+        Some(d) if cfg.device == "auto" => d.device(),
+        _ => cfg.device(),
+    };
+
     let run = cfg.results_path.clone();
-    std::fs::create_dir_all(&run)
-        .with_context(|| format!("cannot create the run folder {}", run.display()))?;
-    runio::write_json(&run.join("config.json"), cfg)
-        .with_context(|| format!("the run folder {} is not writable", run.display()))?;
-    runio::write_json(&run.join("quant_config.json"), &adapter::quant_config_json(cfg))?;
-    runio::write_json(&run.join("lora_config.json"), &adapter::lora_config_json(cfg))?;
+    if main {
+        std::fs::create_dir_all(&run)
+            .with_context(|| format!("cannot create the run folder {}", run.display()))?;
+        runio::write_json(&run.join("config.json"), cfg)
+            .with_context(|| format!("the run folder {} is not writable", run.display()))?;
+        runio::write_json(
+            &run.join("quant_config.json"),
+            &adapter::quant_config_json(cfg),
+        )?;
+        runio::write_json(
+            &run.join("lora_config.json"),
+            &adapter::lora_config_json(cfg),
+        )?;
+    }
     let resume_from = resume::resolve(&run, cfg.resume.as_deref().unwrap_or(""))?;
 
     // Data and model.
@@ -212,14 +247,15 @@ pub fn train(cfg: &Config) -> Result<Summary> {
         mut model,
         encoder,
         device,
-    } = load_model(cfg)?;
+    } = load_model(cfg, device)?;
     let pad = encoder.pad_id();
     let train_set = load_split(cfg, &encoder, &cfg.train_splits)?;
     let eval_set = load_split(cfg, &encoder, &cfg.eval_split)?;
     let (trainable, all) = model.param_counts();
-    println!("{}", peft_param_line(trainable, all));
-    println!(
-        "data: {} training examples ({}), {} evaluation examples ({}), prompt {:?}, device {:?}, compute {:?}",
+    say!(main, "{}", peft_param_line(trainable, all));
+    say!(
+        main,
+        "data: {} training examples ({}), {} evaluation examples ({}), prompt {:?}; device {:?} x {world} rank(s), compute {:?}",
         train_set.len(),
         cfg.train_splits,
         eval_set.len(),
@@ -235,6 +271,13 @@ pub fn train(cfg: &Config) -> Result<Summary> {
         .into_iter()
         .map(|(_, t)| t)
         .collect();
+    if let Some(d) = &dist {
+        // Every rank starts from rank 0's LoRA and head, and has gradients to all-reduce even
+        // when its part of a batch is empty.
+        d.broadcast(&params, 0)?;
+        let zero: Tensor = params.iter().map(|p| p.sum(Kind::Float) * 0.0).sum();
+        zero.backward();
+    }
     let opt_cfg = AdamWConfig {
         weight_decay: cfg.weight_decay,
         ..AdamWConfig::default()
@@ -243,12 +286,13 @@ pub fn train(cfg: &Config) -> Result<Summary> {
         "adamw" => Box::new(AdamW32::new(shallow(&params), opt_cfg)),
         _ => Box::new(AdamW8bit::new(shallow(&params), opt_cfg)),
     };
+    optimizer.zero_grad();
     let steps_per_epoch = train_set.len().div_ceil(cfg.batch_size);
     let planned = steps_per_epoch * cfg.epochs;
     let total_steps = cfg.max_steps.map_or(planned, |m| m.min(planned));
     let warmup = schedule::warmup_steps(planned, cfg.warmup_ratio);
 
-    // Where we start: fresh, or from a checkpoint.
+    // Where we start: fresh, or from a checkpoint (every rank reads it).
     let mut st = TrainState {
         step: 0,
         epochs_done: 0,
@@ -276,7 +320,8 @@ pub fn train(cfg: &Config) -> Result<Summary> {
             .load_state_tensors(&|n| ck.optimizer.get(n).map(|t| t.shallow_clone()))
             .with_context(|| format!("cannot restore the optimizer of {}", dir.display()))?;
         st = ck.state;
-        println!(
+        say!(
+            main,
             "resuming from {} (step {}, epoch {}, batch {})",
             dir.display(),
             st.step,
@@ -287,26 +332,52 @@ pub fn train(cfg: &Config) -> Result<Summary> {
     let resumed = resume_from.is_some();
     let keep_step = st.step;
     let keep_epochs = st.epochs_done;
-    let mut metrics = CsvLog::create(run.join("metrics.csv"), &METRICS_HEADER, |row| {
-        resumed && row.first().and_then(|s| s.parse::<usize>().ok()).is_some_and(|s| s <= keep_step)
-    })?;
-    let mut evals = CsvLog::create(run.join("eval.csv"), &EVAL_HEADER, |row| {
-        resumed && row.first().and_then(|s| s.parse::<usize>().ok()).is_some_and(|e| e <= keep_epochs)
-    })?;
+    let mut logs = if main {
+        let metrics = CsvLog::create(run.join("metrics.csv"), &METRICS_HEADER, |row| {
+            resumed
+                && row
+                    .first()
+                    .and_then(|s| s.parse::<usize>().ok())
+                    .is_some_and(|s| s <= keep_step)
+        })?;
+        let evals = CsvLog::create(run.join("eval.csv"), &EVAL_HEADER, |row| {
+            resumed
+                && row
+                    .first()
+                    .and_then(|s| s.parse::<usize>().ok())
+                    .is_some_and(|e| e <= keep_epochs)
+        })?;
+        Some((metrics, evals))
+    } else {
+        None
+    };
     let eval_split = cfg.eval_split.as_str();
     let stop = install_signal_flag()?;
+    let evaluate = |model: &LlamaClassifier| {
+        eval::evaluate(
+            model,
+            &eval_set,
+            cfg.eval_batch_size,
+            pad,
+            device,
+            dist.as_ref(),
+        )
+    };
 
     let mut baseline = None;
     let mut last_eval = None;
     if cfg.eval_before_training && !resumed {
-        let r = eval::evaluate(&model, &eval_set, cfg.eval_batch_size, pad, device)?;
-        println!(
+        let r = evaluate(&model)?;
+        say!(
+            main,
             "epoch 0 (before training): {eval_split} accuracy {} f1 {} (majority class {:.4})",
             opt_fmt(r.accuracy),
             opt_fmt(r.f1),
             eval::majority_fraction(&eval_set)
         );
-        log_eval(&mut evals, 0, eval_split, &r)?;
+        if let Some((_, evals)) = &mut logs {
+            log_eval(evals, 0, eval_split, &r)?;
+        }
         baseline = Some(eval_json(&r));
         last_eval = Some(r);
     }
@@ -336,20 +407,51 @@ pub fn train(cfg: &Config) -> Result<Summary> {
             if st.step >= total_steps {
                 break 'epochs;
             }
-            let items: Vec<&Encoded> = batch_idx.iter().map(|&i| &train_set[i]).collect();
-            let b = collate(&items, pad);
-            let labels = b
-                .labels
-                .as_ref()
-                .context("training examples must have labels")?
-                .to_device(device);
+            // accelerate's split_batches: this rank's contiguous part of the global batch.
+            let (part, weight) = dist::split_batch_weighted(batch_idx, rank, world);
             let lr = cfg.lr * schedule::linear_warmup_multiplier(st.step, warmup, planned);
             model.set_dropout_step(st.step as u64);
-            let (loss, _) = model.forward_backward(
-                &b.input_ids.to_device(device),
-                &b.attention_mask.to_device(device),
-                &labels,
-            )?;
+            let (mut loss, mut tokens) = (0.0, 0i64);
+            if !part.is_empty() {
+                let items: Vec<&Encoded> = part.iter().map(|&i| &train_set[i]).collect();
+                let b = collate(&items, pad);
+                let labels = b
+                    .labels
+                    .as_ref()
+                    .context("training examples must have labels")?
+                    .to_device(device);
+                (loss, _) = model.forward_backward(
+                    &b.input_ids.to_device(device),
+                    &b.attention_mask.to_device(device),
+                    &labels,
+                )?;
+                tokens = b.n_tokens;
+            }
+            let mut interrupted = stop.load(Ordering::SeqCst);
+            if let Some(d) = &dist {
+                // The part's mean gradient, weighted by the part's share of the global batch:
+                // the mean over ranks is then the global batch's mean gradient.
+                let scale = weight * world as f64;
+                let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).collect();
+                {
+                    let _g = tch::no_grad_guard();
+                    for g in &grads {
+                        let _ = g.shallow_clone().g_mul_scalar_(scale);
+                    }
+                }
+                d.all_reduce_mean(&grads)?;
+                // Loss, tokens and a stop request, summed over ranks in one small collective,
+                // so that every rank stops at the same step.
+                let stats = Tensor::from_slice(&[
+                    loss * weight,
+                    tokens as f64,
+                    f64::from(u8::from(interrupted)),
+                ])
+                .to_device(device);
+                d.all_reduce_sum(&stats)?;
+                let v = Vec::<f64>::try_from(&stats.to_device(Device::Cpu))?;
+                (loss, tokens, interrupted) = (v[0], v[1] as i64, v[2] > 0.0);
+            }
             let gnorm = grad_norm(&params, cfg.max_grad_norm);
             if !loss.is_finite() || !gnorm.is_finite() {
                 let what = format!(
@@ -357,15 +459,19 @@ pub fn train(cfg: &Config) -> Result<Summary> {
                     if loss.is_finite() { format!("gradient norm {gnorm}") } else { format!("loss {loss}") },
                     st.step + 1,
                     st.batch_in_epoch + 1,
-                    b.idx
+                    batch_idx.iter().map(|&i| train_set[i].idx).collect::<Vec<_>>()
                 );
                 if cfg.on_nonfinite == "skip" {
-                    eprintln!("\nwarning: {what}; step skipped (on_nonfinite: skip)");
+                    if main {
+                        eprintln!("\nwarning: {what}; step skipped (on_nonfinite: skip)");
+                    }
                     optimizer.zero_grad();
                     st.batch_in_epoch += 1;
                     continue;
                 }
-                metrics.flush()?;
+                if let Some((metrics, _)) = &logs {
+                    metrics.flush()?;
+                }
                 let last_good = resume::latest(&run)?
                     .map_or("none yet".to_string(), |p| p.display().to_string());
                 bail!(
@@ -377,81 +483,103 @@ pub fn train(cfg: &Config) -> Result<Summary> {
             optimizer.zero_grad();
             st.step += 1;
             st.batch_in_epoch += 1;
-            st.tokens_seen += b.n_tokens;
+            st.tokens_seen += tokens;
             unevaluated_steps = true;
 
             let session = session_start.elapsed().as_secs_f64();
             let tps = (st.tokens_seen - session_tokens_start) as f64 / session.max(1e-9);
-            metrics.row(&[
-                st.step.to_string(),
-                format!("{:.4}", st.step as f64 / steps_per_epoch as f64),
-                format!("{loss:.6}"),
-                format!("{lr:.6e}"),
-                format!("{gnorm:.6}"),
-                format!("{tps:.1}"),
-                format!("{:.3}", st.train_seconds + session),
-                peak_rss_bytes().to_string(),
-            ]);
-            let interrupted = stop.load(Ordering::SeqCst);
-            if st.step % cfg.log_every == 0 || st.step == total_steps || interrupted {
-                metrics.flush()?;
-                let done_here = (st.step - keep_step).max(1) as f64;
-                let eta = session / done_here * (total_steps - st.step) as f64;
-                print!(
-                    "\repoch {epoch}/{} step {}/{total_steps} loss {loss:.4} lr {lr:.2e} tok/s {tps:.0} eta {}   ",
-                    cfg.epochs,
-                    st.step,
-                    fmt_duration(eta)
-                );
-                let _ = std::io::stdout().flush();
+            if let Some((metrics, _)) = &mut logs {
+                metrics.row(&[
+                    st.step.to_string(),
+                    format!("{:.4}", st.step as f64 / steps_per_epoch as f64),
+                    format!("{loss:.6}"),
+                    format!("{lr:.6e}"),
+                    format!("{gnorm:.6}"),
+                    format!("{tps:.1}"),
+                    format!("{:.3}", st.train_seconds + session),
+                    peak_rss_bytes().to_string(),
+                ]);
+                if st.step % cfg.log_every == 0 || st.step == total_steps || interrupted {
+                    metrics.flush()?;
+                    let done_here = (st.step - keep_step).max(1) as f64;
+                    let eta = session / done_here * (total_steps - st.step) as f64;
+                    print!(
+                        "\repoch {epoch}/{} step {}/{total_steps} loss {loss:.4} lr {lr:.2e} tok/s {tps:.0} eta {}   ",
+                        cfg.epochs,
+                        st.step,
+                        fmt_duration(eta)
+                    );
+                    let _ = std::io::stdout().flush();
+                }
             }
             let periodic = cfg.checkpoint_every > 0 && st.step % cfg.checkpoint_every == 0;
             if periodic || interrupted {
                 let mut snap = st.clone();
                 snap.train_seconds += session_start.elapsed().as_secs_f64();
-                let dir = save_checkpoint(&snap, &model, optimizer.as_ref())?;
+                let saved = if main {
+                    Some(save_checkpoint(&snap, &model, optimizer.as_ref())?)
+                } else {
+                    None
+                };
                 if interrupted {
-                    println!();
-                    bail!(Interrupted(format!(
-                        "interrupted at step {}: checkpoint saved to {}; continue with --resume auto",
-                        st.step,
-                        dir.display()
-                    )));
+                    say!(main, "");
+                    bail!(Interrupted(match saved {
+                        Some(dir) => format!(
+                            "interrupted at step {}: checkpoint saved to {}; continue with --resume auto",
+                            st.step,
+                            dir.display()
+                        ),
+                        None => format!("rank {rank}: interrupted at step {} (rank 0 saved the checkpoint)", st.step),
+                    }));
                 }
             }
         }
-        metrics.flush()?;
-        println!();
-        let r = eval::evaluate(&model, &eval_set, cfg.eval_batch_size, pad, device)?;
-        println!(
+        say!(main, "");
+        let r = evaluate(&model)?;
+        say!(
+            main,
             "epoch {epoch}: {eval_split} accuracy {} f1 {} loss {}",
             opt_fmt(r.accuracy),
             opt_fmt(r.f1),
             opt_fmt(r.loss)
         );
-        log_eval(&mut evals, epoch, eval_split, &r)?;
         unevaluated_steps = false;
-        adapter::save(&run.join("adapter"), cfg, &model.trainable_parameters())?;
-        if let Some(acc) = r.accuracy {
-            if st.best_accuracy.is_none_or(|b| acc > b) {
-                st.best_accuracy = Some(acc);
-                adapter::save(&run.join("best_adapter"), cfg, &model.trainable_parameters())?;
-            }
+        let best = r
+            .accuracy
+            .is_some_and(|acc| st.best_accuracy.is_none_or(|b| acc > b));
+        if best {
+            st.best_accuracy = r.accuracy;
         }
         st.epochs_done = epoch;
         st.batch_in_epoch = 0;
-        let mut snap = st.clone();
-        snap.train_seconds += session_start.elapsed().as_secs_f64();
-        save_checkpoint(&snap, &model, optimizer.as_ref())?;
+        if let Some((metrics, evals)) = &mut logs {
+            metrics.flush()?;
+            log_eval(evals, epoch, eval_split, &r)?;
+            adapter::save(&run.join("adapter"), cfg, &model.trainable_parameters())?;
+            if best {
+                adapter::save(
+                    &run.join("best_adapter"),
+                    cfg,
+                    &model.trainable_parameters(),
+                )?;
+            }
+            let mut snap = st.clone();
+            snap.train_seconds += session_start.elapsed().as_secs_f64();
+            save_checkpoint(&snap, &model, optimizer.as_ref())?;
+        }
         last_eval = Some(r);
     }
     // A run cut short by max_steps in mid-epoch still evaluates the weights it ends with;
     // `max_steps: 0` is the untrained baseline alone.
     if unevaluated_steps {
-        let r = eval::evaluate(&model, &eval_set, cfg.eval_batch_size, pad, device)?;
-        let epoch = st.step as f64 / steps_per_epoch as f64;
-        log_eval(&mut evals, epoch.ceil() as usize, eval_split, &r)?;
-        adapter::save(&run.join("adapter"), cfg, &model.trainable_parameters())?;
+        say!(main, "");
+        let r = evaluate(&model)?;
+        if let Some((metrics, evals)) = &mut logs {
+            metrics.flush()?;
+            let epoch = st.step as f64 / steps_per_epoch as f64;
+            log_eval(evals, epoch.ceil() as usize, eval_split, &r)?;
+            adapter::save(&run.join("adapter"), cfg, &model.trainable_parameters())?;
+        }
         last_eval = Some(r);
     }
 
@@ -468,9 +596,15 @@ pub fn train(cfg: &Config) -> Result<Summary> {
         tokens_per_s: (st.tokens_seen - session_tokens_start) as f64 / session.max(1e-9),
         trainable_params: trainable,
         all_params: all,
+        world_size: world,
     };
-    runio::write_json(&run.join("summary.json"), &summary)?;
-    println!("run folder: {}", run.display());
+    if main {
+        runio::write_json(&run.join("summary.json"), &summary)?;
+        println!("run folder: {}", run.display());
+    }
+    if let Some(d) = &dist {
+        d.barrier()?;
+    }
     Ok(summary)
 }
 
@@ -500,7 +634,7 @@ pub fn load_with_adapter(cfg: &Config, adapter_dir: &Path) -> Result<Loaded> {
     cfg.r = meta.r;
     cfg.lora_alpha = meta.lora_alpha;
     cfg.target_modules = meta.target_modules;
-    let mut loaded = load_model(&cfg)?;
+    let mut loaded = load_model(&cfg, cfg.device())?;
     let weights_path = adapter_dir.join(adapter::WEIGHTS_FILE);
     let weights = adapter::read_safetensors(&weights_path)?;
     loaded
@@ -516,9 +650,14 @@ mod tests {
 
     #[test]
     fn hints_for_oom_and_full_disk() {
-        let oom = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.10 GiB total capacity)";
+        let oom =
+            "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.10 GiB total capacity)";
         assert!(error_hint(oom).unwrap().contains("batch_size"));
-        assert!(error_hint("write failed: No space left on device (os error 28)").unwrap().contains("disk is full"));
+        assert!(
+            error_hint("write failed: No space left on device (os error 28)")
+                .unwrap()
+                .contains("disk is full")
+        );
         assert!(error_hint("something else").is_none());
     }
 }

@@ -29,7 +29,10 @@ fn train_with(yaml: &str, flags: &[&str]) -> (i32, String) {
 fn assert_refused(yaml: &str, flags: &[&str], needles: &[&str]) {
     let (code, err) = train_with(yaml, flags);
     assert_ne!(code, 0, "expected failure for {yaml:?} {flags:?}");
-    assert!(!err.contains("panicked"), "panic instead of an error: {err}");
+    assert!(
+        !err.contains("panicked"),
+        "panic instead of an error: {err}"
+    );
     for n in needles {
         assert!(err.contains(n), "message {err:?} lacks {n:?}");
     }
@@ -37,12 +40,24 @@ fn assert_refused(yaml: &str, flags: &[&str], needles: &[&str]) {
 
 #[test]
 fn unknown_key_names_file_and_suggests() {
-    assert_refused("lora_alpah: 16\n", &[], &["bad.yaml", "unknown key `lora_alpah`", "did you mean `lora_alpha`"]);
+    assert_refused(
+        "lora_alpah: 16\n",
+        &[],
+        &[
+            "bad.yaml",
+            "unknown key `lora_alpah`",
+            "did you mean `lora_alpha`",
+        ],
+    );
 }
 
 #[test]
 fn unknown_flag_suggests() {
-    assert_refused("", &["--batch_sise", "4"], &["unknown flag `--batch_sise`", "--batch_size"]);
+    assert_refused(
+        "",
+        &["--batch_sise", "4"],
+        &["unknown flag `--batch_sise`", "--batch_size"],
+    );
 }
 
 #[test]
@@ -57,12 +72,28 @@ fn impossible_values() {
     assert_refused("lr: 0\n", &[], &["key `lr`", "positive"]);
     assert_refused("lr: -1e-4\n", &[], &["key `lr`"]);
     assert_refused("batch_size: 0\n", &[], &["key `batch_size`"]);
-    assert_refused("lora_dropout: 1.0\n", &[], &["key `lora_dropout`", "[0, 1)"]);
+    assert_refused(
+        "lora_dropout: 1.0\n",
+        &[],
+        &["key `lora_dropout`", "[0, 1)"],
+    );
     assert_refused("lora_dropout: -0.1\n", &[], &["key `lora_dropout`"]);
     assert_refused("epochs: 0\n", &[], &["key `epochs`"]);
-    assert_refused("bnb_4bit_compute_dtype: float8\n", &[], &["key `bnb_4bit_compute_dtype`"]);
-    assert_refused("bnb_4bit_quant_type: fp4\n", &[], &["key `bnb_4bit_quant_type`", "nf4"]);
-    assert_refused("target_modules: [q_prj]\n", &[], &["key `target_modules`", "q_proj"]);
+    assert_refused(
+        "bnb_4bit_compute_dtype: float8\n",
+        &[],
+        &["key `bnb_4bit_compute_dtype`"],
+    );
+    assert_refused(
+        "bnb_4bit_quant_type: fp4\n",
+        &[],
+        &["key `bnb_4bit_quant_type`", "nf4"],
+    );
+    assert_refused(
+        "target_modules: [q_prj]\n",
+        &[],
+        &["key `target_modules`", "q_proj"],
+    );
     assert_refused("optimizer: sgd\n", &[], &["key `optimizer`"]);
 }
 
@@ -70,18 +101,34 @@ fn impossible_values() {
 fn flags_are_named_in_errors_and_win_over_the_file() {
     // The file is fine; the flag is not.
     assert_refused("r: 8\n", &["--r", "0"], &["command line (--r)", "key `r`"]);
-    assert_refused("", &["--lora-dropout=2"], &["--lora_dropout", "key `lora_dropout`"]);
+    assert_refused(
+        "",
+        &["--lora-dropout=2"],
+        &["--lora_dropout", "key `lora_dropout`"],
+    );
 }
 
 #[test]
 fn unknown_prompt_name() {
-    assert_refused("prompt: perfekt\n", &[], &["key `prompt`", "perfekt", "perfect"]);
+    assert_refused(
+        "prompt: perfekt\n",
+        &[],
+        &["key `prompt`", "perfekt", "perfect"],
+    );
 }
 
 #[test]
 fn missing_dirs() {
-    assert_refused("model_dir: /nonexistent/model\n", &[], &["key `model_dir`", "/nonexistent/model"]);
-    assert_refused("", &["--data_dir", "/nonexistent/data"], &["key `data_dir`", "/nonexistent/data"]);
+    assert_refused(
+        "model_dir: /nonexistent/model\n",
+        &[],
+        &["key `model_dir`", "/nonexistent/model"],
+    );
+    assert_refused(
+        "",
+        &["--data_dir", "/nonexistent/data"],
+        &["key `data_dir`", "/nonexistent/data"],
+    );
 }
 
 #[test]
@@ -104,7 +151,11 @@ fn shipped_configs_are_valid() {
         // Dirs in the shipped configs may not exist yet; check everything else.
         let text: String = text
             .lines()
-            .filter(|l| !(l.starts_with("model_dir") || l.starts_with("tokenizer_dir") || l.starts_with("data_dir")))
+            .filter(|l| {
+                !(l.starts_with("model_dir")
+                    || l.starts_with("tokenizer_dir")
+                    || l.starts_with("data_dir"))
+            })
             .map(|l| format!("{l}\n"))
             .collect();
         let tmp = common::tempdir();

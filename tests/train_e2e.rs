@@ -9,7 +9,10 @@ fn bin() -> &'static str {
 }
 
 fn run_ok(args: &[&str]) -> String {
-    let out = Command::new(bin()).args(args).output().expect("run qlora-cls");
+    let out = Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run qlora-cls");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -70,13 +73,25 @@ fn demo_trains_evaluates_and_predicts() {
     let metrics = csv_rows(&run.join("metrics.csv"));
     assert_eq!(
         metrics[0],
-        ["step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "peak_mem_bytes"]
+        [
+            "step",
+            "epoch",
+            "loss",
+            "lr",
+            "grad_norm",
+            "tokens_per_s",
+            "elapsed_s",
+            "peak_mem_bytes"
+        ]
     );
     let losses: Vec<f64> = metrics[1..].iter().map(|r| r[2].parse().unwrap()).collect();
     let k = losses.len() / 5;
     let first: f64 = losses[..k].iter().sum::<f64>() / k as f64;
     let last: f64 = losses[losses.len() - k..].iter().sum::<f64>() / k as f64;
-    assert!(last < 0.6 * first, "loss did not fall: first fifth {first:.4}, last fifth {last:.4}");
+    assert!(
+        last < 0.6 * first,
+        "loss did not fall: first fifth {first:.4}, last fifth {last:.4}"
+    );
 
     let evals = csv_rows(&run.join("eval.csv"));
     assert_eq!(evals[0], ["epoch", "split", "accuracy", "f1", "loss"]);
@@ -85,8 +100,14 @@ fn demo_trains_evaluates_and_predicts() {
         serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
     let final_acc = *acc.last().unwrap();
     // The demo's dev split has about 68% positives, as MRPC.
-    assert!(final_acc > 0.9, "final accuracy {final_acc:.4}; curve {acc:?}");
-    assert!(final_acc > acc[0] + 0.15, "no climb from the baseline: {acc:?}");
+    assert!(
+        final_acc > 0.9,
+        "final accuracy {final_acc:.4}; curve {acc:?}"
+    );
+    assert!(
+        final_acc > acc[0] + 0.15,
+        "no climb from the baseline: {acc:?}"
+    );
     // eval.csv holds 6 decimals, summary.json the full value.
     let summary_acc = summary["final_eval"]["accuracy"].as_f64().unwrap();
     assert!((summary_acc - final_acc).abs() < 1e-6);
@@ -95,16 +116,39 @@ fn demo_trains_evaluates_and_predicts() {
     let adapter = run.join("adapter");
     let ad = adapter.to_str().unwrap();
     let out = run_ok(&[
-        "eval", "--config", cfg.to_str().unwrap(), "--adapter", ad, "--split", "validation",
-        "--model_dir", &model, "--data_dir", &data,
+        "eval",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--adapter",
+        ad,
+        "--split",
+        "validation",
+        "--model_dir",
+        &model,
+        "--data_dir",
+        &data,
     ]);
-    assert!(out.contains(&format!("accuracy {final_acc:.4}")), "{out} vs {final_acc}");
+    assert!(
+        out.contains(&format!("accuracy {final_acc:.4}")),
+        "{out} vs {final_acc}"
+    );
 
     // `predict` writes one row per test example (unlabelled GLUE-style test.tsv).
     let pred = tmp.path().join("pred.csv");
     run_ok(&[
-        "predict", "--config", cfg.to_str().unwrap(), "--adapter", ad, "--split", "test",
-        "--model_dir", &model, "--data_dir", &data, "--out", pred.to_str().unwrap(),
+        "predict",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--adapter",
+        ad,
+        "--split",
+        "test",
+        "--model_dir",
+        &model,
+        "--data_dir",
+        &data,
+        "--out",
+        pred.to_str().unwrap(),
     ]);
     let rows = csv_rows(&pred);
     assert_eq!(rows[0], ["index", "prediction", "prob_0", "prob_1"]);

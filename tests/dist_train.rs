@@ -1,0 +1,274 @@
+//! Data-parallel training on CPU with Gloo: 2 ranks equal 1 rank; a rank killed mid-epoch
+//! stops the others, named, within the timeout.
+mod common;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_qlora-cls")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn demo(dir: &Path) -> PathBuf {
+    let out = Command::new(bin())
+        .args(["demo-assets", "--out"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir.to_path_buf()
+}
+
+fn train_args(assets: &Path, run: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = vec!["train".into(), "--config".into()];
+    v.push(
+        common::root()
+            .join("configs/demo.yaml")
+            .display()
+            .to_string(),
+    );
+    for (k, p) in [
+        ("--model_dir", "model"),
+        ("--tokenizer_dir", "model"),
+        ("--data_dir", "data"),
+    ] {
+        v.push(k.into());
+        v.push(assets.join(p).display().to_string());
+    }
+    v.push("--results_path".into());
+    v.push(run.display().to_string());
+    // Dropout off: ranks see different sub-batches, so their dropout masks cannot match a
+    // single process's; everything else must.
+    for a in ["--lora_dropout", "0", "--eval_batch_size", "64"]
+        .iter()
+        .chain(extra)
+    {
+        v.push(a.to_string());
+    }
+    v
+}
+
+fn rank(args: &[String], r: usize, world: usize, port: u16) -> Child {
+    Command::new(bin())
+        .args(args)
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env("RANK", r.to_string())
+        .env("LOCAL_RANK", r.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn eval_rows(run: &Path) -> Vec<Vec<String>> {
+    std::fs::read_to_string(run.join("eval.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect()
+}
+
+#[test]
+fn two_ranks_equal_one_rank() {
+    let tmp = common::tempdir();
+    let assets = demo(&tmp.path().join("assets"));
+    let extra = ["--max_steps", "40"];
+    let one = tmp.path().join("one");
+    let out = Command::new(bin())
+        .args(train_args(&assets, &one, &extra))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let two = tmp.path().join("two");
+    let port = free_port();
+    let args = train_args(&assets, &two, &extra);
+    let ranks: Vec<Child> = (0..2).map(|r| rank(&args, r, 2, port)).collect();
+    for (r, c) in ranks.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "rank {r}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let summary = std::fs::read_to_string(two.join("summary.json")).unwrap();
+    assert!(summary.contains("\"world_size\": 2"), "{summary}");
+
+    let a = qlora_cls::adapter::read_safetensors(&one.join("adapter/adapter_model.safetensors"))
+        .unwrap();
+    let b = qlora_cls::adapter::read_safetensors(&two.join("adapter/adapter_model.safetensors"))
+        .unwrap();
+    assert_eq!(a.len(), b.len());
+    let mut worst = 0.0f64;
+    for (k, t) in &a {
+        let d = (t - &b[k]).abs().max().double_value(&[]);
+        worst = worst.max(d);
+    }
+    assert!(worst < 1e-5, "2 ranks vs 1: max |Δw| = {worst:e}");
+
+    let (e1, e2) = (eval_rows(&one), eval_rows(&two));
+    assert_eq!(e1.len(), e2.len());
+    for (x, y) in e1.iter().zip(&e2) {
+        assert_eq!(x[..4], y[..4], "accuracy/F1 differ: {x:?} vs {y:?}");
+        let (l1, l2): (f64, f64) = (x[4].parse().unwrap(), y[4].parse().unwrap());
+        assert!((l1 - l2).abs() < 1e-5, "{x:?} vs {y:?}");
+    }
+}
+
+#[test]
+fn killing_a_rank_stops_the_others_naming_it() {
+    let tmp = common::tempdir();
+    let assets = demo(&tmp.path().join("assets"));
+    let run = tmp.path().join("run");
+    let args = train_args(
+        &assets,
+        &run,
+        &["--dist_timeout_s", "10", "--log_every", "1"],
+    );
+    let port = free_port();
+    let mut r0 = rank(&args, 0, 2, port);
+    let mut r1 = rank(&args, 1, 2, port);
+    // Wait until training steps are being logged (mid-epoch), then SIGKILL rank 1.
+    let t = Instant::now();
+    loop {
+        let rows =
+            std::fs::read_to_string(run.join("metrics.csv")).map_or(0, |s| s.lines().count());
+        if rows > 5 {
+            break;
+        }
+        assert!(r0.try_wait().unwrap().is_none(), "rank 0 ended early");
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "no training steps logged"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    r1.kill().unwrap();
+    let _ = r1.wait();
+    let killed = Instant::now();
+    let out = loop {
+        if r0.try_wait().unwrap().is_some() {
+            break r0.wait_with_output().unwrap();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(40),
+            "rank 0 still running 40 s after rank 1 died"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let waited = killed.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "rank 0 exited 0");
+    assert!(
+        err.contains("rank 1"),
+        "message does not name rank 1: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    // The configured timeout is 10 s; allow the detection period and exit on top.
+    assert!(waited < Duration::from_secs(25), "took {waited:?}");
+}
+
+#[test]
+fn launcher_exits_non_zero_when_a_rank_dies() {
+    let tmp = common::tempdir();
+    let assets = demo(&tmp.path().join("assets"));
+    let run = tmp.path().join("run");
+    let args = train_args(
+        &assets,
+        &run,
+        &["--dist_timeout_s", "10", "--log_every", "1"],
+    );
+    let mut launcher = Command::new("bash")
+        .arg(common::root().join("scripts/launch.sh"))
+        .args([
+            "--nproc",
+            "2",
+            "--master-port",
+            &free_port().to_string(),
+            "--",
+            bin(),
+        ])
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let rows =
+            std::fs::read_to_string(run.join("metrics.csv")).map_or(0, |s| s.lines().count());
+        if rows > 5 {
+            break;
+        }
+        assert!(
+            launcher.try_wait().unwrap().is_none(),
+            "launcher ended early"
+        );
+        assert!(t.elapsed() < Duration::from_secs(300));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Find the rank with RANK=1 among the launcher's descendants and SIGKILL it.
+    let victim = find_rank_pid(1, &run.display().to_string()).expect("rank 1 process");
+    Command::new("kill")
+        .args(["-KILL", &victim.to_string()])
+        .status()
+        .unwrap();
+    let killed = Instant::now();
+    let out = loop {
+        if launcher.try_wait().unwrap().is_some() {
+            break launcher.wait_with_output().unwrap();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "launcher still running"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("rank 1"), "{err}");
+}
+
+/// The pid of the qlora-cls process with RANK=<r> whose command line names `run` (the
+/// test's own run folder, unique to it).
+fn find_rank_pid(r: usize, run: &str) -> Option<u32> {
+    let me = bin();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        if !cmd.starts_with(me) || !cmd.contains(run) {
+            continue;
+        }
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let env = String::from_utf8_lossy(&env);
+        if env.split('\0').any(|kv| kv == format!("RANK={r}")) {
+            return Some(pid);
+        }
+    }
+    None
+}
