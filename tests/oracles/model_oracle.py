@@ -123,28 +123,6 @@ def bnb_config():
                               bnb_4bit_compute_dtype=torch.float32)
 
 
-def cuda_like_absmax_quantization():
-    """bitsandbytes' CPU kernel for the 8-bit blockwise quantisation of the absmax values
-    (double quant) picks a neighbour of the nearest code entry for values close to a
-    midpoint; its CUDA kernel picks the nearest. The reference follows CUDA, where the
-    trainer runs: scale by the reciprocal block absmax, nearest entry."""
-    from bitsandbytes import functional as F
-
-    def quantize_blockwise(A, code=None, absmax=None, out=None, blocksize=4096, nested=False):
-        assert absmax is None and out is None and not nested
-        code = F.create_dynamic_map() if code is None else code
-        flat = A.reshape(-1).float()
-        n = flat.numel()
-        nb = -(-n // blocksize)
-        blocks = torch.nn.functional.pad(flat, (0, nb * blocksize - n)).reshape(nb, blocksize)
-        am = blocks.abs().max(-1)[0]
-        scaled = (blocks * (1.0 / am.clamp(min=1e-38)).view(-1, 1)).clamp(-1, 1).reshape(-1)[:n]
-        q = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2).to(torch.uint8).reshape(A.shape)
-        return q, F.QuantState(absmax=am, code=code.clone(), blocksize=blocksize, dtype=A.dtype)
-
-    F.quantize_blockwise = quantize_blockwise
-
-
 def peft_line(model):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -206,7 +184,6 @@ def fixtures(out):
     expected["inv_freq_llama31"] = inv31.float().contiguous()
 
     # bitsandbytes 4-bit NF4 (double quant), fp32 compute.
-    cuda_like_absmax_quantization()
     m4 = seq_cls(os.path.join(out, "gqa"), score, quantization_config=bnb_config(), device_map="cpu")
     # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for inference and multiplies
     # in bf16; everywhere else (CUDA included) it dequantises and multiplies in the compute
