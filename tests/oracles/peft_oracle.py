@@ -1,0 +1,304 @@
+"""Oracle for tests/peft_parity.rs: the reference training stack (transformers
+LlamaForSequenceClassification + PEFT LoRA + bitsandbytes AdamW8bit + transformers' linear
+warmup schedule, optionally on a bitsandbytes 4-bit NF4 base) on a tiny random Llama, and
+PEFT loading the adapters we write.
+
+usage: peft_oracle.py setup OUT_DIR
+       peft_oracle.py load OUT_DIR ADAPTER_DIR
+
+setup writes under OUT_DIR:
+  base/                   tiny random Llama (fp32 LlamaForCausalLM.save_pretrained) with a
+                          word-level tokenizer.json whose eos (= pad) token `</s>` has id PAD
+  inputs.safetensors      b{k}_ids, b{k}_mask, b{k}_labels (k < STEPS; right padding with PAD),
+                          eval_ids, eval_mask, eval_labels
+  init.safetensors        the initial LoRA A, B (B non-zero) and score head, PEFT key names
+  ref_{fp32,nf4}.safetensors   per step s: s{s}.loss, s{s}.lr (f64), s{s}.logits,
+                          s{s}.grad.<key> (before the update), s{s}.param.<key>, s{s}.m.<key>,
+                          s{s}.v.<key> (after it; the 8-bit states dequantized by bitsandbytes),
+                          for the 8-bit tensors also bitsandbytes' raw s{s}.state1.<key>,
+                          state2 (uint8 codes), absmax1, absmax2; eval_logits (after 2 steps)
+  peft_adapter_{fp32,nf4}/  model.save_pretrained after 2 steps (PEFT's own adapter layout)
+  facts.json              lr, warmup, total, steps, PEFT's trainable-parameter line (4-bit),
+                          LoraConfig's field names
+load reads ADAPTER_DIR (what our trainer saved), loads it with
+`PeftModel.from_pretrained(fp32 base, ADAPTER_DIR)` and writes OUT_DIR/load.json (warnings,
+those that loading PEFT's own adapter gives, key sets, the config PEFT parsed) and OUT_DIR/load.safetensors (eval_logits).
+"""
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import warnings
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model_oracle import bnb_config, peft_key, peft_line, randomize
+
+PAD = 2
+NUM_LABELS = 2
+STEPS = 3
+TOTAL = 4
+WARMUP_RATIO = 0.06
+LR = 2e-3
+R, ALPHA = 8, 16
+TARGETS = ["q_proj", "v_proj"]
+
+
+def tiny_config():
+    from transformers import LlamaConfig
+
+    # hidden 512 and r = 8: lora_A of q/v and lora_B of q_proj have 8 * 512 = 4096 elements,
+    # bitsandbytes' min_8bit_size, so they take the 8-bit blockwise path; v's lora_B
+    # ([256, 8]) and the score head ([2, 512]) take the 32-bit one.
+    return LlamaConfig(
+        vocab_size=128, hidden_size=512, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1,
+        eos_token_id=PAD, initializer_range=0.02,
+    )
+
+
+def write_tokenizer(d):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": PAD, "<sep>": 3}
+    vocab.update({f"w{i}": i for i in range(4, 128)})
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    tok.save(os.path.join(d, "tokenizer.json"))
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"}, f)
+
+
+def padded(gen, lengths, t, vocab):
+    ids = torch.full((len(lengths), t), PAD, dtype=torch.long)
+    mask = torch.zeros(len(lengths), t, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        ids[r, :n] = torch.randint(4, vocab, (n,), generator=gen)
+        mask[r, :n] = 1
+    return ids, mask
+
+
+def make_inputs(gen, vocab):
+    out = {}
+    shapes = [[11, 6, 11, 3], [9, 9, 2, 7], [12, 5, 8, 10]]
+    labels = [[0, 1, 1, 0], [1, 0, 0, 1], [1, 1, 0, 0]]
+    for k in range(STEPS):
+        lens = shapes[k]
+        out[f"b{k}_ids"], out[f"b{k}_mask"] = padded(gen, lens, max(lens), vocab)
+        out[f"b{k}_labels"] = torch.tensor(labels[k])
+    lens = [10, 4, 1, 7, 10, 6]
+    out["eval_ids"], out["eval_mask"] = padded(gen, lens, max(lens), vocab)
+    out["eval_labels"] = torch.tensor([1, 0, 1, 1, 0, 0])
+    return out
+
+
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(task_type="SEQ_CLS", r=R, lora_alpha=ALPHA, lora_dropout=0.0,
+                      target_modules=TARGETS, modules_to_save=["score"])
+
+
+def base_model(out, nf4):
+    from transformers import LlamaForSequenceClassification
+
+    kw = dict(num_labels=NUM_LABELS, pad_token_id=PAD, dtype=torch.float32)
+    if nf4:
+        kw.update(quantization_config=bnb_config(), device_map="cpu")
+    torch.manual_seed(0)
+    m = LlamaForSequenceClassification.from_pretrained(os.path.join(out, "base"), **kw)
+    if nf4:
+        import bitsandbytes as bnb
+
+        # As in model_oracle: the reference dequantises and multiplies in fp32 (CUDA's path),
+        # not bitsandbytes' AVX512-BF16 inference repacking.
+        for mod in m.modules():
+            if isinstance(mod, bnb.nn.Linear4bit):
+                mod.support_avx512bf16_for_cpu = False
+    return m
+
+
+def eval_logits(pm, inputs):
+    was_training = pm.training
+    pm.eval()
+    with torch.no_grad():
+        lg = pm(input_ids=inputs["eval_ids"], attention_mask=inputs["eval_mask"]).logits
+    pm.train(was_training)
+    return lg.float().contiguous()
+
+
+def reference(out, tag, nf4, init, inputs, warmup):
+    """STEPS optimizer steps of the reference stack from `init`, on the batches b0..b{STEPS-1}."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+    from peft import get_peft_model
+    from transformers import get_linear_schedule_with_warmup
+
+    pm = get_peft_model(base_model(out, nf4), lora_config())
+    named = [(peft_key(n), p) for n, p in pm.named_parameters() if p.requires_grad]
+    assert sorted(k for k, _ in named) == sorted(init), "trainable keys differ from init"
+    with torch.no_grad():
+        for k, p in named:
+            p.copy_(init[k])
+    params = [p for _, p in named]
+    opt = bnb.optim.AdamW8bit(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    sched = get_linear_schedule_with_warmup(opt, warmup, TOTAL)
+    pm.train()
+    res = {}
+    for s in range(STEPS):
+        o = pm(input_ids=inputs[f"b{s}_ids"], attention_mask=inputs[f"b{s}_mask"],
+               labels=inputs[f"b{s}_labels"])
+        o.loss.backward()
+        res[f"s{s}.loss"] = torch.tensor([o.loss.item()], dtype=torch.float64)
+        res[f"s{s}.lr"] = torch.tensor([opt.param_groups[0]["lr"]], dtype=torch.float64)
+        res[f"s{s}.logits"] = o.logits.detach().float().contiguous()
+        for k, p in named:
+            res[f"s{s}.grad.{k}"] = p.grad.detach().clone().contiguous()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        for k, p in named:
+            res[f"s{s}.param.{k}"] = p.detach().clone().contiguous()
+            st = opt.state[p]
+            if "absmax1" in st:
+                res[f"s{s}.m.{k}"] = F.dequantize_blockwise(
+                    st["state1"], absmax=st["absmax1"], code=st["qmap1"], blocksize=256).contiguous()
+                res[f"s{s}.v.{k}"] = F.dequantize_blockwise(
+                    st["state2"], absmax=st["absmax2"], code=st["qmap2"], blocksize=256).contiguous()
+                for raw in ("state1", "state2", "absmax1", "absmax2"):
+                    res[f"s{s}.{raw}.{k}"] = st[raw].clone().contiguous()
+            else:
+                res[f"s{s}.m.{k}"] = st["state1"].clone().contiguous()
+                res[f"s{s}.v.{k}"] = st["state2"].clone().contiguous()
+        if s == 1:
+            pm.save_pretrained(os.path.join(out, f"peft_adapter_{tag}"))
+            res["eval_logits"] = eval_logits(pm, inputs)
+    save_file(res, os.path.join(out, f"ref_{tag}.safetensors"))
+    return pm
+
+
+def setup(out):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    gen = torch.Generator().manual_seed(4321)
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(cfg)
+    randomize(lm, gen)
+    base = os.path.join(out, "base")
+    lm.save_pretrained(base)
+    write_tokenizer(base)
+    inputs = make_inputs(gen, cfg.vocab_size)
+    save_file(inputs, os.path.join(out, "inputs.safetensors"))
+
+    # Initial trainable tensors: B non-zero so that A's gradients are too.
+    shapes = {peft_key(n): p.shape for n, p in
+              get_peft_model(base_model(out, False), lora_config()).named_parameters()
+              if p.requires_grad}
+    init = {k: (torch.randn(shape, generator=gen) * 0.05).contiguous()
+            for k, shape in sorted(shapes.items())}
+    save_file(init, os.path.join(out, "init.safetensors"))
+
+    warmup = math.ceil(TOTAL * WARMUP_RATIO)  # TrainingArguments.get_warmup_steps
+    reference(out, "fp32", False, init, inputs, warmup)
+    # bitsandbytes as it runs on this CPU, the nested absmax included: our NF4 kernels
+    # reproduce its native CPU quantize_blockwise rule (docs/nf4.md), so the dequantized
+    # weights are bit-identical. (model_oracle's CUDA-like patch is deliberately not applied.)
+    pm4 = reference(out, "nf4", True, init, inputs, warmup)
+    facts = {
+        "lr": LR, "warmup": warmup, "total": TOTAL, "steps": STEPS, "warmup_ratio": WARMUP_RATIO,
+        "num_labels": NUM_LABELS, "pad": PAD, "r": R, "lora_alpha": ALPHA, "targets": TARGETS,
+        "peft_line_nf4": peft_line(pm4),
+        "lora_config_fields": sorted(f.name for f in dataclasses.fields(LoraConfig)),
+    }
+    with open(os.path.join(out, "facts.json"), "w") as f:
+        json.dump(facts, f, indent=1)
+
+
+class Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(f"{record.name}: {record.getMessage()}")
+
+
+@contextlib.contextmanager
+def all_warnings():
+    """Every Python warning and every WARNING+ log record of transformers/peft inside."""
+    import transformers
+
+    handler = Collect()
+    loggers = [logging.getLogger("transformers"), logging.getLogger("peft")]
+    old = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()
+    for lg in loggers:
+        lg.addHandler(handler)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield handler.records, caught
+        finally:
+            for lg in loggers:
+                lg.removeHandler(handler)
+            transformers.logging.set_verbosity(old)
+
+
+def load(out, adapter):
+    from peft import PeftConfig, PeftModel, get_peft_model_state_dict
+
+    inputs = load_file(os.path.join(out, "inputs.safetensors"))
+
+    def peft_load(path):
+        base = base_model(out, False)
+        with all_warnings() as (records, caught):
+            config = PeftConfig.from_pretrained(path)
+            pm = PeftModel.from_pretrained(base, path)
+        return config, pm, records + [f"{w.category.__name__}: {w.message}" for w in caught]
+
+    # What loading PEFT's own adapter says (library deprecation notices and the like) is the
+    # baseline; loading ours must say nothing more.
+    _, _, baseline = peft_load(os.path.join(out, "peft_adapter_fp32"))
+    config, pm, msgs = peft_load(adapter)
+    ours = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    state = get_peft_model_state_dict(pm)
+    worst = max((state[k].float() - ours[k].float()).abs().max().item()
+                for k in ours if k in state) if ours else float("inf")
+    loaded = config.to_dict()
+    report = {
+        "warnings": msgs,
+        "baseline_warnings": baseline,
+        "file_keys_not_in_model": sorted(set(ours) - set(state)),
+        "model_keys_not_in_file": sorted(set(state) - set(ours)),
+        "max_abs_loaded_minus_file": worst,
+        "parsed_config": {k: (sorted(v) if isinstance(v, (set, list)) else v)
+                          for k, v in loaded.items()
+                          if k in ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout",
+                                   "target_modules", "modules_to_save", "bias", "use_rslora",
+                                   "use_dora", "fan_in_fan_out", "inference_mode")},
+        "peft_type": str(getattr(config.peft_type, "value", config.peft_type)),
+        "task_type": str(getattr(config.task_type, "value", config.task_type)),
+    }
+    save_file({"eval_logits": eval_logits(pm, inputs)}, os.path.join(out, "load.safetensors"))
+    with open(os.path.join(out, "load.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    if len(sys.argv) == 3 and sys.argv[1] == "setup":
+        setup(sys.argv[2])
+    elif len(sys.argv) == 4 and sys.argv[1] == "load":
+        load(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit(__doc__)
+    print("ok")
