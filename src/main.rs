@@ -1,9 +1,10 @@
 //! `qlora-cls`: QLoRA fine-tuning of Llama sequence classifiers.
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use qlora_cls::config::{self, Config};
+use qlora_cls::config::{self, Config, Override};
 use qlora_cls::model::hf_config::{peft_param_counts, peft_param_line, LlamaConfig};
 use qlora_cls::{demo, eval, plot, runio, train};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 const CONFIG_HELP: &str = "Configuration: `--config FILE` picks a YAML file (configs/mrpc.yaml); \
@@ -24,48 +25,46 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Fine-tune (LoRA + head on the 4-bit model), evaluating every epoch.
+    /// Options: --config FILE, --resume [auto|DIR], and any configuration key as a flag.
     #[command(after_help = CONFIG_HELP)]
     Train {
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Continue from a checkpoint: `auto` (the run folder's newest) or a folder.
-        #[arg(long, num_args = 0..=1, default_missing_value = "auto")]
-        resume: Option<String>,
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "FLAGS"
+        )]
         flags: Vec<String>,
     },
     /// Accuracy and F1 of a trained adapter on a split (the reference's eval.py).
+    /// Options: --adapter DIR (required), --split S (default test), --config FILE, config flags.
     #[command(after_help = CONFIG_HELP)]
     Eval {
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
-        #[arg(long)]
-        adapter: PathBuf,
-        #[arg(long, default_value = "test")]
-        split: String,
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "FLAGS"
+        )]
         flags: Vec<String>,
     },
     /// Predictions for any split, labelled or not, as CSV (index,prediction,prob_0,...).
+    /// Options: --adapter DIR and --out FILE (required), --split S (default test), --config FILE, config flags.
     #[command(after_help = CONFIG_HELP)]
     Predict {
-        #[arg(long)]
-        config: Option<PathBuf>,
-        #[arg(long)]
-        adapter: PathBuf,
-        #[arg(long, default_value = "test")]
-        split: String,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "FLAGS"
+        )]
         flags: Vec<String>,
     },
     /// Reads a model's config.json and prints its architecture and PEFT's parameter line.
+    /// Options: --model_dir DIR, --config FILE, config flags (r, target_modules, num_classes).
     Inspect {
-        #[arg(long)]
-        config: Option<PathBuf>,
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "FLAGS"
+        )]
         flags: Vec<String>,
     },
     /// Writes the embedded demo: a tiny Llama checkpoint, its tokenizer and a synthetic
@@ -84,32 +83,64 @@ enum Cmd {
     },
 }
 
-fn load_config(file: &Option<PathBuf>, flags: &[String]) -> Result<Config> {
-    let overrides = config::parse_flags(flags)?;
-    Ok(Config::load(file.as_deref(), &overrides)?.0)
+/// A subcommand's own options (`--config`, `--adapter`, ...) and the configuration flags,
+/// in any order.
+struct Args {
+    config: Option<PathBuf>,
+    own: BTreeMap<String, String>,
+    overrides: Vec<Override>,
+}
+
+impl Args {
+    fn parse(flags: &[String], own_keys: &[&str]) -> Result<Args> {
+        let mut config = None;
+        let mut own = BTreeMap::new();
+        let mut overrides = Vec::new();
+        for o in config::parse_flags(flags)? {
+            if o.key == "config" {
+                config = Some(PathBuf::from(o.value));
+            } else if own_keys.contains(&o.key.as_str()) {
+                own.insert(o.key, o.value);
+            } else {
+                overrides.push(o);
+            }
+        }
+        Ok(Args {
+            config,
+            own,
+            overrides,
+        })
+    }
+
+    fn required(&self, key: &str) -> Result<String> {
+        self.own
+            .get(key)
+            .cloned()
+            .with_context(|| format!("missing --{key}"))
+    }
+
+    fn config(&self) -> Result<Config> {
+        Ok(Config::load(self.config.as_deref(), &self.overrides)?.0)
+    }
 }
 
 fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Train {
-            config,
-            resume,
-            flags,
-        } => {
-            let mut cfg = load_config(&config, &flags)?;
-            if resume.is_some() {
-                cfg.resume = resume;
-            }
+        Cmd::Train { flags } => {
+            // `--resume` alone means `--resume auto` (parse_flags reads a bare flag as true).
+            let cfg = Args::parse(&flags, &[])?.config()?;
             train::train(&cfg)?;
         }
-        Cmd::Eval {
-            config,
-            adapter,
-            split,
-            flags,
-        } => {
-            let cfg = load_config(&config, &flags)?;
+        Cmd::Eval { flags } => {
+            let args = Args::parse(&flags, &["adapter", "split"])?;
+            let cfg = args.config()?;
+            let adapter = PathBuf::from(args.required("adapter")?);
+            let split = args
+                .own
+                .get("split")
+                .cloned()
+                .unwrap_or_else(|| "test".into());
             let loaded = train::load_with_adapter(&cfg, &adapter)?;
             let data = train::load_split(&cfg, &loaded.encoder, &split)?;
             let r = eval::evaluate(
@@ -136,14 +167,16 @@ fn run() -> Result<()> {
             )?;
             println!("wrote {}", out.display());
         }
-        Cmd::Predict {
-            config,
-            adapter,
-            split,
-            out,
-            flags,
-        } => {
-            let cfg = load_config(&config, &flags)?;
+        Cmd::Predict { flags } => {
+            let args = Args::parse(&flags, &["adapter", "split", "out"])?;
+            let cfg = args.config()?;
+            let adapter = PathBuf::from(args.required("adapter")?);
+            let out = PathBuf::from(args.required("out")?);
+            let split = args
+                .own
+                .get("split")
+                .cloned()
+                .unwrap_or_else(|| "test".into());
             let loaded = train::load_with_adapter(&cfg, &adapter)?;
             let data = train::load_split(&cfg, &loaded.encoder, &split)?;
             let r = eval::evaluate(
@@ -169,8 +202,8 @@ fn run() -> Result<()> {
             runio::write_text(&out, &text)?;
             println!("wrote {} predictions to {}", r.pred.len(), out.display());
         }
-        Cmd::Inspect { config, flags } => {
-            let cfg = load_config(&config, &flags)?;
+        Cmd::Inspect { flags } => {
+            let cfg = Args::parse(&flags, &[])?.config()?;
             let dir = cfg.model_dir()?;
             let hf = LlamaConfig::from_dir(dir)?;
             println!(

@@ -750,6 +750,7 @@ fn our_trainer_loads_peft_adapters() {
             4,
             loaded.encoder.pad_id(),
             Device::Cpu,
+            None,
         )
         .unwrap_or_else(|e| panic!("{tag}: evaluate: {e:#}"));
         let want_probs = f64s(&want.softmax(-1, Kind::Float));
