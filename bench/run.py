@@ -158,11 +158,18 @@ def build():
         cmd = ["cargo", "build", "--release", "--bin", "qlora-cls", "--example", "bench_kernels", *extra]
         print("building:", " ".join(cmd), flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True)
+    found = []
     for src in (target / "release" / "qlora-cls", target / "release" / "examples" / "bench_kernels"):
-        if not src.is_file():
-            raise SystemExit(f"{src} is missing: build it first (cargo build --release --example bench_kernels)")
-        shutil.copy2(src, bins / src.name)
-    return bins / "qlora-cls", bins / "bench_kernels"
+        if src.is_file():
+            shutil.copy2(src, bins / src.name)
+            found.append(bins / src.name)
+        elif os.environ.get("BENCH_NO_BUILD") == "1":
+            # Reference figures alone are still worth having (e.g. while the build is broken).
+            print(f"warning: {src} is missing: our side of the rows that need it is skipped", flush=True)
+            found.append(None)
+        else:
+            raise SystemExit(f"{src} is missing after the build")
+    return found[0], found[1]
 
 
 def med(xs):
@@ -183,6 +190,9 @@ def kernel_rows(bench_kernels, table, kernel_csv, raw):
             ref_argv += ["--reps", KREPS]
         res = {}
         for who, argv in (("ours", ours_argv), ("reference", ref_argv)):
+            if argv[0] is None:
+                res[who] = None
+                continue
             try:
                 out, _, _ = run_child(f"{mode}-{who}", argv, timeout=900)
                 res[who] = last_json(out, f"{mode}-{who}")
@@ -276,9 +286,13 @@ def train_row(binary, bench_kernels, table, train_csv, raw):
     n_train = (WARMUP + STEPS) * BATCH
     data = CACHE / f"mrpc-{n_train}"
     write_subset(mrpc_dir(), data, n_train, BATCH)
-    order_out, _, _ = run_child("order", [bench_kernels, "order", "--n", n_train, "--batch", BATCH, "--seed", SEED, "--epoch", 1])
     order = CACHE / f"order-{n_train}.json"
-    order.write_text(json.dumps(last_json(order_out, "order")))
+    if bench_kernels:
+        order_out, _, _ = run_child("order", [bench_kernels, "order", "--n", n_train, "--batch", BATCH, "--seed", SEED, "--epoch", 1])
+        order.write_text(json.dumps(last_json(order_out, "order")))
+    else:
+        print("warning: no bench_kernels: the reference takes the rows in file order", flush=True)
+        order.write_text(json.dumps([list(range(i, i + BATCH)) for i in range(0, n_train, BATCH)]))
 
     results = {"ours": [], "reference": []}
     for rep in range(1, REPS + 1):
@@ -286,6 +300,8 @@ def train_row(binary, bench_kernels, table, train_csv, raw):
         run_dir = RESULTS / "runs" / f"ours-{rep}"
         shutil.rmtree(run_dir, ignore_errors=True)
         try:
+            if binary is None:
+                raise Failed("no qlora-cls binary")
             _, rss, secs = run_child(f"train-ours-{rep}", ours_train_argv(binary, model, data, run_dir, WARMUP + STEPS), 3600)
             steps = ours_steps(run_dir)
             if len(steps) != WARMUP + STEPS:
@@ -374,6 +390,8 @@ def load_row(binary, table, raw):
     shutil.rmtree(run_dir, ignore_errors=True)
     res = {}
     try:
+        if binary is None:
+            raise Failed("no qlora-cls binary")
         _, rss, secs = run_child("load-8b-ours", ours_train_argv(binary, model, data, run_dir, 0), 3600)
         res["ours"] = dict(peak_rss_bytes=rss, wall_s=secs)
     except Failed as e:

@@ -159,13 +159,12 @@ fn run() -> Result<()> {
         tch::set_num_threads(threads);
     }
     let device = a.device()?;
-    let value = match a.mode.as_str() {
+    let mut value = match a.mode.as_str() {
         "nf4" => bench_nf4(&a, device)?,
         "adamw" => bench_adamw(&a, device)?,
         "order" => batch_order(&a)?,
         m => bail!("unknown mode `{m}`: nf4, adamw or order"),
     };
-    let mut value = value;
     if let Some(obj) = value.as_object_mut() {
         obj.insert("threads".into(), json!(tch::get_num_threads()));
         obj.insert("device".into(), json!(format!("{device:?}")));
