@@ -102,6 +102,15 @@ fn main() {
         for inc in &torch_includes {
             b.include(inc);
         }
+        // kernels/dist.cpp (c10d shim): ProcessGroupNCCL's headers need nccl.h and the CUDA
+        // headers of the wheel's nvidia packages; without them the shim is built Gloo-only.
+        if let Some(site) = torch_lib.parent().and_then(|p| p.parent()) {
+            for sub in ["nvidia/nccl/include", "nvidia/cu13/include"] {
+                if site.join(sub).is_dir() {
+                    b.include(site.join(sub));
+                }
+            }
+        }
         for f in &cpp {
             b.file(f);
         }

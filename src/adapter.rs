@@ -89,7 +89,7 @@ pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
         let t = t.detach().to_device(Device::Cpu).contiguous();
         let n = t.numel() * t.kind().elt_size_in_bytes();
         let mut bytes = vec![0u8; n];
-        t.copy_data_u8(&mut bytes, n);
+        t.copy_data_u8(&mut bytes, t.numel());
         let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
         owned.push((name.clone(), kind_to_dtype(t.kind())?, shape, bytes));
     }
@@ -98,7 +98,7 @@ pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
         .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
         .collect::<Result<_>>()?;
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    Ok(safetensors::serialize(views, &Some(meta))?)
+    Ok(safetensors::serialize(views, Some(meta))?)
 }
 
 /// Writes named tensors to a safetensors file, atomically.

@@ -3,7 +3,7 @@ use crate::data::batch::{collate, epoch_batches, Encoded};
 use crate::metrics;
 use crate::model::classifier::LlamaClassifier;
 use anyhow::Result;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
 #[derive(Debug, Clone, Default)]
 pub struct EvalResult {

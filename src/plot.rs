@@ -248,35 +248,43 @@ fn register_font() -> Result<()> {
     Ok(())
 }
 
+#[derive(Clone, Copy)]
+enum Chart {
+    Loss,
+    Accuracy,
+}
+
+fn draw<DB: DrawingBackend>(which: Chart, area: &DrawingArea<DB, Shift>, runs: &[RunData]) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    match which {
+        Chart::Loss => draw_loss(area, runs),
+        Chart::Accuracy => draw_accuracy(area, runs),
+    }
+}
+
 /// Draws loss and accuracy (PNG + SVG) and writes results.md into `out`.
 pub fn plot(runs_dir: &Path, out: &Path) -> Result<Vec<PathBuf>> {
     let runs = read_runs(runs_dir)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     register_font()?;
     let mut written = Vec::new();
-    for (name, draw) in [
-        ("loss", draw_loss as fn(&DrawingArea<SVGBackend, Shift>, &[RunData]) -> Result<()>),
-        ("accuracy", draw_accuracy),
-    ] {
+    for (name, which) in [("loss", Chart::Loss), ("accuracy", Chart::Accuracy)] {
         let mut svg = String::new();
         {
             let area = SVGBackend::with_string(&mut svg, (1000, 600)).into_drawing_area();
-            draw(&area, &runs)?;
+            draw(which, &area, &runs)?;
         }
         let p = out.join(format!("{name}.svg"));
         runio::write_text(&p, &svg)?;
         written.push(p);
-    }
-    for (name, draw) in [
-        ("loss", draw_loss as fn(&DrawingArea<BitMapBackend, Shift>, &[RunData]) -> Result<()>),
-        ("accuracy", draw_accuracy),
-    ] {
         // The bitmap backend writes the file itself: give it a temporary name, then rename.
         let p = out.join(format!("{name}.png"));
-        let tmp = out.join(format!(".{name}.png.tmp-{}.png", std::process::id()));
+        let tmp = out.join(format!(".{name}.tmp-{}.png", std::process::id()));
         {
             let area = BitMapBackend::new(&tmp, (1000, 600)).into_drawing_area();
-            draw(&area, &runs)?;
+            draw(which, &area, &runs)?;
         }
         std::fs::rename(&tmp, &p).with_context(|| format!("cannot write {}", p.display()))?;
         written.push(p);

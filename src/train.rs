@@ -92,7 +92,7 @@ pub fn load_model(cfg: &Config) -> Result<Loaded> {
 pub fn load_split(cfg: &Config, encoder: &TextEncoder, split: &str) -> Result<Vec<Encoded>> {
     let dir = cfg.data_dir()?;
     let examples = formats::load_split(dir, split)?;
-    formats::check_labels(&examples, cfg.num_classes, &format!("{} ({split})", dir.display()))?;
+    formats::check_labels(&examples, cfg.num_classes as usize, &format!("{} ({split})", dir.display()))?;
     let text = prompt::resolve_prompt(&cfg.prompt)?;
     encode_examples(encoder, &examples, &text)
 }
@@ -132,6 +132,11 @@ fn log_eval(log: &mut CsvLog, epoch: usize, split: &str, r: &EvalResult) -> Resu
         opt_fmt(r.loss),
     ]);
     log.flush()
+}
+
+/// Handles on the same tensors (the optimizer updates the model's own parameters).
+fn shallow(ts: &[Tensor]) -> Vec<Tensor> {
+    ts.iter().map(Tensor::shallow_clone).collect()
 }
 
 /// L2 norm of all gradients (optionally clipped to `max_norm`, as torch's clip_grad_norm_).
@@ -235,8 +240,8 @@ pub fn train(cfg: &Config) -> Result<Summary> {
         ..AdamWConfig::default()
     };
     let mut optimizer: Box<dyn Optimizer> = match cfg.optimizer.as_str() {
-        "adamw" => Box::new(AdamW32::new(params.clone(), opt_cfg)),
-        _ => Box::new(AdamW8bit::new(params.clone(), opt_cfg)),
+        "adamw" => Box::new(AdamW32::new(shallow(&params), opt_cfg)),
+        _ => Box::new(AdamW8bit::new(shallow(&params), opt_cfg)),
     };
     let steps_per_epoch = train_set.len().div_ceil(cfg.batch_size);
     let planned = steps_per_epoch * cfg.epochs;

@@ -1,1 +1,270 @@
-//! (being written)
+//! Tokenisation (a Hugging Face `tokenizer.json`), padding into tensors, and the order of
+//! batches in an epoch.
+use super::formats::Example;
+use super::prompt::render;
+use anyhow::{anyhow, bail, Context, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+
+/// Names tried, in order, when `tokenizer_config.json` does not name the eos token.
+pub const KNOWN_EOS_NAMES: [&str; 4] = ["<|end_of_text|>", "</s>", "<|endoftext|>", "<eos>"];
+
+/// A fast tokenizer loaded from `<dir>/tokenizer.json`, encoding like
+/// `AutoTokenizer.from_pretrained(dir)(texts, truncation=True, max_length=...)`.
+pub struct TextEncoder {
+    tokenizer: Tokenizer,
+    pad_id: i64,
+    eos_token: String,
+    max_id: i64,
+    path: PathBuf,
+}
+
+impl TextEncoder {
+    /// Loads `<tokenizer_dir>/tokenizer.json`. Padding settings stored in the file are dropped
+    /// (we pad ourselves); `max_length` truncates on the right, special tokens included, as
+    /// HF's `truncation=True` does.
+    ///
+    /// The pad id is the eos id (the reference sets `tokenizer.pad_token = eos_token`). The
+    /// eos token is `eos_token` of `<dir>/tokenizer_config.json` (a string or `{"content": ..}`)
+    /// when that file names one, else the first of [`KNOWN_EOS_NAMES`] the vocabulary holds.
+    pub fn from_dir(tokenizer_dir: &Path, max_length: Option<usize>) -> Result<Self> {
+        let path = tokenizer_dir.join("tokenizer.json");
+        if !path.is_file() {
+            bail!(
+                "no tokenizer file {} (the tokenizer folder must hold a Hugging Face \
+                 fast-tokenizer tokenizer.json)",
+                path.display()
+            );
+        }
+        let mut tokenizer = Tokenizer::from_file(&path)
+            .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
+        tokenizer.with_padding(None);
+        let trunc = match max_length {
+            Some(0) => bail!("max_length must be at least 1"),
+            Some(m) => Some(TruncationParams {
+                max_length: m,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            }),
+            None => None,
+        };
+        tokenizer
+            .with_truncation(trunc)
+            .map_err(|e| anyhow!("{}: bad truncation settings: {e}", path.display()))?;
+        let eos_token = find_eos(tokenizer_dir, &tokenizer)?;
+        let pad_id = tokenizer
+            .token_to_id(&eos_token)
+            .ok_or_else(|| anyhow!("{}: no token '{eos_token}'", path.display()))?
+            as i64;
+        let max_id = tokenizer
+            .get_vocab(true)
+            .values()
+            .copied()
+            .max()
+            .ok_or_else(|| anyhow!("{}: empty vocabulary", path.display()))?
+            as i64;
+        Ok(Self {
+            tokenizer,
+            pad_id,
+            eos_token,
+            max_id,
+            path,
+        })
+    }
+
+    /// Token ids with the special tokens of the post-processor (Llama-3: `<|begin_of_text|>`).
+    pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| anyhow!("{}: cannot encode text: {e}", self.path.display()))?;
+        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+    }
+
+    /// Encodes many texts in parallel; same result as `encode` on each.
+    pub fn encode_many(&self, texts: Vec<String>) -> Result<Vec<Vec<i64>>> {
+        let encs = self
+            .tokenizer
+            .encode_batch(texts, true)
+            .map_err(|e| anyhow!("{}: cannot encode texts: {e}", self.path.display()))?;
+        Ok(encs
+            .iter()
+            .map(|e| e.get_ids().iter().map(|&i| i as i64).collect())
+            .collect())
+    }
+
+    pub fn pad_id(&self) -> i64 {
+        self.pad_id
+    }
+
+    pub fn eos_token(&self) -> &str {
+        &self.eos_token
+    }
+
+    /// Vocabulary size, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// The largest token id (the embedding must have more rows than this).
+    pub fn max_id(&self) -> i64 {
+        self.max_id
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<i64> {
+        self.tokenizer.token_to_id(token).map(|i| i as i64)
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+}
+
+fn find_eos(dir: &Path, tokenizer: &Tokenizer) -> Result<String> {
+    let cfg_path = dir.join("tokenizer_config.json");
+    if cfg_path.is_file() {
+        let text = std::fs::read_to_string(&cfg_path)
+            .with_context(|| format!("cannot read {}", cfg_path.display()))?;
+        let cfg: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", cfg_path.display()))?;
+        let named = match cfg.get("eos_token") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Object(o)) => o
+                .get("content")
+                .and_then(|c| c.as_str())
+                .map(str::to_string),
+            _ => None,
+        };
+        if let Some(name) = named {
+            if tokenizer.token_to_id(&name).is_none() {
+                bail!(
+                    "{} names eos_token '{name}', which tokenizer.json does not have",
+                    cfg_path.display()
+                );
+            }
+            return Ok(name);
+        }
+    }
+    KNOWN_EOS_NAMES
+        .iter()
+        .find(|n| tokenizer.token_to_id(n).is_some())
+        .map(|n| n.to_string())
+        .ok_or_else(|| {
+            anyhow!(
+                "cannot tell the eos (= pad) token of the tokenizer in {}: tokenizer_config.json \
+                 names no eos_token and the vocabulary has none of {}",
+                dir.display(),
+                KNOWN_EOS_NAMES.join(", ")
+            )
+        })
+}
+
+/// One tokenised example.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    pub ids: Vec<i64>,
+    pub label: Option<i64>,
+    pub idx: i64,
+}
+
+/// `render(prompt, ex)` then encode, for every example.
+pub fn encode_examples(
+    enc: &TextEncoder,
+    examples: &[Example],
+    prompt: &str,
+) -> Result<Vec<Encoded>> {
+    let texts: Vec<String> = examples.iter().map(|ex| render(prompt, ex)).collect();
+    let ids = enc.encode_many(texts)?;
+    Ok(ids
+        .into_iter()
+        .zip(examples)
+        .map(|(ids, ex)| Encoded {
+            ids,
+            label: ex.label,
+            idx: ex.idx,
+        })
+        .collect())
+}
+
+/// A padded batch on the CPU.
+#[derive(Debug)]
+pub struct Batch {
+    /// i64 [B, T]
+    pub input_ids: Tensor,
+    /// i64 [B, T], 1 on real tokens, 0 on padding
+    pub attention_mask: Tensor,
+    /// i64 [B]; `None` unless every row has a label
+    pub labels: Option<Tensor>,
+    pub idx: Vec<i64>,
+    /// Real (unpadded) tokens in the batch.
+    pub n_tokens: i64,
+}
+
+/// Right-pads every row to the longest with `pad_id` (HF `padding=True`, padding side right).
+pub fn collate(items: &[&Encoded], pad_id: i64) -> Batch {
+    let b = items.len();
+    let t = items.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+    let mut ids = vec![pad_id; b * t];
+    let mut mask = vec![0i64; b * t];
+    for (r, e) in items.iter().enumerate() {
+        ids[r * t..r * t + e.ids.len()].copy_from_slice(&e.ids);
+        mask[r * t..r * t + e.ids.len()].fill(1);
+    }
+    let shape = [b as i64, t as i64];
+    let labels: Option<Vec<i64>> = items.iter().map(|e| e.label).collect();
+    Batch {
+        input_ids: Tensor::from_slice(&ids).view(shape),
+        attention_mask: Tensor::from_slice(&mask).view(shape),
+        labels: labels.map(|l| Tensor::from_slice(&l)),
+        idx: items.iter().map(|e| e.idx).collect(),
+        n_tokens: items.iter().map(|e| e.ids.len() as i64).sum(),
+    }
+}
+
+/// Batches (of example indices) for each bucketing chunk: length-bucketing sorts this many
+/// batches' worth of examples by length at a time.
+pub const BUCKET_CHUNK_BATCHES: usize = 50;
+
+/// Batches of indices for one epoch. shuffle: Some(seed) → a permutation from a seeded RNG
+/// (ChaCha8, seed mixed with epoch), None → in order.
+/// bucket: Some(lengths) → length-bucketed batching (sort within chunks of
+/// [`BUCKET_CHUNK_BATCHES`] batches by length, longest first, then shuffle the batches when
+/// shuffling), None → plain. The last batch may be short; every index appears exactly once.
+pub fn epoch_batches(
+    n: usize,
+    batch_size: usize,
+    shuffle: Option<u64>,
+    epoch: usize,
+    bucket_lengths: Option<&[usize]>,
+) -> Vec<Vec<usize>> {
+    assert!(batch_size > 0, "batch_size must be positive");
+    let mut rng = shuffle.map(|seed| {
+        // splitmix-style mixing so that (seed, epoch) pairs do not collide trivially.
+        let mixed = seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        ChaCha8Rng::seed_from_u64(mixed)
+    });
+    let mut order: Vec<usize> = (0..n).collect();
+    if let Some(rng) = rng.as_mut() {
+        order.shuffle(rng);
+    }
+    let Some(lengths) = bucket_lengths else {
+        return order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+    };
+    assert_eq!(lengths.len(), n, "one length per example");
+    let mut batches = Vec::new();
+    for chunk in order.chunks(batch_size * BUCKET_CHUNK_BATCHES) {
+        let mut chunk = chunk.to_vec();
+        // Stable sort: ties keep the (shuffled) order.
+        chunk.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+        batches.extend(chunk.chunks(batch_size).map(<[usize]>::to_vec));
+    }
+    if let Some(rng) = rng.as_mut() {
+        batches.shuffle(rng);
+    }
+    batches
+}
