@@ -36,7 +36,9 @@ impl Args {
             let Some(name) = k.strip_prefix("--") else {
                 bail!("unexpected argument `{k}` (flags are `--name value`)");
             };
-            let v = it.next().with_context(|| format!("flag --{name} needs a value"))?;
+            let v = it
+                .next()
+                .with_context(|| format!("flag --{name} needs a value"))?;
             flags.insert(name.replace('-', "_"), v);
         }
         Ok(Args { mode, flags })
@@ -52,7 +54,12 @@ impl Args {
     }
 
     fn device(&self) -> Result<Device> {
-        match self.flags.get("device").map(String::as_str).unwrap_or("cpu") {
+        match self
+            .flags
+            .get("device")
+            .map(String::as_str)
+            .unwrap_or("cpu")
+        {
             "cpu" => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda(0)),
             d => match d.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
@@ -96,7 +103,9 @@ fn bench_nf4(a: &Args, device: Device) -> Result<serde_json::Value> {
     let q = nf4::quantize(&w, &opts)?;
     let mut out = nf4::dequantize(&q, Kind::BFloat16)?;
     let quantize_s = time_reps(device, reps, || nf4::quantize(&w, &opts).map(drop))?;
-    let dequantize_s = time_reps(device, reps, || nf4::dequantize(&q, Kind::BFloat16).map(drop))?;
+    let dequantize_s = time_reps(device, reps, || {
+        nf4::dequantize(&q, Kind::BFloat16).map(drop)
+    })?;
     let dequantize_into_s = time_reps(device, reps, || nf4::dequantize_into(&q, &mut out))?;
     let numel = rows * cols;
     Ok(json!({
@@ -138,7 +147,9 @@ fn bench_adamw(a: &Args, device: Device) -> Result<serde_json::Value> {
     let mut opt = AdamW8bit::new(params, AdamWConfig::default());
     let first = time_reps(device, 1, || opt.step(3e-4))?;
     let step_s = time_reps(device, reps, || opt.step(3e-4))?;
-    Ok(json!({"params": n, "tensors": lora_8b_shapes().len(), "first_step_s": first[0], "step_s": step_s}))
+    Ok(
+        json!({"params": n, "tensors": lora_8b_shapes().len(), "first_step_s": first[0], "step_s": step_s}),
+    )
 }
 
 fn batch_order(a: &Args) -> Result<serde_json::Value> {
