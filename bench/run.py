@@ -1,0 +1,522 @@
+#!/usr/bin/env python3
+"""`make bench`: our kernels and trainer side by side with the reference stack, on this CPU.
+
+Rows (see bench/README.md for what each measures):
+  1. NF4 quantize / dequantize throughput, GB/s of bf16 weight (4096 x 4096)
+  2. one AdamW8bit step on the Llama-3-8B LoRA r=8 q/v + head shapes (3.4 M parameters)
+  3. QLoRA training on a SmolLM2-135M-shaped Llama, batch 8, MRPC rows: tokens/s, peak RSS
+  4. (BENCH_8B=1) peak RSS while loading a Llama-3-8B-shaped checkpoint in 4 bit
+
+Every measurement runs in its own process, ours and the reference's alternating, with the
+same torch thread count; medians over the repetitions. Knobs (environment variables):
+  BENCH_THREADS=2  BENCH_REPS=3  BENCH_WARMUP=1  BENCH_STEPS=5  BENCH_KERNEL_REPS=5
+  BENCH_8B=0 (1 adds row 4, writes ~16 GB under bench/cache)  BENCH_8B_REF=1 (row 4's
+  reference load, ~10+ minutes on 2 cores)  BENCH_ROWS=1,2,3 (which rows)
+  BENCH_NO_BUILD=1 (use the binaries already built)  BENCH_CARGO_ARGS (extra cargo flags)
+  BENCH_BIN_DIR (take qlora-cls and bench_kernels from this folder; no build)
+Outputs: the table on stdout and bench/results/{summary,kernels,train}.csv, raw JSON and
+logs under bench/results/.
+"""
+import csv
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+CACHE = BENCH / "cache"
+PY = sys.executable
+PERFECT = "Does sentence 1 mean the same as sentence 2?"
+GB = 1e9
+GiB = 1 << 30
+
+
+def env_int(name, default):
+    v = os.environ.get(name, "").strip()
+    return int(v) if v else default
+
+
+THREADS = env_int("BENCH_THREADS", 2)
+REPS = env_int("BENCH_REPS", 3)
+WARMUP = env_int("BENCH_WARMUP", 1)
+STEPS = env_int("BENCH_STEPS", 5)
+KREPS = env_int("BENCH_KERNEL_REPS", 5)
+BATCH = 8
+SEED = 42
+ROWS = {int(x) for x in os.environ.get("BENCH_ROWS", "1,2,3").split(",") if x.strip()}
+if os.environ.get("BENCH_8B", "0") == "1":
+    ROWS.add(4)
+LOAD_LIMIT_8B = 7 * GB
+
+
+def child_env():
+    env = dict(os.environ)
+    env.update(
+        {
+            "OMP_NUM_THREADS": str(THREADS),
+            "MKL_NUM_THREADS": str(THREADS),
+            "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_VERBOSITY": "error",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
+    return env
+
+
+class Failed(Exception):
+    pass
+
+
+def run_child(name, argv, timeout=3600):
+    """Runs argv with stdout/stderr to logs; returns (stdout text, peak RSS bytes, seconds)."""
+    logs = RESULTS / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    out_p, err_p = logs / f"{name}.out", logs / f"{name}.err"
+    print(f"  running {name}: {' '.join(shlex.quote(str(a)) for a in argv)}", flush=True)
+    t0 = time.time()
+    with open(out_p, "w") as out, open(err_p, "w") as err:
+        proc = subprocess.Popen([str(a) for a in argv], stdout=out, stderr=err, cwd=ROOT, env=child_env())
+        while True:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.time() - t0 > timeout:
+                proc.send_signal(signal.SIGKILL)
+                _, status, ru = os.wait4(proc.pid, 0)
+                raise Failed(f"{name}: timed out after {timeout} s (logs: {out_p}, {err_p})")
+            time.sleep(0.2)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    secs = time.time() - t0
+    stdout = out_p.read_text()
+    if proc.returncode != 0:
+        tail = "".join(err_p.read_text().splitlines(keepends=True)[-15:])
+        raise Failed(f"{name}: exit status {proc.returncode} after {secs:.0f} s; stderr tail:\n{tail}")
+    # ru_maxrss is in KiB on Linux: the child's own high-water mark, whatever it reports itself.
+    return stdout, ru.ru_maxrss * 1024, secs
+
+
+def last_json(text, name):
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line.startswith("{") or line.startswith("["):
+            return json.loads(line)
+    raise Failed(f"{name}: no JSON line in its output")
+
+
+def machine():
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = 0
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    load = os.getloadavg()
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "mem_gib": round(mem / GiB, 1),
+        "loadavg": [round(x, 2) for x in load],
+        "threads": THREADS,
+    }
+
+
+def git_rev():
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def build():
+    """Builds the trainer and bench_kernels, then copies them aside (a shared target folder's
+    uplifted binaries can be replaced by another checkout's build while we run)."""
+    if os.environ.get("BENCH_BIN_DIR"):
+        d = Path(os.environ["BENCH_BIN_DIR"])
+        return d / "qlora-cls", d / "bench_kernels"
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    bins = CACHE / "bin"
+    bins.mkdir(parents=True, exist_ok=True)
+    if os.environ.get("BENCH_NO_BUILD") != "1":
+        extra = shlex.split(os.environ.get("BENCH_CARGO_ARGS", ""))
+        cmd = ["cargo", "build", "--release", "--bin", "qlora-cls", "--example", "bench_kernels", *extra]
+        print("building:", " ".join(cmd), flush=True)
+        subprocess.run(cmd, cwd=ROOT, check=True)
+    found = []
+    for src in (target / "release" / "qlora-cls", target / "release" / "examples" / "bench_kernels"):
+        if src.is_file():
+            shutil.copy2(src, bins / src.name)
+            found.append(bins / src.name)
+        elif os.environ.get("BENCH_NO_BUILD") == "1":
+            # Reference figures alone are still worth having (e.g. while the build is broken).
+            print(f"warning: {src} is missing: our side of the rows that need it is skipped", flush=True)
+            found.append(None)
+        else:
+            raise SystemExit(f"{src} is missing after the build")
+    return found[0], found[1]
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows 1 and 2: kernels
+
+
+def kernel_rows(bench_kernels, table, kernel_csv, raw):
+    modes = [m for m, row in (("nf4", 1), ("adamw", 2)) if row in ROWS]
+    for mode in modes:
+        ours_argv = [bench_kernels, mode, "--threads", THREADS]
+        ref_argv = [PY, BENCH / "ref_kernels.py", mode, "--threads", THREADS]
+        if mode == "nf4":
+            ours_argv += ["--reps", KREPS]
+            ref_argv += ["--reps", KREPS]
+        res = {}
+        for who, argv in (("ours", ours_argv), ("reference", ref_argv)):
+            if argv[0] is None:
+                res[who] = None
+                continue
+            try:
+                out, _, _ = run_child(f"{mode}-{who}", argv, timeout=900)
+                res[who] = last_json(out, f"{mode}-{who}")
+            except Failed as e:
+                print(f"  FAILED: {e}", flush=True)
+                res[who] = None
+        raw[mode] = res
+        for who, r in res.items():
+            if r is None:
+                continue
+            for key in ("quantize_s", "dequantize_s", "dequantize_into_s", "step_s"):
+                for i, v in enumerate(r.get(key) or []):
+                    kernel_csv.append({"bench": mode, "metric": key, "impl": who, "rep": i, "seconds": v})
+        o, f = res.get("ours"), res.get("reference")
+        if mode == "nf4":
+            for key, label in (("quantize_s", "NF4 quantize 4096x4096 bf16"), ("dequantize_s", "NF4 dequantize to bf16")):
+                gbps = lambda r: r["bf16_bytes"] / med(r[key]) / GB if r and r.get(key) else None
+                table.append(dict(row=1, metric=label, unit="GB/s", ours=gbps(o), ref=gbps(f), better="higher"))
+            if o and o.get("dequantize_into_s"):
+                ref_into = gbps_into = None
+                if f and f.get("dequantize_into_s"):
+                    ref_into = f["bf16_bytes"] / med(f["dequantize_into_s"]) / GB
+                gbps_into = o["bf16_bytes"] / med(o["dequantize_into_s"]) / GB
+                table.append(
+                    dict(row=1, metric="NF4 dequantize into a buffer", unit="GB/s", ours=gbps_into, ref=ref_into,
+                         better="higher", note="" if ref_into else "bnb CPU backend has no out= variant")
+                )
+        else:
+            ms = lambda r: med(r["step_s"]) * 1e3 if r else None
+            table.append(dict(row=2, metric="AdamW8bit step, 3,416,064 params", unit="ms", ours=ms(o), ref=ms(f), better="lower"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Row 3: training throughput
+
+
+def mrpc_dir():
+    shared = Path(os.environ.get("QLORA_SHARED", ROOT.parent / "shared"))
+    d = shared / "data" / "mrpc"
+    if not (d / "train.tsv").is_file():
+        raise SystemExit(f"MRPC not found at {d} (set QLORA_SHARED to the folder holding data/mrpc)")
+    return d
+
+
+def write_subset(src_dir, dst_dir, n_train, n_dev):
+    """GLUE TSV subset: the first n rows of train.tsv / dev.tsv, lines copied verbatim."""
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        with open(src_dir / name, encoding="utf-8") as f:
+            lines = f.read().splitlines(keepends=True)
+        if len(lines) - 1 < n:
+            raise SystemExit(f"{src_dir / name} has only {len(lines) - 1} rows, {n} needed")
+        tmp = dst_dir / (name + ".tmp")
+        tmp.write_text("".join(lines[: n + 1]), encoding="utf-8")
+        os.replace(tmp, dst_dir / name)
+
+
+def make_checkpoint(shape, out, timeout):
+    run_child(f"make-checkpoint-{shape}", [PY, BENCH / "make_checkpoint.py", "--shape", shape, "--out", out], timeout)
+
+
+def ours_train_argv(binary, model, data, results, max_steps, extra=()):
+    return [
+        binary, "train", "--config", ROOT / "configs" / "mrpc.yaml",
+        "--model_dir", model, "--tokenizer_dir", model, "--data_dir", data,
+        "--results_path", results, "--max_steps", max_steps, "--epochs", 1,
+        "--eval_before_training", "false", "--bnb_4bit_compute_dtype", "float32",
+        "--device", "cpu", "--batch_size", BATCH, "--eval_batch_size", BATCH,
+        "--prompt", "perfect", "--seed", SEED, "--log_every", 1, "--train_splits", "train",
+        "--eval_split", "validation", *extra,
+    ]
+
+
+def ours_steps(run_dir):
+    """Per-step (seconds, tokens) from metrics.csv: elapsed_s is cumulative and tokens_per_s
+    is cumulative tokens / elapsed, so tokens up to step k = tokens_per_s_k * elapsed_k."""
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    prev_t, prev_tok, out = 0.0, 0.0, []
+    for r in rows:
+        t = float(r["elapsed_s"])
+        tok = float(r["tokens_per_s"]) * t
+        out.append((t - prev_t, tok - prev_tok))
+        prev_t, prev_tok = t, tok
+    return out
+
+
+def train_row(binary, bench_kernels, table, train_csv, raw):
+    model = CACHE / "smol"
+    make_checkpoint("smol", model, 1800)
+    n_train = (WARMUP + STEPS) * BATCH
+    data = CACHE / f"mrpc-{n_train}"
+    write_subset(mrpc_dir(), data, n_train, BATCH)
+    order = CACHE / f"order-{n_train}.json"
+    if bench_kernels:
+        order_out, _, _ = run_child("order", [bench_kernels, "order", "--n", n_train, "--batch", BATCH, "--seed", SEED, "--epoch", 1])
+        order.write_text(json.dumps(last_json(order_out, "order")))
+    else:
+        print("warning: no bench_kernels: the reference takes the rows in file order", flush=True)
+        order.write_text(json.dumps([list(range(i, i + BATCH)) for i in range(0, n_train, BATCH)]))
+
+    results = {"ours": [], "reference": []}
+    for rep in range(1, REPS + 1):
+        # Alternating, so that a change in the machine's load hits both sides alike.
+        run_dir = RESULTS / "runs" / f"ours-{rep}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        try:
+            if binary is None:
+                raise Failed("no qlora-cls binary")
+            _, rss, secs = run_child(f"train-ours-{rep}", ours_train_argv(binary, model, data, run_dir, WARMUP + STEPS), 3600)
+            steps = ours_steps(run_dir)
+            if len(steps) != WARMUP + STEPS:
+                raise Failed(f"ours: metrics.csv has {len(steps)} steps, {WARMUP + STEPS} expected")
+            timed = steps[WARMUP:]
+            summary = json.loads((run_dir / "summary.json").read_text())
+            results["ours"].append(
+                dict(
+                    rep=rep,
+                    tokens_per_s=sum(t for _, t in timed) / sum(s for s, _ in timed),
+                    median_step_s=med([s for s, _ in timed]),
+                    tokens=round(sum(t for _, t in timed)),
+                    peak_rss_bytes=rss,
+                    self_reported_peak=summary.get("peak_mem_bytes"),
+                    wall_s=secs,
+                )
+            )
+        except (Failed, OSError, KeyError, ValueError) as e:
+            print(f"  FAILED: {e}", flush=True)
+        out_json = RESULTS / "runs" / f"reference-{rep}.json"
+        try:
+            _, rss, secs = run_child(
+                f"train-reference-{rep}",
+                [PY, BENCH / "reference_qlora.py", "--model_dir", model, "--data_dir", data, "--order", order,
+                 "--warmup", WARMUP, "--steps", STEPS, "--threads", THREADS, "--batch_size", BATCH,
+                 "--seed", SEED, "--out", out_json],
+                3600,
+            )
+            r = json.loads(out_json.read_text())
+            results["reference"].append(
+                dict(
+                    rep=rep,
+                    tokens_per_s=r["tokens_per_s"],
+                    median_step_s=r["median_step_s"],
+                    tokens=sum(r["tokens"]),
+                    peak_rss_bytes=rss,
+                    self_reported_peak=r.get("peak_rss_bytes"),
+                    wall_s=secs,
+                )
+            )
+        except (Failed, OSError, KeyError, ValueError) as e:
+            print(f"  FAILED: {e}", flush=True)
+    raw["train"] = results
+    for who, rs in results.items():
+        for r in rs:
+            train_csv.append({"impl": who, **r})
+
+    def agg(who, key):
+        xs = [r[key] for r in results[who]]
+        return med(xs) if xs else None
+
+    note = ""
+    ot, rt = agg("ours", "tokens"), agg("reference", "tokens")
+    if ot and rt and abs(ot - rt) > 0.01 * rt:
+        note = f"token counts differ: ours {ot:.0f}, reference {rt:.0f}"
+    elif ot and rt:
+        note = f"{rt:.0f} tokens in {STEPS} timed steps on both sides"
+    table.append(dict(row=3, metric=f"QLoRA train, SmolLM2-135M shape, batch {BATCH}", unit="tokens/s",
+                      ours=agg("ours", "tokens_per_s"), ref=agg("reference", "tokens_per_s"), better="higher", note=note))
+    table.append(dict(row=3, metric="  median step time", unit="s",
+                      ours=agg("ours", "median_step_s"), ref=agg("reference", "median_step_s"), better="lower"))
+    table.append(dict(row=3, metric="  peak resident memory (VmHWM)", unit="GiB",
+                      ours=div(agg("ours", "peak_rss_bytes"), GiB), ref=div(agg("reference", "peak_rss_bytes"), GiB),
+                      better="lower"))
+
+
+def div(x, d):
+    return None if x is None else x / d
+
+
+# ---------------------------------------------------------------------------------------------
+# Row 4: loading an 8B-shaped checkpoint
+
+
+def load_row(binary, table, raw):
+    model = CACHE / "llama8b"
+    stamp = model / ".complete"
+    if not stamp.is_file():
+        free = shutil.disk_usage(CACHE).free
+        if free < 18 * GB:
+            raise Failed(f"row 4 needs ~16.1 GB free under {CACHE}, only {free / GB:.1f} GB")
+    make_checkpoint("8b", model, 3600)
+    data = CACHE / "mrpc-tiny"
+    write_subset(mrpc_dir(), data, BATCH, BATCH)
+    run_dir = RESULTS / "runs" / "load-8b-ours"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    res = {}
+    try:
+        if binary is None:
+            raise Failed("no qlora-cls binary")
+        _, rss, secs = run_child("load-8b-ours", ours_train_argv(binary, model, data, run_dir, 0), 3600)
+        res["ours"] = dict(peak_rss_bytes=rss, wall_s=secs)
+    except Failed as e:
+        print(f"  FAILED: {e}", flush=True)
+    if os.environ.get("BENCH_8B_REF", "1") == "1":
+        out_json = RESULTS / "runs" / "load-8b-reference.json"
+        try:
+            _, rss, secs = run_child(
+                "load-8b-reference",
+                [PY, BENCH / "reference_qlora.py", "--model_dir", model, "--load_only", "--threads", THREADS, "--out", out_json],
+                5400,
+            )
+            res["reference"] = dict(peak_rss_bytes=rss, wall_s=secs)
+        except Failed as e:
+            print(f"  FAILED: {e}", flush=True)
+    raw["load8b"] = res
+    o, f = res.get("ours"), res.get("reference")
+    verdict = []
+    if o:
+        verdict.append("PASS: < 7 GB" if o["peak_rss_bytes"] < LOAD_LIMIT_8B else "FAIL: limit is 7 GB")
+        if o["peak_rss_bytes"] >= LOAD_LIMIT_8B:
+            raw["limit_failed"] = f"row 4: our 8B load peaked at {o['peak_rss_bytes'] / GB:.1f} GB, limit 7 GB"
+    if "reference" not in res and os.environ.get("BENCH_8B_REF", "1") != "1":
+        verdict.append("reference skipped (BENCH_8B_REF=0)")
+    verdict = "; ".join(verdict)
+    table.append(dict(row=4, metric="Load Llama-3-8B shape in NF4: peak RSS", unit="GB",
+                      ours=div(o and o["peak_rss_bytes"], GB), ref=div(f and f["peak_rss_bytes"], GB),
+                      better="lower", note=verdict))
+    table.append(dict(row=4, metric="  load wall time", unit="s", ours=o and o["wall_s"], ref=f and f["wall_s"], better="lower"))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def fmt(v):
+    if v is None:
+        return "-"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.3g}" if abs(v) < 1 else f"{v:.2f}"
+
+
+def print_table(table, info):
+    print()
+    print(f"qlora-cls benchmarks, {time.strftime('%Y-%m-%d %H:%M')} (git {info['git']})")
+    m = info["machine"]
+    print(f"machine: {m['nproc']} CPUs ({m['cpu']}), {m['mem_gib']} GiB RAM, load average at start "
+          f"{m['loadavg'][0]}; torch threads {THREADS} on both sides")
+    print(f"training: {WARMUP} warm-up + {STEPS} timed steps x {REPS} repetitions, medians; kernels: medians of "
+          f"{KREPS} (NF4) / 10 (AdamW) repetitions")
+    head = ["row", "measurement", "unit", "ours", "reference", "ours/ref", "note"]
+    lines = []
+    for r in table:
+        ratio = r["ours"] / r["ref"] if r.get("ours") and r.get("ref") else None
+        better = {"higher": "higher is better", "lower": "lower is better"}[r["better"]]
+        note = r.get("note") or ""
+        lines.append([str(r["row"]), r["metric"], r["unit"], fmt(r.get("ours")), fmt(r.get("ref")),
+                      "-" if ratio is None else f"{ratio:.2f}", f"{better}{'; ' + note if note else ''}"])
+        r["ratio"] = ratio
+    widths = [max(len(x[i]) for x in lines + [head]) for i in range(len(head))]
+    align = ["<", "<", "<", ">", ">", ">", "<"]
+    for i, ln in enumerate([head] + lines):
+        print("  ".join(f"{c:{a}{w}}" for c, a, w in zip(ln, align, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def write_csv(path, rows):
+    if not rows:
+        return
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def main():
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    info = {"machine": machine(), "git": git_rev()}
+    binary, bench_kernels = build()
+    table, kernel_csv, train_csv, raw = [], [], [], {"info": info}
+    t0 = time.time()
+    failed = []
+    steps = [(lambda: kernel_rows(bench_kernels, table, kernel_csv, raw), ROWS & {1, 2}),
+             (lambda: train_row(binary, bench_kernels, table, train_csv, raw), ROWS & {3}),
+             (lambda: load_row(binary, table, raw), ROWS & {4})]
+    for fn, wanted in steps:
+        if not wanted:
+            continue
+        print(f"row(s) {sorted(wanted)} ...", flush=True)
+        try:
+            fn()
+        except Failed as e:
+            print(f"  FAILED: {e}", flush=True)
+            failed.append(str(e))
+    info["bench_s"] = round(time.time() - t0)
+    print_table(table, info)
+    write_csv(RESULTS / "summary.csv", table)
+    write_csv(RESULTS / "kernels.csv", kernel_csv)
+    write_csv(RESULTS / "train.csv", train_csv)
+    (RESULTS / "raw.json").write_text(json.dumps(raw, indent=2))
+    print(f"\nwrote {RESULTS}/summary.csv, kernels.csv, train.csv, raw.json (logs in {RESULTS}/logs); "
+          f"{info['bench_s']} s")
+    # A reference figure may be absent by design (bnb's CPU backend has no `out=` dequantize).
+    missing = [
+        r for r in table
+        if r.get("ours") is None or (r.get("ref") is None and "out=" not in r.get("note", "") and "skipped" not in r.get("note", ""))
+    ]
+    if failed or missing:
+        print("some measurements failed: see the logs above", file=sys.stderr)
+    if raw.get("limit_failed"):
+        print(raw["limit_failed"], file=sys.stderr)
+    if failed or missing or raw.get("limit_failed"):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
