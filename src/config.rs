@@ -315,7 +315,7 @@ impl Config {
         if self.r <= 0 {
             err("r", format!("LoRA rank must be positive, got {}", self.r))?;
         }
-        if !(self.lora_alpha > 0.0) {
+        if self.lora_alpha.is_nan() || self.lora_alpha <= 0.0 {
             err(
                 "lora_alpha",
                 format!("must be positive, got {}", self.lora_alpha),
@@ -327,7 +327,7 @@ impl Config {
                 format!("must be in [0, 1), got {}", self.lora_dropout),
             )?;
         }
-        if !(self.lr > 0.0) || !self.lr.is_finite() {
+        if !self.lr.is_finite() || self.lr <= 0.0 {
             err("lr", format!("must be positive, got {}", self.lr))?;
         }
         if self.batch_size == 0 {

@@ -71,7 +71,7 @@ pub fn load_model(cfg: &Config, device: Device) -> Result<Loaded> {
     let model_dir = cfg.model_dir()?;
     let model = LlamaClassifier::load(model_dir, &model_options(cfg, device, encoder.pad_id()))
         .with_context(|| format!("cannot load the model from {}", model_dir.display()))?;
-    let vocab = model.config.vocab_size as i64;
+    let vocab = model.config.vocab_size;
     if encoder.max_id() >= vocab {
         bail!(
             "{}: the tokenizer produces ids up to {} but the model's embedding has only {vocab} rows ({}); \
@@ -499,7 +499,7 @@ pub fn train(cfg: &Config) -> Result<Summary> {
                     format!("{:.3}", st.train_seconds + session),
                     peak_rss_bytes().to_string(),
                 ]);
-                if st.step % cfg.log_every == 0 || st.step == total_steps || interrupted {
+                if st.step.is_multiple_of(cfg.log_every) || st.step == total_steps || interrupted {
                     metrics.flush()?;
                     let done_here = (st.step - keep_step).max(1) as f64;
                     let eta = session / done_here * (total_steps - st.step) as f64;
@@ -512,7 +512,7 @@ pub fn train(cfg: &Config) -> Result<Summary> {
                     let _ = std::io::stdout().flush();
                 }
             }
-            let periodic = cfg.checkpoint_every > 0 && st.step % cfg.checkpoint_every == 0;
+            let periodic = cfg.checkpoint_every > 0 && st.step.is_multiple_of(cfg.checkpoint_every);
             if periodic || interrupted {
                 let mut snap = st.clone();
                 snap.train_seconds += session_start.elapsed().as_secs_f64();
