@@ -396,7 +396,9 @@ def load_row(binary, table, raw):
     try:
         if binary is None:
             raise Failed("no qlora-cls binary")
-        _, rss, secs = run_child("load-8b-ours", ours_train_argv(binary, model, data, run_dir, 0), 3600)
+        # bf16 compute, as on a GPU: the embeddings and norms stay in 16 bits.
+        argv = ours_train_argv(binary, model, data, run_dir, 0, ("--bnb_4bit_compute_dtype", "bfloat16"))
+        _, rss, secs = run_child("load-8b-ours", argv, 3600)
         res["ours"] = dict(peak_rss_bytes=rss, wall_s=secs)
     except Failed as e:
         print(f"  FAILED: {e}", flush=True)

@@ -395,6 +395,7 @@ pub fn train(cfg: &Config) -> Result<Summary> {
     let mut unevaluated_steps = false;
     let session_start = Instant::now();
     let session_tokens_start = st.tokens_seen;
+    let mut stepping = 0.0f64;
     'epochs: for epoch in (st.epochs_done + 1)..=cfg.epochs {
         let batches = epoch_batches(
             train_set.len(),
@@ -409,6 +410,7 @@ pub fn train(cfg: &Config) -> Result<Summary> {
             }
             // accelerate's split_batches: this rank's contiguous part of the global batch.
             let (part, weight) = dist::split_batch_weighted(batch_idx, rank, world);
+            let step_start = Instant::now();
             let lr = cfg.lr * schedule::linear_warmup_multiplier(st.step, warmup, planned);
             model.set_dropout_step(st.step as u64);
             let (mut loss, mut tokens) = (0.0, 0i64);
@@ -485,9 +487,10 @@ pub fn train(cfg: &Config) -> Result<Summary> {
             st.batch_in_epoch += 1;
             st.tokens_seen += tokens;
             unevaluated_steps = true;
-
+            // Throughput counts training steps only, not evaluation or checkpoint saving.
+            stepping += step_start.elapsed().as_secs_f64();
             let session = session_start.elapsed().as_secs_f64();
-            let tps = (st.tokens_seen - session_tokens_start) as f64 / session.max(1e-9);
+            let tps = (st.tokens_seen - session_tokens_start) as f64 / stepping.max(1e-9);
             if let Some((metrics, _)) = &mut logs {
                 metrics.row(&[
                     st.step.to_string(),
@@ -583,7 +586,6 @@ pub fn train(cfg: &Config) -> Result<Summary> {
         last_eval = Some(r);
     }
 
-    let session = session_start.elapsed().as_secs_f64();
     let summary = Summary {
         baseline,
         final_eval: last_eval.as_ref().map(eval_json),
@@ -593,7 +595,7 @@ pub fn train(cfg: &Config) -> Result<Summary> {
         eval_examples: eval_set.len(),
         elapsed_s: start.elapsed().as_secs_f64(),
         peak_mem_bytes: peak_rss_bytes(),
-        tokens_per_s: (st.tokens_seen - session_tokens_start) as f64 / session.max(1e-9),
+        tokens_per_s: (st.tokens_seen - session_tokens_start) as f64 / stepping.max(1e-9),
         trainable_params: trainable,
         all_params: all,
         world_size: world,

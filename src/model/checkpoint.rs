@@ -8,7 +8,7 @@ use crate::model::hf_config::LlamaConfig;
 use crate::quant::nf4::{self, Nf4Options, Nf4Tensor};
 use crate::quant::qlinear::FrozenWeight;
 use anyhow::{anyhow, bail, Context, Result};
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -184,8 +184,17 @@ impl Checkpoint {
             )
         })?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        Tensor::f_from_data_size(view.data(), &shape, kind)
-            .with_context(|| format!("cannot read tensor {name} from {}", path.display()))
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind)
+            .with_context(|| format!("cannot read tensor {name} from {}", path.display()))?;
+        // The bytes are copied: hand the mapped pages back, or every tensor read stays
+        // resident and loading an 8B model costs its whole 16 GB of RAM.
+        let map = &self.shards[self.index[name]].map;
+        let offset = view.data().as_ptr() as usize - map.as_ptr() as usize;
+        let len = view.data().len();
+        // SAFETY: DONTNEED on a read-only file mapping only drops this process's copy of the
+        // pages; a later read faults them in again from the file with the same bytes.
+        let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, offset, len) };
+        Ok(t)
     }
 }
 
