@@ -451,6 +451,16 @@ impl Config {
                 format!("`{dev}` is not auto, cpu, cuda or cuda:N"),
             )?;
         }
+        if let Some(n) = dev.strip_prefix("cuda").map(|r| r.trim_start_matches(':')) {
+            let want: i64 = n.parse().unwrap_or(0);
+            let have = tch::Cuda::device_count();
+            if want >= have {
+                err(
+                    "device",
+                    format!("`{dev}` asked for, but libtorch sees {have} CUDA device(s); use `auto` or `cpu`"),
+                )?;
+            }
+        }
         for (key, dir) in [
             ("model_dir", &self.model_dir),
             ("tokenizer_dir", &self.tokenizer_dir),

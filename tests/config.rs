@@ -165,3 +165,12 @@ fn shipped_configs_are_valid() {
         assert!(r.is_ok(), "{name}: {:?}", r.err());
     }
 }
+
+#[test]
+fn cuda_device_without_a_gpu_is_refused() {
+    if tch::Cuda::is_available() {
+        return; // only meaningful where there is no GPU
+    }
+    assert_refused("device: cuda\n", &[], &["key `device`", "0 CUDA device"]);
+    assert_refused("", &["--device", "cuda:1"], &["key `device`"]);
+}
