@@ -38,7 +38,6 @@ $(STAMP): Makefile
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq libgloo-dev; fi; \
 	fi
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PKGS) $(NVCC_PKGS)
 	$(PY) -m pip install -q $(ORACLE_PKGS)
 	@touch $@
