@@ -1,6 +1,7 @@
 //! One `Config`, read from a YAML file, overridden by command-line flags of the same names,
 //! validated once. Keys carry the reference script's argparse names (`model_dir`, `r`,
 //! `lora_alpha`, `bnb_4bit_compute_dtype`, ...), so its users feel at home.
+use crate::lora::LORA_TARGETS;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
@@ -112,16 +113,6 @@ impl Default for Config {
         }
     }
 }
-
-pub const TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
 
 /// Every key a YAML file or a flag may set.
 pub fn keys() -> Vec<String> {
@@ -375,15 +366,15 @@ impl Config {
         if self.target_modules.is_empty() {
             err("target_modules", "name at least one module".into())?;
         }
-        let targets: Vec<String> = TARGETS.iter().map(|s| s.to_string()).collect();
+        let targets: Vec<String> = LORA_TARGETS.iter().map(|s| s.to_string()).collect();
         for t in &self.target_modules {
-            if !TARGETS.contains(&t.as_str()) {
+            if !LORA_TARGETS.contains(&t.as_str()) {
                 err(
                     "target_modules",
                     format!(
                         "unknown module `{t}`{}; choose from {}",
                         hint(t, &targets),
-                        TARGETS.join(", ")
+                        LORA_TARGETS.join(", ")
                     ),
                 )?;
             }
@@ -516,5 +507,45 @@ impl Config {
             _ if device.is_cuda() => tch::Kind::BFloat16,
             _ => tch::Kind::Float,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distance_and_nearest() {
+        assert_eq!(edit_distance("perfekt", "perfect"), 1);
+        assert_eq!(edit_distance("", "none"), 4);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(
+            nearest("lora_alpah", ["lora_alpha", "lr"]),
+            Some("lora_alpha")
+        );
+        assert_eq!(nearest("zzzzzzzz", ["lr", "r"]), None);
+    }
+
+    #[test]
+    fn flags_in_both_spellings() {
+        let args: Vec<String> = ["--batch-size", "16", "--lr=1e-4", "--resume", "--r", "4"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let o = parse_flags(&args).unwrap();
+        let pairs: Vec<(&str, &str)> = o
+            .iter()
+            .map(|o| (o.key.as_str(), o.value.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("batch_size", "16"),
+                ("lr", "1e-4"),
+                ("resume", "true"),
+                ("r", "4")
+            ]
+        );
+        assert!(parse_flags(&["oops".to_string()]).is_err());
     }
 }

@@ -33,7 +33,7 @@ pub fn resolve_prompt(name_or_text: &str) -> Result<String> {
     let lower = key.to_lowercase();
     let nearest = PROMPTS
         .iter()
-        .map(|(n, _)| (edit_distance(&lower, n), *n))
+        .map(|(n, _)| (crate::config::edit_distance(&lower, n), *n))
         .min()
         .map(|(_, n)| n)
         .unwrap_or("none");
@@ -53,29 +53,7 @@ pub fn render(prompt: &str, ex: &Example) -> String {
     )
 }
 
-/// Levenshtein distance over chars.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != *cb);
-            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn distance() {
-        assert_eq!(edit_distance("perfekt", "perfect"), 1);
-        assert_eq!(edit_distance("", "none"), 4);
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
-    }
 }
