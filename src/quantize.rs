@@ -10,8 +10,9 @@
 //!
 //! Memory: the output is streamed. Tensors are read one at a time from the memory-mapped input
 //! (whose pages are released after each read), quantised, and appended to the open shard file
-//! before the next one is read, so the process holds one source tensor and its quantised form
-//! at a time. A safetensors header must precede the data, but the exact length of each
+//! before the next one is read, so the process holds one projection weight and its quantised
+//! form at a time; unquantised tensors (embeddings, lm_head) are copied from the mapping in
+//! 64 MiB chunks without ever being held whole. A safetensors header must precede the data, but the exact length of each
 //! quant-state JSON (it holds the absmax mean) is only known after quantising; the header is
 //! therefore planned from upper bounds of every size, the data is written after that reserved
 //! room, and the real header is written last, padded with spaces (which the safetensors format
@@ -25,9 +26,11 @@ use crate::model::hf_config::LlamaConfig;
 use crate::quant::nf4::{self, Nf4Options, BLOCKSIZES, NESTED_BLOCKSIZE};
 use crate::runio;
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use safetensors::Dtype;
+use memmap2::{Mmap, UncheckedAdvice};
+use safetensors::{Dtype, SafeTensors};
 use serde_json::{json, Value};
 use std::cmp::Ordering;
+use std::collections::HashMap;
 use std::fs;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -346,11 +349,46 @@ fn header(entries: &[(String, &'static str, Vec<u64>, u64)]) -> String {
     h
 }
 
-fn tensor_bytes(t: &Tensor) -> Vec<u8> {
-    let t = t.contiguous();
-    let mut bytes = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
-    t.copy_data_u8(&mut bytes, t.numel());
-    bytes
+/// The input shards mapped once more, to copy unquantised tensors straight from the file in
+/// chunks (whose pages are released as soon as they are written) instead of through a tensor:
+/// an 8B model's embeddings and lm_head are 1 GB each.
+#[derive(Default)]
+struct RawShards {
+    maps: HashMap<PathBuf, Mmap>,
+}
+
+impl RawShards {
+    fn copy(&mut self, ck: &Checkpoint, name: &str, w: &mut impl Write) -> Result<u64> {
+        let path = ck
+            .file_of(name)
+            .ok_or_else(|| anyhow!("tensor {name} is missing from the checkpoint"))?;
+        if !self.maps.contains_key(path) {
+            let file =
+                fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+            // SAFETY: read-only mapping of a file we do not expect to change while we run
+            // (the same assumption `Checkpoint` makes).
+            let map = unsafe { Mmap::map(&file) }
+                .with_context(|| format!("cannot memory-map {}", path.display()))?;
+            self.maps.insert(path.to_path_buf(), map);
+        }
+        let map = &self.maps[path];
+        let st = SafeTensors::deserialize(map).map_err(|e| anyhow!("{}: {e:?}", path.display()))?;
+        let data = st
+            .tensor(name)
+            .map_err(|e| anyhow!("tensor {name} in {}: {e:?}", path.display()))?
+            .data();
+        const CHUNK: usize = 64 << 20;
+        for chunk in data.chunks(CHUNK) {
+            w.write_all(chunk)?;
+            let offset = chunk.as_ptr() as usize - map.as_ptr() as usize;
+            // SAFETY: DONTNEED on a read-only file mapping only drops our copy of the pages;
+            // reading them again faults the same bytes back in from the file.
+            let _ = unsafe {
+                map.unchecked_advise_range(UncheckedAdvice::DontNeed, offset, chunk.len())
+            };
+        }
+        Ok(data.len() as u64)
+    }
 }
 
 /// Writes one shard: data after the header room planned from upper bounds, then the real
@@ -378,26 +416,46 @@ fn write_shard(
     w.seek(SeekFrom::Start(8 + room)).map_err(io)?;
     let mut written = Vec::new();
     let mut bytes_in = 0u64;
+    let mut raw = RawShards::default();
     for unit in units {
+        if !unit.quantize {
+            let n = raw.copy(ck, &unit.name, &mut w).map_err(|e| {
+                e.context(format!(
+                    "cannot copy tensor {} to {}",
+                    unit.name,
+                    tmp.display()
+                ))
+            })?;
+            let e = &unit.entries[0];
+            ensure!(
+                n == e.bytes,
+                "internal: tensor {} has {n} bytes, {} planned",
+                unit.name,
+                e.bytes
+            );
+            bytes_in += n;
+            written.push((e.name.clone(), e.dtype, e.shape.clone(), n));
+            continue;
+        }
         let src = ck.tensor(&unit.name)?;
         bytes_in += (src.numel() * src.kind().elt_size_in_bytes()) as u64;
-        let tensors = if unit.quantize {
-            let prefix = unit.name.strip_suffix("weight").expect("checked in plan");
-            nf4::quantize(&src, opts)
-                .and_then(|q| q.to_bnb_tensors(prefix))
-                .with_context(|| format!("cannot quantise tensor {}", unit.name))?
-        } else {
-            vec![(unit.name.clone(), src)]
-        };
+        let prefix = unit.name.strip_suffix("weight").expect("checked in plan");
+        let tensors = nf4::quantize(&src, opts)
+            .and_then(|q| q.to_bnb_tensors(prefix))
+            .with_context(|| format!("cannot quantise tensor {}", unit.name))?;
+        drop(src);
         drop_check(&tensors, &unit.entries)?;
         for ((name, t), e) in tensors.iter().zip(&unit.entries) {
-            let bytes = tensor_bytes(t);
-            w.write_all(&bytes).map_err(io)?;
+            let t = t.contiguous();
+            let n = t.numel() * t.kind().elt_size_in_bytes();
+            // SAFETY: `t` is a contiguous CPU tensor of `n` bytes that outlives this borrow.
+            let bytes = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, n) };
+            w.write_all(bytes).map_err(io)?;
             written.push((
                 name.clone(),
                 e.dtype,
                 t.size().iter().map(|&d| d as u64).collect::<Vec<_>>(),
-                bytes.len() as u64,
+                n as u64,
             ));
         }
     }
