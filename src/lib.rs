@@ -16,6 +16,7 @@ pub mod model;
 pub mod optim;
 pub mod plot;
 pub mod quant;
+pub mod quantize;
 pub mod resume;
 pub mod runio;
 pub mod train;

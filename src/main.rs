@@ -67,6 +67,19 @@ enum Cmd {
         )]
         flags: Vec<String>,
     },
+    /// Writes a bitsandbytes 4-bit (NF4) checkpoint of a bf16/fp16/fp32 Llama checkpoint, as
+    /// transformers saves a model loaded in 4 bits. Options: --model_dir DIR and --out DIR
+    /// (required), --bnb_4bit_use_double_quant (true), --bnb_4bit_blocksize (64),
+    /// --bnb_4bit_compute_dtype (bfloat16), --bnb_4bit_quant_storage (uint8),
+    /// --max_shard_size (2GB), --force (replace a non-empty --out).
+    Quantize {
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "FLAGS"
+        )]
+        flags: Vec<String>,
+    },
     /// Writes the embedded demo: a tiny Llama checkpoint, its tokenizer and a synthetic
     /// paraphrase data set in GLUE TSV layout.
     DemoAssets {
@@ -223,6 +236,7 @@ fn run() -> Result<()> {
             let (t, a) = peft_param_counts(&hf, cfg.num_classes, cfg.r, &cfg.target_modules);
             println!("{}", peft_param_line(t, a));
         }
+        Cmd::Quantize { flags } => quantize_cmd(&flags)?,
         Cmd::DemoAssets { out } => {
             demo::write_demo_assets(&out)?;
             println!("wrote the demo model and data to {}", out.display());
@@ -233,6 +247,73 @@ fn run() -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn quantize_cmd(flags: &[String]) -> Result<()> {
+    use qlora_cls::quantize::{self, QuantizeOptions};
+    let keys = [
+        "model_dir",
+        "out",
+        "bnb_4bit_use_double_quant",
+        "bnb_4bit_blocksize",
+        "bnb_4bit_compute_dtype",
+        "bnb_4bit_quant_storage",
+        "max_shard_size",
+        "force",
+    ];
+    let args = Args::parse(flags, &keys)?;
+    if args.config.is_some() {
+        anyhow::bail!("quantize takes no --config");
+    }
+    if let Some(o) = args.overrides.first() {
+        anyhow::bail!(
+            "quantize: unknown option --{} (options: --{})",
+            o.key,
+            keys.join(", --")
+        );
+    }
+    let flag = |key: &str| -> Result<Option<bool>> {
+        args.own
+            .get(key)
+            .map(|v| {
+                v.parse::<bool>()
+                    .with_context(|| format!("--{key} {v:?}: expected true or false"))
+            })
+            .transpose()
+    };
+    let mut opts = QuantizeOptions::default();
+    if let Some(v) = flag("bnb_4bit_use_double_quant")? {
+        opts.nf4.double_quant = v;
+    }
+    if let Some(v) = args.own.get("bnb_4bit_blocksize") {
+        opts.nf4.blocksize = v
+            .parse()
+            .with_context(|| format!("--bnb_4bit_blocksize {v:?}: expected an integer"))?;
+    }
+    if let Some(v) = args.own.get("bnb_4bit_compute_dtype") {
+        opts.compute_dtype = v.clone();
+    }
+    if let Some(v) = args.own.get("bnb_4bit_quant_storage") {
+        opts.quant_storage = v.clone();
+    }
+    if let Some(v) = args.own.get("max_shard_size") {
+        opts.max_shard_bytes = quantize::parse_size(v)?;
+    }
+    opts.force = flag("force")?.unwrap_or(false);
+    let model_dir = PathBuf::from(args.required("model_dir")?);
+    let out = PathBuf::from(args.required("out")?);
+    let r = quantize::quantize_checkpoint(&model_dir, &out, &opts)?;
+    println!(
+        "wrote {}: {} weights in 4 bits, {} tensors copied, {} shard(s), {:.1} MB -> {:.1} MB; copied {}",
+        out.display(),
+        r.quantized,
+        r.copied,
+        r.shards,
+        r.bytes_in as f64 / 1e6,
+        r.bytes_out as f64 / 1e6,
+        if r.files_copied.is_empty() { "no other files".to_string() } else { r.files_copied.join(", ") }
+    );
     Ok(())
 }
 
