@@ -92,10 +92,22 @@ pub fn load_model(cfg: &Config, device: Device) -> Result<Loaded> {
 pub fn load_split(cfg: &Config, encoder: &TextEncoder, split: &str) -> Result<Vec<Encoded>> {
     let dir = cfg.data_dir()?;
     let examples = formats::load_split(dir, split)?;
+    // Name the file(s) the labels came from, so the user knows which one to fix.
+    let files: Vec<String> = split
+        .split('+')
+        .filter_map(|part| formats::locate_split(dir, part).ok())
+        .flat_map(|(_, files)| files)
+        .map(|f| f.display().to_string())
+        .collect();
+    let source = if files.is_empty() {
+        dir.display().to_string()
+    } else {
+        files.join(", ")
+    };
     formats::check_labels(
         &examples,
         cfg.num_classes as usize,
-        &format!("{} ({split})", dir.display()),
+        &format!("{source} ({split} split)"),
     )?;
     let text = prompt::resolve_prompt(&cfg.prompt)?;
     encode_examples(encoder, &examples, &text)

@@ -541,7 +541,43 @@ fn field_int(f: &Field) -> Option<i64> {
     }
 }
 
+thread_local! {
+    /// Set while this thread decodes a parquet file: its panics become errors, unprinted.
+    static IN_PARQUET_DECODER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The parquet crate panics on some corrupt files (out-of-bounds indexing in its RLE
+/// decoder, found by tests/fuzz.rs) instead of returning an error. Such a panic becomes an
+/// error naming the file, and its message is not printed as a crash.
 fn read_parquet(path: &Path, first_row: i64) -> Result<Vec<Example>> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !IN_PARQUET_DECODER.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    IN_PARQUET_DECODER.with(|f| f.set(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        read_parquet_unguarded(path, first_row)
+    }));
+    IN_PARQUET_DECODER.with(|f| f.set(false));
+    result.unwrap_or_else(|payload| {
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        bail!(
+            "{}: corrupt parquet file (the decoder failed: {what})",
+            path.display()
+        )
+    })
+}
+
+fn read_parquet_unguarded(path: &Path, first_row: i64) -> Result<Vec<Example>> {
     let file = fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let reader = SerializedFileReader::new(file)
         .with_context(|| format!("{}: not a readable parquet file", path.display()))?;
