@@ -51,7 +51,7 @@ demo-assets: build
 
 test: setup
 	cargo build --release
-	cargo test --release -- --test-threads=2
+	cargo test --release --lib --bins --tests -- --test-threads=2
 
 lint: setup
 	cargo fmt --check

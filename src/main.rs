@@ -317,8 +317,36 @@ fn quantize_cmd(flags: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The text of a panic payload (tch panics with libtorch's error message, e.g. on CUDA OOM).
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
 fn main() {
-    if let Err(e) = run() {
+    // Many tch calls panic on a libtorch error instead of returning it. Those we can explain
+    // (out of memory) go through the same message-and-hint path as other errors; any other
+    // panic keeps Rust's report, which is a bug to fix.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if train::error_hint(&panic_text(info.payload())).is_none() {
+            default_hook(info);
+        }
+    }));
+    let result = match std::panic::catch_unwind(run) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = panic_text(payload.as_ref());
+            if train::error_hint(&msg).is_none() {
+                std::process::exit(101);
+            }
+            Err(anyhow::anyhow!(msg))
+        }
+    };
+    if let Err(e) = result {
         // A run stopped by a signal saved its checkpoint: say how to go on, exit as
         // interrupted (128 + SIGINT) so launchers and schedulers see it did not finish.
         if let Some(i) = e.downcast_ref::<train::Interrupted>() {

@@ -52,8 +52,3 @@ pub fn render(prompt: &str, ex: &Example) -> String {
         ex.sentence1, ex.sentence2
     )
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-}
