@@ -136,7 +136,9 @@ where
         .y_desc("cross-entropy loss")
         .draw()
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    for (i, r) in trained.iter().enumerate() {
+    // Colours are picked by the run's place in `runs`, as in the accuracy chart, so one run
+    // has one colour in both.
+    for (i, r) in runs.iter().enumerate().filter(|(_, r)| !r.loss.is_empty()) {
         let color = Palette99::pick(i).to_rgba();
         let window = (r.loss.len() / 50).max(1);
         chart
