@@ -174,3 +174,35 @@ fn cuda_device_without_a_gpu_is_refused() {
     assert_refused("device: cuda\n", &[], &["key `device`", "0 CUDA device"]);
     assert_refused("", &["--device", "cuda:1"], &["key `device`"]);
 }
+
+#[test]
+fn inspect_prints_the_reference_parameter_line_for_llama3_8b() {
+    // Meta-Llama-3-8B's config.json as published (only what `inspect` reads matters).
+    let cfg = r#"{
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+      "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+      "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+      "max_position_embeddings": 8192, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+      "hidden_act": "silu", "tie_word_embeddings": false, "bos_token_id": 128000,
+      "eos_token_id": 128001, "initializer_range": 0.02, "torch_dtype": "bfloat16"
+    }"#;
+    let dir = common::tempdir();
+    std::fs::write(dir.path().join("config.json"), cfg).unwrap();
+    let out = Command::new(bin())
+        .args(["inspect", "--model_dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(
+            "trainable params: 3,416,064 || all params: 7,508,348,928 || trainable%: 0.0455"
+        ),
+        "{stdout}"
+    );
+}
