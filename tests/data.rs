@@ -615,3 +615,12 @@ fn demo_assets_are_deterministic_and_load_in_transformers() {
     let first = encode_examples(&enc, &dev[..1], PROMPTS[1].1).unwrap();
     assert_eq!(first[0].ids, c.first_ids[..first[0].ids.len()]);
 }
+
+#[test]
+fn comma_and_plus_join_splits_alike() {
+    let dir = common::mrpc_dir();
+    let plus = qlora_cls::data::formats::load_split(&dir, "train+validation").unwrap();
+    let comma = qlora_cls::data::formats::load_split(&dir, "train,validation").unwrap();
+    assert_eq!(plus.len(), 3668 + 408);
+    assert_eq!(plus, comma);
+}

@@ -77,7 +77,7 @@ impl Split {
             "test" => Ok(Split::Test),
             other => bail!(
                 "unknown split '{other}': expected train, validation (or dev), test, \
-                 or a '+'-joined list such as train+validation"
+                 or a '+'- or ','-joined list such as train+validation"
             ),
         }
     }
@@ -104,7 +104,7 @@ impl Split {
 /// concatenated in order, each keeping its own `idx`) from `data_dir`.
 pub fn load_split(data_dir: &Path, split: &str) -> Result<Vec<Example>> {
     let mut out = Vec::new();
-    for part in split.split('+') {
+    for part in split.split(['+', ',']) {
         let part = part.trim();
         if part.is_empty() {
             bail!("bad split '{split}': empty name in a '+'-joined list");
