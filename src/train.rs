@@ -589,6 +589,14 @@ pub fn train(cfg: &Config) -> Result<Summary> {
     if unevaluated_steps {
         say!(main, "");
         let r = evaluate(&model)?;
+        say!(
+            main,
+            "step {}: {eval_split} accuracy {} f1 {} loss {}",
+            st.step,
+            opt_fmt(r.accuracy),
+            opt_fmt(r.f1),
+            opt_fmt(r.loss)
+        );
         if let Some((metrics, evals)) = &mut logs {
             metrics.flush()?;
             let epoch = st.step as f64 / steps_per_epoch as f64;
