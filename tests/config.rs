@@ -4,16 +4,12 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_qlora-cls")
-}
-
 /// Runs `qlora-cls train --config FILE FLAGS...`; returns (exit code, stderr).
 fn train_with(yaml: &str, flags: &[&str]) -> (i32, String) {
     let dir = common::tempdir();
     let file = dir.path().join("bad.yaml");
     std::fs::write(&file, yaml).unwrap();
-    let out = Command::new(bin())
+    let out = Command::new(common::bin())
         .arg("train")
         .arg("--config")
         .arg(&file)
@@ -188,7 +184,7 @@ fn inspect_prints_the_reference_parameter_line_for_llama3_8b() {
     }"#;
     let dir = common::tempdir();
     std::fs::write(dir.path().join("config.json"), cfg).unwrap();
-    let out = Command::new(bin())
+    let out = Command::new(common::bin())
         .args(["inspect", "--model_dir"])
         .arg(dir.path())
         .output()

@@ -2,13 +2,9 @@
 //! stops the others, named, within the timeout.
 mod common;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_qlora-cls")
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -16,20 +12,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn demo(dir: &Path) -> PathBuf {
-    let out = Command::new(bin())
-        .args(["demo-assets", "--out"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    dir.to_path_buf()
 }
 
 fn train_args(assets: &Path, run: &Path, extra: &[&str]) -> Vec<String> {
@@ -62,7 +44,7 @@ fn train_args(assets: &Path, run: &Path, extra: &[&str]) -> Vec<String> {
 }
 
 fn rank(args: &[String], r: usize, world: usize, port: u16) -> Child {
-    Command::new(bin())
+    Command::new(common::bin())
         .args(args)
         .env("MASTER_ADDR", "127.0.0.1")
         .env("MASTER_PORT", port.to_string())
@@ -87,10 +69,10 @@ fn eval_rows(run: &Path) -> Vec<Vec<String>> {
 #[test]
 fn two_ranks_equal_one_rank() {
     let tmp = common::tempdir();
-    let assets = demo(&tmp.path().join("assets"));
+    let assets = common::demo_assets(&tmp.path().join("assets"));
     let extra = ["--max_steps", "40"];
     let one = tmp.path().join("one");
-    let out = Command::new(bin())
+    let out = Command::new(common::bin())
         .args(train_args(&assets, &one, &extra))
         .output()
         .unwrap();
@@ -140,7 +122,7 @@ fn two_ranks_equal_one_rank() {
 #[test]
 fn killing_a_rank_stops_the_others_naming_it() {
     let tmp = common::tempdir();
-    let assets = demo(&tmp.path().join("assets"));
+    let assets = common::demo_assets(&tmp.path().join("assets"));
     let run = tmp.path().join("run");
     let args = train_args(
         &assets,
@@ -193,7 +175,7 @@ fn killing_a_rank_stops_the_others_naming_it() {
 #[test]
 fn launcher_exits_non_zero_when_a_rank_dies() {
     let tmp = common::tempdir();
-    let assets = demo(&tmp.path().join("assets"));
+    let assets = common::demo_assets(&tmp.path().join("assets"));
     let run = tmp.path().join("run");
     let args = train_args(
         &assets,
@@ -208,7 +190,7 @@ fn launcher_exits_non_zero_when_a_rank_dies() {
             "--master-port",
             &free_port().to_string(),
             "--",
-            bin(),
+            common::bin(),
         ])
         .args(&args)
         .stdout(Stdio::piped())
@@ -254,7 +236,7 @@ fn launcher_exits_non_zero_when_a_rank_dies() {
 /// The pid of the qlora-cls process with RANK=<r> whose command line names `run` (the
 /// test's own run folder, unique to it).
 fn find_rank_pid(r: usize, run: &str) -> Option<u32> {
-    let me = bin();
+    let me = common::bin();
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
             continue;

@@ -11,10 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_qlora-cls")
-}
-
 /// Rows of the small training split (3 batches of 8) and the small evaluation split.
 const TRAIN_ROWS: usize = 24;
 const DEV_ROWS: usize = 32;
@@ -26,7 +22,7 @@ fn assets() -> &'static Path {
     DIR.get_or_init(|| {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("faults_assets");
         let _ = std::fs::remove_dir_all(&dir);
-        let out = Command::new(bin())
+        let out = Command::new(common::bin())
             .args(["demo-assets", "--out"])
             .arg(&dir)
             .output()
@@ -57,7 +53,7 @@ fn small_data() -> PathBuf {
 
 /// `qlora-cls train` on the demo recipe, two steps, no baseline evaluation.
 fn train(model_dir: &Path, data_dir: &Path, run: &Path, extra: &[&str]) -> Output {
-    Command::new(bin())
+    Command::new(common::bin())
         .arg("train")
         .arg("--config")
         .arg(common::root().join("configs/demo.yaml"))

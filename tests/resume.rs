@@ -1,30 +1,12 @@
 //! A run killed mid-epoch (SIGKILL) and resumed ends with the same weights and metrics as an
 //! uninterrupted run; SIGINT saves a checkpoint and exits as interrupted.
 mod common;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_qlora-cls")
-}
-
-fn demo_assets(dir: &Path) -> PathBuf {
-    let out = Command::new(bin())
-        .args(["demo-assets", "--out"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    dir.to_path_buf()
-}
-
 fn train_cmd(assets: &Path, run: &Path, extra: &[&str]) -> Command {
-    let mut c = Command::new(bin());
+    let mut c = Command::new(common::bin());
     c.arg("train")
         .arg("--config")
         .arg(common::root().join("configs/demo.yaml"))
@@ -87,7 +69,7 @@ fn metrics_numbers(run: &Path) -> Vec<String> {
 #[test]
 fn sigkill_mid_epoch_then_resume_equals_uninterrupted() {
     let tmp = common::tempdir();
-    let assets = demo_assets(&tmp.path().join("assets"));
+    let assets = common::demo_assets(&tmp.path().join("assets"));
 
     let straight = tmp.path().join("straight");
     let out = train_cmd(&assets, &straight, &[]).output().unwrap();
@@ -139,7 +121,7 @@ fn sigkill_mid_epoch_then_resume_equals_uninterrupted() {
 #[test]
 fn sigint_saves_a_checkpoint_and_exits_interrupted() {
     let tmp = common::tempdir();
-    let assets = demo_assets(&tmp.path().join("assets"));
+    let assets = common::demo_assets(&tmp.path().join("assets"));
     let run = tmp.path().join("run");
     let mut child = train_cmd(
         &assets,

@@ -4,12 +4,8 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_qlora-cls")
-}
-
 fn run_ok(args: &[&str]) -> String {
-    let out = Command::new(bin())
+    let out = Command::new(common::bin())
         .args(args)
         .output()
         .expect("run qlora-cls");

@@ -57,3 +57,23 @@ pub fn tempdir() -> tempfile::TempDir {
 pub fn exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// The `qlora-cls` binary cargo built for these tests.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_qlora-cls")
+}
+
+/// `qlora-cls demo-assets --out dir`: the tiny model and synthetic data, written by the binary.
+pub fn demo_assets(dir: &Path) -> PathBuf {
+    let out = Command::new(bin())
+        .args(["demo-assets", "--out"])
+        .arg(dir)
+        .output()
+        .expect("run qlora-cls demo-assets");
+    assert!(
+        out.status.success(),
+        "demo-assets failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir.to_path_buf()
+}
