@@ -158,18 +158,21 @@ fn shallow(ts: &[Tensor]) -> Vec<Tensor> {
 /// L2 norm of all gradients (optionally clipped to `max_norm`, as torch's clip_grad_norm_).
 fn grad_norm(params: &[Tensor], max_norm: Option<f64>) -> f64 {
     let _g = tch::no_grad_guard();
-    let mut sq = 0.0;
-    for p in params {
-        let g = p.grad();
-        if g.defined() {
-            sq += g
-                .to_kind(Kind::Double)
-                .square()
-                .sum(Kind::Double)
-                .double_value(&[]);
-        }
-    }
-    let norm = sq.sqrt();
+    // One reduction on the device and one host sync per step, not one per tensor.
+    let squares: Vec<Tensor> = params
+        .iter()
+        .map(Tensor::grad)
+        .filter(Tensor::defined)
+        .map(|g| g.to_kind(Kind::Double).square().sum(Kind::Double))
+        .collect();
+    let norm = if squares.is_empty() {
+        0.0
+    } else {
+        Tensor::stack(&squares, 0)
+            .sum(Kind::Double)
+            .sqrt()
+            .double_value(&[])
+    };
     if let Some(max) = max_norm {
         let coef = max / (norm + 1e-6);
         if coef < 1.0 {
