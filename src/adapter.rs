@@ -67,21 +67,6 @@ fn kind_to_dtype(k: Kind) -> Result<Dtype> {
     })
 }
 
-fn dtype_to_kind(d: Dtype) -> Result<Kind> {
-    Ok(match d {
-        Dtype::F32 => Kind::Float,
-        Dtype::BF16 => Kind::BFloat16,
-        Dtype::F16 => Kind::Half,
-        Dtype::F64 => Kind::Double,
-        Dtype::I64 => Kind::Int64,
-        Dtype::I32 => Kind::Int,
-        Dtype::U8 => Kind::Uint8,
-        Dtype::I8 => Kind::Int8,
-        Dtype::BOOL => Kind::Bool,
-        d => bail!("unsupported safetensors dtype {d:?}"),
-    })
-}
-
 /// Serialises named tensors to safetensors bytes (with `{"format": "pt"}`, as torch writes).
 pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
     let mut owned = Vec::with_capacity(tensors.len());
@@ -113,8 +98,13 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
         .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
-        let kind =
-            dtype_to_kind(view.dtype()).with_context(|| format!("{}: {name}", path.display()))?;
+        let kind = crate::model::checkpoint::kind_of(view.dtype()).with_context(|| {
+            format!(
+                "{}: {name} has unsupported dtype {:?}",
+                path.display(),
+                view.dtype()
+            )
+        })?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         let t = Tensor::from_data_size(view.data(), &shape, kind);
         out.insert(name, t);

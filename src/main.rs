@@ -137,6 +137,29 @@ impl Args {
     }
 }
 
+/// `eval` and `predict`: the model with `--adapter` loaded, scored on `--split` (default
+/// test). Returns the adapter folder, the split, its size and the result.
+fn score_split(args: &Args) -> Result<(PathBuf, String, usize, eval::EvalResult)> {
+    let cfg = args.config()?;
+    let adapter = PathBuf::from(args.required("adapter")?);
+    let split = args
+        .own
+        .get("split")
+        .cloned()
+        .unwrap_or_else(|| "test".into());
+    let loaded = train::load_with_adapter(&cfg, &adapter)?;
+    let data = train::load_split(&cfg, &loaded.encoder, &split)?;
+    let r = eval::evaluate(
+        &loaded.model,
+        &data,
+        cfg.eval_batch_size,
+        loaded.encoder.pad_id(),
+        loaded.device,
+        None,
+    )?;
+    Ok((adapter, split, data.len(), r))
+}
+
 fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
@@ -147,61 +170,26 @@ fn run() -> Result<()> {
         }
         Cmd::Eval { flags } => {
             let args = Args::parse(&flags, &["adapter", "split"])?;
-            let cfg = args.config()?;
-            let adapter = PathBuf::from(args.required("adapter")?);
-            let split = args
-                .own
-                .get("split")
-                .cloned()
-                .unwrap_or_else(|| "test".into());
-            let loaded = train::load_with_adapter(&cfg, &adapter)?;
-            let data = train::load_split(&cfg, &loaded.encoder, &split)?;
-            let r = eval::evaluate(
-                &loaded.model,
-                &data,
-                cfg.eval_batch_size,
-                loaded.encoder.pad_id(),
-                loaded.device,
-                None,
-            )?;
+            let (adapter, split, n, r) = score_split(&args)?;
             let (acc, f1) = (
                 r.accuracy
                     .context(format!("split `{split}` has no labels: use `predict`"))?,
                 r.f1.unwrap_or(0.0),
             );
-            println!(
-                "{split}: accuracy {acc:.4} f1 {f1:.4} ({} examples)",
-                data.len()
-            );
+            println!("{split}: accuracy {acc:.4} f1 {f1:.4} ({n} examples)");
             let out = adapter.join(format!("eval-{split}.json"));
             runio::write_json(
                 &out,
-                &serde_json::json!({"split": split, "accuracy": acc, "f1": f1, "loss": r.loss, "examples": data.len()}),
+                &serde_json::json!({"split": split, "accuracy": acc, "f1": f1, "loss": r.loss, "examples": n}),
             )?;
             println!("wrote {}", out.display());
         }
         Cmd::Predict { flags } => {
             let args = Args::parse(&flags, &["adapter", "split", "out"])?;
-            let cfg = args.config()?;
-            let adapter = PathBuf::from(args.required("adapter")?);
             let out = PathBuf::from(args.required("out")?);
-            let split = args
-                .own
-                .get("split")
-                .cloned()
-                .unwrap_or_else(|| "test".into());
-            let loaded = train::load_with_adapter(&cfg, &adapter)?;
-            let data = train::load_split(&cfg, &loaded.encoder, &split)?;
-            let r = eval::evaluate(
-                &loaded.model,
-                &data,
-                cfg.eval_batch_size,
-                loaded.encoder.pad_id(),
-                loaded.device,
-                None,
-            )?;
+            let (_, _, _, r) = score_split(&args)?;
             let mut text = String::from("index,prediction");
-            for c in 0..cfg.num_classes {
+            for c in 0..r.probs.first().map_or(0, Vec::len) {
                 text.push_str(&format!(",prob_{c}"));
             }
             text.push('\n');

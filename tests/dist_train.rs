@@ -133,20 +133,7 @@ fn killing_a_rank_stops_the_others_naming_it() {
     let mut r0 = rank(&args, 0, 2, port);
     let mut r1 = rank(&args, 1, 2, port);
     // Wait until training steps are being logged (mid-epoch), then SIGKILL rank 1.
-    let t = Instant::now();
-    loop {
-        let rows =
-            std::fs::read_to_string(run.join("metrics.csv")).map_or(0, |s| s.lines().count());
-        if rows > 5 {
-            break;
-        }
-        assert!(r0.try_wait().unwrap().is_none(), "rank 0 ended early");
-        assert!(
-            t.elapsed() < Duration::from_secs(300),
-            "no training steps logged"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_for_steps(&run, &mut r0, 4);
     r1.kill().unwrap();
     let _ = r1.wait();
     let killed = Instant::now();
@@ -197,20 +184,7 @@ fn launcher_exits_non_zero_when_a_rank_dies() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    loop {
-        let rows =
-            std::fs::read_to_string(run.join("metrics.csv")).map_or(0, |s| s.lines().count());
-        if rows > 5 {
-            break;
-        }
-        assert!(
-            launcher.try_wait().unwrap().is_none(),
-            "launcher ended early"
-        );
-        assert!(t.elapsed() < Duration::from_secs(300));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_for_steps(&run, &mut launcher, 4);
     // Find the rank with RANK=1 among the launcher's descendants and SIGKILL it.
     let victim = find_rank_pid(1, &run.display().to_string()).expect("rank 1 process");
     Command::new("kill")

@@ -14,15 +14,6 @@ use tch::{Device, Kind, Tensor};
 
 const PAD: i64 = 2;
 const NUM_LABELS: i64 = 3;
-const TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
 
 /// Tests share torch's global generator (LoRA init, dropout), so they take turns.
 fn serial() -> std::sync::MutexGuard<'static, ()> {
@@ -104,7 +95,10 @@ fn lora_all(dropout: f64) -> LoraConfig {
         r: 4,
         alpha: 8.0,
         dropout,
-        target_modules: TARGETS.iter().map(|s| s.to_string()).collect(),
+        target_modules: qlora_cls::lora::LORA_TARGETS
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
     }
 }
 

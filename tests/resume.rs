@@ -131,17 +131,7 @@ fn sigint_saves_a_checkpoint_and_exits_interrupted() {
     .spawn()
     .unwrap();
     // Wait until training steps are being logged, then interrupt.
-    let t = Instant::now();
-    loop {
-        let rows =
-            std::fs::read_to_string(run.join("metrics.csv")).map_or(0, |s| s.lines().count());
-        if rows > 3 {
-            break;
-        }
-        assert!(child.try_wait().unwrap().is_none(), "training ended early");
-        assert!(t.elapsed() < Duration::from_secs(300));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_for_steps(&run, &mut child, 2);
     let pid = child.id().to_string();
     Command::new("kill").args(["-INT", &pid]).status().unwrap();
     let out = child.wait_with_output().unwrap();

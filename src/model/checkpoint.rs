@@ -36,7 +36,8 @@ fn map_file(path: &Path) -> Result<Mmap> {
     unsafe { Mmap::map(&file) }.with_context(|| format!("cannot memory-map {}", path.display()))
 }
 
-fn kind_of(dtype: Dtype) -> Option<Kind> {
+/// The libtorch kind of a safetensors dtype (None for the ones libtorch lacks).
+pub fn kind_of(dtype: Dtype) -> Option<Kind> {
     Some(match dtype {
         Dtype::F32 => Kind::Float,
         Dtype::BF16 => Kind::BFloat16,

@@ -77,3 +77,26 @@ pub fn demo_assets(dir: &Path) -> PathBuf {
     );
     dir.to_path_buf()
 }
+
+/// Waits until `run/metrics.csv` holds more than `steps` training rows (the run is
+/// mid-epoch), failing if `child` ends first or nothing is logged within 300 s.
+pub fn wait_for_steps(run: &Path, child: &mut std::process::Child, steps: usize) {
+    let start = std::time::Instant::now();
+    loop {
+        let rows = std::fs::read_to_string(run.join("metrics.csv"))
+            .map_or(0, |s| s.lines().count().saturating_sub(1));
+        if rows > steps {
+            return;
+        }
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "training ended before {steps} steps were logged"
+        );
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(300),
+            "no training steps logged in {}",
+            run.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
