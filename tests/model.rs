@@ -15,25 +15,10 @@ use tch::{Device, Kind, Tensor};
 const PAD: i64 = 2;
 const NUM_LABELS: i64 = 3;
 
-/// Tests share torch's global generator (LoRA init, dropout), so they take turns.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// The oracle's output, built once per test run.
 fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("model_oracle");
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("fixture dir");
-        common::oracle(
-            "model_oracle.py",
-            &["fixtures", dir.to_str().expect("utf-8 path")],
-        );
-        dir
-    })
+    DIR.get_or_init(|| common::oracle_fixtures("model_oracle.py", "fixtures", "model_oracle"))
 }
 
 fn read(path: &Path) -> HashMap<String, Tensor> {
@@ -104,7 +89,7 @@ fn lora_all(dropout: f64) -> LoraConfig {
 
 #[test]
 fn fp32_logits_match_transformers() {
-    let _turn = serial();
+    let _turn = common::serial();
     let expected = read(&fixtures().join("expected.safetensors"));
     for model in ["gqa", "tied"] {
         let m = load_with(model, &opts(None, None, false), "score.safetensors");
@@ -125,7 +110,7 @@ fn fp32_logits_match_transformers() {
 
 #[test]
 fn nf4_logits_match_bitsandbytes() {
-    let _turn = serial();
+    let _turn = common::serial();
     let expected = read(&fixtures().join("expected.safetensors"));
     let q = Some(Nf4Options::default());
     // Quantised while loading the fp32 checkpoint, and read back from bitsandbytes' own file.
@@ -158,7 +143,7 @@ fn grads(m: &LlamaClassifier) -> Vec<(String, Tensor)> {
 
 #[test]
 fn lora_and_head_gradients_match_peft() {
-    let _turn = serial();
+    let _turn = common::serial();
     let (ids, mask) = batch("pad");
     let labels = read(&fixtures().join("inputs.safetensors"))["labels_pad"].shallow_clone();
     let want = read(&fixtures().join("peft_grads.safetensors"));
@@ -221,7 +206,7 @@ fn lora_and_head_gradients_match_peft() {
 
 #[test]
 fn checkpointing_reproduces_dropout_masks() {
-    let _turn = serial();
+    let _turn = common::serial();
     let (ids, mask) = batch("pad");
     let labels = read(&fixtures().join("inputs.safetensors"))["labels_pad"].shallow_clone();
     let adapter = "peft_adapter/adapter_model.safetensors";
@@ -262,7 +247,7 @@ const LLAMA31_CONFIG: &str = r#"{
 
 #[test]
 fn hf_config_llama31_and_transformers5() {
-    let _turn = serial();
+    let _turn = common::serial();
     let expected = read(&fixtures().join("expected.safetensors"));
     let c = LlamaConfig::from_json_str(LLAMA31_CONFIG, "llama31/config.json").expect("3.1 config");
     assert_eq!(c.num_key_value_heads, 8);
@@ -343,7 +328,7 @@ fn hf_config_llama31_and_transformers5() {
 
 #[test]
 fn peft_parameter_lines() {
-    let _turn = serial();
+    let _turn = common::serial();
     let c = LlamaConfig::from_json_str(LLAMA31_CONFIG, "llama3/config.json").expect("config");
     let qv = vec!["q_proj".to_string(), "v_proj".to_string()];
     let (t, a) = peft_param_counts(&c, 2, 8, &qv);
@@ -390,7 +375,7 @@ fn load_err(dir: &Path) -> String {
 
 #[test]
 fn load_errors_name_the_file_and_tensor() {
-    let _turn = serial();
+    let _turn = common::serial();
     let tmp = common::tempdir();
     let t = tmp.path();
 
@@ -462,7 +447,7 @@ fn load_errors_name_the_file_and_tensor() {
 
 #[test]
 fn nf4_dequantised_weight_matches_bitsandbytes() {
-    let _turn = serial();
+    let _turn = common::serial();
     let expected = read(&fixtures().join("expected.safetensors"));
     let w = read(&fixtures().join("gqa/model.safetensors"))["model.layers.1.mlp.down_proj.weight"]
         .shallow_clone();
@@ -478,7 +463,7 @@ fn nf4_dequantised_weight_matches_bitsandbytes() {
 
 #[test]
 fn bf16_and_fp16_compute() {
-    let _turn = serial();
+    let _turn = common::serial();
     let expected = read(&fixtures().join("expected.safetensors"));
     let (ids, mask) = batch("pad");
     let labels = read(&fixtures().join("inputs.safetensors"))["labels_pad"].shallow_clone();

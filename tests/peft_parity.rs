@@ -18,25 +18,10 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor};
 
-/// Tests share torch's global generator (model init reseeds it), so they take turns.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// The oracle's output (model, inputs, reference runs), built once per test run.
 fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("peft_oracle");
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("fixture dir");
-        common::oracle(
-            "peft_oracle.py",
-            &["setup", dir.to_str().expect("utf-8 path")],
-        );
-        dir
-    })
+    DIR.get_or_init(|| common::oracle_fixtures("peft_oracle.py", "setup", "peft_oracle"))
 }
 
 fn read(path: &Path) -> HashMap<String, Tensor> {
@@ -571,13 +556,13 @@ fn compare_training(nf4: bool) {
 
 #[test]
 fn three_steps_match_peft_and_bitsandbytes_fp32() {
-    let _turn = serial();
+    let _turn = common::serial();
     compare_training(false);
 }
 
 #[test]
 fn three_steps_match_peft_and_bitsandbytes_nf4() {
-    let _turn = serial();
+    let _turn = common::serial();
     compare_training(true);
 }
 
@@ -603,7 +588,7 @@ fn as_set(v: &serde_json::Value) -> std::collections::BTreeSet<String> {
 
 #[test]
 fn peft_loads_our_adapter() {
-    let _turn = serial();
+    let _turn = common::serial();
     let f = facts();
     let mut ours = Ours::new(false);
     for s in 0..f.steps {
@@ -701,7 +686,7 @@ fn peft_loads_our_adapter() {
 
 #[test]
 fn our_trainer_loads_peft_adapters() {
-    let _turn = serial();
+    let _turn = common::serial();
     for (nf4, tag) in [(false, "fp32"), (true, "nf4")] {
         let cfg = config(nf4);
         let dir = fixtures().join(format!("peft_adapter_{tag}"));
@@ -775,7 +760,7 @@ fn our_trainer_loads_peft_adapters() {
 
 #[test]
 fn trainable_parameter_line_matches_peft_4bit() {
-    let _turn = serial();
+    let _turn = common::serial();
     let f = facts();
     let cfg = config(true);
     let m = LlamaClassifier::load(

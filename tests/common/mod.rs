@@ -100,3 +100,19 @@ pub fn wait_for_steps(run: &Path, child: &mut std::process::Child, steps: usize)
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// Tests that share torch's global generator (LoRA init, dropout reseeding) take turns.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `tests/oracles/<script> <command> DIR` into a fresh `DIR` under cargo's test tmp
+/// folder (`name`) and returns `DIR`; callers keep it in a `OnceLock` to build it once.
+pub fn oracle_fixtures(script: &str, command: &str, name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("fixture dir");
+    oracle(script, &[command, dir.to_str().expect("utf-8 path")]);
+    dir
+}
