@@ -9,6 +9,7 @@ pub mod config;
 pub mod data;
 pub mod demo;
 pub mod dist;
+pub mod dropout;
 pub mod eval;
 pub mod lora;
 pub mod metrics;

@@ -1,6 +1,7 @@
 //! LoRA adapters as PEFT applies them to bitsandbytes `Linear4bit`: the input is cast to the
 //! adapter's fp32, passed through dropout, A then B, scaled by alpha/r, and cast back to the
 //! dtype of the frozen layer's output before being added to it.
+use crate::dropout::Dropout;
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -97,5 +98,80 @@ impl LoraAdapter {
             .linear::<Tensor>(&self.b, None)
             * self.scale;
         y.to_kind(out_kind)
+    }
+}
+
+/// What [`LoraAdapter::backward`] needs from one [`LoraAdapter::forward_saved`].
+#[derive(Debug)]
+pub struct LoraSaved {
+    /// The dropout mask's seed, when dropout was applied; the mask is regenerated from it.
+    dropout: Option<Dropout>,
+    /// `dropout(x) · Aᵀ`, `[N, r]`.
+    u: Tensor,
+}
+
+impl LoraAdapter {
+    /// The dropout of a training forward whose masks derive from `seed`; `None` when off.
+    fn dropout_for(&self, seed: Option<u64>) -> Option<Dropout> {
+        seed.filter(|_| self.dropout > 0.0).map(|seed| Dropout {
+            p: self.dropout,
+            seed,
+        })
+    }
+
+    /// As [`Self::forward`] for rows `x` `[N, in]`, outside autograd, keeping what the
+    /// hand-written backward needs; `dropout_seed` is `None` for evaluation.
+    pub fn forward_saved(
+        &self,
+        x: &Tensor,
+        dropout_seed: Option<u64>,
+        out_kind: Kind,
+    ) -> Result<(Tensor, LoraSaved)> {
+        let dropout = self.dropout_for(dropout_seed);
+        let xl = x.to_kind(Kind::Float);
+        let xd = match &dropout {
+            Some(d) => d.apply(&xl)?,
+            None => xl,
+        };
+        let (a, b) = (self.a.detach(), self.b.detach());
+        let u = xd.linear::<Tensor>(&a, None);
+        let y = (u.linear::<Tensor>(&b, None) * self.scale).to_kind(out_kind);
+        Ok((y, LoraSaved { dropout, u }))
+    }
+
+    /// Accumulates A's and B's gradients for the incoming gradient `dy` `[N, out]`, given the
+    /// forward's input rows `x` again, and returns the gradient of the input in `x`'s dtype;
+    /// the operations autograd runs for [`Self::forward`], with the dropout mask regenerated
+    /// rather than stored.
+    pub fn backward(&self, saved: &LoraSaved, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        let (a, b) = (self.a.detach(), self.b.detach());
+        let dv = dy.to_kind(Kind::Float) * self.scale;
+        accumulate_grad(&self.b, &dv.tr().mm(&saved.u));
+        let du = dv.mm(&b);
+        let xl = x.to_kind(Kind::Float);
+        let xd = match &saved.dropout {
+            Some(d) => d.apply(&xl)?,
+            None => xl,
+        };
+        accumulate_grad(&self.a, &du.tr().mm(&xd));
+        let dxd = du.mm(&a);
+        let dx = match &saved.dropout {
+            Some(d) => d.apply(&dxd)?,
+            None => dxd,
+        };
+        Ok(dx.to_kind(x.kind()))
+    }
+}
+
+/// `p.grad += g`, creating the gradient on first use the way autograd does (`d/dp Σ p·g = g`
+/// exactly), so the optimizer, the all-reduce and `zero_grad` see an ordinary `.grad`.
+pub fn accumulate_grad(p: &Tensor, g: &Tensor) {
+    let mut cur = p.grad();
+    if cur.defined() {
+        tch::no_grad(|| {
+            let _ = cur.g_add_(g);
+        });
+    } else {
+        tch::with_grad(|| (p * g.detach()).sum(Kind::Float).backward());
     }
 }

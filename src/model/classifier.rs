@@ -2,6 +2,7 @@
 //! and a trainable fp32 `score` head (PEFT's `modules_to_save`). Logits are read at the
 //! rightmost token that is not `pad_token_id`, transformers' rule.
 use crate::lora::LoraConfig;
+use crate::model::backward::Rows;
 use crate::model::checkpoint::{self, LoadOptions};
 use crate::model::hf_config::{peft_param_counts, LlamaConfig};
 use crate::model::llama::{LayerContext, LlamaModel};
@@ -156,14 +157,20 @@ impl LlamaClassifier {
         (Tensor::arange(t, (Kind::Int64, input_ids.device())) * non_pad).argmax(-1, false)
     }
 
-    /// Final norm, pooling and the fp32 score head.
+    /// Pooling, final norm and the fp32 score head.
     fn head(&self, hidden: &Tensor, input_ids: &Tensor) -> Tensor {
-        let h = self.model.norm.forward(hidden);
-        let s = h.size();
+        let s = hidden.size();
         let (b, t) = (s[0], s[1]);
-        let rows = Tensor::arange(b, (Kind::Int64, h.device())) * t + self.last_non_pad(input_ids);
-        let pooled = h.reshape([b * t, s[2]]).index_select(0, &rows);
-        pooled
+        let rows =
+            Tensor::arange(b, (Kind::Int64, hidden.device())) * t + self.last_non_pad(input_ids);
+        self.score_rows(&hidden.reshape([b * t, s[2]]).index_select(0, &rows))
+    }
+
+    /// Final norm (per row, so it may follow the pooling) and the fp32 score head.
+    fn score_rows(&self, pooled: &Tensor) -> Tensor {
+        self.model
+            .norm
+            .forward(pooled)
             .to_kind(Kind::Float)
             .linear::<Tensor>(&self.score, None)
     }
@@ -223,10 +230,10 @@ impl LlamaClassifier {
     }
 
     /// Mean cross-entropy forward and backward, accumulating `.grad` of the trainable
-    /// tensors. With gradient checkpointing, the forward keeps only each decoder layer's
-    /// input; the backward then recomputes one layer at a time and pushes the incoming
-    /// gradient through it as the vector-Jacobian product `(out · grad_out).sum()`.
-    /// Returns (loss, detached logits).
+    /// tensors, on the batch's real tokens only ([`Rows`]) with the hand-written backward of
+    /// [`crate::model::backward`]. Without gradient checkpointing each layer keeps its
+    /// activations; with it, only its input, and the backward recomputes one layer at a time
+    /// (drawing the same dropout masks). Returns (loss, detached logits).
     pub fn forward_backward(
         &self,
         input_ids: &Tensor,
@@ -242,70 +249,59 @@ impl LlamaClassifier {
             );
         }
         let ids = input_ids.to_device(self.opts.device).to_kind(Kind::Int64);
-        let ctx = self.context(attention_mask);
+        let rows = Rows::new(
+            &self.model.inv_freq,
+            &attention_mask.to_device(self.opts.device),
+            &self.last_non_pad(&ids),
+            self.opts.compute_dtype,
+        );
         let seeds = self.dropout_seeds(true);
-        let seeds = seeds.as_deref();
-        let emb = self.model.embed(&ids);
-
-        if !self.opts.gradient_checkpointing {
-            let h = self.run_layers(emb, &ctx, true, seeds)?;
-            let logits = self.head(&h, &ids);
-            let loss = self.loss(&logits, labels);
-            loss.f_backward().context("backward pass")?;
-            return Ok((loss.double_value(&[]), logits.detach()));
-        }
-
-        let mut inputs = Vec::with_capacity(self.model.layers.len());
-        let last = tch::no_grad(|| -> Result<Tensor> {
-            let mut h = emb;
-            for (i, layer) in self.model.layers.iter().enumerate() {
-                if let Some(s) = seeds {
-                    tch::manual_seed(s[i]);
-                }
-                let next = layer
-                    .forward(&h, &ctx, true)
-                    .with_context(|| format!("decoder layer {i}"))?;
+        let train_layers = self.opts.lora.is_some();
+        let checkpointing = self.opts.gradient_checkpointing;
+        let mut h = tch::no_grad(|| rows.gather(&self.model.embed(&ids)));
+        let mut inputs = Vec::new();
+        let mut saved = Vec::new();
+        let seed = |i: usize| seeds.as_ref().map(|s| s[i] as u64);
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let (next, s) = layer
+                .forward_rows(&h, &rows, seed(i), train_layers && !checkpointing)
+                .with_context(|| format!("decoder layer {i}"))?;
+            if train_layers && checkpointing {
                 inputs.push(h);
-                h = next;
             }
-            Ok(h)
-        })?;
-        let last = last.detach().set_requires_grad(true);
-        let logits = self.head(&last, &ids);
+            saved.extend(s);
+            h = next;
+        }
+        let last = h.detach().set_requires_grad(true);
+        let logits = self.score_rows(&last.index_select(0, &rows.pool));
         let loss = self.loss(&logits, labels);
         loss.f_backward().context("backward pass (head)")?;
+        let loss_value = loss.double_value(&[]);
+        if !train_layers {
+            return Ok((loss_value, logits.detach()));
+        }
         let mut grad_out = last.grad();
         drop(last);
-        if self.opts.lora.is_none() {
-            // Only the head trains: nothing below it needs a gradient.
-            return Ok((loss.double_value(&[]), logits.detach()));
-        }
         for (i, layer) in self.model.layers.iter().enumerate().rev() {
-            let x = inputs.pop().expect("one input per layer").detach();
+            let s = if checkpointing {
+                let x = inputs.pop().expect("one input per layer");
+                layer
+                    .forward_rows(&x, &rows, seed(i), true)
+                    .with_context(|| format!("recomputing decoder layer {i}"))?
+                    .1
+            } else {
+                saved.pop()
+            }
+            .expect("a saved forward per layer");
             // The embeddings are frozen: layer 0's input needs no gradient.
-            let x = if i > 0 { x.set_requires_grad(true) } else { x };
-            if let Some(s) = seeds {
-                tch::manual_seed(s[i]);
-            }
-            let out = layer
-                .forward(&x, &ctx, true)
-                .with_context(|| format!("recomputing decoder layer {i}"))?;
-            if out.requires_grad() {
-                (out * &grad_out)
-                    .sum(Kind::Float)
-                    .f_backward()
-                    .with_context(|| format!("backward pass (layer {i})"))?;
-            }
-            if i > 0 {
-                let g = x.grad();
-                grad_out = if g.defined() {
-                    g
-                } else {
-                    grad_out.zeros_like()
-                };
+            if let Some(g) = layer
+                .backward(s, &rows, &grad_out, i > 0)
+                .with_context(|| format!("backward pass (layer {i})"))?
+            {
+                grad_out = g;
             }
         }
-        Ok((loss.double_value(&[]), logits.detach()))
+        Ok((loss_value, logits.detach()))
     }
 
     /// Trainable tensors under PEFT's adapter names (`get_peft_model_state_dict`), sharing

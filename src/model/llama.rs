@@ -58,7 +58,7 @@ pub fn rope_tables(
     (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
 }
 
-fn rotate_half(x: &Tensor) -> Tensor {
+pub fn rotate_half(x: &Tensor) -> Tensor {
     let d = *x.size().last().expect("rank >= 1");
     let x1 = x.narrow(-1, 0, d / 2);
     let x2 = x.narrow(-1, d / 2, d - d / 2);
@@ -140,7 +140,7 @@ pub struct Attention {
     pub head_dim: i64,
 }
 
-fn repeat_kv(x: &Tensor, n_rep: i64) -> Tensor {
+pub fn repeat_kv(x: &Tensor, n_rep: i64) -> Tensor {
     if n_rep == 1 {
         return x.shallow_clone();
     }

@@ -1,4 +1,5 @@
 //! The Llama sequence classifier and the Hugging Face files it is read from.
+pub mod backward;
 pub mod checkpoint;
 pub mod classifier;
 pub mod hf_config;

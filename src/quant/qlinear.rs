@@ -1,5 +1,5 @@
 //! A frozen linear layer (dense or NF4, no bias) with an optional LoRA bypass.
-use crate::lora::LoraAdapter;
+use crate::lora::{LoraAdapter, LoraSaved};
 use crate::quant::nf4::{self, Nf4Tensor};
 use anyhow::Result;
 use tch::Tensor;
@@ -66,5 +66,63 @@ impl QLinear {
             Some(l) => base + l.forward(x, train, x.kind()),
             None => base,
         })
+    }
+}
+
+impl QLinear {
+    /// The frozen weight `[out, in]` in `kind`, dequantised for this call.
+    fn dense(&self, kind: tch::Kind) -> Result<Tensor> {
+        Ok(match &self.weight {
+            FrozenWeight::Dense(w) => w.shallow_clone(),
+            FrozenWeight::Nf4(q) => nf4::dequantize(q, kind)?,
+        })
+    }
+
+    /// `x · Wᵀ` (+ LoRA) for rows `x` `[N, in]` outside autograd (`dropout_seed`: `None`
+    /// for evaluation), keeping what
+    /// [`Self::backward`] needs: nothing of the frozen weight (it is dequantised again
+    /// there), only the LoRA branch's input and hidden rows.
+    pub fn forward_saved(
+        &self,
+        x: &Tensor,
+        dropout_seed: Option<u64>,
+    ) -> Result<(Tensor, Option<LoraSaved>)> {
+        let base = x.linear::<Tensor>(&self.dense(x.kind())?, None);
+        Ok(match &self.lora {
+            Some(l) => {
+                let (y, saved) = l.forward_saved(x, dropout_seed, x.kind())?;
+                (base + y, Some(saved))
+            }
+            None => (base, None),
+        })
+    }
+
+    /// The gradient of the input rows for the output gradient `dy` `[N, out]` (`dy · W`, as
+    /// autograd computes it for `linear`), accumulating the LoRA gradients. `x` rebuilds the
+    /// forward's input rows; it is called only when there is a LoRA branch.
+    pub fn backward(
+        &self,
+        saved: Option<&LoraSaved>,
+        x: impl FnOnce() -> Tensor,
+        dy: &Tensor,
+    ) -> Result<Tensor> {
+        let dx = dy.mm(&self.dense(dy.kind())?);
+        Ok(match (&self.lora, saved) {
+            (Some(l), Some(s)) => dx + l.backward(s, &x(), dy)?,
+            _ => dx,
+        })
+    }
+
+    /// Only the LoRA gradients, for a layer whose input needs no gradient.
+    pub fn backward_params_only(
+        &self,
+        saved: Option<&LoraSaved>,
+        x: impl FnOnce() -> Tensor,
+        dy: &Tensor,
+    ) -> Result<()> {
+        if let (Some(l), Some(s)) = (&self.lora, saved) {
+            let _input_grad = l.backward(s, &x(), dy)?;
+        }
+        Ok(())
     }
 }

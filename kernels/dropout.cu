@@ -1,0 +1,40 @@
+// CUDA twin of dropout_cpu.cpp: the same mask and one IEEE multiplication per element.
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "dropout.h"
+
+namespace {
+
+__global__ void dropout_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t n,
+                               uint64_t seed, uint32_t threshold, float scale) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const bool keep = qlora_dropout_bits(seed, (uint64_t)i) >= threshold;
+        y[i] = keep ? __fmul_rn(x[i], scale) : 0.0f;
+    }
+}
+
+}  // namespace
+
+extern "C" int qlora_dropout_cuda(const float* x, float* y, int64_t n, uint64_t seed,
+                                  uint32_t threshold, float scale, int device, void* stream) {
+    if (n < 0 || (n > 0 && (x == nullptr || y == nullptr))) return (int)cudaErrorInvalidValue;
+    if (n == 0) return 0;
+    // Launch on `device`, then give the caller its current device back.
+    int prev = -1;
+    cudaError_t err = cudaGetDevice(&prev);
+    if (err != cudaSuccess) return (int)err;
+    if (prev != device && (err = cudaSetDevice(device)) != cudaSuccess) return (int)err;
+    const int threads = 256;
+    int64_t blocks = (n + threads - 1) / threads;
+    if (blocks > 65535 * 8) blocks = 65535 * 8;  // the grid-stride loop covers the rest
+    dropout_kernel<<<(unsigned)blocks, threads, 0, (cudaStream_t)stream>>>(x, y, n, seed, threshold,
+                                                                          scale);
+    err = cudaGetLastError();
+    if (prev != device) {
+        const cudaError_t err2 = cudaSetDevice(prev);
+        if (err == cudaSuccess) err = err2;
+    }
+    return (int)err;
+}
