@@ -11,7 +11,7 @@ __global__ void dropout_kernel(const float* __restrict__ x, float* __restrict__ 
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
         const bool keep = qlora_dropout_bits(seed, (uint64_t)i) >= threshold;
-        y[i] = keep ? __fmul_rn(x[i], scale) : 0.0f;
+        y[i] = __fmul_rn(x[i], keep ? scale : 0.0f);
     }
 }
 

@@ -1,7 +1,9 @@
-// LoRA dropout with a counter-based mask: element i of a call with `seed` is kept when the
-// top 32 bits of splitmix64(seed + i * golden) are at or above `threshold` (= p * 2^32). The
-// mask is a pure function of (seed, i), so the backward pass, a checkpointed recomputation
-// and the CUDA twin (dropout.cu) all see the same mask without storing it.
+// LoRA dropout with a counter-based mask: element i of a call with `seed` is kept when
+// qlora_dropout_bits(seed, i) is at or above `threshold` (= p * 2^32). The mask is a pure
+// function of (seed, i), so the backward pass, a checkpointed recomputation and the CUDA twin
+// (dropout.cu) all see the same mask without storing it. The hash is two rounds of
+// murmur3's 32-bit finalizer over a Weyl sequence keyed by the seed: 32-bit multiplies only,
+// so the CPU loop vectorizes.
 #ifndef QLORA_DROPOUT_H
 #define QLORA_DROPOUT_H
 
@@ -17,15 +19,22 @@
 extern "C" {
 #endif
 
-QLORA_DROPOUT_HD uint32_t qlora_dropout_bits(uint64_t seed, uint64_t i) {
-    uint64_t z = seed + i * 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return (uint32_t)(z >> 32);
+QLORA_DROPOUT_HD uint32_t qlora_dropout_fmix32(uint32_t k) {
+    k ^= k >> 16;
+    k *= 0x85ebca6bu;
+    k ^= k >> 13;
+    k *= 0xc2b2ae35u;
+    k ^= k >> 16;
+    return k;
 }
 
-// y[i] = kept(i) ? x[i] * scale : 0 for i in [0, n); x may equal y. The same call applied to
+QLORA_DROPOUT_HD uint32_t qlora_dropout_bits(uint64_t seed, uint64_t i) {
+    const uint32_t k = (uint32_t)i * 0x9e3779b9u + (uint32_t)seed;
+    const uint32_t hi = (uint32_t)(i >> 32) * 0x7feb352du ^ (uint32_t)(seed >> 32);
+    return qlora_dropout_fmix32(qlora_dropout_fmix32(k) ^ hi);
+}
+
+// y[i] = x[i] * (kept(i) ? scale : 0) for i in [0, n); x may equal y. The same call applied to
 // the output gradient is the backward pass. Returns 0, or -1 for bad arguments.
 int qlora_dropout_cpu(const float* x, float* y, int64_t n, uint64_t seed, uint32_t threshold,
                       float scale);
