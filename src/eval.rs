@@ -32,10 +32,9 @@ fn log_probs(
     for batch_idx in epoch_batches(items.len(), batch_size, None, 0, None) {
         let batch: Vec<&Encoded> = batch_idx.iter().map(|&i| items[i]).collect();
         let b = collate(&batch, pad_id);
-        let logits = model.try_forward(
+        let logits = model.logits(
             &b.input_ids.to_device(device),
             &b.attention_mask.to_device(device),
-            false,
         )?;
         parts.push(logits.to_kind(Kind::Double).log_softmax(-1, Kind::Double));
     }

@@ -237,6 +237,13 @@ fn hand_written_backward_matches_autograd() {
                 p.zero_grad();
             }
             let logits = m.try_forward(&ids, &mask, false).expect("padded");
+            // Evaluation's logits come from the rows path too.
+            let rows_logits = m.logits(&ids, &mask).expect("rows logits");
+            let d = max_abs_diff(&rows_logits, &logits.detach());
+            assert!(
+                d <= tol * max_abs(&logits).max(1.0),
+                "{dir}/{which}/{kind:?}: evaluation logits differ by {d:e}"
+            );
             let reference = logits.cross_entropy_for_logits(labels);
             reference.backward();
             let ref_loss = reference.double_value(&[]);

@@ -211,6 +211,30 @@ impl LlamaClassifier {
         Ok(self.head(&h, &ids))
     }
 
+    /// Evaluation logits `[B, num_labels]` (fp32, no graph, no dropout), computed on the
+    /// batch's real tokens only like the training pass; equal to [`Self::try_forward`]'s up to
+    /// the matmuls' rounding.
+    pub fn logits(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        self.check_inputs(input_ids, attention_mask)?;
+        tch::no_grad(|| {
+            let ids = input_ids.to_device(self.opts.device).to_kind(Kind::Int64);
+            let rows = Rows::new(
+                &self.model.inv_freq,
+                &attention_mask.to_device(self.opts.device),
+                &self.last_non_pad(&ids),
+                self.opts.compute_dtype,
+            );
+            let mut h = rows.gather(&self.model.embed(&ids));
+            for (i, layer) in self.model.layers.iter().enumerate() {
+                h = layer
+                    .forward_rows(&h, &rows, None, false)
+                    .with_context(|| format!("decoder layer {i}"))?
+                    .0;
+            }
+            Ok(self.score_rows(&h.index_select(0, &rows.pool)))
+        })
+    }
+
     /// As [`Self::try_forward`]; panics on malformed inputs.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
         match self.try_forward(input_ids, attention_mask, train) {

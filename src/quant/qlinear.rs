@@ -49,19 +49,7 @@ impl QLinear {
     /// autograd keeps that copy just as long as the graph that uses it (one decoder layer
     /// under gradient checkpointing) to pass the gradient on to `x`; W itself never gets one.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let base = match &self.weight {
-            FrozenWeight::Dense(w) => x.linear::<Tensor>(w, None),
-            FrozenWeight::Nf4(q) => {
-                let rows = x.numel() as i64 / x.size().last().copied().unwrap_or(1).max(1);
-                let needs_graph = x.requires_grad();
-                if !needs_graph && rows <= SMALL_ROWS {
-                    nf4::matmul_small(x, q)?
-                } else {
-                    let w = nf4::dequantize(q, x.kind())?;
-                    x.linear::<Tensor>(&w, None)
-                }
-            }
-        };
+        let base = self.frozen(x)?;
         Ok(match &self.lora {
             Some(l) => base + l.forward(x, train, x.kind()),
             None => base,
@@ -70,6 +58,21 @@ impl QLinear {
 }
 
 impl QLinear {
+    /// `x · Wᵀ` without LoRA; a few rows outside autograd take the fused NF4 kernel.
+    fn frozen(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match &self.weight {
+            FrozenWeight::Dense(w) => x.linear::<Tensor>(w, None),
+            FrozenWeight::Nf4(q) => {
+                let rows = x.numel() as i64 / x.size().last().copied().unwrap_or(1).max(1);
+                if !x.requires_grad() && rows <= SMALL_ROWS {
+                    nf4::matmul_small(x, q)?
+                } else {
+                    x.linear::<Tensor>(&nf4::dequantize(q, x.kind())?, None)
+                }
+            }
+        })
+    }
+
     /// The frozen weight `[out, in]` in `kind`, dequantised for this call.
     fn dense(&self, kind: tch::Kind) -> Result<Tensor> {
         Ok(match &self.weight {
@@ -87,7 +90,7 @@ impl QLinear {
         x: &Tensor,
         dropout_seed: Option<u64>,
     ) -> Result<(Tensor, Option<LoraSaved>)> {
-        let base = x.linear::<Tensor>(&self.dense(x.kind())?, None);
+        let base = self.frozen(x)?;
         Ok(match &self.lora {
             Some(l) => {
                 let (y, saved) = l.forward_saved(x, dropout_seed, x.kind())?;
