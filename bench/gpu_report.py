@@ -33,9 +33,9 @@ def gpu_mem(p: Path):
         return None
 
 
-def ours_train(work: Path, warmup: int):
+def ours_train(work: Path, warmup: int, run="ours-train", mem="ours.gpumem"):
     try:
-        with open(work / "ours-train" / "metrics.csv") as f:
+        with open(work / run / "metrics.csv") as f:
             rows = list(csv.DictReader(f))
     except OSError:
         return None
@@ -49,14 +49,14 @@ def ours_train(work: Path, warmup: int):
     timed = steps[warmup:]
     if not timed:
         return None
-    summary = load(work / "ours-train" / "summary.json") or {}
+    summary = load(work / run / "summary.json") or {}
     return {
         "steps": len(timed),
         "median_step_s": statistics.median(s for s, _ in timed),
         "tokens_per_s": sum(t for _, t in timed) / sum(s for s, _ in timed),
         "tokens": round(sum(t for _, t in timed)),
         "peak_rss_bytes": summary.get("peak_mem_bytes"),
-        "peak_gpu_used_bytes": gpu_mem(work / "ours.gpumem"),
+        "peak_gpu_used_bytes": gpu_mem(work / mem),
     }
 
 
@@ -101,7 +101,8 @@ def main():
             kernels.setdefault(who, {})["adamw8bit_step_s"] = statistics.median(r["step_s"])
     rep["kernels"] = kernels
 
-    train = {"ours": ours_train(w, a.warmup)}
+    train = {"ours": ours_train(w, a.warmup),
+             "ours_nogc": ours_train(w, a.warmup, "ours-nogc-train", "ours-nogc.gpumem")}
     ref = load(w / "reference-train.json")
     if ref and "tokens_per_s" in ref:
         train["reference"] = {
@@ -137,8 +138,9 @@ def main():
     cp = rep["gpu"]["copy_bytes_per_s"]
     lines += ["", f"Nominal peak {f(nominal, 1e9, 0)} GB/s; torch device-to-device copy {f(cp, 1e9, 0)} GB/s.", ""]
     lines += ["## QLoRA, Llama-3-8B shape, batch 8, bf16 compute", "",
-              "| measurement | ours | reference | ours/ref |", "|---|---:|---:|---:|"]
-    to, tr = train.get("ours") or {}, train.get("reference") or {}
+              "| measurement | ours | reference | ours/ref | ours, gradient_checkpointing false | ratio |",
+              "|---|---:|---:|---:|---:|---:|"]
+    to, tr, tn = train.get("ours") or {}, train.get("reference") or {}, train.get("ours_nogc") or {}
     for key, label, scale in (
         ("tokens_per_s", "tokens/s", 1),
         ("median_step_s", "median step (s)", 1),
@@ -146,7 +148,8 @@ def main():
         ("peak_gpu_allocated_bytes", "peak torch allocated (GiB)", 2**30),
         ("peak_rss_bytes", "peak host RSS (GiB)", 2**30),
     ):
-        lines.append(f"| {label} | {f(to.get(key), scale)} | {f(tr.get(key), scale)} | {ratio(to.get(key), tr.get(key))} |")
+        lines.append(f"| {label} | {f(to.get(key), scale)} | {f(tr.get(key), scale)} | {ratio(to.get(key), tr.get(key))} "
+                     f"| {f(tn.get(key), scale)} | {ratio(tn.get(key), tr.get(key))} |")
     if to.get("tokens") and tr.get("tokens") and abs(to["tokens"] - tr["tokens"]) > 0.01 * tr["tokens"]:
         lines.append(f"\nWarning: token counts differ (ours {to['tokens']}, reference {tr['tokens']}).")
     (a.out / "summary.md").write_text("\n".join(lines) + "\n")
