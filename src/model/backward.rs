@@ -12,9 +12,7 @@
 //! one, so the real rows equal those of the padded computation.
 use crate::dropout::mix;
 use crate::lora::LoraSaved;
-use crate::model::llama::{
-    repeat_kv, rope_tables, rotate_half, Attention, DecoderLayer, LayerContext, RmsNorm,
-};
+use crate::model::llama::{rope_tables, rotate_half, DecoderLayer, LayerContext, RmsNorm};
 use anyhow::{Context, Result};
 use tch::{Kind, Tensor};
 
@@ -188,47 +186,6 @@ pub struct LayerSaved {
     lora: [Option<LoraSaved>; 7],
 }
 
-impl Attention {
-    /// Scaled-dot-product attention on rows, as [`Attention::forward`] runs it on the padded
-    /// batch; `[B, heads, T, d]` out.
-    fn core(&self, rows: &Rows, qh: &Tensor, kh: &Tensor, vh: &Tensor) -> Tensor {
-        let t = rows.seq;
-        let d = self.head_dim;
-        let scale = (d as f64).powf(-0.5);
-        let n_rep = self.num_heads / self.num_kv_heads;
-        match &rows.ctx.mask {
-            None => Tensor::scaled_dot_product_attention(
-                qh,
-                kh,
-                vh,
-                None::<Tensor>,
-                0.0,
-                t > 1,
-                scale,
-                n_rep > 1,
-            ),
-            Some(mask) => {
-                let k = repeat_kv(kh, n_rep);
-                let v = repeat_kv(vh, n_rep);
-                let o = Tensor::scaled_dot_product_attention(
-                    qh,
-                    &k,
-                    &v,
-                    Some(mask),
-                    0.0,
-                    false,
-                    scale,
-                    false,
-                );
-                match &rows.ctx.row_valid {
-                    Some(rv) => o * rv,
-                    None => o,
-                }
-            }
-        }
-    }
-}
-
 impl DecoderLayer {
     /// The layer on rows `x` `[N, hidden]` outside autograd (`dropout_seed`: `None` for
     /// evaluation); with `save`, also what [`Self::backward`] needs.
@@ -251,11 +208,11 @@ impl DecoderLayer {
             drop(n1);
             let q = rows.rope(&q, d);
             let k = rows.rope(&k, d);
-            let attn = a.core(
-                rows,
+            let attn = a.attend(
                 &rows.heads_of_rows(&q, d),
                 &rows.heads_of_rows(&k, d),
                 &rows.heads_of_rows(&v, d),
+                &rows.ctx,
             );
             let (o, lo) = a
                 .o_proj
@@ -320,7 +277,7 @@ impl DecoderLayer {
         // Attention: h = x + o_proj(attn(rope(q), rope(k), v)), recomputed under autograd.
         let leaf = |t: &Tensor| rows.heads_of_rows(t, d).detach().set_requires_grad(true);
         let (qh, kh, vh) = (leaf(&s.q), leaf(&s.k), leaf(&s.v));
-        let attn = tch::with_grad(|| a.core(rows, &qh, &kh, &vh));
+        let attn = tch::with_grad(|| a.attend(&qh, &kh, &vh, &rows.ctx));
         let dattn = tch::no_grad(|| {
             a.o_proj
                 .backward(lo.as_ref(), || rows.rows_of_heads(&attn.detach()), &dh)

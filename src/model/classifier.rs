@@ -150,6 +150,18 @@ impl LlamaClassifier {
         )
     }
 
+    /// The ids on the model's device and the batch's token rows.
+    fn rows(&self, input_ids: &Tensor, attention_mask: &Tensor) -> (Tensor, Rows) {
+        let ids = input_ids.to_device(self.opts.device).to_kind(Kind::Int64);
+        let rows = Rows::new(
+            &self.model.inv_freq,
+            &attention_mask.to_device(self.opts.device),
+            &self.last_non_pad(&ids),
+            self.opts.compute_dtype,
+        );
+        (ids, rows)
+    }
+
     /// transformers' pooling index: `argmax(arange(T) * (input_ids != pad))`.
     fn last_non_pad(&self, input_ids: &Tensor) -> Tensor {
         let t = input_ids.size()[1];
@@ -217,13 +229,7 @@ impl LlamaClassifier {
     pub fn logits(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         self.check_inputs(input_ids, attention_mask)?;
         tch::no_grad(|| {
-            let ids = input_ids.to_device(self.opts.device).to_kind(Kind::Int64);
-            let rows = Rows::new(
-                &self.model.inv_freq,
-                &attention_mask.to_device(self.opts.device),
-                &self.last_non_pad(&ids),
-                self.opts.compute_dtype,
-            );
+            let (ids, rows) = self.rows(input_ids, attention_mask);
             let mut h = rows.gather(&self.model.embed(&ids));
             for (i, layer) in self.model.layers.iter().enumerate() {
                 h = layer
@@ -272,13 +278,7 @@ impl LlamaClassifier {
                 input_ids.size()
             );
         }
-        let ids = input_ids.to_device(self.opts.device).to_kind(Kind::Int64);
-        let rows = Rows::new(
-            &self.model.inv_freq,
-            &attention_mask.to_device(self.opts.device),
-            &self.last_non_pad(&ids),
-            self.opts.compute_dtype,
-        );
+        let (ids, rows) = self.rows(input_ids, attention_mask);
         let seeds = self.dropout_seeds(true);
         let train_layers = self.opts.lora.is_some();
         let checkpointing = self.opts.gradient_checkpointing;

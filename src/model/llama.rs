@@ -140,7 +140,7 @@ pub struct Attention {
     pub head_dim: i64,
 }
 
-pub fn repeat_kv(x: &Tensor, n_rep: i64) -> Tensor {
+fn repeat_kv(x: &Tensor, n_rep: i64) -> Tensor {
     if n_rep == 1 {
         return x.shallow_clone();
     }
@@ -151,24 +151,17 @@ pub fn repeat_kv(x: &Tensor, n_rep: i64) -> Tensor {
 }
 
 impl Attention {
-    pub fn forward(&self, x: &Tensor, ctx: &LayerContext, train: bool) -> Result<Tensor> {
-        let s = x.size();
-        let (b, t) = (s[0], s[1]);
-        let heads = |y: Tensor| y.view([b, t, -1, self.head_dim]).transpose(1, 2);
-        let q = heads(self.q_proj.forward(x, train)?);
-        let k = heads(self.k_proj.forward(x, train)?);
-        let v = heads(self.v_proj.forward(x, train)?);
-        let cos = ctx.cos.view([1, 1, t, self.head_dim]);
-        let sin = ctx.sin.view([1, 1, t, self.head_dim]);
-        let q = &q * &cos + rotate_half(&q) * &sin;
-        let k = &k * &cos + rotate_half(&k) * &sin;
+    /// Scaled-dot-product attention of `[B, heads, T, d]` queries, keys and values under the
+    /// context's mask, as transformers' sdpa path computes it; `[B, heads, T, d]` out.
+    pub fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, ctx: &LayerContext) -> Tensor {
+        let t = q.size()[2];
         let scale = (self.head_dim as f64).powf(-0.5);
         let n_rep = self.num_heads / self.num_kv_heads;
-        let out = match &ctx.mask {
+        match &ctx.mask {
             None => Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
+                q,
+                k,
+                v,
                 None::<Tensor>,
                 0.0,
                 t > 1,
@@ -176,10 +169,10 @@ impl Attention {
                 n_rep > 1,
             ),
             Some(mask) => {
-                let k = repeat_kv(&k, n_rep);
-                let v = repeat_kv(&v, n_rep);
+                let k = repeat_kv(k, n_rep);
+                let v = repeat_kv(v, n_rep);
                 let o = Tensor::scaled_dot_product_attention(
-                    &q,
+                    q,
                     &k,
                     &v,
                     Some(mask),
@@ -193,7 +186,21 @@ impl Attention {
                     None => o,
                 }
             }
-        };
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor, ctx: &LayerContext, train: bool) -> Result<Tensor> {
+        let s = x.size();
+        let (b, t) = (s[0], s[1]);
+        let heads = |y: Tensor| y.view([b, t, -1, self.head_dim]).transpose(1, 2);
+        let q = heads(self.q_proj.forward(x, train)?);
+        let k = heads(self.k_proj.forward(x, train)?);
+        let v = heads(self.v_proj.forward(x, train)?);
+        let cos = ctx.cos.view([1, 1, t, self.head_dim]);
+        let sin = ctx.sin.view([1, 1, t, self.head_dim]);
+        let q = &q * &cos + rotate_half(&q) * &sin;
+        let k = &k * &cos + rotate_half(&k) * &sin;
+        let out = self.attend(&q, &k, &v, ctx);
         let out = out.transpose(1, 2).contiguous().reshape([b, t, -1]);
         self.o_proj.forward(&out, train)
     }
