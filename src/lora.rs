@@ -85,15 +85,11 @@ impl LoraAdapter {
         }
     }
 
-    /// The LoRA bypass for `x`, in `out_kind` (the frozen layer's output dtype).
-    pub fn forward(&self, x: &Tensor, train: bool, out_kind: Kind) -> Tensor {
-        let x = x.to_kind(Kind::Float);
-        let x = if train && self.dropout > 0.0 {
-            x.dropout(self.dropout, true)
-        } else {
-            x
-        };
+    /// The LoRA bypass for `x` under autograd, without dropout (evaluation mode), in
+    /// `out_kind` (the frozen layer's output dtype).
+    pub fn forward(&self, x: &Tensor, out_kind: Kind) -> Tensor {
         let y = x
+            .to_kind(Kind::Float)
             .linear::<Tensor>(&self.a, None)
             .linear::<Tensor>(&self.b, None)
             * self.scale;
@@ -119,8 +115,8 @@ impl LoraAdapter {
         })
     }
 
-    /// As [`Self::forward`] for rows `x` `[N, in]`, outside autograd, keeping what the
-    /// hand-written backward needs; `dropout_seed` is `None` for evaluation.
+    /// As [`Self::forward`] for rows `x` `[N, in]` outside autograd, with dropout when
+    /// `dropout_seed` is given (training), keeping what the hand-written backward needs.
     pub fn forward_saved(
         &self,
         x: &Tensor,

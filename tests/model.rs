@@ -95,7 +95,7 @@ fn fp32_logits_match_transformers() {
         let m = load_with(model, &opts(None, None, false), "score.safetensors");
         for which in ["pad", "full"] {
             let (ids, mask) = batch(which);
-            let got = m.forward(&ids, &mask, false);
+            let got = m.forward(&ids, &mask);
             let want = &expected[&format!("logits_{model}_{which}")];
             let d = max_abs_diff(&got, want);
             eprintln!("{model}/{which}: max |Δlogit| {d:e}");
@@ -118,7 +118,7 @@ fn nf4_logits_match_bitsandbytes() {
         let m = load_with(dir, &opts(q, None, false), "score.safetensors");
         for which in ["pad", "full"] {
             let (ids, mask) = batch(which);
-            let got = m.forward(&ids, &mask, false);
+            let got = m.forward(&ids, &mask);
             let want = &expected[&format!("logits_nf4_{which}")];
             let d = max_abs_diff(&got, want);
             eprintln!("nf4 {dir}/{which}: max |Δlogit| {d:e}");
@@ -236,7 +236,7 @@ fn hand_written_backward_matches_autograd() {
             for (_, mut p) in m.trainable_parameters() {
                 p.zero_grad();
             }
-            let logits = m.try_forward(&ids, &mask, false).expect("padded");
+            let logits = m.try_forward(&ids, &mask).expect("padded");
             // Evaluation's logits come from the rows path too.
             let rows_logits = m.logits(&ids, &mask).expect("rows logits");
             let d = max_abs_diff(&rows_logits, &logits.detach());
@@ -292,8 +292,8 @@ fn checkpointing_reproduces_dropout_masks() {
         assert!(d <= 1e-6, "{name}: checkpointed gradient differs by {d:e}");
     }
     // Evaluation is deterministic and dropout-free.
-    let e1 = a.forward(&ids, &mask, false);
-    let e2 = nodrop.forward(&ids, &mask, false);
+    let e1 = a.forward(&ids, &mask);
+    let e2 = nodrop.forward(&ids, &mask);
     assert_eq!(max_abs_diff(&e1, &e2), 0.0);
 }
 
@@ -537,7 +537,7 @@ fn bf16_and_fp16_compute() {
     let m = load_with("gqa", &o, "score_bf16.safetensors");
     for which in ["pad", "full"] {
         let (ids, mask) = batch(which);
-        let got = m.forward(&ids, &mask, false);
+        let got = m.forward(&ids, &mask);
         assert_eq!(got.kind(), Kind::Float);
         let want = &expected[&format!("logits_bf16_{which}")];
         let d = max_abs_diff(&got, want);

@@ -626,7 +626,7 @@ fn peft_loads_our_adapter() {
 
     // Its logits are ours.
     let (ids, mask, _) = eval_batch();
-    let mine = tch::no_grad(|| ours.model.forward(&ids, &mask, false));
+    let mine = tch::no_grad(|| ours.model.forward(&ids, &mask));
     let theirs = &read(&fixtures().join("load.safetensors"))["eval_logits"];
     let d = max_abs_diff(&mine, theirs);
     eprintln!("our adapter in PEFT: max |Δlogit| {d:e}");
@@ -710,7 +710,7 @@ fn our_trainer_loads_peft_adapters() {
         let reference = read(&fixtures().join(format!("ref_{tag}.safetensors")));
         let want = &reference["eval_logits"];
         let (ids, mask, labels) = eval_batch();
-        let got = tch::no_grad(|| loaded.model.forward(&ids, &mask, false));
+        let got = tch::no_grad(|| loaded.model.forward(&ids, &mask));
         let d = max_abs_diff(&got, want);
         eprintln!("{tag}: PEFT's adapter in our model: max |Δlogit| {d:e}");
         assert!(d <= 1e-4, "{tag}: logits differ from PEFT's by {d:e}");

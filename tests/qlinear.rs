@@ -1,5 +1,6 @@
 //! QLinear (NF4 weight + LoRA bypass) against a dense fp32 reference built from the
 //! dequantized weight: forward and the gradients with respect to x, A and B.
+use qlora_cls::dropout::Dropout;
 use qlora_cls::lora::{LoraAdapter, LoraConfig};
 use qlora_cls::quant::nf4::{self, Nf4Options};
 use qlora_cls::quant::qlinear::{FrozenWeight, QLinear};
@@ -39,7 +40,7 @@ fn forward_and_gradients_match_a_dense_reference() {
     let (ql, wd) = layer(96, 192);
     let lora = ql.lora.as_ref().unwrap();
     let x = (Tensor::randn([3, 40, 192], (Kind::Float, Device::Cpu))).set_requires_grad(true);
-    let y = ql.forward(&x, true).unwrap();
+    let y = ql.forward(&x).unwrap();
     let gy = Tensor::randn(y.size(), (Kind::Float, Device::Cpu));
     (&y * &gy).sum(Kind::Float).backward();
     let (gx, ga, gb) = (x.grad(), lora.a.grad(), lora.b.grad());
@@ -70,6 +71,51 @@ fn forward_and_gradients_match_a_dense_reference() {
     );
 }
 
+/// The training pass of one projection (`forward_saved` + the hand-written `backward`, LoRA
+/// dropout on) against autograd through dense fp32 algebra with the same mask.
+#[test]
+fn hand_written_backward_matches_a_dense_reference() {
+    let (mut ql, wd) = layer(96, 192);
+    let p = 0.25;
+    if let Some(l) = ql.lora.as_mut() {
+        l.dropout = p;
+    }
+    let lora = ql.lora.as_ref().unwrap();
+    let x = Tensor::randn([120, 192], (Kind::Float, Device::Cpu));
+    let seed = 99u64;
+    let (y, saved) = ql.forward_saved(&x, Some(seed)).unwrap();
+    let gy = Tensor::randn(y.size(), (Kind::Float, Device::Cpu));
+    let gx = ql
+        .backward(saved.as_ref(), || x.shallow_clone(), &gy)
+        .unwrap();
+    let (ga, gb) = (lora.a.grad(), lora.b.grad());
+
+    // The mask the kernel applies: 0 or 1/(1-p), a function of (seed, index).
+    let mask = Dropout { p, seed }.apply(&Tensor::ones_like(&x)).unwrap();
+    let kept = mask
+        .ne(0.0)
+        .to_kind(Kind::Float)
+        .mean(Kind::Float)
+        .double_value(&[]);
+    assert!((kept - (1.0 - p)).abs() < 0.02, "kept {kept}");
+    let xr = x.detach().set_requires_grad(true);
+    let ar = lora.a.detach().set_requires_grad(true);
+    let br = lora.b.detach().set_requires_grad(true);
+    let yr = xr.matmul(&wd.tr()) + (&xr * &mask).matmul(&ar.tr()).matmul(&br.tr()) * lora.scale;
+    (&yr * &gy).sum(Kind::Float).backward();
+    for (what, got, want) in [
+        ("forward", &y, &yr.detach()),
+        ("dx", &gx, &xr.grad()),
+        ("dA", &ga, &ar.grad()),
+        ("dB", &gb, &br.grad()),
+    ] {
+        assert!(rel_err(got, want) <= 1e-5, "{what} {}", rel_err(got, want));
+    }
+    // Without a seed (evaluation) there is no dropout: the autograd forward's output.
+    let (y_eval, _) = ql.forward_saved(&x, None).unwrap();
+    assert!(rel_err(&y_eval, &ql.forward(&x).unwrap().detach()) <= 1e-6);
+}
+
 #[test]
 fn small_batches_without_a_graph_use_the_fused_kernel_and_agree() {
     let (ql, wd) = layer(64, 256);
@@ -77,7 +123,7 @@ fn small_batches_without_a_graph_use_the_fused_kernel_and_agree() {
     let _g = tch::no_grad_guard();
     for rows in [1, 5, 16] {
         let x = Tensor::randn([rows, 256], (Kind::Float, Device::Cpu));
-        let y = ql.forward(&x, false).unwrap();
+        let y = ql.forward(&x).unwrap();
         let yr = x.matmul(&wd.tr()) + x.matmul(&lora.a.tr()).matmul(&lora.b.tr()) * lora.scale;
         assert!(
             rel_err(&y, &yr) <= 1e-5,

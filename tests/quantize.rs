@@ -178,7 +178,7 @@ fn our_loader_reads_our_checkpoint_like_transformers_own() {
         .map(|s| {
             let m = LlamaClassifier::load(&d.join(s), &load_opts())
                 .unwrap_or_else(|e| panic!("load {s}: {e:#}"));
-            m.forward(ids, mask, false)
+            m.forward(ids, mask)
         })
         .collect();
     assert_eq!(weights[0].len(), 1 + 2 * 9 + 1);

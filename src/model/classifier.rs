@@ -1,6 +1,7 @@
 //! `LlamaForSequenceClassification` under PEFT: frozen (NF4 or dense) Llama, LoRA adapters,
 //! and a trainable fp32 `score` head (PEFT's `modules_to_save`). Logits are read at the
 //! rightmost token that is not `pad_token_id`, transformers' rule.
+use crate::dropout::mix;
 use crate::lora::LoraConfig;
 use crate::model::backward::Rows;
 use crate::model::checkpoint::{self, LoadOptions};
@@ -35,13 +36,6 @@ pub struct LlamaClassifier {
     /// Counts training forwards, so each draws fresh dropout masks that a checkpointed
     /// recomputation can reproduce.
     dropout_step: AtomicU64,
-}
-
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 impl LlamaClassifier {
@@ -107,22 +101,18 @@ impl LlamaClassifier {
         self.dropout_step.store(step, Ordering::Relaxed);
     }
 
-    fn uses_dropout(&self, train: bool) -> bool {
-        train && self.opts.lora.as_ref().is_some_and(|l| l.dropout > 0.0)
-    }
-
-    /// Per-layer seeds for one training forward; `None` when dropout is off. Each decoder
-    /// layer runs right after `tch::manual_seed(seed_i)`, so a checkpointed recomputation
-    /// draws the same dropout masks; this reseeds torch's global generator.
-    fn dropout_seeds(&self, train: bool) -> Option<Vec<i64>> {
-        if !self.uses_dropout(train) {
+    /// Per-layer LoRA dropout seeds for one training forward; `None` when dropout is off.
+    /// Each call is one step: the masks of step s, layer l and projection p derive from
+    /// (seed, s, l, p), so a checkpointed recomputation or a resumed run draws them again.
+    fn dropout_seeds(&self) -> Option<Vec<u64>> {
+        if !self.opts.lora.as_ref().is_some_and(|l| l.dropout > 0.0) {
             return None;
         }
         let step = self.dropout_step.fetch_add(1, Ordering::Relaxed);
-        let base = splitmix(self.opts.seed ^ splitmix(step));
+        let base = mix(self.opts.seed, step);
         Some(
             (0..self.model.layers.len() as u64)
-                .map(|i| (splitmix(base.wrapping_add(i)) >> 1) as i64)
+                .map(|i| mix(base, i))
                 .collect(),
         )
     }
@@ -187,39 +177,21 @@ impl LlamaClassifier {
             .linear::<Tensor>(&self.score, None)
     }
 
-    fn run_layers(
-        &self,
-        h: Tensor,
-        ctx: &LayerContext,
-        train: bool,
-        seeds: Option<&[i64]>,
-    ) -> Result<Tensor> {
-        let mut h = h;
-        for (i, layer) in self.model.layers.iter().enumerate() {
-            if let Some(s) = seeds {
-                tch::manual_seed(s[i]);
-            }
-            h = layer
-                .forward(&h, ctx, train)
-                .with_context(|| format!("decoder layer {i}"))?;
-        }
-        Ok(h)
-    }
-
-    /// fp32 logits `[B, num_labels]` with the autograd graph; `train` enables LoRA dropout.
-    /// For evaluation call it under `tch::no_grad`, or the graph (and with NF4 weights, each
-    /// layer's dequantised copies) is kept alive until the logits are dropped.
-    pub fn try_forward(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        train: bool,
-    ) -> Result<Tensor> {
+    /// fp32 logits `[B, num_labels]` of the padded batch, op for op as transformers computes
+    /// them (no dropout), with the autograd graph: the reference that the training pass
+    /// ([`Self::forward_backward`]) and evaluation ([`Self::logits`]) are tested against.
+    /// Under `tch::no_grad` unless a gradient is wanted, or the graph (and with NF4 weights,
+    /// each layer's dequantised copies) lives until the logits are dropped.
+    pub fn try_forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         self.check_inputs(input_ids, attention_mask)?;
         let ids = input_ids.to_device(self.opts.device).to_kind(Kind::Int64);
         let ctx = self.context(attention_mask);
-        let seeds = self.dropout_seeds(train);
-        let h = self.run_layers(self.model.embed(&ids), &ctx, train, seeds.as_deref())?;
+        let mut h = self.model.embed(&ids);
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            h = layer
+                .forward(&h, &ctx)
+                .with_context(|| format!("decoder layer {i}"))?;
+        }
         Ok(self.head(&h, &ids))
     }
 
@@ -242,8 +214,8 @@ impl LlamaClassifier {
     }
 
     /// As [`Self::try_forward`]; panics on malformed inputs.
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
-        match self.try_forward(input_ids, attention_mask, train) {
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Tensor {
+        match self.try_forward(input_ids, attention_mask) {
             Ok(t) => t,
             Err(e) => panic!("LlamaClassifier::forward: {e:#}"),
         }
@@ -279,13 +251,13 @@ impl LlamaClassifier {
             );
         }
         let (ids, rows) = self.rows(input_ids, attention_mask);
-        let seeds = self.dropout_seeds(true);
+        let seeds = self.dropout_seeds();
         let train_layers = self.opts.lora.is_some();
         let checkpointing = self.opts.gradient_checkpointing;
         let mut h = tch::no_grad(|| rows.gather(&self.model.embed(&ids)));
         let mut inputs = Vec::new();
         let mut saved = Vec::new();
-        let seed = |i: usize| seeds.as_ref().map(|s| s[i] as u64);
+        let seed = |i: usize| seeds.as_ref().map(|s| s[i]);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let (next, s) = layer
                 .forward_rows(&h, &rows, seed(i), train_layers && !checkpointing)

@@ -189,20 +189,20 @@ impl Attention {
         }
     }
 
-    pub fn forward(&self, x: &Tensor, ctx: &LayerContext, train: bool) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
         let s = x.size();
         let (b, t) = (s[0], s[1]);
         let heads = |y: Tensor| y.view([b, t, -1, self.head_dim]).transpose(1, 2);
-        let q = heads(self.q_proj.forward(x, train)?);
-        let k = heads(self.k_proj.forward(x, train)?);
-        let v = heads(self.v_proj.forward(x, train)?);
+        let q = heads(self.q_proj.forward(x)?);
+        let k = heads(self.k_proj.forward(x)?);
+        let v = heads(self.v_proj.forward(x)?);
         let cos = ctx.cos.view([1, 1, t, self.head_dim]);
         let sin = ctx.sin.view([1, 1, t, self.head_dim]);
         let q = &q * &cos + rotate_half(&q) * &sin;
         let k = &k * &cos + rotate_half(&k) * &sin;
         let out = self.attend(&q, &k, &v, ctx);
         let out = out.transpose(1, 2).contiguous().reshape([b, t, -1]);
-        self.o_proj.forward(&out, train)
+        self.o_proj.forward(&out)
     }
 }
 
@@ -214,10 +214,10 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let g = self.gate_proj.forward(x, train)?.silu();
-        let u = self.up_proj.forward(x, train)?;
-        self.down_proj.forward(&(g * u), train)
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.gate_proj.forward(x)?.silu();
+        let u = self.up_proj.forward(x)?;
+        self.down_proj.forward(&(g * u))
     }
 }
 
@@ -230,14 +230,14 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub fn forward(&self, x: &Tensor, ctx: &LayerContext, train: bool) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
         let h = x + self
             .self_attn
-            .forward(&self.input_layernorm.forward(x), ctx, train)?;
+            .forward(&self.input_layernorm.forward(x), ctx)?;
         let out = &h
             + self
                 .mlp
-                .forward(&self.post_attention_layernorm.forward(&h), train)?;
+                .forward(&self.post_attention_layernorm.forward(&h))?;
         Ok(out)
     }
 

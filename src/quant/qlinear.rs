@@ -2,7 +2,7 @@
 use crate::lora::{LoraAdapter, LoraSaved};
 use crate::quant::nf4::{self, Nf4Tensor};
 use anyhow::Result;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 /// Rows up to which the no-grad path uses `nf4::matmul_small` instead of dequantising.
 const SMALL_ROWS: i64 = 16;
@@ -45,19 +45,17 @@ pub struct QLinear {
 }
 
 impl QLinear {
-    /// `x · Wᵀ` (+ LoRA). The NF4 weight is dequantised to `x`'s dtype for this call only:
-    /// autograd keeps that copy just as long as the graph that uses it (one decoder layer
-    /// under gradient checkpointing) to pass the gradient on to `x`; W itself never gets one.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// `x · Wᵀ` (+ LoRA, without dropout) under autograd: the padded reference forward. The
+    /// NF4 weight is dequantised to `x`'s dtype for this call; autograd keeps that copy as
+    /// long as the graph that uses it. Training uses [`Self::forward_saved`] instead.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let base = self.frozen(x)?;
         Ok(match &self.lora {
-            Some(l) => base + l.forward(x, train, x.kind()),
+            Some(l) => base + l.forward(x, x.kind()),
             None => base,
         })
     }
-}
 
-impl QLinear {
     /// `x · Wᵀ` without LoRA; a few rows outside autograd take the fused NF4 kernel.
     fn frozen(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match &self.weight {
@@ -74,7 +72,7 @@ impl QLinear {
     }
 
     /// The frozen weight `[out, in]` in `kind`, dequantised for this call.
-    fn dense(&self, kind: tch::Kind) -> Result<Tensor> {
+    fn dense(&self, kind: Kind) -> Result<Tensor> {
         Ok(match &self.weight {
             FrozenWeight::Dense(w) => w.shallow_clone(),
             FrozenWeight::Nf4(q) => nf4::dequantize(q, kind)?,
@@ -82,9 +80,8 @@ impl QLinear {
     }
 
     /// `x · Wᵀ` (+ LoRA) for rows `x` `[N, in]` outside autograd (`dropout_seed`: `None`
-    /// for evaluation), keeping what
-    /// [`Self::backward`] needs: nothing of the frozen weight (it is dequantised again
-    /// there), only the LoRA branch's input and hidden rows.
+    /// for evaluation), keeping what [`Self::backward`] needs: nothing of the frozen weight
+    /// (it is dequantised again there), only the LoRA branch's `[N, r]` hidden rows.
     pub fn forward_saved(
         &self,
         x: &Tensor,
