@@ -19,6 +19,9 @@
 #include <cmath>
 #include <vector>
 
+// Loops over elements run on one thread below 32768 elements (torch's own grain size): for a
+// small tensor, waking the OpenMP pool costs more than the work, and its threads then spin.
+//
 // The bit-exact twins rely on every product and sum being rounded separately; keep GCC
 // from fusing them into FMAs on targets that have one.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -98,7 +101,7 @@ extern "C" int qlora_nf4_quantize_cpu(const void* x, int dtype, int64_t n, int64
     }
     const Nf4Tables& t = nf4_tables();
     const int64_t n_blocks = (n + blocksize - 1) / blocksize;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n > 32768)
     for (int64_t b = 0; b < n_blocks; ++b) {
         const int64_t start = b * blocksize;
         const int64_t end = std::min(start + blocksize, n);
@@ -202,7 +205,7 @@ extern "C" int qlora_nf4_dequantize_cpu(const uint8_t* packed, QloraNf4Scales sc
     const int64_t n_blocks = (n + blocksize - 1) / blocksize;
     static const bool wide = has_avx512();
     const bool fast = wide && out_dtype != QLORA_NF4_F16;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n > 32768)
     for (int64_t b = 0; b < n_blocks; ++b) {
         const float scale = scale_of(b);
         const int64_t start = b * blocksize;
@@ -228,7 +231,7 @@ extern "C" int qlora_q8_quantize_cpu(const float* code, const float* x, float su
     float mid[255];
     q8_midpoints(code, mid);
     const int64_t n_blocks = (n + blocksize - 1) / blocksize;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n > 32768)
     for (int64_t b = 0; b < n_blocks; ++b) {
         const int64_t start = b * blocksize;
         const int64_t end = std::min(start + blocksize, n);
@@ -260,7 +263,7 @@ extern "C" int qlora_q8_dequantize_cpu(const float* code, const uint8_t* q, cons
         blocksize <= 0) {
         return QLORA_NF4_EINVAL;
     }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n > 32768)
     for (int64_t i = 0; i < n; ++i) {
         const float v = code[q[i]] * absmax[i / blocksize];
         out[i] = v + add;
