@@ -12,7 +12,7 @@
 //! one, so the real rows equal those of the padded computation.
 use crate::dropout::mix;
 use crate::lora::LoraSaved;
-use crate::model::llama::{rope_tables, rotate_half, DecoderLayer, LayerContext, RmsNorm};
+use crate::model::llama::{rotate_half, DecoderLayer, LayerContext};
 use anyhow::{Context, Result};
 use tch::{Kind, Tensor};
 
@@ -39,7 +39,6 @@ impl Rows {
         let s = attention_mask.size();
         let (b, t) = (s[0], s[1]);
         let ctx = LayerContext::new(inv_freq, attention_mask, kind);
-        let (cos, sin) = rope_tables(inv_freq, t, kind, device);
         let flat_pooled = Tensor::arange(b, (Kind::Int64, device)) * t + pooled;
         let keep = attention_mask
             .to_kind(Kind::Bool)
@@ -50,8 +49,8 @@ impl Rows {
                 batch: b,
                 seq: t,
                 index: None,
-                cos: cos.repeat([b, 1]),
-                sin: sin.repeat([b, 1]),
+                cos: ctx.cos.repeat([b, 1]),
+                sin: ctx.sin.repeat([b, 1]),
                 ctx,
                 pool: flat_pooled,
             };
@@ -67,8 +66,8 @@ impl Rows {
         Rows {
             batch: b,
             seq: t,
-            cos: cos.index_select(0, &pos),
-            sin: sin.index_select(0, &pos),
+            cos: ctx.cos.index_select(0, &pos),
+            sin: ctx.sin.index_select(0, &pos),
             pool: row_of.index_select(0, &flat_pooled),
             index: Some(index),
             ctx,
@@ -136,36 +135,6 @@ impl Rows {
             -1,
         );
         (&g * self.cos.view([n, 1, d]) + rt).view([n, -1])
-    }
-}
-
-impl RmsNorm {
-    /// [`RmsNorm::forward`] and its `rsqrt(mean(x²) + eps)` `[N, 1]` (fp32).
-    fn forward_saved(&self, x: &Tensor) -> (Tensor, Tensor) {
-        let xf = x.to_kind(Kind::Float);
-        let var = xf
-            .pow_tensor_scalar(2)
-            .mean_dim([-1].as_slice(), true, Kind::Float);
-        let rstd = (var + self.eps).rsqrt();
-        (self.normed(x, &rstd), rstd)
-    }
-
-    /// The forward's output again from its input and saved `rstd`, bit for bit.
-    fn normed(&self, x: &Tensor, rstd: &Tensor) -> Tensor {
-        &self.weight * (x.to_kind(Kind::Float) * rstd).to_kind(x.kind())
-    }
-
-    /// The input gradient in `kind`, following autograd's chain for `forward`:
-    /// `w·(x·r)` with `r = (mean(x²) + eps)^-½`.
-    fn backward(&self, x: &Tensor, rstd: &Tensor, dy: &Tensor, kind: Kind) -> Tensor {
-        let xf = x.to_kind(Kind::Float);
-        let dt = (dy * &self.weight).to_kind(Kind::Float);
-        let direct = &dt * rstd;
-        let dr = (&dt * &xf).sum_dim_intlist([-1].as_slice(), true, Kind::Float);
-        let dvar = dr * rstd.pow_tensor_scalar(3) * -0.5;
-        let h = *xf.size().last().expect("rank >= 1") as f64;
-        let dsq = (dvar / h) * 2.0 * &xf;
-        (direct + dsq).to_kind(kind)
     }
 }
 

@@ -73,13 +73,35 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let kind = x.kind();
-        let h = x.to_kind(Kind::Float);
-        let var = h
+        self.forward_saved(x).0
+    }
+
+    /// [`RmsNorm::forward`] and its `rsqrt(mean(x²) + eps)` `[N, 1]` (fp32).
+    pub fn forward_saved(&self, x: &Tensor) -> (Tensor, Tensor) {
+        let xf = x.to_kind(Kind::Float);
+        let var = xf
             .pow_tensor_scalar(2)
             .mean_dim([-1].as_slice(), true, Kind::Float);
-        let h = h * (var + self.eps).rsqrt();
-        &self.weight * h.to_kind(kind)
+        let rstd = (var + self.eps).rsqrt();
+        (self.normed(x, &rstd), rstd)
+    }
+
+    /// The forward's output again from its input and saved `rstd`, bit for bit.
+    pub fn normed(&self, x: &Tensor, rstd: &Tensor) -> Tensor {
+        &self.weight * (x.to_kind(Kind::Float) * rstd).to_kind(x.kind())
+    }
+
+    /// The input gradient in `kind`, following autograd's chain for `forward`:
+    /// `w·(x·r)` with `r = (mean(x²) + eps)^-½`.
+    pub fn backward(&self, x: &Tensor, rstd: &Tensor, dy: &Tensor, kind: Kind) -> Tensor {
+        let xf = x.to_kind(Kind::Float);
+        let dt = (dy * &self.weight).to_kind(Kind::Float);
+        let direct = &dt * rstd;
+        let dr = (&dt * &xf).sum_dim_intlist([-1].as_slice(), true, Kind::Float);
+        let dvar = dr * rstd.pow_tensor_scalar(3) * -0.5;
+        let h = *xf.size().last().expect("rank >= 1") as f64;
+        let dsq = (dvar / h) * 2.0 * &xf;
+        (direct + dsq).to_kind(kind)
     }
 }
 
