@@ -1,6 +1,7 @@
 //! The Llama classifier against transformers, PEFT and bitsandbytes (tests/oracles/model_oracle.py
 //! builds tiny random checkpoints and computes the references).
 mod common;
+use common::{max_abs, max_abs_diff};
 
 use qlora_cls::lora::LoraConfig;
 use qlora_cls::model::classifier::{LlamaClassifier, ModelOptions};
@@ -53,18 +54,6 @@ fn load_with(dir: &str, o: &ModelOptions, trainable: &str) -> LlamaClassifier {
     m.load_trainable(&|k: &str| t.get(k).map(|x| x.shallow_clone()))
         .unwrap_or_else(|e| panic!("load_trainable: {e:#}"));
     m
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size(), "shapes differ");
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
-        .abs()
-        .max()
-        .double_value(&[])
-}
-
-fn max_abs(a: &Tensor) -> f64 {
-    a.to_kind(Kind::Double).abs().max().double_value(&[])
 }
 
 fn batch(which: &str) -> (Tensor, Tensor) {

@@ -3,6 +3,7 @@
 //! base), transformers' linear warmup schedule. tests/oracles/peft_oracle.py builds a tiny
 //! random Llama and runs the reference.
 mod common;
+use common::{max_abs, max_abs_diff};
 
 use qlora_cls::adapter;
 use qlora_cls::config::Config;
@@ -95,18 +96,6 @@ fn config(nf4: bool) -> Config {
         gradient_checkpointing: nf4,
         ..Config::default()
     }
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size(), "shapes differ");
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
-        .abs()
-        .max()
-        .double_value(&[])
-}
-
-fn max_abs(a: &Tensor) -> f64 {
-    a.to_kind(Kind::Double).abs().max().double_value(&[])
 }
 
 fn scalar(t: &Tensor) -> f64 {

@@ -116,3 +116,18 @@ pub fn oracle_fixtures(script: &str, command: &str, name: &str) -> PathBuf {
     oracle(script, &[command, dir.to_str().expect("utf-8 path")]);
     dir
 }
+
+/// Largest absolute difference of two tensors of the same shape, in f64.
+pub fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
+    use tch::Kind;
+    assert_eq!(a.size(), b.size(), "shapes differ");
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+/// Largest absolute entry, in f64.
+pub fn max_abs(a: &tch::Tensor) -> f64 {
+    a.to_kind(tch::Kind::Double).abs().max().double_value(&[])
+}
