@@ -175,13 +175,7 @@ fn safetensors_truncated_or_lying_header() {
     let m = t.join("truncated");
     copy_dir(&model(), &m);
     let f = m.join("model.safetensors");
-    let len = std::fs::metadata(&f).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&f)
-        .unwrap()
-        .set_len(len - 100)
-        .unwrap();
+    common::truncate_by(&f, 100);
     let e = failed(&train(&m, &data, &t.join("r1"), &[]));
     has_all(&e, &[&s(&f), "truncated or corrupt"]);
 

@@ -479,13 +479,7 @@ fn load_errors_name_the_file_and_tensor() {
     let trunc = t.join("truncated");
     copy_dir(&fixtures().join("gqa"), &trunc);
     let f = trunc.join("model.safetensors");
-    let len = std::fs::metadata(&f).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&f)
-        .unwrap()
-        .set_len(len - 100)
-        .unwrap();
+    common::truncate_by(&f, 100);
     let e = load_err(&trunc);
     assert!(e.contains("model.safetensors"), "{e}");
 

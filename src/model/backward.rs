@@ -14,6 +14,7 @@ use crate::dropout::mix;
 use crate::lora::LoraSaved;
 use crate::model::llama::{rotate_half, DecoderLayer, LayerContext};
 use anyhow::{Context, Result};
+use std::cell::OnceCell;
 use tch::{Kind, Tensor};
 
 /// One batch's token rows and how they map to the padded layout.
@@ -235,7 +236,13 @@ impl DecoderLayer {
             let du = &dact * &sg;
             drop((dact, sg));
             let dg = s.gate_out.silu_backward(&dsilu);
-            let n2 = || self.post_attention_layernorm.normed(&s.h, &s.rstd2);
+            // The normed input, rebuilt at most once for the LoRA branches that need it.
+            let n2_cell = OnceCell::new();
+            let n2 = || {
+                n2_cell
+                    .get_or_init(|| self.post_attention_layernorm.normed(&s.h, &s.rstd2))
+                    .shallow_clone()
+            };
             let dn2 = m.gate_proj.backward(lg.as_ref(), n2, &dg)?
                 + m.up_proj.backward(lu.as_ref(), n2, &du)?;
             Ok(dout
@@ -266,7 +273,12 @@ impl DecoderLayer {
             let dq = rows.rope_backward(&grad_rows(&qh), d);
             let dk = rows.rope_backward(&grad_rows(&kh), d);
             let dv = grad_rows(&vh);
-            let n1 = || self.input_layernorm.normed(&s.x, &s.rstd1);
+            let n1_cell = OnceCell::new();
+            let n1 = || {
+                n1_cell
+                    .get_or_init(|| self.input_layernorm.normed(&s.x, &s.rstd1))
+                    .shallow_clone()
+            };
             if !need_dx {
                 a.q_proj.backward_params_only(lq.as_ref(), n1, &dq)?;
                 a.k_proj.backward_params_only(lk.as_ref(), n1, &dk)?;

@@ -131,3 +131,14 @@ pub fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
 pub fn max_abs(a: &tch::Tensor) -> f64 {
     a.to_kind(tch::Kind::Double).abs().max().double_value(&[])
 }
+
+/// Cuts the last `bytes` bytes off a file (a download or copy that stopped early).
+pub fn truncate_by(file: &Path, bytes: u64) {
+    let len = std::fs::metadata(file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(file)
+        .unwrap()
+        .set_len(len - bytes)
+        .unwrap();
+}
