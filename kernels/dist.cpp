@@ -48,6 +48,7 @@
 #include <memory>
 #include <mutex>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -239,6 +240,52 @@ struct Monitor {
   }
 };
 
+// How often the heartbeat thread beats for a collective timeout.
+milliseconds heartbeat_period(milliseconds timeout) {
+  return std::clamp(timeout / 10, milliseconds(50), milliseconds(1000));
+}
+
+// The timeout given to ProcessGroupNCCL's own watchdog. It must fire after ours (the
+// collective's deadline, then the lost-peer diagnosis, then the last-resort watchdog of
+// Monitor::watchdog_loop), or NCCL tears the process down before we can name the lost rank.
+milliseconds nccl_watchdog_timeout(milliseconds timeout) {
+  const milliseconds period = heartbeat_period(timeout);
+  return timeout + period * 3 + period + milliseconds(5000) + milliseconds(30000);
+}
+
+// Waits until `work` has completed or `deadline` passed. Work::wait(timeout) of a NCCL work
+// without TORCH_NCCL_BLOCKING_WAIT only makes the current stream wait for the collective and
+// returns at once, true, whether or not it completed; a lost peer would then pass for success
+// here and hang or fail later, unnamed. So completion and the work's exception are checked.
+void wait_completed(c10d::Work& work, milliseconds timeout) {
+  const auto deadline = Clock::now() + timeout;
+  if (!work.wait(timeout)) TORCH_CHECK(false, "the collective did not complete within the timeout");
+  auto pause = std::chrono::microseconds(20);
+  while (!work.isCompleted()) {
+    TORCH_CHECK(Clock::now() < deadline, "the collective did not complete within the timeout");
+    std::this_thread::sleep_for(pause);
+    pause = std::min(pause * 2, std::chrono::microseconds(2000));
+  }
+  if (auto e = work.exception()) std::rethrow_exception(e);
+}
+
+// A work whose completion the wait-logic self-test scripts (see qd_wait_selftest).
+class ScriptedWork : public c10d::Work {
+ public:
+  ScriptedWork(milliseconds completes_after, bool fails)
+      : done_at_(Clock::now() + completes_after), fails_(fails) {}
+  bool wait(std::chrono::milliseconds) override { return true; }  // as NCCL's non-blocking wait
+  bool isCompleted() override { return Clock::now() >= done_at_; }
+  std::exception_ptr exception() const override {
+    if (!fails_ || Clock::now() < done_at_) return nullptr;
+    return std::make_exception_ptr(std::runtime_error("NCCL communicator was aborted"));
+  }
+
+ private:
+  Clock::time_point done_at_;
+  bool fails_;
+};
+
 bool is_loopback(const std::string& addr) {
   return addr == "localhost" || addr == "::1" || addr.rfind("127.", 0) == 0;
 }
@@ -259,6 +306,9 @@ struct qd_group {
   std::thread heartbeat, watchdog;
   bool broken = false;
   std::string broken_msg;
+  // QLORA_DIST_CUDA_BACKEND=gloo: CUDA tensors go through Gloo too (several ranks sharing one
+  // GPU, which NCCL refuses; scripts/gpu-check.sh tests our device handling that way).
+  bool cuda_on_gloo = false;
 
   // Only reached with live threads when qd_init fails half-way; qd_destroy joins or detaches
   // them itself. A joinable std::thread must never be destroyed (std::terminate).
@@ -335,11 +385,16 @@ int check_tensor(const at::Tensor* t, const char* op, const char* what) {
 
 // The backend for a tensor's device: Gloo for CPU, NCCL (created on first use) for CUDA.
 c10d::Backend* backend_for(qd_group* g, const at::Tensor& t) {
-  if (t.is_cpu()) return g->gloo.get();
+  if (t.is_cpu() || g->cuda_on_gloo) return g->gloo.get();
 #if QD_HAVE_NCCL
   if (!g->nccl) {
     auto opts = c10d::ProcessGroupNCCL::Options::create();
-    opts->timeout = g->timeout;
+    opts->timeout = nccl_watchdog_timeout(g->timeout);
+    // NCCL's heartbeat monitor ends a process whose watchdog is stuck; give it longer than
+    // a whole timed-out collective takes us, unless the user chose.
+    const auto heartbeat_s =
+        std::max<int64_t>(480, std::chrono::duration_cast<std::chrono::seconds>(opts->timeout).count() + 60);
+    setenv("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", std::to_string(heartbeat_s).c_str(), 0);
     auto store = c10::make_intrusive<c10d::PrefixStore>("qlora_dist/nccl/", g->store);
     g->nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, g->rank, g->world, opts);
   }
@@ -350,7 +405,7 @@ c10d::Backend* backend_for(qd_group* g, const at::Tensor& t) {
 }
 
 void wait_for(const c10::intrusive_ptr<c10d::Work>& work, milliseconds timeout) {
-  if (!work->wait(timeout)) TORCH_CHECK(false, "the collective did not complete within the timeout");
+  wait_completed(*work, timeout);
 }
 
 int no_nccl(const char* op) {
@@ -365,6 +420,23 @@ int no_nccl(const char* op) {
 extern "C" {
 
 int qd_nccl_compiled(void) { return QD_HAVE_NCCL; }
+
+int64_t qd_nccl_watchdog_timeout_ms(int64_t timeout_ms) {
+  return nccl_watchdog_timeout(milliseconds(timeout_ms)).count();
+}
+
+int qd_wait_selftest(int64_t completes_after_ms, int fails, int64_t timeout_ms) {
+  g_last_error.clear();
+  try {
+    ScriptedWork w(milliseconds(completes_after_ms), fails != 0);
+    wait_completed(w, milliseconds(timeout_ms));
+    return QD_OK;
+  } catch (const std::exception& e) {
+    const std::string what = e.what();
+    const bool timed_out = what.find("did not complete within the timeout") != std::string::npos;
+    return fail(timed_out ? QD_ERR_TIMEOUT : QD_ERR_COLLECTIVE, what);
+  }
+}
 
 const char* qd_last_error(void) { return g_last_error.c_str(); }
 
@@ -388,6 +460,7 @@ int qd_init(const char* master_addr, int port, int rank, int world_size, int loc
   g->world = world_size;
   g->local_rank = local_rank;
   g->timeout = milliseconds(timeout_ms);
+  if (const char* b = std::getenv("QLORA_DIST_CUDA_BACKEND")) g->cuda_on_gloo = std::string(b) == "gloo";
   const char* stage = rank == 0 ? "starting the TCPStore server"
                                  : "connecting to the TCPStore hosted by rank 0 (is it running?)";
   try {
@@ -448,7 +521,7 @@ int qd_init(const char* master_addr, int port, int rank, int world_size, int loc
     mon->world = world_size;
     mon->master = where;
     mon->timeout = g->timeout;
-    mon->period = std::clamp(milliseconds(timeout_ms / 10), milliseconds(50), milliseconds(1000));
+    mon->period = heartbeat_period(g->timeout);
     c10d::TCPStoreOptions ho;
     ho.port = static_cast<uint16_t>(port);
     ho.isServer = false;

@@ -41,6 +41,13 @@ int qd_barrier(qd_group* g);
 int64_t qd_collectives_started(qd_group* g);
 // 1 when ProcessGroupNCCL support was compiled in.
 int qd_nccl_compiled(void);
+// The timeout the shim gives ProcessGroupNCCL's watchdog for a collective timeout of
+// `timeout_ms`: longer than the shim's own deadline, diagnosis and last-resort watchdog.
+int64_t qd_nccl_watchdog_timeout_ms(int64_t timeout_ms);
+// Self-test of the wait logic used for every collective, on a work that reports success from
+// wait() at once (as NCCL's non-blocking wait does) and completes `completes_after_ms` later,
+// failing then when `fails`: QD_OK, QD_ERR_TIMEOUT or QD_ERR_COLLECTIVE.
+int qd_wait_selftest(int64_t completes_after_ms, int fails, int64_t timeout_ms);
 // Message of the last failed call on this thread (empty if none). Valid until the next qd_ call.
 const char* qd_last_error(void);
 // Releases the group. After a failure the backends are deliberately leaked (their

@@ -198,53 +198,56 @@ __global__ void nf4_matmul_small_kernel(const void* __restrict__ x, int64_t m, i
     __shared__ float bounds[15];
     nf4_tables(code, bounds);
     const int lane = threadIdx.x % kWarp;
-    const int64_t j = (int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarp;
-    if (j >= n_out) return;  // whole warps leave together: no shuffles are skipped midway
     const int64_t n_chunks = (k + 7) / 8;
-    for (int64_t i0 = (int64_t)blockIdx.y * MAXM; i0 < m; i0 += (int64_t)gridDim.y * MAXM) {
-        float acc[MAXM];
+    // A warp-stride loop over output features: the grid is capped (grid_for), so one warp
+    // may own several features. The whole warp shares j, so no shuffle is skipped midway.
+    for (int64_t j = (int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarp; j < n_out;
+         j += (int64_t)gridDim.x * kWarpsPerBlock) {
+        for (int64_t i0 = (int64_t)blockIdx.y * MAXM; i0 < m; i0 += (int64_t)gridDim.y * MAXM) {
+            float acc[MAXM];
 #pragma unroll
-        for (int r = 0; r < MAXM; ++r) acc[r] = 0.0f;
-        int64_t cached_block = -1;
-        float scale = 0.0f;
-        for (int64_t g = lane; g < n_chunks; g += kWarp) {
-            const int64_t c0 = g * 8;
-            const int64_t f0 = j * k + c0;
-            uint32_t word = 0;
-            if (word_loads) word = *reinterpret_cast<const uint32_t*>(packed + (f0 >> 1));
+            for (int r = 0; r < MAXM; ++r) acc[r] = 0.0f;
+            int64_t cached_block = -1;
+            float scale = 0.0f;
+            for (int64_t g = lane; g < n_chunks; g += kWarp) {
+                const int64_t c0 = g * 8;
+                const int64_t f0 = j * k + c0;
+                uint32_t word = 0;
+                if (word_loads) word = *reinterpret_cast<const uint32_t*>(packed + (f0 >> 1));
 #pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                const int64_t c = c0 + e;
-                if (c >= k) break;
-                const int64_t f = f0 + e;
-                const int64_t block = f / blocksize;
-                if (block != cached_block) {
-                    scale = scale_of(scales, block);
-                    cached_block = block;
-                }
-                const uint32_t byte = word_loads ? (word >> (8 * (e >> 1))) & 0xffu
-                                                 : (uint32_t)packed[f >> 1];
-                const uint32_t nib = (f & 1) ? (byte & 15u) : (byte >> 4);
-                const float w = qlora_round_to(__fmul_rn(code[nib], scale), DT);
+                for (int e = 0; e < 8; ++e) {
+                    const int64_t c = c0 + e;
+                    if (c >= k) break;
+                    const int64_t f = f0 + e;
+                    const int64_t block = f / blocksize;
+                    if (block != cached_block) {
+                        scale = scale_of(scales, block);
+                        cached_block = block;
+                    }
+                    const uint32_t byte = word_loads ? (word >> (8 * (e >> 1))) & 0xffu
+                                                     : (uint32_t)packed[f >> 1];
+                    const uint32_t nib = (f & 1) ? (byte & 15u) : (byte >> 4);
+                    const float w = qlora_round_to(__fmul_rn(code[nib], scale), DT);
 #pragma unroll
-                for (int r = 0; r < MAXM; ++r) {
-                    if (i0 + r < m) {
-                        const float xv = qlora_load_f32(x, DT, (i0 + r) * k + c);
-                        acc[r] = __fadd_rn(acc[r], __fmul_rn(xv, w));
+                    for (int r = 0; r < MAXM; ++r) {
+                        if (i0 + r < m) {
+                            const float xv = qlora_load_f32(x, DT, (i0 + r) * k + c);
+                            acc[r] = __fadd_rn(acc[r], __fmul_rn(xv, w));
+                        }
                     }
                 }
             }
-        }
-#pragma unroll
-        for (int r = 0; r < MAXM; ++r) {
-            for (int off = kWarp / 2; off > 0; off >>= 1) {
-                acc[r] = __fadd_rn(acc[r], __shfl_xor_sync(kFull, acc[r], off));
-            }
-        }
-        if (lane == 0) {
 #pragma unroll
             for (int r = 0; r < MAXM; ++r) {
-                if (i0 + r < m) qlora_store_f32(y, DT, (i0 + r) * n_out + j, acc[r]);
+                for (int off = kWarp / 2; off > 0; off >>= 1) {
+                    acc[r] = __fadd_rn(acc[r], __shfl_xor_sync(kFull, acc[r], off));
+                }
+            }
+            if (lane == 0) {
+#pragma unroll
+                for (int r = 0; r < MAXM; ++r) {
+                    if (i0 + r < m) qlora_store_f32(y, DT, (i0 + r) * n_out + j, acc[r]);
+                }
             }
         }
     }

@@ -91,8 +91,11 @@ __global__ void __launch_bounds__(kBlock)
         p[k] = __fadd_rn(pi, u);
     }
     // Every thread has read absmax[b] before block_max's barrier; thread 0 writes after it.
-    const float am1 = block_max(valid ? fabsf(mi) : 0.0f, red);
-    const float am2 = block_max(valid ? fabsf(vi) : 0.0f, red);
+    // NaN takes no part in the maximum, so an all-NaN block gets absmax 0 as on the CPU twin
+    // (std::max from -inf, clamped at 0) and bitsandbytes' CPU path; fmaxf alone would keep
+    // NaN when both operands are NaN.
+    const float am1 = block_max((valid && mi == mi) ? fabsf(mi) : 0.0f, red);
+    const float am2 = block_max((valid && vi == vi) ? fabsf(vi) : 0.0f, red);
     if (tid == 0) {
         absmax1[b] = am1;
         absmax2[b] = am2;

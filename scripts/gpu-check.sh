@@ -5,8 +5,13 @@
 #   bash scripts/gpu-check.sh
 # That machine needs python3 with torch (CUDA), transformers, peft, safetensors, tokenizers;
 # bitsandbytes comes from .gpu/site. No cargo. Steps, each with its own time limit:
+#   0. the machine's torch must be the one the executables were linked against
+#      (.gpu/torch_version, written by gpu-prepare.sh): a mismatch stops here, named
 #   1. CUDA-vs-CPU bit-exactness tests: nf4, optim, model (filter `cuda`), dist (`nccl`, a
 #      one-rank NCCL run); a test that says it skipped for want of CUDA counts as a failure
+#   1b. data parallelism on CUDA tensors: the demo trained by 1 rank and by 2 ranks sharing
+#      the GPU through Gloo (QLORA_DIST_CUDA_BACKEND=gloo: our streams and device handling),
+#      and by N ranks over NCCL when N >= 2 GPUs exist; adapters compared (LoRA dropout on)
 #   2. NF4 dequantize bandwidth (14336 x 4096 bf16) against the GPU's nominal peak and a
 #      device-to-device copy, ours vs bitsandbytes
 #   3. QLoRA on a Llama-3-8B-shaped model (random bf16 weights written to local disk by
@@ -67,6 +72,18 @@ if [[ -f $GPU/manifest_dir ]]; then
       echo "note: cannot link $baked to $ROOT; tests reading fixtures may fail"
   fi
 fi
+if [[ -f $GPU/torch_version ]]; then
+  built=$(cat "$GPU/torch_version")
+  here=$("$PY" -c 'import torch; print(torch.__version__.split("+")[0], torch.version.cuda)')
+  if [[ "$built" != "$here" ]]; then
+    echo "torch mismatch: the executables in .gpu were linked against torch/CUDA '$built', this machine has '$here'."
+    echo "Install torch ${built%% *} for CUDA ${built##* } here, or rebuild with scripts/gpu-prepare.sh against this machine's version."
+    exit 2
+  fi
+  echo "torch/CUDA $here, as the executables were built against"
+else
+  echo "note: .gpu/torch_version missing (an old gpu-prepare.sh?); the torch version is not checked"
+fi
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed" >>"$OUT/nvidia-smi.txt"
 say "machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null), $(nproc) CPUs"
 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())'
@@ -114,6 +131,52 @@ for spec in $TEST_SPECS; do
   test_results+=("$name:$status")
 done
 printf '%s\n' "${test_results[@]}" >"$WORK/tests.status"
+
+# --- 1b. data parallelism on CUDA tensors ------------------------------------------------
+say "1b. data parallel training on CUDA (demo, 40 steps, LoRA dropout 0.1)"
+DEMO=$WORK/demo-assets
+timeout "$(lim 60)" "$BIN" demo-assets --out "$DEMO" >/dev/null || { echo "demo-assets failed"; fail=1; }
+dp_train() { # name nproc [env assignments...]
+  local name=$1 nproc=$2; shift 2
+  rm -rf "$WORK/dp-$name"
+  env "$@" timeout "$(lim 120)" bash scripts/launch.sh --nproc "$nproc" --master-port $((29600 + RANDOM % 1000)) -- \
+    "$BIN" train --config configs/demo.yaml --model_dir "$DEMO/model" --tokenizer_dir "$DEMO/model" \
+    --data_dir "$DEMO/data" --results_path "$WORK/dp-$name" --device cuda --max_steps 40 \
+    --lora_dropout 0.1 --bnb_4bit_compute_dtype float32 --eval_before_training false \
+    >"$WORK/dp-$name.log" 2>&1
+}
+dp_compare() { # name: max |dw| against the one-rank run; fails above 1e-4
+  "$PY" - "$WORK/dp-one/adapter/adapter_model.safetensors" "$WORK/dp-$1/adapter/adapter_model.safetensors" <<'EOF'
+import sys
+from safetensors.torch import load_file
+a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
+assert a.keys() == b.keys(), "different adapter keys"
+d = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+print(f"max |dw| {d:.3e}")
+sys.exit(0 if d < 1e-4 else 1)
+EOF
+}
+if dp_train one 1; then
+  if dp_train gloo2 2 QLORA_DIST_CUDA_BACKEND=gloo; then
+    r=$(dp_compare gloo2) || fail=1
+    echo "2 ranks on one GPU through Gloo vs 1 rank: $r"
+  else
+    echo "2 ranks through Gloo on CUDA failed:"; tail -5 "$WORK/dp-gloo2.log"; fail=1
+  fi
+  ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)
+  if ((ngpu >= 2)); then
+    if dp_train nccl "$ngpu"; then
+      r=$(dp_compare nccl) || fail=1
+      echo "$ngpu ranks over NCCL vs 1 rank: $r"
+    else
+      echo "$ngpu ranks over NCCL failed:"; tail -5 "$WORK/dp-nccl.log"; fail=1
+    fi
+  else
+    echo "one GPU: the N-GPU NCCL run needs at least 2 (not run)"
+  fi
+else
+  echo "the one-rank CUDA demo run failed:"; tail -5 "$WORK/dp-one.log"; fail=1
+fi
 
 # --- 2. dequantize bandwidth ---------------------------------------------------------------
 say "2. NF4 dequantize bandwidth"

@@ -9,6 +9,7 @@
 #                     to its CPU and CUDA 13.0 libraries
 #   .gpu/shared/      the MRPC files (../shared does not travel to the device machine)
 #   .gpu/manifest_dir the CARGO_MANIFEST_DIR baked into the test executables
+#   .gpu/torch_version the torch and CUDA versions the executables were linked against
 # Usage: scripts/gpu-prepare.sh [--no-wheel]; then carry `.gpu` and run
 # `bash scripts/gpu-check.sh` (see bench/README.md). Everything must fit the 64 MiB that
 # travels: the script prints the total.
@@ -50,6 +51,9 @@ for line in sys.stdin:
 ' "$GPU/bin"
 strip "$GPU"/bin/* 2>/dev/null || true
 echo "$ROOT" >"$GPU/manifest_dir"
+# The libtorch these executables were linked against: gpu-check.sh refuses another one.
+"$PY" -c 'import torch; print(torch.__version__.split("+")[0], torch.version.cuda)' >"$GPU/torch_version"
+echo "  built against torch $(cat "$GPU/torch_version")"
 
 echo "== shared libraries not provided by torch or the C library"
 torch_lib=$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')

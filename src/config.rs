@@ -40,6 +40,9 @@ pub struct Config {
     pub eval_split: String,
     // Optimisation
     pub batch_size: usize,
+    /// Micro-steps per optimizer step: each rank runs `batch_size / (ranks × steps)` examples
+    /// at a time and the gradient is still the whole batch's.
+    pub gradient_accumulation_steps: usize,
     pub eval_batch_size: usize,
     pub seed: u64,
     pub lr: f64,
@@ -92,6 +95,7 @@ impl Default for Config {
             train_splits: "train".into(),
             eval_split: "validation".into(),
             batch_size: 8,
+            gradient_accumulation_steps: 1,
             eval_batch_size: 8,
             seed: 42,
             lr: 3e-4,
@@ -323,6 +327,18 @@ impl Config {
         }
         if self.batch_size == 0 {
             err("batch_size", "must be at least 1".into())?;
+        }
+        if self.gradient_accumulation_steps == 0 {
+            err("gradient_accumulation_steps", "must be at least 1".into())?;
+        }
+        if self.gradient_accumulation_steps > self.batch_size {
+            err(
+                "gradient_accumulation_steps",
+                format!(
+                    "{} micro-steps cannot split a batch of {} (batch_size is the global batch)",
+                    self.gradient_accumulation_steps, self.batch_size
+                ),
+            )?;
         }
         if self.eval_batch_size == 0 {
             err("eval_batch_size", "must be at least 1".into())?;

@@ -45,6 +45,8 @@ extern "C" {
     fn qd_barrier(g: *mut QdGroup) -> c_int;
     fn qd_collectives_started(g: *mut QdGroup) -> i64;
     fn qd_nccl_compiled() -> c_int;
+    fn qd_nccl_watchdog_timeout_ms(timeout_ms: i64) -> i64;
+    fn qd_wait_selftest(completes_after_ms: i64, fails: c_int, timeout_ms: i64) -> c_int;
     fn qd_last_error() -> *const c_char;
     fn qd_destroy(g: *mut QdGroup);
 }
@@ -90,6 +92,24 @@ pub fn nccl_compiled() -> bool {
     unsafe { qd_nccl_compiled() != 0 }
 }
 
+/// The timeout the shim gives NCCL's own watchdog for a collective timeout of `timeout`:
+/// longer than our deadline, lost-rank diagnosis and last-resort watchdog, so the error that
+/// names a lost rank is printed before NCCL tears the process down.
+pub fn nccl_watchdog_timeout(timeout: Duration) -> Duration {
+    let ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX / 4);
+    // SAFETY: pure arithmetic in the shim.
+    Duration::from_millis(u64::try_from(unsafe { qd_nccl_watchdog_timeout_ms(ms) }).unwrap_or(0))
+}
+
+/// Runs the shim's collective-wait logic on a scripted work that claims success from `wait()`
+/// at once (as NCCL's non-blocking wait does) and completes after `completes_after`, failing
+/// then when `fails`. For tests: the same code waits for every real collective.
+pub fn wait_selftest(completes_after: Duration, fails: bool, timeout: Duration) -> Result<()> {
+    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    // SAFETY: self-contained in the shim.
+    check(unsafe { qd_wait_selftest(ms(completes_after), c_int::from(fails), ms(timeout)) })
+}
+
 /// The tensor pointer the shim expects: tch's `C_tensor` is a `torch::Tensor*`.
 fn raw(t: &Tensor) -> *mut c_void {
     t.as_ptr() as *mut c_void
@@ -101,6 +121,8 @@ pub struct Dist {
     pub rank: usize,
     pub world_size: usize,
     pub local_rank: usize,
+    /// Ranks on this node (LOCAL_WORLD_SIZE; the world when the launcher does not say).
+    pub local_world_size: usize,
     timeout: Duration,
     group: NonNull<QdGroup>,
 }
@@ -114,6 +136,7 @@ struct EnvVars {
     rank: usize,
     world_size: usize,
     local_rank: usize,
+    local_world_size: usize,
     master_addr: String,
     master_port: u16,
 }
@@ -128,17 +151,23 @@ fn env_usize(name: &str) -> Result<Option<usize>> {
 }
 
 fn read_env() -> Result<Option<EnvVars>> {
-    let (rank, world_size, local_rank, slurm) = match env_usize("WORLD_SIZE")? {
+    let (rank, world_size, local_rank, local_world, slurm) = match env_usize("WORLD_SIZE")? {
         Some(w) => {
             let rank = env_usize("RANK")?.context("WORLD_SIZE is set but RANK is not")?;
             let local = env_usize("LOCAL_RANK")?;
-            (rank, w, local, false)
+            (rank, w, local, env_usize("LOCAL_WORLD_SIZE")?, false)
         }
         None => match env_usize("SLURM_NTASKS")? {
             Some(w) => {
                 let rank = env_usize("SLURM_PROCID")?
                     .context("SLURM_NTASKS is set but SLURM_PROCID is not")?;
-                (rank, w, env_usize("SLURM_LOCALID")?, true)
+                // SLURM_NTASKS_PER_NODE reads like "4" or "4(x2)".
+                let per_node = std::env::var("SLURM_NTASKS_PER_NODE").ok().and_then(|v| {
+                    v.split(['(', ','])
+                        .next()
+                        .and_then(|n| n.trim().parse::<usize>().ok())
+                });
+                (rank, w, env_usize("SLURM_LOCALID")?, per_node, true)
             }
             None => return Ok(None),
         },
@@ -171,6 +200,7 @@ fn read_env() -> Result<Option<EnvVars>> {
         world_size,
         // Without a local rank (plain RANK/WORLD_SIZE), all ranks are assumed to share the node.
         local_rank: local_rank.unwrap_or(rank),
+        local_world_size: local_world.unwrap_or(world_size),
         master_addr,
         master_port,
     }))
@@ -218,15 +248,18 @@ impl Dist {
     pub fn from_env(timeout: Duration) -> Result<Option<Dist>> {
         match read_env()? {
             None => Ok(None),
-            Some(e) => Dist::new(
-                &e.master_addr,
-                e.master_port,
-                e.rank,
-                e.world_size,
-                e.local_rank,
-                timeout,
-            )
-            .map(Some),
+            Some(e) => {
+                let mut d = Dist::new(
+                    &e.master_addr,
+                    e.master_port,
+                    e.rank,
+                    e.world_size,
+                    e.local_rank,
+                    timeout,
+                )?;
+                d.local_world_size = e.local_world_size;
+                Ok(Some(d))
+            }
         }
     }
 
@@ -268,6 +301,7 @@ impl Dist {
             rank,
             world_size,
             local_rank,
+            local_world_size: world_size,
             timeout,
             group,
         })
@@ -281,13 +315,10 @@ impl Dist {
         self.timeout
     }
 
-    /// The device this rank should compute on: `cuda:LOCAL_RANK` when CUDA is available.
-    pub fn device(&self) -> Device {
-        if tch::Cuda::is_available() {
-            Device::Cuda(self.local_rank)
-        } else {
-            Device::Cpu
-        }
+    /// The device this rank computes on for the `device` setting (see [`rank_device`]).
+    pub fn device_for(&self, setting: &str) -> Result<Device> {
+        let gpus = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
+        rank_device(setting, self.local_rank, self.local_world_size, gpus)
     }
 
     /// Collectives this rank has started so far (one per bucket for the bucketed calls).
@@ -326,22 +357,33 @@ impl Dist {
         })
     }
 
-    /// Sum then divide by world size, for gradients; tensors are flattened into buckets of at
-    /// most [`BUCKET_BYTES`] per (device, dtype), one collective per bucket. Floating-point only.
+    /// Sum then divide by world size; tensors are flattened into buckets of at most
+    /// [`BUCKET_BYTES`] per (device, dtype), one collective per bucket. Floating-point only.
     pub fn all_reduce_mean(&self, tensors: &[Tensor]) -> Result<()> {
+        self.reduce_buckets(tensors, Some(self.world_size as f64))
+            .context("all_reduce_mean")
+    }
+
+    /// In-place sum over ranks of gradients that are already weighted by each rank's share
+    /// of the global batch; bucketed like [`Dist::all_reduce_mean`]. Floating-point only.
+    pub fn all_reduce_sum_many(&self, tensors: &[Tensor]) -> Result<()> {
+        self.reduce_buckets(tensors, None).context("all_reduce_sum")
+    }
+
+    fn reduce_buckets(&self, tensors: &[Tensor], divisor: Option<f64>) -> Result<()> {
         if let Some(t) = tensors.iter().find(|t| !t.is_floating_point()) {
             bail!(
-                "all_reduce_mean needs floating-point tensors, got {:?}",
+                "gradient reductions need floating-point tensors, got {:?}",
                 t.kind()
             );
         }
-        let world = self.world_size as f64;
         self.bucketed(tensors, |flat| {
             self.reduce_contiguous(flat)?;
-            let _ = flat.shallow_clone().f_div_scalar_(world)?;
+            if let Some(d) = divisor {
+                let _ = flat.shallow_clone().f_div_scalar_(d)?;
+            }
             Ok(true)
         })
-        .context("all_reduce_mean")
     }
 
     /// Copies `root`'s tensors into every rank's (rank 0 broadcasts the initial LoRA/head
@@ -430,9 +472,58 @@ impl Drop for Dist {
     }
 }
 
+/// The device of the rank with local rank `local_rank` among `local_world` ranks on a node
+/// that shows `gpus` CUDA devices, for the `device` setting: `auto` and `cuda` take
+/// `cuda:LOCAL_RANK` (torchrun's convention; a node that shows each rank one GPU of its own,
+/// as `srun --gpus-per-task=1` does, gives them all `cuda:0`); a fixed `cuda:N` is refused
+/// when several ranks share the node, since NCCL cannot run two ranks on one GPU.
+pub fn rank_device(
+    setting: &str,
+    local_rank: usize,
+    local_world: usize,
+    gpus: usize,
+) -> Result<Device> {
+    let own_gpu = || -> Result<Device> {
+        if local_rank < gpus {
+            Ok(Device::Cuda(local_rank))
+        } else if gpus == 1 {
+            Ok(Device::Cuda(0))
+        } else {
+            bail!(
+                "key `device`: `{setting}` gives LOCAL_RANK {local_rank} the GPU cuda:{local_rank}, \
+                 but this node shows {gpus} CUDA device(s); start at most {gpus} ranks per node"
+            )
+        }
+    };
+    match setting {
+        "cpu" => Ok(Device::Cpu),
+        "auto" if gpus == 0 => Ok(Device::Cpu),
+        "auto" => own_gpu(),
+        "cuda" if gpus == 0 => {
+            bail!("key `device`: `cuda` asked for, but libtorch sees no CUDA device")
+        }
+        "cuda" => own_gpu(),
+        other => {
+            let n: usize = other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .with_context(|| {
+                    format!("key `device`: `{other}` is not auto, cpu, cuda or cuda:N")
+                })?;
+            if local_world > 1 {
+                bail!(
+                    "key `device`: `{other}` would put all {local_world} ranks of this node on one GPU; \
+                     use `cuda` or `auto` (each rank then takes cuda:LOCAL_RANK)"
+                );
+            }
+            Ok(Device::Cuda(n))
+        }
+    }
+}
+
 /// Contiguous part `rank` of `n` items split into `world` parts of `ceil(n / world)` items;
 /// the last parts are shorter or empty when `n` is not a multiple of `world`.
-fn part_range(n: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
+pub fn part_range(n: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
     if world == 0 || rank >= world {
         return 0..0;
     }
@@ -526,4 +617,77 @@ pub fn unshard_tensors(gathered: &[Tensor], n: usize) -> Result<Tensor> {
     let mut shape = vec![per * gathered.len() as i64];
     shape.extend_from_slice(&first[1..]);
     Ok(stacked.f_reshape(shape)?.f_narrow(0, 0, n as i64)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_local_rank_gets_its_own_gpu() {
+        // torchrun on a 4-GPU node: cuda and auto map rank r to cuda:r.
+        for r in 0..4 {
+            assert_eq!(rank_device("cuda", r, 4, 4).unwrap(), Device::Cuda(r));
+            assert_eq!(rank_device("auto", r, 4, 4).unwrap(), Device::Cuda(r));
+        }
+        // No GPU: auto is the CPU, cuda is an error naming the key.
+        assert_eq!(rank_device("auto", 1, 2, 0).unwrap(), Device::Cpu);
+        assert!(format!("{:#}", rank_device("cuda", 0, 2, 0).unwrap_err()).contains("`device`"));
+        assert_eq!(rank_device("cpu", 3, 4, 4).unwrap(), Device::Cpu);
+        // One visible GPU per rank (srun --gpus-per-task=1): cuda:0 everywhere.
+        assert_eq!(rank_device("cuda", 3, 4, 1).unwrap(), Device::Cuda(0));
+        // More ranks than GPUs: refused, naming the rank.
+        let e = format!("{:#}", rank_device("cuda", 3, 4, 2).unwrap_err());
+        assert!(
+            e.contains("LOCAL_RANK 3") && e.contains("2 CUDA device"),
+            "{e}"
+        );
+    }
+
+    /// A wait that returns "done" before the collective completed is not taken for success:
+    /// the shim waits for completion, reports the work's failure, and times out on a work
+    /// that never completes.
+    #[test]
+    fn collective_waits_check_completion() {
+        let ms = Duration::from_millis;
+        let t = std::time::Instant::now();
+        wait_selftest(ms(150), false, ms(5000)).expect("completes after 150 ms");
+        assert!(t.elapsed() >= ms(150), "returned before the work completed");
+        let e = wait_selftest(ms(100), true, ms(5000))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("aborted") && e.contains("collective failed"),
+            "{e}"
+        );
+        let t = std::time::Instant::now();
+        let e = wait_selftest(ms(60_000), false, ms(200))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("(timeout)"), "{e}");
+        assert!(t.elapsed() < ms(5000));
+    }
+
+    /// NCCL's own watchdog fires after our deadline and last-resort watchdog.
+    #[test]
+    fn nccl_watchdog_waits_longer_than_ours() {
+        for s in [1u64, 10, 300, 3600] {
+            let ours = Duration::from_secs(s);
+            let period = (ours / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
+            let last_resort = ours + period * 4 + Duration::from_secs(5);
+            assert!(nccl_watchdog_timeout(ours) > last_resort + Duration::from_secs(10));
+        }
+    }
+
+    #[test]
+    fn a_fixed_gpu_shared_by_local_ranks_is_refused() {
+        let e = format!("{:#}", rank_device("cuda:1", 0, 2, 4).unwrap_err());
+        assert!(
+            e.contains("key `device`") && e.contains("cuda:1") && e.contains("2 ranks"),
+            "{e}"
+        );
+        // One rank per node (multi-node): a fixed GPU is fine.
+        assert_eq!(rank_device("cuda:1", 0, 1, 4).unwrap(), Device::Cuda(1));
+        assert!(rank_device("tpu", 0, 1, 4).is_err());
+    }
 }

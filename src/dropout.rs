@@ -1,6 +1,9 @@
 //! LoRA dropout whose mask is a function of (seed, element index) (`kernels/dropout.h`): the
 //! backward pass and a checkpointed recomputation regenerate it instead of storing it, and
-//! it costs one pass over the input on either device. Torch's own dropout draws a Bernoulli
+//! it costs one pass over the input on either device. In training the index of a token's
+//! element comes from a row key (the example's place in the global batch and the token's
+//! position, see [`row_key`]), not from where the token happens to sit in this process's
+//! tensor: one process, N ranks, any padding and gradient accumulation draw the same masks. Torch's own dropout draws a Bernoulli
 //! sample per element from a locked generator, serially on the CPU; it was a tenth of a
 //! training step there.
 use anyhow::{bail, ensure, Result};
@@ -11,7 +14,9 @@ mod ffi {
         pub fn qlora_dropout_cpu(
             x: *const f32,
             y: *mut f32,
-            n: i64,
+            rows: i64,
+            width: i64,
+            row_keys: *const i64,
             seed: u64,
             threshold: u32,
             scale: f32,
@@ -20,7 +25,9 @@ mod ffi {
         pub fn qlora_dropout_cuda(
             x: *const f32,
             y: *mut f32,
-            n: i64,
+            rows: i64,
+            width: i64,
+            row_keys: *const i64,
             seed: u64,
             threshold: u32,
             scale: f32,
@@ -48,9 +55,33 @@ impl Dropout {
         (1.0 / (1.0 - self.p)) as f32
     }
 
-    /// `x · mask / (1 - p)` for an fp32 tensor `x` (any shape); the same call on the output's
-    /// gradient is the backward pass.
+    /// `x · mask / (1 - p)` for an fp32 tensor `x` (any shape), element i of the flat tensor
+    /// keyed by i; the same call on the output's gradient is the backward pass.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, 1, x.numel() as i64, None)
+    }
+
+    /// As [`Self::apply`] for rows `x` `[N, width]` whose row r is keyed by `row_keys[r]`
+    /// (`[N]` int64 on x's device): element j of row r has index `row_keys[r]·width + j`.
+    pub fn apply_rows(&self, x: &Tensor, row_keys: &Tensor) -> Result<Tensor> {
+        let s = x.size();
+        ensure!(
+            s.len() == 2 && row_keys.size() == [s[0]],
+            "dropout rows {s:?} need one key each, got keys {:?}",
+            row_keys.size()
+        );
+        ensure!(
+            row_keys.kind() == Kind::Int64 && row_keys.device() == x.device(),
+            "dropout row keys must be int64 on {:?}, got {:?} on {:?}",
+            x.device(),
+            row_keys.kind(),
+            row_keys.device()
+        );
+        let keys = row_keys.contiguous();
+        self.run(x, s[0], s[1], Some(&keys))
+    }
+
+    fn run(&self, x: &Tensor, rows: i64, width: i64, keys: Option<&Tensor>) -> Result<Tensor> {
         ensure!(
             (0.0..1.0).contains(&self.p),
             "dropout probability must be in [0, 1), got {}",
@@ -63,12 +94,15 @@ impl Dropout {
         );
         let x = x.contiguous();
         let y = x.empty_like();
-        let n = x.numel() as i64;
         let (xp, yp) = (x.data_ptr() as *const f32, y.data_ptr() as *mut f32);
+        let kp = keys.map_or(std::ptr::null(), |k| k.data_ptr() as *const i64);
         let (seed, threshold, scale) = (self.seed, self.threshold(), self.scale());
         let status = match x.device() {
-            // SAFETY: x and y are contiguous fp32 tensors of n elements on the CPU.
-            Device::Cpu => unsafe { ffi::qlora_dropout_cpu(xp, yp, n, seed, threshold, scale) },
+            // SAFETY: x and y are contiguous fp32 tensors of rows·width elements on the CPU,
+            // keys (when given) a contiguous int64 tensor of `rows` entries there.
+            Device::Cpu => unsafe {
+                ffi::qlora_dropout_cpu(xp, yp, rows, width, kp, seed, threshold, scale)
+            },
             #[cfg(qlora_cuda)]
             Device::Cuda(d) => {
                 // SAFETY: as above, on CUDA device d; the legacy default stream orders the
@@ -77,7 +111,9 @@ impl Dropout {
                     ffi::qlora_dropout_cuda(
                         xp,
                         yp,
-                        n,
+                        rows,
+                        width,
+                        kp,
                         seed,
                         threshold,
                         scale,
@@ -93,6 +129,49 @@ impl Dropout {
         ensure!(status == 0, "dropout kernel failed (status {status})");
         Ok(y)
     }
+}
+
+/// What a training forward's LoRA dropout call is keyed by: its seed and, for input rows,
+/// each row's key ([`row_key`]); without row keys an element is keyed by its flat index.
+#[derive(Debug)]
+pub struct MaskKey {
+    pub seed: u64,
+    pub rows: Option<Tensor>,
+}
+
+impl Clone for MaskKey {
+    fn clone(&self) -> Self {
+        MaskKey {
+            seed: self.seed,
+            rows: self.rows.as_ref().map(Tensor::shallow_clone),
+        }
+    }
+}
+
+impl From<u64> for MaskKey {
+    fn from(seed: u64) -> Self {
+        MaskKey { seed, rows: None }
+    }
+}
+
+impl MaskKey {
+    /// `x · mask / (1 - p)` with the mask this key names for drop probability `p`.
+    pub fn apply(&self, p: f64, x: &Tensor) -> Result<Tensor> {
+        let d = Dropout { p, seed: self.seed };
+        match &self.rows {
+            Some(keys) => d.apply_rows(x, keys),
+            None => d.apply(x),
+        }
+    }
+}
+
+/// Token positions below this fit a row key; longer sequences are refused.
+pub const MAX_POSITIONS: i64 = 1 << 24;
+
+/// The dropout key of a token: its example's index in the global batch and its position in
+/// the sequence. Neither depends on how the batch was split, padded or accumulated.
+pub fn row_key(example: i64, position: i64) -> i64 {
+    example * MAX_POSITIONS + position
 }
 
 /// splitmix64: seeds for the dropout calls of one step, layer and projection.
@@ -136,6 +215,42 @@ mod tests {
         assert!((lhs - rhs).abs() <= 1e-6 * lhs.abs().max(1.0));
         // p = 0 keeps everything unchanged.
         assert!(Dropout { p: 0.0, seed: 1 }.apply(&g).unwrap().equal(&g));
+    }
+
+    #[test]
+    fn row_keys_name_elements_whatever_the_layout() {
+        let d = Dropout { p: 0.3, seed: 11 };
+        let x = Tensor::randn([6, 40], (Kind::Float, Device::Cpu));
+        // Keys 0..N are the flat layout.
+        let flat = Tensor::arange(6, (Kind::Int64, Device::Cpu));
+        assert!(d
+            .apply_rows(&x, &flat)
+            .unwrap()
+            .equal(&d.apply(&x).unwrap()));
+        // Rows keep their mask when reordered or taken apart.
+        let keys = Tensor::from_slice(&[row_key(3, 0), row_key(3, 1), row_key(0, 5)]);
+        let x3 = x.narrow(0, 0, 3);
+        let all = d.apply_rows(&x3, &keys).unwrap();
+        let perm = Tensor::from_slice(&[2i64, 0, 1]);
+        let permuted = d
+            .apply_rows(&x3.index_select(0, &perm), &keys.index_select(0, &perm))
+            .unwrap();
+        assert!(permuted.equal(&all.index_select(0, &perm)));
+        let one = d
+            .apply_rows(&x3.narrow(0, 1, 1), &keys.narrow(0, 1, 1))
+            .unwrap();
+        assert!(one.equal(&all.narrow(0, 1, 1)));
+        // A large key (indices past 2^32) still drops about p.
+        let big = Tensor::ones([4, 100_000], (Kind::Float, Device::Cpu));
+        let keys = Tensor::from_slice(&[row_key(7, 9), row_key(1 << 20, 3), 5, 6]);
+        let y = d.apply_rows(&big, &keys).unwrap();
+        let kept = y
+            .ne(0.0)
+            .to_kind(Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[]);
+        assert!((kept - 0.7).abs() < 5e-3, "kept {kept}");
+        assert!(d.apply_rows(&big, &keys.narrow(0, 0, 2)).is_err());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! LoRA adapters as PEFT applies them to bitsandbytes `Linear4bit`: the input is cast to the
 //! adapter's fp32, passed through dropout, A then B, scaled by alpha/r, and cast back to the
 //! dtype of the frozen layer's output before being added to it.
-use crate::dropout::Dropout;
+use crate::dropout::MaskKey;
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -100,33 +100,30 @@ impl LoraAdapter {
 /// What [`LoraAdapter::backward`] needs from one [`LoraAdapter::forward_saved`].
 #[derive(Debug)]
 pub struct LoraSaved {
-    /// The dropout mask's seed, when dropout was applied; the mask is regenerated from it.
-    dropout: Option<Dropout>,
+    /// The dropout mask's key, when dropout was applied; the mask is regenerated from it.
+    dropout: Option<MaskKey>,
     /// `dropout(x) · Aᵀ`, `[N, r]`.
     u: Tensor,
 }
 
 impl LoraAdapter {
-    /// The dropout of a training forward whose masks derive from `seed`; `None` when off.
-    fn dropout_for(&self, seed: Option<u64>) -> Option<Dropout> {
-        seed.filter(|_| self.dropout > 0.0).map(|seed| Dropout {
-            p: self.dropout,
-            seed,
-        })
+    /// The dropout of a training forward whose masks `key` names; `None` when off.
+    fn dropout_for(&self, key: Option<MaskKey>) -> Option<MaskKey> {
+        key.filter(|_| self.dropout > 0.0)
     }
 
     /// As [`Self::forward`] for rows `x` `[N, in]` outside autograd, with dropout when
-    /// `dropout_seed` is given (training), keeping what the hand-written backward needs.
+    /// `dropout` is given (training), keeping what the hand-written backward needs.
     pub fn forward_saved(
         &self,
         x: &Tensor,
-        dropout_seed: Option<u64>,
+        dropout: Option<MaskKey>,
         out_kind: Kind,
     ) -> Result<(Tensor, LoraSaved)> {
-        let dropout = self.dropout_for(dropout_seed);
+        let dropout = self.dropout_for(dropout);
         let xl = x.to_kind(Kind::Float);
         let xd = match &dropout {
-            Some(d) => d.apply(&xl)?,
+            Some(d) => d.apply(self.dropout, &xl)?,
             None => xl,
         };
         let (a, b) = (self.a.detach(), self.b.detach());
@@ -146,13 +143,13 @@ impl LoraAdapter {
         let du = dv.mm(&b);
         let xl = x.to_kind(Kind::Float);
         let xd = match &saved.dropout {
-            Some(d) => d.apply(&xl)?,
+            Some(d) => d.apply(self.dropout, &xl)?,
             None => xl,
         };
         accumulate_grad(&self.a, &du.tr().mm(&xd));
         let dxd = du.mm(&a);
         let dx = match &saved.dropout {
-            Some(d) => d.apply(&dxd)?,
+            Some(d) => d.apply(self.dropout, &dxd)?,
             None => dxd,
         };
         Ok(dx.to_kind(x.kind()))

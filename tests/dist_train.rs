@@ -1,5 +1,5 @@
-//! Data-parallel training on CPU with Gloo: 2 ranks equal 1 rank; a rank killed mid-epoch
-//! stops the others, named, within the timeout.
+//! Data-parallel training on CPU with Gloo: 2 ranks = 1 rank = gradient accumulation = both,
+//! LoRA dropout included; a rank killed mid-epoch stops the others, named, within the timeout.
 mod common;
 use std::net::TcpListener;
 use std::path::Path;
@@ -32,12 +32,7 @@ fn train_args(assets: &Path, run: &Path, extra: &[&str]) -> Vec<String> {
     }
     v.push("--results_path".into());
     v.push(run.display().to_string());
-    // Dropout off: ranks see different sub-batches, so their dropout masks cannot match a
-    // single process's; everything else must.
-    for a in ["--lora_dropout", "0", "--eval_batch_size", "64"]
-        .iter()
-        .chain(extra)
-    {
+    for a in ["--eval_batch_size", "64"].iter().chain(extra) {
         v.push(a.to_string());
     }
     v
@@ -66,26 +61,21 @@ fn eval_rows(run: &Path) -> Vec<Vec<String>> {
         .collect()
 }
 
-#[test]
-fn two_ranks_equal_one_rank() {
-    let tmp = common::tempdir();
-    let assets = common::demo_assets(&tmp.path().join("assets"));
-    let extra = ["--max_steps", "40"];
-    let one = tmp.path().join("one");
-    let out = Command::new(common::bin())
-        .args(train_args(&assets, &one, &extra))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-
-    let two = tmp.path().join("two");
+/// Trains the demo with `world` Gloo ranks (1: a single process) and the given extra flags;
+/// panics with the ranks' output on failure.
+fn train_ranks(assets: &Path, run: &Path, world: usize, extra: &[&str]) {
+    let args = train_args(assets, run, extra);
+    if world == 1 {
+        let out = Command::new(common::bin()).args(&args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
     let port = free_port();
-    let args = train_args(&assets, &two, &extra);
-    let ranks: Vec<Child> = (0..2).map(|r| rank(&args, r, 2, port)).collect();
+    let ranks: Vec<Child> = (0..world).map(|r| rank(&args, r, world, port)).collect();
     for (r, c) in ranks.into_iter().enumerate() {
         let out = c.wait_with_output().unwrap();
         assert!(
@@ -95,28 +85,77 @@ fn two_ranks_equal_one_rank() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let summary = std::fs::read_to_string(two.join("summary.json")).unwrap();
-    assert!(summary.contains("\"world_size\": 2"), "{summary}");
+    let summary = std::fs::read_to_string(run.join("summary.json")).unwrap();
+    assert!(
+        summary.contains(&format!("\"world_size\": {world}")),
+        "{summary}"
+    );
+}
 
-    let a = qlora_cls::adapter::read_safetensors(&one.join("adapter/adapter_model.safetensors"))
-        .unwrap();
-    let b = qlora_cls::adapter::read_safetensors(&two.join("adapter/adapter_model.safetensors"))
-        .unwrap();
-    assert_eq!(a.len(), b.len());
-    let mut worst = 0.0f64;
-    for (k, t) in &a {
-        let d = (t - &b[k]).abs().max().double_value(&[]);
-        worst = worst.max(d);
+/// A full epoch of the demo with LoRA dropout 0.1 (masks keyed by each example's place in
+/// the global batch): 1 rank, 2 ranks, 1 rank accumulating 2 micro-steps and 2 ranks × 2
+/// micro-steps train the same adapter and evaluate the same.
+#[test]
+fn ranks_and_accumulation_equal_one_process_with_dropout() {
+    let tmp = common::tempdir();
+    let assets = common::demo_assets(&tmp.path().join("assets"));
+    let base = ["--epochs", "1", "--lora_dropout", "0.1"];
+    let runs = [
+        ("one", 1, "1"),
+        ("two-ranks", 2, "1"),
+        ("one-accumulating", 1, "2"),
+        ("two-ranks-accumulating", 2, "2"),
+    ];
+    for (name, world, acc) in runs {
+        let mut extra = base.to_vec();
+        extra.extend(["--gradient_accumulation_steps", acc]);
+        train_ranks(&assets, &tmp.path().join(name), world, &extra);
     }
-    assert!(worst < 1e-5, "2 ranks vs 1: max |Δw| = {worst:e}");
-
-    let (e1, e2) = (eval_rows(&one), eval_rows(&two));
-    assert_eq!(e1.len(), e2.len());
-    for (x, y) in e1.iter().zip(&e2) {
-        assert_eq!(x[..4], y[..4], "accuracy/F1 differ: {x:?} vs {y:?}");
-        let (l1, l2): (f64, f64) = (x[4].parse().unwrap(), y[4].parse().unwrap());
-        assert!((l1 - l2).abs() < 1e-5, "{x:?} vs {y:?}");
+    let adapter = |name: &str| {
+        qlora_cls::adapter::read_safetensors(
+            &tmp.path()
+                .join(name)
+                .join("adapter/adapter_model.safetensors"),
+        )
+        .unwrap()
+    };
+    let one = adapter("one");
+    let e1 = eval_rows(&tmp.path().join("one"));
+    assert_eq!(e1.len(), 2, "baseline and epoch 1: {e1:?}");
+    for (name, _, _) in &runs[1..] {
+        let other = adapter(name);
+        assert_eq!(one.len(), other.len());
+        let mut worst = 0.0f64;
+        for (k, t) in &one {
+            worst = worst.max(common::max_abs_diff(t, &other[k]));
+        }
+        eprintln!("{name} vs one process: max |Δw| = {worst:e}");
+        assert!(worst < 1e-5, "{name} vs one process: max |Δw| = {worst:e}");
+        let e2 = eval_rows(&tmp.path().join(name));
+        assert_eq!(e1.len(), e2.len());
+        for (x, y) in e1.iter().zip(&e2) {
+            assert_eq!(x[..4], y[..4], "{name}: accuracy/F1 differ: {x:?} vs {y:?}");
+            let (l1, l2): (f64, f64) = (x[4].parse().unwrap(), y[4].parse().unwrap());
+            assert!((l1 - l2).abs() < 1e-5, "{name}: {x:?} vs {y:?}");
+        }
     }
+    // Dropout is on: a run without it ends elsewhere.
+    let nodrop = tmp.path().join("no-dropout");
+    train_ranks(
+        &assets,
+        &nodrop,
+        1,
+        &["--epochs", "1", "--lora_dropout", "0"],
+    );
+    let other = adapter("no-dropout");
+    let moved = one
+        .iter()
+        .map(|(k, t)| common::max_abs_diff(t, &other[k]))
+        .fold(0.0f64, f64::max);
+    assert!(
+        moved > 1e-3,
+        "dropout 0.1 and 0 train the same adapter ({moved:e})"
+    );
 }
 
 #[test]

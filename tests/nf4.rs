@@ -772,3 +772,42 @@ fn cuda_matches_cpu_bit_for_bit() {
     assert_bits_eq(&q, o.get("q8.q"), "CUDA 8-bit codes");
     assert_bits_eq(&a, o.get("q8.absmax"), "CUDA 8-bit absmax");
 }
+
+/// More output features than the capped grid has warps (65535·32 blocks of 8 warps, about
+/// 16.8M): the kernel's warp-stride loop must still write every row. On the GPU only; a
+/// quarter-gigabyte weight of tiny rows keeps it cheap.
+#[test]
+fn cuda_matmul_small_writes_rows_past_the_grid_cap() {
+    let Some(gpu) = cuda_device() else {
+        eprintln!("cuda_matmul_small_writes_rows_past_the_grid_cap: skipped, no CUDA device (or built without CUDA)");
+        return;
+    };
+    let n_out = 65535i64 * 32 * 8 + 4099;
+    let k = 32i64;
+    tch::manual_seed(5);
+    let w = Tensor::randn([n_out, k], (Kind::Float, Device::Cpu)) * 0.05;
+    let q = nf4::quantize(
+        &w.to_device(gpu),
+        &Nf4Options {
+            blocksize: 64,
+            double_quant: false,
+        },
+    )
+    .expect("quantize");
+    let x = Tensor::randn([2, k], (Kind::Float, Device::Cpu));
+    let got = nf4::matmul_small(&x.to_device(gpu), &q)
+        .expect("cuda matmul")
+        .to_device(Device::Cpu);
+    let want = x.matmul(
+        &nf4::dequantize(&q, Kind::Float)
+            .expect("dequantize")
+            .to_device(Device::Cpu)
+            .tr(),
+    );
+    let tail = n_out - 70_000;
+    let d = (got.narrow(1, tail, 70_000) - want.narrow(1, tail, 70_000))
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(d < 1e-4, "rows past the grid cap: max |Δ| {d:e}");
+}

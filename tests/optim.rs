@@ -495,3 +495,51 @@ fn cuda_kernels_match_cpu_bit_for_bit() {
     check(|p| AdamW32::new(p, AdamWConfig::default()), &pb, cuda);
     println!("CUDA AdamW8bit / AdamW32 updates are bit-identical to the CPU kernels");
 }
+
+/// One AdamW8bit step on a tensor whose first 256-element block has only NaN gradients and
+/// whose second block has some: the all-NaN block's absmax is 0 (bitsandbytes' CPU rule),
+/// the mixed block's is the largest finite magnitude. Returns the named states.
+fn nan_block_step(device: Device) -> HashMap<String, Tensor> {
+    tch::manual_seed(17);
+    let mut p = leaf(
+        &(Tensor::randn([8192], (Kind::Float, Device::Cpu)) * 0.1),
+        device,
+    );
+    let g = Tensor::randn([8192], (Kind::Float, Device::Cpu)) * 1e-2;
+    let _ = g.narrow(0, 0, 256).fill_(f64::NAN);
+    let _ = g.narrow(0, 256, 256).slice(0, 0, 256, 3).fill_(f64::NAN);
+    set_grad(&mut p, &Some(g));
+    let mut opt = AdamW8bit::new(vec![p.shallow_clone()], AdamWConfig::default());
+    opt.step(1e-3).unwrap();
+    named(&opt)
+}
+
+#[test]
+fn all_nan_block_gets_a_zero_absmax() {
+    let cpu = nan_block_step(Device::Cpu);
+    for key in ["0.absmax1", "0.absmax2"] {
+        let a = f32s(&cpu[key]);
+        assert_eq!(a[0], 0.0, "{key}: all-NaN block");
+        assert!(
+            a[1].is_finite() && a[1] > 0.0,
+            "{key}: mixed block {}",
+            a[1]
+        );
+    }
+    if !(cfg!(qlora_cuda) && tch::Cuda::is_available()) {
+        println!("all_nan_block_gets_a_zero_absmax: CUDA half skipped, no CUDA device");
+        return;
+    }
+    let gpu = nan_block_step(Device::Cuda(0));
+    for (k, t) in &cpu {
+        let n = if t.kind() == Kind::Uint8 {
+            code_diffs(t, &gpu[k])
+        } else {
+            bit_diffs(&t.to_kind(Kind::Float), &gpu[k].to_kind(Kind::Float))
+        };
+        assert_eq!(
+            n, 0,
+            "state {k} differs between CUDA and CPU with NaN gradients"
+        );
+    }
+}

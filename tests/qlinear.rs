@@ -83,7 +83,7 @@ fn hand_written_backward_matches_a_dense_reference() {
     let lora = ql.lora.as_ref().unwrap();
     let x = Tensor::randn([120, 192], (Kind::Float, Device::Cpu));
     let seed = 99u64;
-    let (y, saved) = ql.forward_saved(&x, Some(seed)).unwrap();
+    let (y, saved) = ql.forward_saved(&x, Some(seed.into())).unwrap();
     let gy = Tensor::randn(y.size(), (Kind::Float, Device::Cpu));
     let gx = ql
         .backward(saved.as_ref(), || x.shallow_clone(), &gy)

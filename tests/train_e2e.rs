@@ -51,6 +51,21 @@ fn demo_trains_evaluates_and_predicts() {
         "perfect",
     ]);
     assert!(out.contains("trainable params: "), "{out}");
+    // Standard output is a pipe here, as in a log file: one plain line per `log_every` (20)
+    // steps of the 800, no carriage-return redraws.
+    assert!(
+        !out.contains('\r'),
+        "carriage returns in a piped log: {out:?}"
+    );
+    let progress: Vec<&str> = out.lines().filter(|l| l.contains(" step ")).collect();
+    let want: Vec<String> = (1..=40).map(|i| format!("step {}/800 ", i * 20)).collect();
+    assert_eq!(progress.len(), want.len(), "{out}");
+    for (line, w) in progress.iter().zip(&want) {
+        assert!(
+            line.starts_with("epoch ") && line.contains(w.as_str()),
+            "{line:?} lacks {w:?}"
+        );
+    }
 
     for f in [
         "config.json",

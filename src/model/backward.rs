@@ -10,7 +10,7 @@
 //! `batch × longest`. Attention alone scatters them back to the padded `[B, heads, T, d]`
 //! layout, where padded keys are masked as before. A padded position never influences a real
 //! one, so the real rows equal those of the padded computation.
-use crate::dropout::mix;
+use crate::dropout::{mix, MaskKey, MAX_POSITIONS};
 use crate::lora::LoraSaved;
 use crate::model::llama::{rotate_half, DecoderLayer, LayerContext};
 use anyhow::{Context, Result};
@@ -31,6 +31,8 @@ pub struct Rows {
     pub ctx: LayerContext,
     /// `[B]` the row of each sequence's pooled token.
     pub pool: Tensor,
+    /// `[N]` each row's LoRA dropout key ([`crate::dropout::row_key`]), once [`Self::key_dropout`] set them.
+    pub dropout_keys: Option<Tensor>,
 }
 
 impl Rows {
@@ -54,6 +56,7 @@ impl Rows {
                 sin: ctx.sin.repeat([b, 1]),
                 ctx,
                 pool: flat_pooled,
+                dropout_keys: None,
             };
         }
         let index = keep.nonzero().reshape([-1]);
@@ -72,7 +75,27 @@ impl Rows {
             pool: row_of.index_select(0, &flat_pooled),
             index: Some(index),
             ctx,
+            dropout_keys: None,
         }
+    }
+
+    /// Keys each row's LoRA dropout masks by its example's index in the global batch (this
+    /// batch's first example is `first_example` there) and its position in the sequence.
+    pub fn key_dropout(&mut self, first_example: i64) -> Result<()> {
+        anyhow::ensure!(
+            self.seq <= MAX_POSITIONS,
+            "sequences of {} tokens are longer than LoRA dropout can key ({MAX_POSITIONS})",
+            self.seq
+        );
+        let device = self.pool.device();
+        let flat = match &self.index {
+            Some(ix) => ix.shallow_clone(),
+            None => Tensor::arange(self.batch * self.seq, (Kind::Int64, device)),
+        };
+        let example = flat.divide_scalar_mode(self.seq, "floor") + first_example;
+        let position = flat.remainder(self.seq);
+        self.dropout_keys = Some(example * MAX_POSITIONS + position);
+        Ok(())
     }
 
     /// `[B, T, …]` values → `[N, …]` rows.
@@ -166,8 +189,13 @@ impl DecoderLayer {
         dropout_seed: Option<u64>,
         save: bool,
     ) -> Result<(Tensor, Option<LayerSaved>)> {
-        // Each projection's LoRA dropout draws its own mask.
-        let seed = |i: u64| dropout_seed.map(|s| mix(s, i));
+        // Each projection's LoRA dropout draws its own mask, keyed by the rows' tokens.
+        let seed = |i: u64| {
+            dropout_seed.map(|s| MaskKey {
+                seed: mix(s, i),
+                rows: rows.dropout_keys.as_ref().map(Tensor::shallow_clone),
+            })
+        };
         tch::no_grad(|| {
             let a = &self.self_attn;
             let d = a.head_dim;

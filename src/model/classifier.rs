@@ -25,6 +25,22 @@ pub struct ModelOptions {
     pub seed: u64,
 }
 
+/// Where a batch sits in its global batch: the index of its first example there (LoRA
+/// dropout masks are keyed by it) and its share of the global batch's mean loss.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchPart {
+    pub first_example: i64,
+    pub loss_weight: f64,
+}
+
+impl BatchPart {
+    /// A batch that is its own global batch.
+    pub const WHOLE: BatchPart = BatchPart {
+        first_example: 0,
+        loss_weight: 1.0,
+    };
+}
+
 pub const SCORE_KEY: &str = "base_model.model.score.weight";
 
 pub struct LlamaClassifier {
@@ -231,16 +247,33 @@ impl LlamaClassifier {
         )
     }
 
-    /// Mean cross-entropy forward and backward, accumulating `.grad` of the trainable
-    /// tensors, on the batch's real tokens only ([`Rows`]) with the hand-written backward of
-    /// [`crate::model::backward`]. Without gradient checkpointing each layer keeps its
-    /// activations; with it, only its input, and the backward recomputes one layer at a time
-    /// (drawing the same dropout masks). Returns (loss, detached logits).
+    /// Mean cross-entropy forward and backward of a whole batch, accumulating `.grad` of the
+    /// trainable tensors: [`Self::forward_backward_part`] of a batch that is its own global
+    /// batch. Returns (loss, detached logits).
     pub fn forward_backward(
         &self,
         input_ids: &Tensor,
         attention_mask: &Tensor,
         labels: &Tensor,
+    ) -> Result<(f64, Tensor)> {
+        self.forward_backward_part(input_ids, attention_mask, labels, &BatchPart::WHOLE)
+    }
+
+    /// Forward and backward of one part of a global batch (a rank's share, a micro-batch of
+    /// gradient accumulation), on the batch's real tokens only ([`Rows`]) with the
+    /// hand-written backward of [`crate::model::backward`]. The part's mean cross-entropy is
+    /// scaled by `part.loss_weight` before the backward, so the parts' gradients add up to the
+    /// global batch's mean; dropout masks are keyed by each example's place in the global
+    /// batch, so they do not depend on how it was split. Without gradient checkpointing each
+    /// layer keeps its activations; with it, only its input, and the backward recomputes one
+    /// layer at a time (drawing the same dropout masks). Returns (the part's unweighted mean
+    /// loss, detached logits).
+    pub fn forward_backward_part(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        labels: &Tensor,
+        part: &BatchPart,
     ) -> Result<(f64, Tensor)> {
         self.check_inputs(input_ids, attention_mask)?;
         if labels.size() != [input_ids.size()[0]] {
@@ -250,8 +283,11 @@ impl LlamaClassifier {
                 input_ids.size()
             );
         }
-        let (ids, rows) = self.rows(input_ids, attention_mask);
+        let (ids, mut rows) = self.rows(input_ids, attention_mask);
         let seeds = self.dropout_seeds();
+        if seeds.is_some() {
+            rows.key_dropout(part.first_example)?;
+        }
         let train_layers = self.opts.lora.is_some();
         let checkpointing = self.opts.gradient_checkpointing;
         let mut h = tch::no_grad(|| rows.gather(&self.model.embed(&ids)));
@@ -271,8 +307,10 @@ impl LlamaClassifier {
         let last = h.detach().set_requires_grad(true);
         let logits = self.score_rows(&last.index_select(0, &rows.pool));
         let loss = self.loss(&logits, labels);
-        loss.f_backward().context("backward pass (head)")?;
         let loss_value = loss.double_value(&[]);
+        (loss * part.loss_weight)
+            .f_backward()
+            .context("backward pass (head)")?;
         if !train_layers {
             return Ok((loss_value, logits.detach()));
         }

@@ -1,4 +1,5 @@
 //! A frozen linear layer (dense or NF4, no bias) with an optional LoRA bypass.
+use crate::dropout::MaskKey;
 use crate::lora::{LoraAdapter, LoraSaved};
 use crate::quant::nf4::{self, Nf4Tensor};
 use anyhow::Result;
@@ -79,18 +80,18 @@ impl QLinear {
         })
     }
 
-    /// `x · Wᵀ` (+ LoRA) for rows `x` `[N, in]` outside autograd (`dropout_seed`: `None`
+    /// `x · Wᵀ` (+ LoRA) for rows `x` `[N, in]` outside autograd (`dropout`: `None`
     /// for evaluation), keeping what [`Self::backward`] needs: nothing of the frozen weight
     /// (it is dequantised again there), only the LoRA branch's `[N, r]` hidden rows.
     pub fn forward_saved(
         &self,
         x: &Tensor,
-        dropout_seed: Option<u64>,
+        dropout: Option<MaskKey>,
     ) -> Result<(Tensor, Option<LoraSaved>)> {
         let base = self.frozen(x)?;
         Ok(match &self.lora {
             Some(l) => {
-                let (y, saved) = l.forward_saved(x, dropout_seed, x.kind())?;
+                let (y, saved) = l.forward_saved(x, dropout, x.kind())?;
                 (base + y, Some(saved))
             }
             None => (base, None),

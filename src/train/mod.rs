@@ -1,0 +1,90 @@
+//! The training run, top to bottom like the reference script: set up; evaluate the
+//! untrained model; for each epoch, for each batch: forward and backward, all-reduce, step,
+//! log; then evaluate and save. Each named step is a method of [`Trainer`]
+//! (`src/train/trainer.rs`); the gradient of one step (ranks, gradient accumulation) is
+//! `src/train/step.rs`.
+mod progress;
+mod setup;
+mod step;
+mod trainer;
+
+pub use progress::fmt_duration;
+pub use setup::{load_model, load_split, load_with_adapter, model_options, Loaded};
+pub use step::{micro_batches, MicroBatch};
+pub use trainer::{peak_rss_bytes, Trainer, EVAL_HEADER, METRICS_HEADER};
+
+use crate::config::Config;
+use anyhow::Result;
+
+pub fn train(cfg: &Config) -> Result<Summary> {
+    let mut run = Trainer::start(cfg)?;
+    run.evaluate_baseline()?;
+    'epochs: for epoch in run.first_epoch()..=cfg.epochs {
+        for batch in run.batches(epoch) {
+            if run.finished() {
+                break 'epochs;
+            }
+            let Some(step) = run.train_step(epoch, &batch)? else {
+                continue; // a non-finite step, skipped
+            };
+            run.log_step(epoch, &step)?;
+            run.checkpoint_if_due(&step)?;
+        }
+        run.end_epoch(epoch)?;
+    }
+    run.finish()
+}
+
+/// The summary of a finished run (summary.json).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    pub baseline: Option<serde_json::Value>,
+    pub final_eval: Option<serde_json::Value>,
+    pub best_accuracy: Option<f64>,
+    pub steps: usize,
+    pub train_examples: usize,
+    pub eval_examples: usize,
+    pub elapsed_s: f64,
+    pub peak_mem_bytes: u64,
+    pub tokens_per_s: f64,
+    pub trainable_params: u64,
+    pub all_params: u64,
+    pub world_size: usize,
+}
+
+/// What to do about an error the user can act on, if we recognise it.
+pub fn error_hint(message: &str) -> Option<&'static str> {
+    if message.contains("out of memory") || message.contains("CUDA error: out of memory") {
+        return Some(
+            "the GPU ran out of memory: lower `batch_size` / `eval_batch_size`, set `max_length`, \
+             keep `gradient_checkpointing: true`, or use fewer `target_modules`",
+        );
+    }
+    if message.contains("No space left on device") {
+        return Some("the disk is full: free space in the run folder's file system (the previous checkpoint is intact)");
+    }
+    None
+}
+
+/// The error a run stopped by SIGINT/SIGTERM ends with (after saving its checkpoint).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Interrupted(pub String);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_for_oom_and_full_disk() {
+        let oom =
+            "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.10 GiB total capacity)";
+        assert!(error_hint(oom).unwrap().contains("batch_size"));
+        assert!(
+            error_hint("write failed: No space left on device (os error 28)")
+                .unwrap()
+                .contains("disk is full")
+        );
+        assert!(error_hint("something else").is_none());
+    }
+}

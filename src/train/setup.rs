@@ -1,0 +1,105 @@
+//! What a run loads before it trains: the tokenizer, the (quantized) model with fresh or
+//! trained adapters, and the tokenised splits.
+use crate::adapter;
+use crate::config::Config;
+use crate::data::batch::{encode_examples, Encoded, TextEncoder};
+use crate::data::{formats, prompt};
+use crate::lora::LoraConfig;
+use crate::model::classifier::{LlamaClassifier, ModelOptions};
+use crate::quant::nf4::Nf4Options;
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use tch::Device;
+
+/// Everything a run needs besides the optimizer: the model, the tokenizer, the device.
+pub struct Loaded {
+    pub model: LlamaClassifier,
+    pub encoder: TextEncoder,
+    pub device: Device,
+}
+
+pub fn model_options(cfg: &Config, device: Device, pad_id: i64) -> ModelOptions {
+    ModelOptions {
+        device,
+        compute_dtype: cfg.compute_kind(device),
+        quant: cfg.load_in_4bit.then_some(Nf4Options {
+            blocksize: cfg.bnb_4bit_blocksize,
+            double_quant: cfg.bnb_4bit_use_double_quant,
+        }),
+        lora: Some(LoraConfig {
+            r: cfg.r,
+            alpha: cfg.lora_alpha,
+            dropout: cfg.lora_dropout,
+            target_modules: cfg.target_modules.clone(),
+        }),
+        num_labels: cfg.num_classes,
+        pad_token_id: pad_id,
+        gradient_checkpointing: cfg.gradient_checkpointing,
+        seed: cfg.seed,
+    }
+}
+
+/// Loads the tokenizer and the (quantized) model with fresh LoRA adapters and head.
+pub fn load_model(cfg: &Config, device: Device) -> Result<Loaded> {
+    let encoder = TextEncoder::from_dir(cfg.tokenizer_dir()?, cfg.max_length)?;
+    let model_dir = cfg.model_dir()?;
+    let model = LlamaClassifier::load(model_dir, &model_options(cfg, device, encoder.pad_id()))
+        .with_context(|| format!("cannot load the model from {}", model_dir.display()))?;
+    let vocab = model.config.vocab_size;
+    if encoder.max_id() >= vocab {
+        bail!(
+            "{}: the tokenizer produces ids up to {} but the model's embedding has only {vocab} rows ({}); \
+             point tokenizer_dir at the model's own tokenizer",
+            cfg.tokenizer_dir()?.join("tokenizer.json").display(),
+            encoder.max_id(),
+            model_dir.join("config.json").display()
+        );
+    }
+    Ok(Loaded {
+        model,
+        encoder,
+        device,
+    })
+}
+
+/// Reads a split, checks its labels against num_classes, renders the prompt and tokenises.
+pub fn load_split(cfg: &Config, encoder: &TextEncoder, split: &str) -> Result<Vec<Encoded>> {
+    let dir = cfg.data_dir()?;
+    let examples = formats::load_split(dir, split)?;
+    // Name the file(s) the labels came from, so the user knows which one to fix.
+    let files: Vec<String> = split
+        .split('+')
+        .filter_map(|part| formats::locate_split(dir, part).ok())
+        .flat_map(|(_, files)| files)
+        .map(|f| f.display().to_string())
+        .collect();
+    let source = if files.is_empty() {
+        dir.display().to_string()
+    } else {
+        files.join(", ")
+    };
+    formats::check_labels(
+        &examples,
+        cfg.num_classes as usize,
+        &format!("{source} ({split} split)"),
+    )?;
+    let text = prompt::resolve_prompt(&cfg.prompt)?;
+    encode_examples(encoder, &examples, &text)
+}
+
+/// `qlora-cls eval`/`predict`: the model with a trained adapter loaded.
+pub fn load_with_adapter(cfg: &Config, adapter_dir: &Path) -> Result<Loaded> {
+    let meta = adapter::read_meta(adapter_dir)?;
+    let mut cfg = cfg.clone();
+    cfg.r = meta.r;
+    cfg.lora_alpha = meta.lora_alpha;
+    cfg.target_modules = meta.target_modules;
+    let mut loaded = load_model(&cfg, cfg.device())?;
+    let weights_path = adapter_dir.join(adapter::WEIGHTS_FILE);
+    let weights = adapter::read_safetensors(&weights_path)?;
+    loaded
+        .model
+        .load_trainable(&|name| weights.get(name).map(|t| t.shallow_clone()))
+        .with_context(|| format!("cannot load the adapter {}", weights_path.display()))?;
+    Ok(loaded)
+}

@@ -1,0 +1,668 @@
+//! The named steps of a training run ([`super::train`] calls them in order): set up, evaluate
+//! the baseline, train a step, log it, checkpoint, end an epoch, finish.
+use super::progress::{Progress, StepReport};
+use super::setup::{load_model, load_split, Loaded};
+use super::step::{accumulate_gradients, grad_norm, micro_batches};
+use super::{Interrupted, Summary};
+use crate::adapter;
+use crate::config::Config;
+use crate::data::batch::{epoch_batches, Encoded};
+use crate::data::prompt;
+use crate::dist::Dist;
+use crate::eval::{self, EvalResult};
+use crate::metrics::CsvLog;
+use crate::model::classifier::LlamaClassifier;
+use crate::model::hf_config::peft_param_line;
+use crate::optim::adamw8bit::{AdamW32, AdamW8bit, AdamWConfig, Optimizer};
+use crate::optim::schedule;
+use crate::resume::{self, TrainState};
+use crate::runio;
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
+
+pub const METRICS_HEADER: [&str; 8] = [
+    "step",
+    "epoch",
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "elapsed_s",
+    "peak_mem_bytes",
+];
+pub const EVAL_HEADER: [&str; 5] = ["epoch", "split", "accuracy", "f1", "loss"];
+
+/// What one optimizer step did, summed over ranks.
+pub struct StepStats {
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub interrupted: bool,
+}
+
+/// Prints on the main rank only (the others stay quiet, as accelerate's main process does).
+macro_rules! say {
+    ($t:expr, $($arg:tt)*) => {
+        if $t.main {
+            $t.progress.close();
+            println!($($arg)*);
+        }
+    };
+}
+
+/// A run in progress: its configuration, ranks, model, data, optimizer and logs.
+pub struct Trainer<'a> {
+    cfg: &'a Config,
+    dist: Option<Dist>,
+    rank: usize,
+    world: usize,
+    pub main: bool,
+    device: Device,
+    run: PathBuf,
+    model: LlamaClassifier,
+    pad: i64,
+    train_set: Vec<Encoded>,
+    eval_set: Vec<Encoded>,
+    params: Vec<Tensor>,
+    optimizer: Box<dyn Optimizer>,
+    steps_per_epoch: usize,
+    planned: usize,
+    total_steps: usize,
+    warmup: usize,
+    pub st: TrainState,
+    resumed: bool,
+    /// (metrics.csv, eval.csv), on the main rank.
+    logs: Option<(CsvLog, CsvLog)>,
+    stop: Arc<AtomicBool>,
+    progress: Progress,
+    baseline: Option<serde_json::Value>,
+    last_eval: Option<EvalResult>,
+    unevaluated_steps: bool,
+    start: Instant,
+    session_start: Instant,
+    session_step: usize,
+    session_tokens: i64,
+    stepping_s: f64,
+    counts: (u64, u64),
+}
+
+fn opt_fmt(v: Option<f64>) -> String {
+    v.map_or(String::new(), |x| format!("{x:.6}"))
+}
+
+fn eval_json(r: &EvalResult) -> serde_json::Value {
+    json!({"accuracy": r.accuracy, "f1": r.f1, "loss": r.loss, "examples": r.pred.len()})
+}
+
+/// Handles on the same tensors (the optimizer updates the model's own parameters).
+fn shallow(ts: &[Tensor]) -> Vec<Tensor> {
+    ts.iter().map(Tensor::shallow_clone).collect()
+}
+
+/// Set by SIGINT/SIGTERM: the loop saves a checkpoint after the current step and stops.
+fn install_signal_flag() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        // A second signal, while the first is being handled, exits at once.
+        signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone())?;
+        signal_hook::flag::register(sig, flag.clone())?;
+    }
+    Ok(flag)
+}
+
+/// Peak resident memory of this process (VmHWM), in bytes.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+impl<'a> Trainer<'a> {
+    /// Seed, ranks, the run folder, data, model, optimizer and schedule; restores a
+    /// checkpoint when resuming.
+    pub fn start(cfg: &'a Config) -> Result<Self> {
+        let start = Instant::now();
+        tch::manual_seed(cfg.seed as i64);
+        // Data parallelism when a launcher set RANK/WORLD_SIZE (torchrun, scripts/launch.sh, srun).
+        let dist = Dist::from_env(Duration::from_secs(cfg.dist_timeout_s))?;
+        let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.rank, d.world_size));
+        let main = rank == 0;
+        let device = match &dist {
+            Some(d) => d.device_for(&cfg.device)?,
+            None => cfg.device(),
+        };
+        let run = cfg.results_path.clone();
+        if main {
+            write_run_config(cfg)?;
+        }
+        let resume_from = resume::resolve(&run, cfg.resume.as_deref().unwrap_or(""))?;
+
+        let Loaded {
+            model,
+            encoder,
+            device,
+        } = load_model(cfg, device)?;
+        let pad = encoder.pad_id();
+        let train_set = load_split(cfg, &encoder, &cfg.train_splits)?;
+        let eval_set = load_split(cfg, &encoder, &cfg.eval_split)?;
+        let counts = model.param_counts();
+        if main {
+            println!("{}", peft_param_line(counts.0, counts.1));
+            println!(
+                "data: {} training examples ({}), {} evaluation examples ({}), prompt {:?}; device {:?} x {world} rank(s), compute {:?}",
+                train_set.len(),
+                cfg.train_splits,
+                eval_set.len(),
+                cfg.eval_split,
+                prompt::resolve_prompt(&cfg.prompt)?,
+                device,
+                cfg.compute_kind(device)
+            );
+        }
+
+        // Optimizer and schedule over the trainable tensors (LoRA A/B, head).
+        let params: Vec<Tensor> = model
+            .trainable_parameters()
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect();
+        if let Some(d) = &dist {
+            // Every rank starts from rank 0's LoRA and head, and has gradients to all-reduce
+            // even when its part of a batch is empty.
+            d.broadcast(&params, 0)?;
+            let zero: Tensor = params.iter().map(|p| p.sum(Kind::Float) * 0.0).sum();
+            zero.backward();
+        }
+        let opt_cfg = AdamWConfig {
+            weight_decay: cfg.weight_decay,
+            ..AdamWConfig::default()
+        };
+        let mut optimizer: Box<dyn Optimizer> = match cfg.optimizer.as_str() {
+            "adamw" => Box::new(AdamW32::new(shallow(&params), opt_cfg)),
+            _ => Box::new(AdamW8bit::new(shallow(&params), opt_cfg)),
+        };
+        optimizer.zero_grad();
+        // The schedule counts optimizer steps: one per global batch.
+        let steps_per_epoch = train_set.len().div_ceil(cfg.batch_size);
+        let planned = steps_per_epoch * cfg.epochs;
+        let mut t = Trainer {
+            cfg,
+            dist,
+            rank,
+            world,
+            main,
+            device,
+            run,
+            model,
+            pad,
+            train_set,
+            eval_set,
+            params,
+            optimizer,
+            steps_per_epoch,
+            planned,
+            total_steps: cfg.max_steps.map_or(planned, |m| m.min(planned)),
+            warmup: schedule::warmup_steps(planned, cfg.warmup_ratio),
+            st: TrainState {
+                step: 0,
+                epochs_done: 0,
+                batch_in_epoch: 0,
+                tokens_seen: 0,
+                best_accuracy: None,
+                train_seconds: 0.0,
+                seed: cfg.seed,
+            },
+            resumed: resume_from.is_some(),
+            logs: None,
+            stop: install_signal_flag()?,
+            progress: Progress::for_stdout(cfg.log_every),
+            baseline: None,
+            last_eval: None,
+            unevaluated_steps: false,
+            start,
+            session_start: Instant::now(),
+            session_step: 0,
+            session_tokens: 0,
+            stepping_s: 0.0,
+            counts,
+        };
+        if let Some(dir) = &resume_from {
+            t.restore(dir)?;
+        }
+        t.open_logs()?;
+        t.session_start = Instant::now();
+        t.session_step = t.st.step;
+        t.session_tokens = t.st.tokens_seen;
+        Ok(t)
+    }
+
+    /// Continues from a checkpoint (every rank reads it).
+    fn restore(&mut self, dir: &std::path::Path) -> Result<()> {
+        let ck = resume::load(dir)?;
+        if ck.state.seed != self.cfg.seed {
+            bail!(
+                "{}: this checkpoint was made with seed {}, the configuration says {}; \
+                 resume with the same configuration",
+                dir.display(),
+                ck.state.seed,
+                self.cfg.seed
+            );
+        }
+        self.model
+            .load_trainable(&|n| ck.trainable.get(n).map(|t| t.shallow_clone()))
+            .with_context(|| format!("cannot restore the weights of {}", dir.display()))?;
+        self.optimizer
+            .load_state_tensors(&|n| ck.optimizer.get(n).map(|t| t.shallow_clone()))
+            .with_context(|| format!("cannot restore the optimizer of {}", dir.display()))?;
+        self.st = ck.state;
+        say!(
+            self,
+            "resuming from {} (step {}, epoch {}, batch {})",
+            dir.display(),
+            self.st.step,
+            self.st.epochs_done + 1,
+            self.st.batch_in_epoch
+        );
+        Ok(())
+    }
+
+    /// metrics.csv and eval.csv on the main rank; a resumed run keeps their rows up to its
+    /// checkpoint.
+    fn open_logs(&mut self) -> Result<()> {
+        if !self.main {
+            return Ok(());
+        }
+        let (resumed, keep_step, keep_epochs) = (self.resumed, self.st.step, self.st.epochs_done);
+        let upto = move |limit: usize| {
+            move |row: &[&str]| {
+                resumed
+                    && row
+                        .first()
+                        .and_then(|s| s.parse::<usize>().ok())
+                        .is_some_and(|v| v <= limit)
+            }
+        };
+        let metrics = CsvLog::create(
+            self.run.join("metrics.csv"),
+            &METRICS_HEADER,
+            upto(keep_step),
+        )?;
+        let evals = CsvLog::create(self.run.join("eval.csv"), &EVAL_HEADER, upto(keep_epochs))?;
+        self.logs = Some((metrics, evals));
+        Ok(())
+    }
+
+    /// The first epoch still to train.
+    pub fn first_epoch(&self) -> usize {
+        self.st.epochs_done + 1
+    }
+
+    /// The global batches of `epoch` not yet trained (all of them unless resuming mid-epoch).
+    pub fn batches(&self, epoch: usize) -> Vec<Vec<usize>> {
+        let lengths: Vec<usize> = self.train_set.iter().map(|e| e.ids.len()).collect();
+        let mut batches = epoch_batches(
+            self.train_set.len(),
+            self.cfg.batch_size,
+            Some(self.cfg.seed),
+            epoch,
+            self.cfg.bucket_by_length.then_some(lengths.as_slice()),
+        );
+        batches.drain(..self.st.batch_in_epoch.min(batches.len()));
+        batches
+    }
+
+    /// `max_steps` (or the planned steps) are done.
+    pub fn finished(&self) -> bool {
+        self.st.step >= self.total_steps
+    }
+
+    /// The model on the evaluation split (sharded over the ranks).
+    fn evaluate(&self) -> Result<EvalResult> {
+        eval::evaluate(
+            &self.model,
+            &self.eval_set,
+            self.cfg.eval_batch_size,
+            self.pad,
+            self.device,
+            self.dist.as_ref(),
+        )
+    }
+
+    fn log_eval(&mut self, epoch: usize, r: &EvalResult) -> Result<()> {
+        if let Some((_, evals)) = &mut self.logs {
+            evals.row(&[
+                epoch.to_string(),
+                self.cfg.eval_split.clone(),
+                opt_fmt(r.accuracy),
+                opt_fmt(r.f1),
+                opt_fmt(r.loss),
+            ]);
+            evals.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The reference's evaluation before any training (a fresh run only).
+    pub fn evaluate_baseline(&mut self) -> Result<()> {
+        if !self.cfg.eval_before_training || self.resumed {
+            return Ok(());
+        }
+        let r = self.evaluate()?;
+        say!(
+            self,
+            "epoch 0 (before training): {} accuracy {} f1 {} (majority class {:.4})",
+            self.cfg.eval_split,
+            opt_fmt(r.accuracy),
+            opt_fmt(r.f1),
+            eval::majority_fraction(&self.eval_set)
+        );
+        self.log_eval(0, &r)?;
+        self.baseline = Some(eval_json(&r));
+        self.last_eval = Some(r);
+        Ok(())
+    }
+
+    /// One optimizer step on global batch `batch`: forward and backward of this rank's
+    /// micro-batches, the gradient all-reduce, clipping, the optimizer. `None` when a
+    /// non-finite step was skipped (`on_nonfinite: skip`).
+    pub fn train_step(&mut self, epoch: usize, batch: &[usize]) -> Result<Option<StepStats>> {
+        let step_start = Instant::now();
+        let cfg = self.cfg;
+        let lr =
+            cfg.lr * schedule::linear_warmup_multiplier(self.st.step, self.warmup, self.planned);
+        let micro = micro_batches(
+            batch,
+            self.rank,
+            self.world,
+            cfg.gradient_accumulation_steps,
+        );
+        let (loss, tokens) = accumulate_gradients(
+            &self.model,
+            &self.train_set,
+            &micro,
+            self.st.step,
+            self.pad,
+            self.device,
+        )?;
+        let (loss, tokens, interrupted) = self.all_reduce(loss, tokens)?;
+        let gnorm = grad_norm(&self.params, cfg.max_grad_norm);
+        if !loss.is_finite() || !gnorm.is_finite() {
+            return self.non_finite(epoch, batch, loss, gnorm);
+        }
+        self.optimizer.step(lr)?;
+        self.optimizer.zero_grad();
+        self.st.step += 1;
+        self.st.batch_in_epoch += 1;
+        self.st.tokens_seen += tokens;
+        self.unevaluated_steps = true;
+        // Throughput counts training steps only, not evaluation or checkpoint saving.
+        self.stepping_s += step_start.elapsed().as_secs_f64();
+        Ok(Some(StepStats {
+            loss,
+            lr,
+            grad_norm: gnorm,
+            interrupted,
+        }))
+    }
+
+    /// Sums the ranks' weighted gradients (the global batch's mean gradient), their loss
+    /// shares, token counts and stop requests, so every rank stops at the same step.
+    fn all_reduce(&self, loss: f64, tokens: i64) -> Result<(f64, i64, bool)> {
+        let interrupted = self.stop.load(Ordering::SeqCst);
+        let Some(d) = &self.dist else {
+            return Ok((loss, tokens, interrupted));
+        };
+        let grads: Vec<Tensor> = self.params.iter().map(|p| p.grad()).collect();
+        d.all_reduce_sum_many(&grads)?;
+        let stats = Tensor::from_slice(&[loss, tokens as f64, f64::from(u8::from(interrupted))])
+            .to_device(self.device);
+        d.all_reduce_sum(&stats)?;
+        let v = Vec::<f64>::try_from(&stats.to_device(Device::Cpu))?;
+        Ok((v[0], v[1] as i64, v[2] > 0.0))
+    }
+
+    /// A non-finite loss or gradient: skip the step or stop, naming the step and examples.
+    fn non_finite(
+        &mut self,
+        epoch: usize,
+        batch: &[usize],
+        loss: f64,
+        gnorm: f64,
+    ) -> Result<Option<StepStats>> {
+        let what = format!(
+            "non-finite {} at step {} (epoch {epoch}, batch {}); the batch's example idx: {:?}",
+            if loss.is_finite() {
+                format!("gradient norm {gnorm}")
+            } else {
+                format!("loss {loss}")
+            },
+            self.st.step + 1,
+            self.st.batch_in_epoch + 1,
+            batch
+                .iter()
+                .map(|&i| self.train_set[i].idx)
+                .collect::<Vec<_>>()
+        );
+        if self.cfg.on_nonfinite == "skip" {
+            if self.main {
+                self.progress.close();
+                eprintln!("warning: {what}; step skipped (on_nonfinite: skip)");
+            }
+            self.optimizer.zero_grad();
+            self.st.batch_in_epoch += 1;
+            return Ok(None);
+        }
+        if let Some((metrics, _)) = &self.logs {
+            metrics.flush()?;
+        }
+        let last_good =
+            resume::latest(&self.run)?.map_or("none yet".to_string(), |p| p.display().to_string());
+        bail!(
+            "{what}. The last good checkpoint: {last_good}. Lower `lr`, set `max_grad_norm`, \
+             or set `on_nonfinite: skip`"
+        );
+    }
+
+    /// A metrics.csv row for every step, and the progress display.
+    pub fn log_step(&mut self, epoch: usize, s: &StepStats) -> Result<()> {
+        let Some((metrics, _)) = &mut self.logs else {
+            return Ok(());
+        };
+        let session = self.session_start.elapsed().as_secs_f64();
+        let tps = (self.st.tokens_seen - self.session_tokens) as f64 / self.stepping_s.max(1e-9);
+        let step = self.st.step;
+        metrics.row(&[
+            step.to_string(),
+            format!("{:.4}", step as f64 / self.steps_per_epoch as f64),
+            format!("{:.6}", s.loss),
+            format!("{:.6e}", s.lr),
+            format!("{:.6}", s.grad_norm),
+            format!("{tps:.1}"),
+            format!("{:.3}", self.st.train_seconds + session),
+            peak_rss_bytes().to_string(),
+        ]);
+        let last = step == self.total_steps || s.interrupted;
+        if step.is_multiple_of(self.cfg.log_every) || last {
+            metrics.flush()?;
+        }
+        let done_here = (step - self.session_step).max(1) as f64;
+        self.progress.step(
+            &StepReport {
+                epoch,
+                epochs: self.cfg.epochs,
+                step,
+                total_steps: self.total_steps,
+                loss: s.loss,
+                lr: s.lr,
+                tokens_per_s: tps,
+                eta_s: session / done_here * (self.total_steps - step) as f64,
+            },
+            last,
+        );
+        Ok(())
+    }
+
+    fn save_checkpoint(&self) -> Result<PathBuf> {
+        let mut snap = self.st.clone();
+        snap.train_seconds += self.session_start.elapsed().as_secs_f64();
+        resume::save(
+            &self.run,
+            &snap,
+            &self.model.trainable_parameters(),
+            &self.optimizer.state_tensors(),
+            self.cfg.keep_checkpoints,
+        )
+    }
+
+    /// A checkpoint every `checkpoint_every` steps, and after an interrupted step, which
+    /// then ends the run with [`Interrupted`].
+    pub fn checkpoint_if_due(&mut self, s: &StepStats) -> Result<()> {
+        let every = self.cfg.checkpoint_every;
+        let periodic = every > 0 && self.st.step.is_multiple_of(every);
+        if !periodic && !s.interrupted {
+            return Ok(());
+        }
+        let saved = if self.main {
+            Some(self.save_checkpoint()?)
+        } else {
+            None
+        };
+        if s.interrupted {
+            say!(self, "");
+            bail!(Interrupted(match saved {
+                Some(dir) => format!(
+                    "interrupted at step {}: checkpoint saved to {}; continue with --resume auto",
+                    self.st.step,
+                    dir.display()
+                ),
+                None => format!(
+                    "rank {}: interrupted at step {} (rank 0 saved the checkpoint)",
+                    self.rank, self.st.step
+                ),
+            }));
+        }
+        Ok(())
+    }
+
+    /// After an epoch: evaluate, log, save the adapter (and the best one), checkpoint.
+    pub fn end_epoch(&mut self, epoch: usize) -> Result<()> {
+        let r = self.evaluate()?;
+        say!(
+            self,
+            "epoch {epoch}: {} accuracy {} f1 {} loss {}",
+            self.cfg.eval_split,
+            opt_fmt(r.accuracy),
+            opt_fmt(r.f1),
+            opt_fmt(r.loss)
+        );
+        self.unevaluated_steps = false;
+        let best = r
+            .accuracy
+            .is_some_and(|acc| self.st.best_accuracy.is_none_or(|b| acc > b));
+        if best {
+            self.st.best_accuracy = r.accuracy;
+        }
+        self.st.epochs_done = epoch;
+        self.st.batch_in_epoch = 0;
+        if let Some((metrics, _)) = &self.logs {
+            metrics.flush()?;
+        }
+        self.log_eval(epoch, &r)?;
+        if self.main {
+            self.save_adapter("adapter")?;
+            if best {
+                self.save_adapter("best_adapter")?;
+            }
+            self.save_checkpoint()?;
+        }
+        self.last_eval = Some(r);
+        Ok(())
+    }
+
+    fn save_adapter(&self, name: &str) -> Result<()> {
+        adapter::save(
+            &self.run.join(name),
+            self.cfg,
+            &self.model.trainable_parameters(),
+        )
+    }
+
+    /// A run cut short by `max_steps` in mid-epoch still evaluates the weights it ends with
+    /// (`max_steps: 0` is the untrained baseline alone); then summary.json.
+    pub fn finish(mut self) -> Result<Summary> {
+        if self.unevaluated_steps {
+            let r = self.evaluate()?;
+            say!(
+                self,
+                "step {}: {} accuracy {} f1 {} loss {}",
+                self.st.step,
+                self.cfg.eval_split,
+                opt_fmt(r.accuracy),
+                opt_fmt(r.f1),
+                opt_fmt(r.loss)
+            );
+            if let Some((metrics, _)) = &self.logs {
+                metrics.flush()?;
+            }
+            let epoch = (self.st.step as f64 / self.steps_per_epoch as f64).ceil() as usize;
+            self.log_eval(epoch, &r)?;
+            if self.main {
+                self.save_adapter("adapter")?;
+            }
+            self.last_eval = Some(r);
+        }
+        self.progress.close();
+        let summary = Summary {
+            baseline: self.baseline.take(),
+            final_eval: self.last_eval.as_ref().map(eval_json),
+            best_accuracy: self.st.best_accuracy,
+            steps: self.st.step,
+            train_examples: self.train_set.len(),
+            eval_examples: self.eval_set.len(),
+            elapsed_s: self.start.elapsed().as_secs_f64(),
+            peak_mem_bytes: peak_rss_bytes(),
+            tokens_per_s: (self.st.tokens_seen - self.session_tokens) as f64
+                / self.stepping_s.max(1e-9),
+            trainable_params: self.counts.0,
+            all_params: self.counts.1,
+            world_size: self.world,
+        };
+        if self.main {
+            runio::write_json(&self.run.join("summary.json"), &summary)?;
+            println!("run folder: {}", self.run.display());
+        }
+        if let Some(d) = &self.dist {
+            d.barrier()?;
+        }
+        Ok(summary)
+    }
+}
+
+/// config.json, quant_config.json and lora_config.json in a fresh or resumed run folder.
+fn write_run_config(cfg: &Config) -> Result<()> {
+    let run = &cfg.results_path;
+    std::fs::create_dir_all(run)
+        .with_context(|| format!("cannot create the run folder {}", run.display()))?;
+    runio::write_json(&run.join("config.json"), cfg)
+        .with_context(|| format!("the run folder {} is not writable", run.display()))?;
+    runio::write_json(
+        &run.join("quant_config.json"),
+        &adapter::quant_config_json(cfg),
+    )?;
+    runio::write_json(
+        &run.join("lora_config.json"),
+        &adapter::lora_config_json(cfg),
+    )
+}
