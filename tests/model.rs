@@ -848,3 +848,50 @@ fn gemma2_matches_transformers_and_peft() {
 fn gemma3_text_matches_transformers_and_peft() {
     family_matches_transformers_and_peft("gemma3_text");
 }
+
+/// What a family needs and we lack is refused, naming the key and the file.
+#[test]
+fn unsupported_family_features_are_refused_by_key() {
+    let base = serde_json::json!({
+        "model_type": "phi3", "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 128
+    });
+    let cases: [(&str, serde_json::Value, &str); 5] = [
+        ("model_type", serde_json::json!("falcon"), "`model_type`"),
+        (
+            "rope_scaling",
+            serde_json::json!({"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}),
+            "`rope_type`",
+        ),
+        (
+            "partial_rotary_factor",
+            serde_json::json!(0.75),
+            "`partial_rotary_factor`",
+        ),
+        ("resid_pdrop", serde_json::json!(0.1), "`resid_pdrop`"),
+        ("hidden_act", serde_json::json!("gelu_new"), "`hidden_act`"),
+    ];
+    for (key, value, named) in cases {
+        let mut v = base.clone();
+        v[key] = value;
+        let e = match LlamaConfig::from_json_str(&v.to_string(), "m/config.json") {
+            Ok(_) => panic!("{key}: accepted"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            e.contains(named) && e.contains("m/config.json"),
+            "{key}: {e}"
+        );
+    }
+    // A LoRA target the family lacks.
+    let _turn = common::serial();
+    let root = fixtures().join("gqa");
+    let e = LlamaClassifier::load(
+        &root,
+        &opts(None, Some(lora_on(vec!["qkv_proj".into()], 0.0)), false),
+    )
+    .err()
+    .map(|e| format!("{e:#}"))
+    .expect("llama has no qkv_proj");
+    assert!(e.contains("qkv_proj") && e.contains("config.json"), "{e}");
+}
