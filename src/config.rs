@@ -2,6 +2,7 @@
 //! validated once. Keys carry the reference script's argparse names (`model_dir`, `r`,
 //! `lora_alpha`, `bnb_4bit_compute_dtype`, ...), so its users feel at home.
 use crate::lora::LORA_TARGETS;
+use crate::model::family::Family;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
@@ -166,6 +167,11 @@ fn hint(word: &str, candidates: &[String]) -> String {
 pub struct Origins(BTreeMap<String, String>);
 
 impl Origins {
+    /// Whether the file or a flag set `key`.
+    pub fn contains(&self, key: &str) -> bool {
+        self.0.contains_key(key)
+    }
+
     pub fn of(&self, key: &str) -> String {
         self.0
             .get(key)
@@ -281,7 +287,7 @@ impl Config {
                 .insert(o.key.clone(), format!("the command line (--{})", o.key));
             merged.insert(Value::String(o.key.clone()), yaml_scalar(&o.key, &o.value));
         }
-        let cfg: Config = match serde_yaml::from_value(Value::Mapping(merged.clone())) {
+        let mut cfg: Config = match serde_yaml::from_value(Value::Mapping(merged.clone())) {
             Ok(c) => c,
             Err(e) => {
                 // Find the key that does not parse, to name it.
@@ -300,6 +306,15 @@ impl Config {
                 bail!("invalid configuration: {e}");
             }
         };
+        if !origins.contains("target_modules") {
+            if let Some(family) = cfg.model_dir.as_deref().and_then(model_family) {
+                cfg.target_modules = family
+                    .peft_default_targets()
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect();
+            }
+        }
         cfg.validate(&origins)?;
         Ok((cfg, origins))
     }
@@ -524,6 +539,16 @@ impl Config {
             _ => tch::Kind::Float,
         }
     }
+}
+
+/// The decoder family of `model_dir/config.json`, when it names one we know; LoRA's default
+/// `target_modules` is PEFT's for that family. A file that cannot be read is the model
+/// loader's to report, with its path.
+fn model_family(model_dir: &Path) -> Option<Family> {
+    let text = std::fs::read_to_string(model_dir.join("config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let mt = v.get("model_type")?.as_str()?;
+    Family::from_model_type("config.json", mt).ok()
 }
 
 #[cfg(test)]

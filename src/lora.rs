@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
 /// The projections LoRA may target.
-pub const LORA_TARGETS: [&str; 7] = [
+pub const LORA_TARGETS: [&str; 9] = [
     "q_proj",
     "k_proj",
     "v_proj",
@@ -14,6 +14,8 @@ pub const LORA_TARGETS: [&str; 7] = [
     "gate_proj",
     "up_proj",
     "down_proj",
+    "qkv_proj",
+    "gate_up_proj",
 ];
 
 #[derive(Clone, Debug, PartialEq)]

@@ -67,7 +67,7 @@ enum Cmd {
         )]
         flags: Vec<String>,
     },
-    /// Writes a bitsandbytes 4-bit (NF4) checkpoint of a bf16/fp16/fp32 Llama checkpoint, as
+    /// Writes a bitsandbytes 4-bit (NF4) checkpoint of a bf16/fp16/fp32 decoder checkpoint, as
     /// transformers saves a model loaded in 4 bits. Options: --model_dir DIR and --out DIR
     /// (required), --bnb_4bit_use_double_quant (true), --bnb_4bit_blocksize (64),
     /// --bnb_4bit_compute_dtype (bfloat16), --bnb_4bit_quant_storage (uint8),
@@ -204,13 +204,17 @@ fn run() -> Result<()> {
             println!("wrote {} predictions to {}", r.pred.len(), out.display());
         }
         Cmd::Inspect { flags } => {
+            // Unset, `target_modules` is PEFT's default for the family (Config::load).
             let cfg = Args::parse(&flags, &[])?.config()?;
             let dir = cfg.model_dir()?;
             let hf = LlamaConfig::from_dir(dir)?;
+            let family = hf.switches.family;
+            let targets = &cfg.target_modules;
             println!(
-                "{}: Llama, hidden {}, intermediate {}, {} layers, {} heads ({} KV heads, head_dim {}), \
+                "{}: {}, hidden {}, intermediate {}, {} layers, {} heads ({} KV heads, head_dim {}), \
                  vocab {}, {} embeddings, rope_theta {}",
                 dir.join("config.json").display(),
+                family.model_type(),
                 hf.hidden_size,
                 hf.intermediate_size,
                 hf.num_hidden_layers,
@@ -221,7 +225,15 @@ fn run() -> Result<()> {
                 if hf.tie_word_embeddings { "tied" } else { "untied" },
                 hf.rope_theta
             );
-            let (t, a) = peft_param_counts(&hf, cfg.num_classes, cfg.r, &cfg.target_modules);
+            for m in targets {
+                if hf.linear_shape(m).is_none() {
+                    anyhow::bail!(
+                        "LoRA target module {m:?} is not a projection of model_type {}",
+                        family.model_type()
+                    );
+                }
+            }
+            let (t, a) = peft_param_counts(&hf, cfg.num_classes, cfg.r, targets);
             println!("{}", peft_param_line(t, a));
         }
         Cmd::Quantize { flags } => quantize_cmd(&flags)?,

@@ -1,5 +1,5 @@
 //! `qlora-cls quantize`: writes a bitsandbytes 4-bit (NF4) checkpoint from a 16/32-bit Hugging
-//! Face Llama checkpoint, in the form transformers' `save_pretrained` gives a model loaded with
+//! Face decoder checkpoint (any family of `model::family`), in the form transformers' `save_pretrained` gives a model loaded with
 //! `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", ...)` (the `*-bnb-4bit`
 //! checkpoints): every decoder projection becomes `weight` (packed u8) + `weight.absmax`,
 //! `weight.quant_map`, [`weight.nested_absmax`, `weight.nested_quant_map`] and
@@ -21,8 +21,8 @@
 //! Atomicity: the output folder is assembled under a temporary sibling name (each file itself
 //! written to a temporary name, synced and renamed) and renamed into place at the end, so an
 //! interrupted run leaves no half-written checkpoint at `out`.
-use crate::model::checkpoint::{Checkpoint, INDEX_FILE, LINEAR_NAMES, SINGLE_FILE};
-use crate::model::hf_config::LlamaConfig;
+use crate::model::checkpoint::{Checkpoint, INDEX_FILE, SINGLE_FILE};
+use crate::model::hf_config::{LlamaConfig, FUSED_LINEARS, SEPARATE_LINEARS};
 use crate::quant::nf4::{self, Nf4Options, BLOCKSIZES, NESTED_BLOCKSIZE};
 use crate::runio;
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -209,8 +209,9 @@ fn projection(name: &str) -> Option<&'static str> {
     if !name.contains("layers.") {
         return None;
     }
-    LINEAR_NAMES
+    SEPARATE_LINEARS
         .iter()
+        .chain(&FUSED_LINEARS)
         .find(|(group, proj)| name.ends_with(&format!(".{group}.{proj}.weight")))
         .map(|(_, proj)| *proj)
 }
@@ -268,7 +269,13 @@ fn plan_unit(ck: &Checkpoint, cfg: &LlamaConfig, name: &str, opts: &Nf4Options) 
         "{} has dtype {dtype:?}; only BF16, F16 and F32 weights can be quantised",
         place()
     );
-    let (inp, out) = cfg.linear_shape(proj).expect("known projection");
+    let (inp, out) = cfg.linear_shape(proj).ok_or_else(|| {
+        anyhow!(
+            "{} is a {proj}, which model_type {} does not have",
+            place(),
+            cfg.switches.family.model_type()
+        )
+    })?;
     ensure!(
         shape == [out, inp],
         "{} has shape {shape:?}, which does not fit config.json (expected {:?})",
@@ -613,12 +620,13 @@ pub fn quantize_checkpoint(
         .map(|n| plan_unit(&ck, &cfg, n, &opts.nf4))
         .collect::<Result<Vec<_>>>()?;
     let quantized = units.iter().filter(|u| u.quantize).count();
+    let per_layer = cfg.linear_modules().len() as i64;
     ensure!(
-        quantized as i64 == 7 * cfg.num_hidden_layers,
+        quantized as i64 == per_layer * cfg.num_hidden_layers,
         "{} holds {quantized} decoder projections; config.json's {} layers need {}",
         model_dir.display(),
         cfg.num_hidden_layers,
-        7 * cfg.num_hidden_layers
+        per_layer * cfg.num_hidden_layers
     );
     // huggingface_hub's rule: start a new shard when the next tensor would overflow this one.
     let mut shards: Vec<Vec<&Unit>> = vec![Vec::new()];

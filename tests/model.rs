@@ -48,31 +48,48 @@ fn opts(quant: Option<Nf4Options>, lora: Option<LoraConfig>, gc: bool) -> ModelO
 }
 
 fn load_with(dir: &str, o: &ModelOptions, trainable: &str) -> LlamaClassifier {
-    let mut m = LlamaClassifier::load(&fixtures().join(dir), o)
-        .unwrap_or_else(|e| panic!("load {dir}: {e:#}"));
-    let t = read(&fixtures().join(trainable));
+    load_from(fixtures(), dir, o, trainable)
+}
+
+/// `root/dir`'s model with the trainable tensors of `root/trainable`.
+fn load_from(root: &Path, dir: &str, o: &ModelOptions, trainable: &str) -> LlamaClassifier {
+    let mut m =
+        LlamaClassifier::load(&root.join(dir), o).unwrap_or_else(|e| panic!("load {dir}: {e:#}"));
+    let t = read(&root.join(trainable));
     m.load_trainable(&|k: &str| t.get(k).map(|x| x.shallow_clone()))
         .unwrap_or_else(|e| panic!("load_trainable: {e:#}"));
     m
 }
 
 fn batch(which: &str) -> (Tensor, Tensor) {
-    let inputs = read(&fixtures().join("inputs.safetensors"));
+    batch_in(fixtures(), which)
+}
+
+fn batch_in(root: &Path, which: &str) -> (Tensor, Tensor) {
+    let inputs = read(&root.join("inputs.safetensors"));
     (
         inputs[&format!("batch_{which}_ids")].shallow_clone(),
         inputs[&format!("batch_{which}_mask")].shallow_clone(),
     )
 }
 
+/// LoRA on every projection of Llama's layer.
 fn lora_all(dropout: f64) -> LoraConfig {
+    lora_on(
+        qlora_cls::model::hf_config::SEPARATE_LINEARS
+            .iter()
+            .map(|(_, n)| n.to_string())
+            .collect(),
+        dropout,
+    )
+}
+
+fn lora_on(target_modules: Vec<String>, dropout: f64) -> LoraConfig {
     LoraConfig {
         r: 4,
         alpha: 8.0,
         dropout,
-        target_modules: qlora_cls::lora::LORA_TARGETS
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        target_modules,
     }
 }
 
@@ -135,18 +152,43 @@ fn lora_and_head_gradients_match_peft() {
     let _turn = common::serial();
     let (ids, mask) = batch("pad");
     let labels = read(&fixtures().join("inputs.safetensors"))["labels_pad"].shallow_clone();
-    let want = read(&fixtures().join("peft_grads.safetensors"));
-    let expected = read(&fixtures().join("expected.safetensors"));
     let adapter = "peft_adapter/adapter_model.safetensors";
-
-    // Our names are PEFT's saved adapter keys, exactly.
     let m = load_with("gqa", &opts(None, Some(lora_all(0.0)), false), adapter);
+
+    let (loss, plain) = grads_match_peft(&m, fixtures(), &facts());
+    // Gradient checkpointing changes nothing.
+    let gc = load_with("gqa", &opts(None, Some(lora_all(0.0)), true), adapter);
+    let (gc_loss, _) = gc
+        .forward_backward(&ids, &mask, &labels)
+        .expect("checkpointed");
+    assert_eq!(gc_loss.to_bits(), loss.to_bits());
+    for ((name, a), (_, b)) in plain.iter().zip(grads(&gc)) {
+        let d = max_abs_diff(a, &b);
+        assert!(d <= 1e-6, "{name}: checkpointed gradient differs by {d:e}");
+    }
+}
+
+/// One training pass of `m` (holding PEFT's saved adapter) on `root`'s padded batch against
+/// PEFT's loss, logits and gradients: our trainable names are PEFT's saved adapter keys,
+/// exactly, and every gradient is within 1e-4 of its tensor's largest. Returns our loss and
+/// gradients.
+fn grads_match_peft(
+    m: &LlamaClassifier,
+    root: &Path,
+    facts: &serde_json::Value,
+) -> (f64, Vec<(String, Tensor)>) {
+    let (ids, mask) = batch_in(root, "pad");
+    let labels = read(&root.join("inputs.safetensors"))["labels_pad"].shallow_clone();
+    let want = read(&root.join("peft_grads.safetensors"));
+    let expected = read(&root.join("expected.safetensors"));
     let mut ours: Vec<String> = m
         .trainable_parameters()
         .into_iter()
         .map(|(n, _)| n)
         .collect();
-    let mut theirs: Vec<String> = read(&fixtures().join(adapter)).into_keys().collect();
+    let mut theirs: Vec<String> = read(&root.join("peft_adapter/adapter_model.safetensors"))
+        .into_keys()
+        .collect();
     ours.sort();
     theirs.sort();
     assert_eq!(ours, theirs);
@@ -154,13 +196,14 @@ fn lora_and_head_gradients_match_peft() {
     let (loss, logits) = m
         .forward_backward(&ids, &mask, &labels)
         .expect("forward_backward");
-    let peft_loss = facts()["loss_pad"].as_f64().expect("loss");
+    let peft_loss = facts["loss_pad"].as_f64().expect("loss");
     assert!(
         (loss - peft_loss).abs() <= 1e-5 * peft_loss.abs().max(1.0),
         "loss {loss} vs {peft_loss}"
     );
-    assert!(max_abs_diff(&logits, &expected["logits_peft_pad"]) <= 1e-4);
-    let plain = grads(&m);
+    let dl = max_abs_diff(&logits, &expected["logits_peft_pad"]);
+    assert!(dl <= 1e-4, "training logits differ from PEFT's by {dl:e}");
+    let plain = grads(m);
     assert_eq!(plain.len(), want.len());
     let mut worst = 0f64;
     for (name, g) in &plain {
@@ -179,18 +222,8 @@ fn lora_and_head_gradients_match_peft() {
             "{name}: max |Δgrad| {d:e} > 1e-4 × {scale:e}"
         );
     }
-
     eprintln!("largest gradient difference vs PEFT: {worst:e} of the tensor's max");
-    // Gradient checkpointing changes nothing.
-    let gc = load_with("gqa", &opts(None, Some(lora_all(0.0)), true), adapter);
-    let (gc_loss, _) = gc
-        .forward_backward(&ids, &mask, &labels)
-        .expect("checkpointed");
-    assert_eq!(gc_loss.to_bits(), loss.to_bits());
-    for ((name, a), (_, b)) in plain.iter().zip(grads(&gc)) {
-        let d = max_abs_diff(a, &b);
-        assert!(d <= 1e-6, "{name}: checkpointed gradient differs by {d:e}");
-    }
+    (loss, plain)
 }
 
 /// The training pass (unpadded rows, hand-written backward) against autograd through the
@@ -199,7 +232,6 @@ fn lora_and_head_gradients_match_peft() {
 #[test]
 fn hand_written_backward_matches_autograd() {
     let _turn = common::serial();
-    let inputs = read(&fixtures().join("inputs.safetensors"));
     let cases = [
         ("gqa", None, Kind::Float, 1e-5),
         ("tied", None, Kind::Float, 1e-5),
@@ -207,54 +239,67 @@ fn hand_written_backward_matches_autograd() {
         ("gqa", None, Kind::BFloat16, 3e-2), // ~4 bf16 ulps of the largest entry
     ];
     for (dir, quant, kind, tol) in cases {
-        for which in ["pad", "full"] {
-            let (ids, mask) = batch(which);
-            let labels = &inputs[&format!("labels_{which}")];
-            let mut o = opts(quant, Some(lora_all(0.0)), false);
-            o.compute_dtype = kind;
-            let m = LlamaClassifier::load(&fixtures().join(dir), &o).expect("load");
-            tch::manual_seed(11);
-            tch::no_grad(|| {
-                for (_, mut p) in m.trainable_parameters() {
-                    let r = Tensor::randn(p.size(), (Kind::Float, Device::Cpu)) * 0.05;
-                    p.copy_(&r);
-                }
-            });
-            let (loss, _) = m.forward_backward(&ids, &mask, labels).expect("rows");
-            let ours = grads(&m);
+        backward_matches_autograd(fixtures(), dir, quant, kind, tol, &lora_all(0.0));
+    }
+}
+
+/// [`hand_written_backward_matches_autograd`] for `root/dir`, on the padded and the full batch.
+fn backward_matches_autograd(
+    root: &Path,
+    dir: &str,
+    quant: Option<Nf4Options>,
+    kind: Kind,
+    tol: f64,
+    lora: &LoraConfig,
+) {
+    let inputs = read(&root.join("inputs.safetensors"));
+    for which in ["pad", "full"] {
+        let (ids, mask) = batch_in(root, which);
+        let labels = &inputs[&format!("labels_{which}")];
+        let mut o = opts(quant, Some(lora.clone()), false);
+        o.compute_dtype = kind;
+        let m = LlamaClassifier::load(&root.join(dir), &o).expect("load");
+        tch::manual_seed(11);
+        tch::no_grad(|| {
             for (_, mut p) in m.trainable_parameters() {
-                p.zero_grad();
+                let r = Tensor::randn(p.size(), (Kind::Float, Device::Cpu)) * 0.05;
+                p.copy_(&r);
             }
-            let logits = m.try_forward(&ids, &mask).expect("padded");
-            // Evaluation's logits come from the rows path too.
-            let rows_logits = m.logits(&ids, &mask).expect("rows logits");
-            let d = max_abs_diff(&rows_logits, &logits.detach());
+        });
+        let (loss, _) = m.forward_backward(&ids, &mask, labels).expect("rows");
+        let ours = grads(&m);
+        for (_, mut p) in m.trainable_parameters() {
+            p.zero_grad();
+        }
+        let logits = m.try_forward(&ids, &mask).expect("padded");
+        // Evaluation's logits come from the rows path too.
+        let rows_logits = m.logits(&ids, &mask).expect("rows logits");
+        let d = max_abs_diff(&rows_logits, &logits.detach());
+        assert!(
+            d <= tol * max_abs(&logits).max(1.0),
+            "{dir}/{which}/{kind:?}: evaluation logits differ by {d:e}"
+        );
+        let reference = logits.cross_entropy_for_logits(labels);
+        reference.backward();
+        let ref_loss = reference.double_value(&[]);
+        assert!(
+            (loss - ref_loss).abs() <= tol * ref_loss.abs().max(1.0),
+            "{dir}/{which}/{kind:?}: loss {loss} vs {ref_loss}"
+        );
+        let mut worst = 0f64;
+        for ((name, g), (_, want)) in ours.iter().zip(grads(&m)) {
+            let scale = max_abs(&want);
+            assert!(scale > 0.0, "{dir}/{which}: {name} has a zero gradient");
+            let d = max_abs_diff(g, &want);
+            worst = worst.max(d / scale);
             assert!(
-                d <= tol * max_abs(&logits).max(1.0),
-                "{dir}/{which}/{kind:?}: evaluation logits differ by {d:e}"
-            );
-            let reference = logits.cross_entropy_for_logits(labels);
-            reference.backward();
-            let ref_loss = reference.double_value(&[]);
-            assert!(
-                (loss - ref_loss).abs() <= tol * ref_loss.abs().max(1.0),
-                "{dir}/{which}/{kind:?}: loss {loss} vs {ref_loss}"
-            );
-            let mut worst = 0f64;
-            for ((name, g), (_, want)) in ours.iter().zip(grads(&m)) {
-                let scale = max_abs(&want);
-                assert!(scale > 0.0, "{dir}/{which}: {name} has a zero gradient");
-                let d = max_abs_diff(g, &want);
-                worst = worst.max(d / scale);
-                assert!(
-                    d <= tol * scale,
-                    "{dir}/{which}/{kind:?}: {name}: max |Δgrad| {d:e} > {tol:e} × {scale:e}"
-                );
-            }
-            eprintln!(
-                "{dir}/{which}/{kind:?}: largest gradient difference {worst:e} of the tensor's max"
+                d <= tol * scale,
+                "{dir}/{which}/{kind:?}: {name}: max |Δgrad| {d:e} > {tol:e} × {scale:e}"
             );
         }
+        eprintln!(
+            "{dir}/{which}/{kind:?}: largest gradient difference {worst:e} of the tensor's max"
+        );
     }
 }
 
@@ -621,4 +666,232 @@ fn training_pass_on_cuda_matches_cpu() {
             "gradient differs beyond matmul rounding"
         );
     }
+}
+
+/// `model_oracle.py family NAME`'s output, built once per family and test run.
+fn family_fixtures(family: &str) -> PathBuf {
+    static DIRS: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut dirs = DIRS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, d)) = dirs.iter().find(|(f, _)| f == family) {
+        return d.clone();
+    }
+    let name = format!("model_oracle_{family}");
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(&name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("fixture dir");
+    common::oracle(
+        "model_oracle.py",
+        &["family", family, dir.to_str().expect("utf-8 path")],
+    );
+    dirs.push((family.to_string(), dir.clone()));
+    dir
+}
+
+/// Everything the Llama tests above check, for another family's tiny checkpoint written by
+/// transformers (every sequence longer than its sliding window): fp32 logits with left,
+/// right and no padding against `<Family>ForSequenceClassification`; NF4 (quantised on load
+/// and bitsandbytes' own file) against transformers + bitsandbytes; LoRA on every projection
+/// and head gradients against PEFT; the hand-written backward against autograd (dense and
+/// NF4); PEFT's parameter line for the tiny model and, through `qlora-cls inspect`, for the
+/// family's default config.
+fn family_matches_transformers_and_peft(family: &str) {
+    let _turn = common::serial();
+    let root = family_fixtures(family);
+    let f: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("facts.json")).expect("facts"))
+            .expect("facts.json is JSON");
+    let expected = read(&root.join("expected.safetensors"));
+    let cfg = LlamaConfig::from_dir(&root.join("ckpt")).expect("config");
+    assert_eq!(cfg.switches.family.model_type(), family);
+    let windows = cfg.switches.windows();
+    let t = batch_in(&root, "pad").0.size()[1];
+    assert!(
+        windows.iter().all(|&w| w < t),
+        "{family}: sequences must outgrow the sliding window {windows:?}"
+    );
+
+    for (dir, quant, key, tol) in [
+        ("ckpt", None, "logits", 1e-4),
+        ("ckpt", Some(Nf4Options::default()), "logits_nf4", 1e-3),
+        ("bnb", Some(Nf4Options::default()), "logits_nf4", 1e-3),
+    ] {
+        let m = load_from(&root, dir, &opts(quant, None, false), "score.safetensors");
+        for which in ["pad", "full"] {
+            let (ids, mask) = batch_in(&root, which);
+            let got = m.forward(&ids, &mask);
+            let want = &expected[&format!("{key}_{which}")];
+            let d = max_abs_diff(&got, want);
+            eprintln!("{family} {dir} {key}/{which}: max |Δlogit| {d:e}");
+            assert!(
+                d <= tol,
+                "{family} {dir} {key}/{which}: max |Δlogit| {d:e} > {tol:e}\n{got}\n{want}"
+            );
+            assert!(max_abs(want) > 0.1, "reference logits are degenerate");
+            let rows = m.logits(&ids, &mask).expect("rows logits");
+            let d = max_abs_diff(&rows, &got);
+            assert!(
+                d <= 1e-4,
+                "{family} {dir}/{which}: evaluation logits differ by {d:e}"
+            );
+        }
+        if quant.is_some() {
+            let fp32 = &expected["logits_pad"];
+            assert!(max_abs_diff(&expected["logits_nf4_pad"], fp32) > 1e-3);
+        }
+    }
+
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .expect("a list")
+            .iter()
+            .map(|x| x.as_str().expect("a string").to_string())
+            .collect()
+    };
+    let targets = strings(&f["targets"]);
+    let adapter = "peft_adapter/adapter_model.safetensors";
+    let lora = lora_on(targets, 0.0);
+    let m = load_from(
+        &root,
+        "ckpt",
+        &opts(None, Some(lora.clone()), false),
+        adapter,
+    );
+    grads_match_peft(&m, &root, &f);
+    for quant in [None, Some(Nf4Options::default())] {
+        backward_matches_autograd(&root, "ckpt", quant, Kind::Float, 1e-5, &lora);
+    }
+
+    // `qlora-cls quantize` writes the family's bitsandbytes checkpoint: every decoder
+    // tensor as transformers + bitsandbytes saved it, and it loads to the same logits.
+    let tmp = common::tempdir();
+    let q = tmp.path().join("bnb");
+    let qo = qlora_cls::quantize::QuantizeOptions {
+        compute_dtype: "float32".into(),
+        ..Default::default()
+    };
+    qlora_cls::quantize::quantize_checkpoint(&root.join("ckpt"), &q, &qo)
+        .unwrap_or_else(|e| panic!("{family}: quantize: {e:#}"));
+    let ours = read(&q.join("model.safetensors"));
+    let theirs = read(&root.join("bnb/model.safetensors"));
+    let mut compared = 0;
+    for (k, v) in &ours {
+        if !k.contains("layers.") {
+            continue;
+        }
+        let w = theirs
+            .get(k)
+            .unwrap_or_else(|| panic!("{family}: bitsandbytes saved no {k}"));
+        assert!(v.equal(w), "{family}: {k} differs from bitsandbytes'");
+        compared += 1;
+    }
+    assert!(compared > 0);
+    let mut m = LlamaClassifier::load(&q, &opts(Some(Nf4Options::default()), None, false))
+        .unwrap_or_else(|e| panic!("{family}: load our quantized checkpoint: {e:#}"));
+    let score = read(&root.join("score.safetensors"));
+    m.load_trainable(&|k: &str| score.get(k).map(|x| x.shallow_clone()))
+        .expect("score");
+    let (ids, mask) = batch_in(&root, "pad");
+    let d = max_abs_diff(&m.forward(&ids, &mask), &expected["logits_nf4_pad"]);
+    assert!(
+        d <= 1e-3,
+        "{family}: our quantized checkpoint: max |Δlogit| {d:e}"
+    );
+
+    // PEFT's parameter lines.
+    let one = strings(&f["peft_line_tiny_targets"]);
+    let (tr, all) = peft_param_counts(&cfg, NUM_LABELS, 8, &one);
+    assert_eq!(
+        peft_param_line(tr, all),
+        f["peft_line_tiny"].as_str().unwrap()
+    );
+    let out = std::process::Command::new(common::bin())
+        .args(["inspect", "--model_dir"])
+        .arg(root.join("default"))
+        .output()
+        .expect("run qlora-cls inspect");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{family}: inspect failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout.lines().last().unwrap_or_default();
+    assert_eq!(line, f["peft_line_default"].as_str().unwrap(), "{family}");
+}
+
+#[test]
+fn mistral_matches_transformers_and_peft() {
+    family_matches_transformers_and_peft("mistral");
+}
+
+#[test]
+fn qwen2_matches_transformers_and_peft() {
+    family_matches_transformers_and_peft("qwen2");
+}
+
+#[test]
+fn qwen3_matches_transformers_and_peft() {
+    family_matches_transformers_and_peft("qwen3");
+}
+
+#[test]
+fn phi3_matches_transformers_and_peft() {
+    family_matches_transformers_and_peft("phi3");
+}
+
+#[test]
+fn gemma2_matches_transformers_and_peft() {
+    family_matches_transformers_and_peft("gemma2");
+}
+
+#[test]
+fn gemma3_text_matches_transformers_and_peft() {
+    family_matches_transformers_and_peft("gemma3_text");
+}
+
+/// What a family needs and we lack is refused, naming the key and the file.
+#[test]
+fn unsupported_family_features_are_refused_by_key() {
+    let base = serde_json::json!({
+        "model_type": "phi3", "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 128
+    });
+    let cases: [(&str, serde_json::Value, &str); 5] = [
+        ("model_type", serde_json::json!("falcon"), "`model_type`"),
+        (
+            "rope_scaling",
+            serde_json::json!({"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}),
+            "`rope_type`",
+        ),
+        (
+            "partial_rotary_factor",
+            serde_json::json!(0.75),
+            "`partial_rotary_factor`",
+        ),
+        ("resid_pdrop", serde_json::json!(0.1), "`resid_pdrop`"),
+        ("hidden_act", serde_json::json!("gelu_new"), "`hidden_act`"),
+    ];
+    for (key, value, named) in cases {
+        let mut v = base.clone();
+        v[key] = value;
+        let e = match LlamaConfig::from_json_str(&v.to_string(), "m/config.json") {
+            Ok(_) => panic!("{key}: accepted"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            e.contains(named) && e.contains("m/config.json"),
+            "{key}: {e}"
+        );
+    }
+    // A LoRA target the family lacks.
+    let _turn = common::serial();
+    let root = fixtures().join("gqa");
+    let e = LlamaClassifier::load(
+        &root,
+        &opts(None, Some(lora_on(vec!["qkv_proj".into()], 0.0)), false),
+    )
+    .err()
+    .map(|e| format!("{e:#}"))
+    .expect("llama has no qkv_proj");
+    assert!(e.contains("qkv_proj") && e.contains("config.json"), "{e}");
 }

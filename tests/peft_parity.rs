@@ -25,6 +25,24 @@ fn fixtures() -> &'static Path {
     DIR.get_or_init(|| common::oracle_fixtures("peft_oracle.py", "setup", "peft_oracle"))
 }
 
+/// The oracle's output for another decoder family, built once per family and test run.
+fn family_fixtures(family: &str) -> PathBuf {
+    static DIRS: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut dirs = DIRS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, d)) = dirs.iter().find(|(f, _)| f == family) {
+        return d.clone();
+    }
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("peft_oracle_{family}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("fixture dir");
+    common::oracle(
+        "peft_oracle.py",
+        &["setup", dir.to_str().expect("utf-8 path"), family],
+    );
+    dirs.push((family.to_string(), dir.clone()));
+    dir
+}
+
 fn read(path: &Path) -> HashMap<String, Tensor> {
     adapter::read_safetensors(path).unwrap_or_else(|e| panic!("{e:#}"))
 }
@@ -50,7 +68,11 @@ struct Facts {
 }
 
 fn facts() -> Facts {
-    let f = json(&fixtures().join("facts.json"));
+    facts_in(fixtures())
+}
+
+fn facts_in(root: &Path) -> Facts {
+    let f = json(&root.join("facts.json"));
     let num = |k: &str| f[k].as_f64().unwrap_or_else(|| panic!("facts.{k}"));
     let strs = |k: &str| -> Vec<String> {
         f[k].as_array()
@@ -77,9 +99,13 @@ fn facts() -> Facts {
 
 /// The trainer's configuration for the oracle's setup (CPU, fp32 compute, no dropout).
 fn config(nf4: bool) -> Config {
-    let f = facts();
+    config_in(fixtures(), nf4)
+}
+
+fn config_in(root: &Path, nf4: bool) -> Config {
+    let f = facts_in(root);
     Config {
-        model_dir: Some(fixtures().join("base")),
+        model_dir: Some(root.join("base")),
         device: "cpu".into(),
         bnb_4bit_compute_dtype: "float32".into(),
         load_in_4bit: nf4,
@@ -131,6 +157,7 @@ struct Step {
 /// Our model and optimizer as the trainer builds them (train.rs), from the oracle's initial
 /// LoRA/head weights.
 struct Ours {
+    root: PathBuf,
     cfg: Config,
     model: LlamaClassifier,
     keys: Vec<String>,
@@ -139,13 +166,13 @@ struct Ours {
 }
 
 impl Ours {
-    fn new(nf4: bool) -> Ours {
-        let f = facts();
-        let cfg = config(nf4);
+    fn new_in(root: &Path, nf4: bool) -> Ours {
+        let f = facts_in(root);
+        let cfg = config_in(root, nf4);
         let opts = train::model_options(&cfg, Device::Cpu, f.pad);
-        let mut model = LlamaClassifier::load(&fixtures().join("base"), &opts)
+        let mut model = LlamaClassifier::load(&root.join("base"), &opts)
             .unwrap_or_else(|e| panic!("load: {e:#}"));
-        let init = read(&fixtures().join("init.safetensors"));
+        let init = read(&root.join("init.safetensors"));
         model
             .load_trainable(&|k: &str| init.get(k).map(|t| t.shallow_clone()))
             .unwrap_or_else(|e| panic!("load_trainable: {e:#}"));
@@ -167,6 +194,7 @@ impl Ours {
         let warmup = warmup_steps(f.total, cfg.warmup_ratio);
         assert_eq!(warmup, f.warmup, "warmup steps");
         Ours {
+            root: root.to_path_buf(),
             cfg,
             model,
             keys,
@@ -207,8 +235,8 @@ impl Ours {
 
     /// One step of train.rs' loop: the schedule's lr, forward_backward, AdamW8bit, zero_grad.
     fn step(&mut self, s: usize) -> Step {
-        let f = facts();
-        let inputs = read(&fixtures().join("inputs.safetensors"));
+        let f = facts_in(&self.root);
+        let inputs = read(&self.root.join("inputs.safetensors"));
         let lr = self.cfg.lr * linear_warmup_multiplier(s, self.warmup, f.total);
         self.model.set_dropout_step(s as u64);
         let (loss, logits) = self
@@ -436,11 +464,15 @@ fn sorted_keys<V>(m: &HashMap<String, V>) -> Vec<&String> {
 /// Three steps of ours, run freely, against the reference's three; then each later step
 /// again from the reference's own parameters and optimizer state (see `check_step`).
 fn compare_training(nf4: bool) {
+    compare_training_in(fixtures(), nf4)
+}
+
+fn compare_training_in(root: &Path, nf4: bool) {
     let tag = if nf4 { "nf4" } else { "fp32" };
-    let f = facts();
-    let reference = read(&fixtures().join(format!("ref_{tag}.safetensors")));
-    let mut ours = Ours::new(nf4);
-    let init = read(&fixtures().join("init.safetensors"));
+    let f = facts_in(root);
+    let reference = read(&root.join(format!("ref_{tag}.safetensors")));
+    let mut ours = Ours::new_in(root, nf4);
+    let init = read(&root.join("init.safetensors"));
     let eight: Vec<&String> = ours
         .keys
         .iter()
@@ -555,8 +587,8 @@ fn three_steps_match_peft_and_bitsandbytes_nf4() {
     compare_training(true);
 }
 
-fn eval_batch() -> (Tensor, Tensor, Tensor) {
-    let inputs = read(&fixtures().join("inputs.safetensors"));
+fn eval_batch(root: &Path) -> (Tensor, Tensor, Tensor) {
+    let inputs = read(&root.join("inputs.safetensors"));
     (
         inputs["eval_ids"].shallow_clone(),
         inputs["eval_mask"].shallow_clone(),
@@ -578,8 +610,13 @@ fn as_set(v: &serde_json::Value) -> std::collections::BTreeSet<String> {
 #[test]
 fn peft_loads_our_adapter() {
     let _turn = common::serial();
-    let f = facts();
-    let mut ours = Ours::new(false);
+    peft_loads_our_adapter_in(fixtures());
+}
+
+/// PEFT loads the adapter we save after a few steps, as its own, to our logits.
+fn peft_loads_our_adapter_in(root: &Path) {
+    let f = facts_in(root);
+    let mut ours = Ours::new_in(root, false);
     for s in 0..f.steps {
         ours.step(s);
     }
@@ -588,9 +625,9 @@ fn peft_loads_our_adapter() {
     adapter::save(&dir, &ours.cfg, &ours.model.trainable_parameters()).expect("adapter::save");
     common::oracle(
         "peft_oracle.py",
-        &["load", fixtures().to_str().unwrap(), dir.to_str().unwrap()],
+        &["load", root.to_str().unwrap(), dir.to_str().unwrap()],
     );
-    let report = json(&fixtures().join("load.json"));
+    let report = json(&root.join("load.json"));
     eprintln!("{report:#}");
 
     // Every tensor we wrote is one PEFT's model has, every adapter tensor it has is in the
@@ -614,9 +651,9 @@ fn peft_loads_our_adapter() {
     assert_eq!(report["max_abs_loaded_minus_file"].as_f64(), Some(0.0));
 
     // Its logits are ours.
-    let (ids, mask, _) = eval_batch();
+    let (ids, mask, _) = eval_batch(root);
     let mine = tch::no_grad(|| ours.model.forward(&ids, &mask));
-    let theirs = &read(&fixtures().join("load.safetensors"))["eval_logits"];
+    let theirs = &read(&root.join("load.safetensors"))["eval_logits"];
     let d = max_abs_diff(&mine, theirs);
     eprintln!("our adapter in PEFT: max |Δlogit| {d:e}");
     assert!(d <= 1e-4, "PEFT's logits with our adapter differ by {d:e}");
@@ -625,11 +662,7 @@ fn peft_loads_our_adapter() {
     // adapter_config.json: only keys LoraConfig knows; the ones that shape the model as
     // PEFT itself saves them (model.save_pretrained in the oracle), and as PEFT parsed ours.
     let written = json(&dir.join(adapter::CONFIG_FILE));
-    let peft_saved = json(
-        &fixtures()
-            .join("peft_adapter_fp32")
-            .join(adapter::CONFIG_FILE),
-    );
+    let peft_saved = json(&root.join("peft_adapter_fp32").join(adapter::CONFIG_FILE));
     let fields: std::collections::BTreeSet<&str> =
         f.lora_fields.iter().map(String::as_str).collect();
     for k in written.as_object().expect("a JSON object").keys() {
@@ -676,14 +709,19 @@ fn peft_loads_our_adapter() {
 #[test]
 fn our_trainer_loads_peft_adapters() {
     let _turn = common::serial();
+    our_trainer_loads_peft_adapters_in(fixtures());
+}
+
+/// PEFT's saved adapters load into our trainer and evaluate to PEFT's logits.
+fn our_trainer_loads_peft_adapters_in(root: &Path) {
     for (nf4, tag) in [(false, "fp32"), (true, "nf4")] {
-        let cfg = config(nf4);
-        let dir = fixtures().join(format!("peft_adapter_{tag}"));
+        let cfg = config_in(root, nf4);
+        let dir = root.join(format!("peft_adapter_{tag}"));
         let loaded =
             train::load_with_adapter(&cfg, &dir).unwrap_or_else(|e| panic!("{tag}: {e:#}"));
         assert_eq!(
             loaded.encoder.pad_id(),
-            facts().pad,
+            facts_in(root).pad,
             "pad = eos of the tokenizer"
         );
         // The tensors PEFT saved are the ones we hold.
@@ -696,9 +734,9 @@ fn our_trainer_loads_peft_adapters() {
                 .unwrap_or_else(|| panic!("{tag}: PEFT saved no {k}"));
             assert_eq!(max_abs_diff(t, want), 0.0, "{tag}: {k} not loaded as saved");
         }
-        let reference = read(&fixtures().join(format!("ref_{tag}.safetensors")));
+        let reference = read(&root.join(format!("ref_{tag}.safetensors")));
         let want = &reference["eval_logits"];
-        let (ids, mask, labels) = eval_batch();
+        let (ids, mask, labels) = eval_batch(root);
         let got = tch::no_grad(|| loaded.model.forward(&ids, &mask));
         let d = max_abs_diff(&got, want);
         eprintln!("{tag}: PEFT's adapter in our model: max |Δlogit| {d:e}");
@@ -759,4 +797,56 @@ fn trainable_parameter_line_matches_peft_4bit() {
     .expect("load");
     let (t, a) = m.param_counts();
     assert_eq!(peft_param_line(t, a), f.peft_line_nf4);
+}
+
+/// Three steps of each other family, fp32 and NF4, against transformers'
+/// `<Family>ForSequenceClassification` + PEFT + AdamW8bit (every batch longer than the
+/// family's sliding window); PEFT loading our adapter and we PEFT's; PEFT's 4-bit parameter
+/// line.
+fn family_trains_like_peft(family: &str) {
+    let _turn = common::serial();
+    let root = family_fixtures(family);
+    for nf4 in [false, true] {
+        compare_training_in(&root, nf4);
+    }
+    peft_loads_our_adapter_in(&root);
+    our_trainer_loads_peft_adapters_in(&root);
+    let f = facts_in(&root);
+    let m = LlamaClassifier::load(
+        &root.join("base"),
+        &train::model_options(&config_in(&root, true), Device::Cpu, f.pad),
+    )
+    .expect("load");
+    let (t, a) = m.param_counts();
+    assert_eq!(peft_param_line(t, a), f.peft_line_nf4);
+}
+
+#[test]
+fn mistral_trains_like_peft() {
+    family_trains_like_peft("mistral");
+}
+
+#[test]
+fn qwen2_trains_like_peft() {
+    family_trains_like_peft("qwen2");
+}
+
+#[test]
+fn qwen3_trains_like_peft() {
+    family_trains_like_peft("qwen3");
+}
+
+#[test]
+fn phi3_trains_like_peft() {
+    family_trains_like_peft("phi3");
+}
+
+#[test]
+fn gemma2_trains_like_peft() {
+    family_trains_like_peft("gemma2");
+}
+
+#[test]
+fn gemma3_text_trains_like_peft() {
+    family_trains_like_peft("gemma3_text");
 }

@@ -29,6 +29,7 @@ fn layer(out: i64, inp: i64) -> (QLinear, Tensor) {
     (
         QLinear {
             weight: FrozenWeight::Nf4(q),
+            bias: None,
             lora: Some(lora),
         },
         wd,

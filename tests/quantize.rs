@@ -144,12 +144,10 @@ fn frozen(model_dir: &Path) -> Vec<(String, Tensor)> {
     .unwrap_or_else(|e| panic!("load_base {}: {e:#}", model_dir.display()));
     let mut out = vec![("embed_tokens".to_string(), w.embed_tokens)];
     for (i, l) in w.layers.into_iter().enumerate() {
-        out.push((format!("{i}.input_layernorm"), l.input_layernorm));
-        out.push((
-            format!("{i}.post_attention_layernorm"),
-            l.post_attention_layernorm,
-        ));
-        for (name, f) in l.linears {
+        for (name, t) in l.norms {
+            out.push((format!("{i}.{name}"), t));
+        }
+        for (name, f, _) in l.linears {
             let t = match f {
                 FrozenWeight::Nf4(q) => nf4::dequantize(&q, Kind::Float).expect("dequantize"),
                 FrozenWeight::Dense(_) => panic!("{name} was not quantised"),

@@ -12,7 +12,7 @@
 //! one, so the real rows equal those of the padded computation.
 use crate::dropout::{mix, MaskKey, MAX_POSITIONS};
 use crate::lora::LoraSaved;
-use crate::model::llama::{rotate_half, DecoderLayer, LayerContext};
+use crate::model::llama::{rotate_half, ContextSpec, DecoderLayer, LayerContext, RmsNorm};
 use anyhow::{Context, Result};
 use std::cell::OnceCell;
 use tch::{Kind, Tensor};
@@ -24,10 +24,10 @@ pub struct Rows {
     /// `[N]` positions in the flattened `[B·T]` layout, ascending; `None` when every
     /// position is a row (nothing is padded).
     pub index: Option<Tensor>,
-    /// `[N, head_dim]` rotary tables at each row's position, in the compute dtype.
-    pub cos: Tensor,
-    pub sin: Tensor,
-    /// The padded attention's mask (see [`LayerContext`]).
+    /// Per rotary table, `[N, head_dim]` cos and sin at each row's position, in the
+    /// compute dtype.
+    pub ropes: Vec<(Tensor, Tensor)>,
+    /// The padded attention's masks (see [`LayerContext`]).
     pub ctx: LayerContext,
     /// `[B]` the row of each sequence's pooled token.
     pub pool: Tensor,
@@ -37,11 +37,11 @@ pub struct Rows {
 
 impl Rows {
     /// `pooled`: `[B]` the position (in `0..T`) each sequence is read out at.
-    pub fn new(inv_freq: &Tensor, attention_mask: &Tensor, pooled: &Tensor, kind: Kind) -> Self {
+    pub fn new(spec: &ContextSpec, attention_mask: &Tensor, pooled: &Tensor, kind: Kind) -> Self {
         let device = attention_mask.device();
         let s = attention_mask.size();
         let (b, t) = (s[0], s[1]);
-        let ctx = LayerContext::new(inv_freq, attention_mask, kind);
+        let ctx = LayerContext::new(spec, attention_mask, kind);
         let flat_pooled = Tensor::arange(b, (Kind::Int64, device)) * t + pooled;
         let keep = attention_mask
             .to_kind(Kind::Bool)
@@ -52,8 +52,11 @@ impl Rows {
                 batch: b,
                 seq: t,
                 index: None,
-                cos: ctx.cos.repeat([b, 1]),
-                sin: ctx.sin.repeat([b, 1]),
+                ropes: ctx
+                    .ropes
+                    .iter()
+                    .map(|(c, s)| (c.repeat([b, 1]), s.repeat([b, 1])))
+                    .collect(),
                 ctx,
                 pool: flat_pooled,
                 dropout_keys: None,
@@ -70,8 +73,11 @@ impl Rows {
         Rows {
             batch: b,
             seq: t,
-            cos: ctx.cos.index_select(0, &pos),
-            sin: ctx.sin.index_select(0, &pos),
+            ropes: ctx
+                .ropes
+                .iter()
+                .map(|(c, s)| (c.index_select(0, &pos), s.index_select(0, &pos)))
+                .collect(),
             pool: row_of.index_select(0, &flat_pooled),
             index: Some(index),
             ctx,
@@ -139,32 +145,70 @@ impl Rows {
         }
     }
 
-    /// Rotary embedding of `[N, heads·d]` rows, element for element as the padded layout's.
-    fn rope(&self, x: &Tensor, d: i64) -> Tensor {
+    /// Rotary embedding (table `which`) of `[N, heads·d]` rows, element for element as the
+    /// padded layout's.
+    fn rope(&self, x: &Tensor, d: i64, which: usize) -> Tensor {
         let n = x.size()[0];
+        let (cos, sin) = &self.ropes[which];
         let x = x.view([n, -1, d]);
-        let cos = self.cos.view([n, 1, d]);
-        let sin = self.sin.view([n, 1, d]);
+        let cos = cos.view([n, 1, d]);
+        let sin = sin.view([n, 1, d]);
         (&x * &cos + rotate_half(&x) * &sin).view([n, -1])
     }
 
     /// The transpose of [`Self::rope`]: `g·cos + rotate_halfᵀ(g·sin)`.
-    fn rope_backward(&self, g: &Tensor, d: i64) -> Tensor {
+    fn rope_backward(&self, g: &Tensor, d: i64, which: usize) -> Tensor {
         let n = g.size()[0];
+        let (cos, sin) = &self.ropes[which];
         let g = g.view([n, -1, d]);
-        let gs = &g * self.sin.view([n, 1, d]);
+        let gs = &g * sin.view([n, 1, d]);
         let half = d / 2;
         let rt = Tensor::cat(
             &[gs.narrow(-1, half, d - half), gs.narrow(-1, 0, half).neg()],
             -1,
         );
-        (&g * self.cos.view([n, 1, d]) + rt).view([n, -1])
+        (&g * cos.view([n, 1, d]) + rt).view([n, -1])
+    }
+}
+
+/// A norm's input and its `rstd`, for the backward.
+struct NormSaved {
+    x: Tensor,
+    rstd: Tensor,
+}
+
+/// `norm(x)` on rows, saving what its backward needs when there is a norm; `x` otherwise.
+fn norm_rows(norm: &Option<RmsNorm>, x: Tensor, d: Option<i64>) -> (Tensor, Option<NormSaved>) {
+    match norm {
+        None => (x, None),
+        Some(n) => {
+            let shaped = match d {
+                Some(d) => x.view([x.size()[0], -1, d]),
+                None => x.shallow_clone(),
+            };
+            let (y, rstd) = n.forward_saved(&shaped);
+            let y = y.view(x.size().as_slice());
+            (y, Some(NormSaved { x: shaped, rstd }))
+        }
+    }
+}
+
+/// The gradient through [`norm_rows`].
+fn norm_rows_backward(norm: &Option<RmsNorm>, saved: &Option<NormSaved>, dy: Tensor) -> Tensor {
+    match (norm, saved) {
+        (Some(n), Some(s)) => {
+            let shape = dy.size();
+            n.backward(&s.x, &s.rstd, &dy.view(s.x.size().as_slice()), dy.kind())
+                .view(shape.as_slice())
+        }
+        _ => dy,
     }
 }
 
 /// One decoder layer's activations for its backward: its input, the attention's inputs,
-/// the residual stream between the two blocks and the MLP's two projections. Everything else
-/// (the normed inputs, the attention itself, `silu(g)·u`) is recomputed from these.
+/// the residual stream between the two blocks and the MLP's two projections (plus, where
+/// the family has them, the inputs of the q/k norms and of the post-norms). Everything else
+/// (the normed inputs, the attention itself, `act(g)·u`) is recomputed from these.
 pub struct LayerSaved {
     x: Tensor,
     rstd1: Tensor,
@@ -172,11 +216,18 @@ pub struct LayerSaved {
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    q_norm: Option<NormSaved>,
+    k_norm: Option<NormSaved>,
+    attn_post: Option<NormSaved>,
     h: Tensor,
     rstd2: Tensor,
     gate_out: Tensor,
     up_out: Tensor,
-    lora: [Option<LoraSaved>; 7],
+    mlp_post: Option<NormSaved>,
+    qkv_lora: Vec<Option<LoraSaved>>,
+    o_lora: Option<LoraSaved>,
+    gate_up_lora: Vec<Option<LoraSaved>>,
+    down_lora: Option<LoraSaved>,
 }
 
 impl DecoderLayer {
@@ -199,30 +250,41 @@ impl DecoderLayer {
         tch::no_grad(|| {
             let a = &self.self_attn;
             let d = a.head_dim;
-            let (n1, rstd1) = self.input_layernorm.forward_saved(x);
-            let (q, lq) = a.q_proj.forward_saved(&n1, seed(0))?;
-            let (k, lk) = a.k_proj.forward_saved(&n1, seed(1))?;
-            let (v, lv) = a.v_proj.forward_saved(&n1, seed(2))?;
+            let (n1, rstd1) = self.attn_norm.forward_saved(x);
+            let (parts, qkv_lora) = a.qkv.forward_saved(&n1, &seed)?;
             drop(n1);
-            let q = rows.rope(&q, d);
-            let k = rows.rope(&k, d);
+            let mut parts = parts.into_iter();
+            let (q, k, v) = (
+                parts.next().expect("q"),
+                parts.next().expect("k"),
+                parts.next().expect("v"),
+            );
+            let (q, q_norm) = norm_rows(&a.q_norm, q, Some(d));
+            let (k, k_norm) = norm_rows(&a.k_norm, k, Some(d));
+            let q = rows.rope(&q, d, a.rope);
+            let k = rows.rope(&k, d, a.rope);
             let attn = a.attend(
                 &rows.heads_of_rows(&q, d),
                 &rows.heads_of_rows(&k, d),
                 &rows.heads_of_rows(&v, d),
                 &rows.ctx,
             );
-            let (o, lo) = a
+            let (o, o_lora) = a
                 .o_proj
                 .forward_saved(&rows.rows_of_heads(&attn), seed(3))?;
             drop(attn);
+            let (o, attn_post) = norm_rows(&self.attn_post_norm, o, None);
             let h = x + o;
             let m = &self.mlp;
-            let (n2, rstd2) = self.post_attention_layernorm.forward_saved(&h);
-            let (g, lg) = m.gate_proj.forward_saved(&n2, seed(4))?;
-            let (u, lu) = m.up_proj.forward_saved(&n2, seed(5))?;
+            let (n2, rstd2) = self.mlp_norm.forward_saved(&h);
+            let (parts, gate_up_lora) = m.gate_up.forward_saved(&n2, &seed)?;
             drop(n2);
-            let (dn, ld) = m.down_proj.forward_saved(&(g.silu() * &u), seed(6))?;
+            let mut parts = parts.into_iter();
+            let (g, u) = (parts.next().expect("gate"), parts.next().expect("up"));
+            let (dn, down_lora) = m
+                .down_proj
+                .forward_saved(&(m.act.forward(&g) * &u), seed(6))?;
+            let (dn, mlp_post) = norm_rows(&self.mlp_post_norm, dn, None);
             let out = &h + dn;
             let saved = save.then(|| LayerSaved {
                 x: x.shallow_clone(),
@@ -230,11 +292,18 @@ impl DecoderLayer {
                 q,
                 k,
                 v,
+                q_norm,
+                k_norm,
+                attn_post,
                 h,
                 rstd2,
                 gate_out: g,
                 up_out: u,
-                lora: [lq, lk, lv, lo, lg, lu, ld],
+                mlp_post,
+                qkv_lora,
+                o_lora,
+                gate_up_lora,
+                down_lora,
             });
             Ok((out, saved))
         })
@@ -253,38 +322,39 @@ impl DecoderLayer {
         let m = &self.mlp;
         let a = &self.self_attn;
         let d = a.head_dim;
-        let [lq, lk, lv, lo, lg, lu, ld] = &s.lora;
-        // MLP: out = h + down(silu(g) · u)
+        // MLP: out = h + post(down(act(g) · u))
         let dh = tch::no_grad(|| -> Result<Tensor> {
-            let sg = s.gate_out.silu();
+            let ddown = norm_rows_backward(&self.mlp_post_norm, &s.mlp_post, dout.shallow_clone());
+            let sg = m.act.forward(&s.gate_out);
             let dact = m
                 .down_proj
-                .backward(ld.as_ref(), || &sg * &s.up_out, dout)?;
-            let dsilu = &dact * &s.up_out;
+                .backward(s.down_lora.as_ref(), || &sg * &s.up_out, &ddown)?;
+            drop(ddown);
+            let dgate_act = &dact * &s.up_out;
             let du = &dact * &sg;
             drop((dact, sg));
-            let dg = s.gate_out.silu_backward(&dsilu);
+            let dg = m.act.backward(&s.gate_out, &dgate_act);
             // The normed input, rebuilt at most once for the LoRA branches that need it.
             let n2_cell = OnceCell::new();
             let n2 = || {
                 n2_cell
-                    .get_or_init(|| self.post_attention_layernorm.normed(&s.h, &s.rstd2))
+                    .get_or_init(|| self.mlp_norm.normed(&s.h, &s.rstd2))
                     .shallow_clone()
             };
-            let dn2 = m.gate_proj.backward(lg.as_ref(), n2, &dg)?
-                + m.up_proj.backward(lu.as_ref(), n2, &du)?;
-            Ok(dout
-                + self
-                    .post_attention_layernorm
-                    .backward(&s.h, &s.rstd2, &dn2, kind))
+            let dn2 = m.gate_up.backward(&s.gate_up_lora, &n2, &[dg, du])?;
+            Ok(dout + self.mlp_norm.backward(&s.h, &s.rstd2, &dn2, kind))
         })?;
-        // Attention: h = x + o_proj(attn(rope(q), rope(k), v)), recomputed under autograd.
+        // Attention: h = x + post(o_proj(attn(rope(q), rope(k), v))), recomputed under autograd.
         let leaf = |t: &Tensor| rows.heads_of_rows(t, d).detach().set_requires_grad(true);
         let (qh, kh, vh) = (leaf(&s.q), leaf(&s.k), leaf(&s.v));
         let attn = tch::with_grad(|| a.attend(&qh, &kh, &vh, &rows.ctx));
         let dattn = tch::no_grad(|| {
-            a.o_proj
-                .backward(lo.as_ref(), || rows.rows_of_heads(&attn.detach()), &dh)
+            let do_ = norm_rows_backward(&self.attn_post_norm, &s.attn_post, dh.shallow_clone());
+            a.o_proj.backward(
+                s.o_lora.as_ref(),
+                || rows.rows_of_heads(&attn.detach()),
+                &do_,
+            )
         })?;
         tch::with_grad(|| {
             (&attn * rows.heads_of_rows(&dattn, d))
@@ -298,26 +368,25 @@ impl DecoderLayer {
             rows.rows_of_heads(&if g.defined() { g } else { leaf.zeros_like() })
         };
         tch::no_grad(|| {
-            let dq = rows.rope_backward(&grad_rows(&qh), d);
-            let dk = rows.rope_backward(&grad_rows(&kh), d);
+            let dq = rows.rope_backward(&grad_rows(&qh), d, a.rope);
+            let dk = rows.rope_backward(&grad_rows(&kh), d, a.rope);
+            let dq = norm_rows_backward(&a.q_norm, &s.q_norm, dq);
+            let dk = norm_rows_backward(&a.k_norm, &s.k_norm, dk);
             let dv = grad_rows(&vh);
             let n1_cell = OnceCell::new();
             let n1 = || {
                 n1_cell
-                    .get_or_init(|| self.input_layernorm.normed(&s.x, &s.rstd1))
+                    .get_or_init(|| self.attn_norm.normed(&s.x, &s.rstd1))
                     .shallow_clone()
             };
+            let dparts = [dq, dk, dv];
             if !need_dx {
-                a.q_proj.backward_params_only(lq.as_ref(), n1, &dq)?;
-                a.k_proj.backward_params_only(lk.as_ref(), n1, &dk)?;
-                a.v_proj.backward_params_only(lv.as_ref(), n1, &dv)?;
+                a.qkv.backward_params_only(&s.qkv_lora, &n1, &dparts)?;
                 return Ok(None);
             }
-            let dn1 = a.q_proj.backward(lq.as_ref(), n1, &dq)?
-                + a.k_proj.backward(lk.as_ref(), n1, &dk)?
-                + a.v_proj.backward(lv.as_ref(), n1, &dv)?;
+            let dn1 = a.qkv.backward(&s.qkv_lora, &n1, &dparts)?;
             Ok(Some(
-                dh + self.input_layernorm.backward(&s.x, &s.rstd1, &dn1, kind),
+                dh + self.attn_norm.backward(&s.x, &s.rstd1, &dn1, kind),
             ))
         })
     }

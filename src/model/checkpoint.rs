@@ -201,10 +201,10 @@ impl Checkpoint {
 
 /// The frozen weights of one decoder layer.
 pub struct LayerWeights {
-    pub input_layernorm: Tensor,
-    pub post_attention_layernorm: Tensor,
-    /// q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj.
-    pub linears: Vec<(&'static str, FrozenWeight)>,
+    /// Norm weights by module path (`input_layernorm`, `self_attn.q_norm`, ...).
+    pub norms: Vec<(&'static str, Tensor)>,
+    /// Projections by name (`q_proj`, ... or Phi-3's `qkv_proj`, ...), with their biases.
+    pub linears: Vec<(&'static str, FrozenWeight, Option<Tensor>)>,
 }
 
 pub struct BaseWeights {
@@ -215,15 +215,31 @@ pub struct BaseWeights {
     pub score: Option<Tensor>,
 }
 
-pub const LINEAR_NAMES: [(&str, &str); 7] = [
-    ("self_attn", "q_proj"),
-    ("self_attn", "k_proj"),
-    ("self_attn", "v_proj"),
-    ("self_attn", "o_proj"),
-    ("mlp", "gate_proj"),
-    ("mlp", "up_proj"),
-    ("mlp", "down_proj"),
-];
+/// A layer's norms (module path, length) for `cfg`'s family.
+pub fn norm_names(cfg: &LlamaConfig) -> Vec<(&'static str, i64)> {
+    let h = cfg.hidden_size;
+    let sw = &cfg.switches;
+    let mut v = vec![("input_layernorm", h), ("post_attention_layernorm", h)];
+    if sw.sandwich_norms {
+        v.push(("pre_feedforward_layernorm", h));
+        v.push(("post_feedforward_layernorm", h));
+    }
+    if sw.qk_norm {
+        v.push(("self_attn.q_norm", cfg.head_dim));
+        v.push(("self_attn.k_norm", cfg.head_dim));
+    }
+    v
+}
+
+/// Whether the projection `name` carries a bias in `cfg`'s family.
+pub fn has_bias(cfg: &LlamaConfig, name: &str) -> bool {
+    let sw = &cfg.switches;
+    match name {
+        "q_proj" | "k_proj" | "v_proj" | "qkv_proj" => sw.qkv_bias,
+        "o_proj" => sw.o_bias,
+        _ => false,
+    }
+}
 
 pub struct LoadOptions {
     pub device: Device,
@@ -326,8 +342,11 @@ pub fn load_base(dir: &Path, cfg: &LlamaConfig, opts: &LoadOptions) -> Result<Ba
             dir.display()
         );
     };
+    let (first_group, first_name) = cfg.linear_modules()[0];
     let bnb = cfg.quantization.is_some()
-        || ck.contains(&format!("{prefix}layers.0.self_attn.q_proj.weight.absmax"));
+        || ck.contains(&format!(
+            "{prefix}layers.0.{first_group}.{first_name}.weight.absmax"
+        ));
     let l = Loader {
         ck: &ck,
         cfg,
@@ -344,17 +363,21 @@ pub fn load_base(dir: &Path, cfg: &LlamaConfig, opts: &LoadOptions) -> Result<Ba
     for i in 0..cfg.num_hidden_layers {
         let p = format!("{}layers.{i}", l.prefix);
         let mut linears = Vec::with_capacity(7);
-        for (group, name) in LINEAR_NAMES {
+        for &(group, name) in l.cfg.linear_modules() {
             let (inp, out) = l.cfg.linear_shape(name).expect("known projection");
             let w = l.linear(&format!("{p}.{group}.{name}.weight"), out, inp)?;
-            linears.push((name, w));
+            let bias = if has_bias(cfg, name) {
+                Some(l.dense(&format!("{p}.{group}.{name}.bias"), &[out])?)
+            } else {
+                None
+            };
+            linears.push((name, w, bias));
         }
-        layers.push(LayerWeights {
-            input_layernorm: l.dense(&format!("{p}.input_layernorm.weight"), &[h])?,
-            post_attention_layernorm: l
-                .dense(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-            linears,
-        });
+        let norms = norm_names(cfg)
+            .into_iter()
+            .map(|(name, n)| Ok((name, l.dense(&format!("{p}.{name}.weight"), &[n])?)))
+            .collect::<Result<Vec<_>>>()?;
+        layers.push(LayerWeights { norms, linears });
     }
     let norm = l.dense(&format!("{prefix}norm.weight"), &[h])?;
     let score = if ck.contains("score.weight") {

@@ -1,4 +1,4 @@
-//! `LlamaForSequenceClassification` under PEFT: frozen (NF4 or dense) Llama, LoRA adapters,
+//! `<Family>ForSequenceClassification` under PEFT: frozen (NF4 or dense) decoder, LoRA adapters,
 //! and a trainable fp32 `score` head (PEFT's `modules_to_save`). Logits are read at the
 //! rightmost token that is not `pad_token_id`, transformers' rule.
 use crate::dropout::mix;
@@ -75,6 +75,19 @@ impl LlamaClassifier {
             l.validate()?;
         }
         let config = LlamaConfig::from_dir(model_dir)?;
+        if let Some(l) = &opts.lora {
+            for m in &l.target_modules {
+                if config.linear_shape(m).is_none() {
+                    let own: Vec<&str> = config.linear_modules().iter().map(|(_, n)| *n).collect();
+                    bail!(
+                        "LoRA target module {m:?} is not a projection of model_type {} ({}: {})",
+                        config.switches.family.model_type(),
+                        model_dir.join("config.json").display(),
+                        own.join(", ")
+                    );
+                }
+            }
+        }
         let weights = checkpoint::load_base(
             model_dir,
             &config,
@@ -88,7 +101,8 @@ impl LlamaClassifier {
         .with_context(|| format!("cannot load the model in {}", model_dir.display()))?;
         tch::manual_seed(opts.seed as i64);
         let from_file = weights.score.as_ref().map(|s| s.shallow_clone());
-        let model = LlamaModel::new(&config, weights, opts.lora.as_ref(), opts.device);
+        let model = LlamaModel::new(&config, weights, opts.lora.as_ref(), opts.device)
+            .with_context(|| format!("cannot assemble the model in {}", model_dir.display()))?;
         let score = match from_file {
             Some(s) => s,
             None => Tensor::empty(
@@ -150,7 +164,7 @@ impl LlamaClassifier {
 
     fn context(&self, attention_mask: &Tensor) -> LayerContext {
         LayerContext::new(
-            &self.model.inv_freq,
+            &self.model.spec,
             &attention_mask.to_device(self.opts.device),
             self.opts.compute_dtype,
         )
@@ -160,7 +174,7 @@ impl LlamaClassifier {
     fn rows(&self, input_ids: &Tensor, attention_mask: &Tensor) -> (Tensor, Rows) {
         let ids = input_ids.to_device(self.opts.device).to_kind(Kind::Int64);
         let rows = Rows::new(
-            &self.model.inv_freq,
+            &self.model.spec,
             &attention_mask.to_device(self.opts.device),
             &self.last_non_pad(&ids),
             self.opts.compute_dtype,

@@ -1,6 +1,8 @@
-//! The Llama `config.json` as published for Llama 2, 3, 3.1 and 3.2 and as transformers 5
-//! writes it (`rope_parameters` holding `rope_theta`/`rope_type`), plus PEFT's parameter
-//! count line.
+//! A decoder's `config.json` as published for Llama 2, 3, 3.1, 3.2, Mistral, Qwen2/2.5,
+//! Qwen3, Phi-3, Gemma 2 and Gemma 3 (text) and as transformers 5 writes it
+//! (`rope_parameters` holding `rope_theta`/`rope_type`), plus PEFT's parameter count line.
+//! What a family changes is read into [`Switches`] (see `family.rs`).
+use crate::model::family::{layer_types, Activation, Family, Switches};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{Map, Value};
 use std::path::Path;
@@ -9,6 +11,10 @@ use std::path::Path;
 #[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
     Default,
+    /// Positions divided by `factor` (transformers' `_compute_linear_scaling_rope_parameters`).
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1's frequency-dependent scaling (transformers' `_compute_llama3_parameters`).
     Llama3 {
         factor: f64,
@@ -40,6 +46,9 @@ pub struct LlamaConfig {
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
+    /// The sliding layers' own rotary base and scaling (Gemma 3's local layers).
+    pub local_rope: Option<(f64, RopeScaling)>,
+    pub switches: Switches,
     pub tie_word_embeddings: bool,
     pub initializer_range: f64,
     pub bos_token_ids: Vec<i64>,
@@ -157,24 +166,48 @@ impl LlamaConfig {
             .ok_or_else(|| anyhow!("{origin}: not a JSON object"))?;
         let r = Reader { obj, origin };
 
-        if let Some(mt) = r.opt_str("model_type")? {
-            if mt != "llama" {
-                bail!("{origin}: key `model_type` is {mt:?}, only \"llama\" is supported");
-            }
-        }
-        if let Some(act) = r.opt_str("hidden_act")? {
-            if act != "silu" {
-                bail!("{origin}: key `hidden_act` is {act:?}, only \"silu\" is supported");
-            }
+        let family = match r.opt_str("model_type")? {
+            Some(mt) => Family::from_model_type(origin, &mt)?,
+            None => Family::Llama,
+        };
+        let act_key = if family.is_gemma() && r.present("hidden_activation").is_some() {
+            "hidden_activation"
+        } else {
+            "hidden_act"
+        };
+        let activation = match r.opt_str(act_key)? {
+            Some(a) => Activation::parse(origin, act_key, &a)?,
+            None if family.is_gemma() => Activation::GeluTanh,
+            None => Activation::Silu,
+        };
+        if activation != Activation::Silu && !family.is_gemma() {
+            bail!("{origin}: key `{act_key}` must be \"silu\" for model_type {family:?}");
         }
         for key in ["attention_bias", "mlp_bias"] {
             if r.opt_bool(key)? == Some(true) {
-                bail!("{origin}: key `{key}` is true; biased Llama projections are not supported");
+                bail!("{origin}: key `{key}` is true; biased projections are not supported");
             }
         }
         if let Some(tp) = r.opt_int("pretraining_tp")? {
             if tp != 1 {
                 bail!("{origin}: key `pretraining_tp` is {tp}, only 1 is supported");
+            }
+        }
+        // Training-time dropout inside the frozen model would make the reference's
+        // training pass random; every published checkpoint sets these to 0.
+        for key in ["attention_dropout", "resid_pdrop", "embd_pdrop"] {
+            if let Some(p) = r.opt_f64(key)? {
+                if p != 0.0 {
+                    bail!("{origin}: key `{key}` is {p}; only 0 is supported");
+                }
+            }
+        }
+        if r.opt_bool("use_bidirectional_attention")? == Some(true) {
+            bail!("{origin}: key `use_bidirectional_attention` is true; only causal attention is supported");
+        }
+        if let Some(f) = r.opt_f64("partial_rotary_factor")? {
+            if f != 1.0 {
+                bail!("{origin}: key `partial_rotary_factor` is {f}; only 1.0 is supported");
             }
         }
 
@@ -191,7 +224,7 @@ impl LlamaConfig {
                  num_attention_heads ({num_attention_heads})"
             );
         }
-        let head_dim = match r.opt_int("head_dim")? {
+        let head_dim = match r.opt_int("head_dim")?.or(family.default_head_dim()) {
             Some(v) => positive(origin, "head_dim", v)?,
             None => {
                 if hidden_size % num_attention_heads != 0 {
@@ -207,7 +240,14 @@ impl LlamaConfig {
             bail!("{origin}: key `head_dim` must be even for rotary embeddings, got {head_dim}");
         }
         let max_position_embeddings = r.opt_int("max_position_embeddings")?.unwrap_or(2048);
-        let (rope_theta, rope_scaling) = parse_rope(&r, max_position_embeddings)?;
+        let num_hidden_layers = positive(origin, "num_hidden_layers", r.int("num_hidden_layers")?)?;
+        let ((rope_theta, rope_scaling), local_rope) = if family == Family::Gemma3Text {
+            let (global, local) = parse_gemma3_rope(&r, max_position_embeddings)?;
+            (global, Some(local))
+        } else {
+            (parse_rope(&r, max_position_embeddings)?, None)
+        };
+        let switches = parse_switches(&r, family, activation, head_dim, num_hidden_layers)?;
 
         let quantization = match r.present("quantization_config") {
             None => None,
@@ -222,19 +262,27 @@ impl LlamaConfig {
             vocab_size: positive(origin, "vocab_size", r.int("vocab_size")?)?,
             hidden_size,
             intermediate_size: positive(origin, "intermediate_size", r.int("intermediate_size")?)?,
-            num_hidden_layers: positive(origin, "num_hidden_layers", r.int("num_hidden_layers")?)?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
             max_position_embeddings,
-            rms_norm_eps: r.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
+            rms_norm_eps: r
+                .opt_f64("rms_norm_eps")?
+                .unwrap_or(family.default_rms_norm_eps()),
             rope_theta,
             rope_scaling,
+            local_rope,
+            switches,
             tie_word_embeddings: r.opt_bool("tie_word_embeddings")?.unwrap_or(false),
             initializer_range: r.opt_f64("initializer_range")?.unwrap_or(0.02),
             bos_token_ids: r.ids("bos_token_id")?,
             eos_token_ids: r.ids("eos_token_id")?,
-            pad_token_id: r.ids("pad_token_id")?.first().copied(),
+            pad_token_id: match r.obj.get("pad_token_id") {
+                // Absent: the class default; present (null included): as written.
+                None => family.default_pad_token_id(),
+                Some(_) => r.ids("pad_token_id")?.first().copied(),
+            },
             dtype,
             quantization,
         })
@@ -244,29 +292,74 @@ impl LlamaConfig {
     /// besides its score head).
     pub fn base_param_count(&self) -> u64 {
         let h = self.hidden_size as u64;
+        let sw = &self.switches;
+        let linears: u64 = self
+            .linear_modules()
+            .iter()
+            .map(|(_, m)| {
+                let (i, o) = self.linear_shape(m).expect("known projection");
+                (i * o) as u64
+            })
+            .sum();
         let q = (self.num_attention_heads * self.head_dim) as u64;
         let kv = (self.num_key_value_heads * self.head_dim) as u64;
-        let i = self.intermediate_size as u64;
-        let per_layer = h * q * 2 + h * kv * 2 + 3 * h * i + 2 * h;
+        let biases = if sw.qkv_bias { q + 2 * kv } else { 0 } + if sw.o_bias { h } else { 0 };
+        let norms = if sw.sandwich_norms { 4 * h } else { 2 * h }
+            + if sw.qk_norm {
+                2 * self.head_dim as u64
+            } else {
+                0
+            };
+        let per_layer = linears + biases + norms;
         self.vocab_size as u64 * h + self.num_hidden_layers as u64 * per_layer + h
     }
 
-    /// (in_features, out_features) of a projection named like a PEFT target module.
+    /// The frozen projections of one layer as (module, name), in the checkpoint's order.
+    pub fn linear_modules(&self) -> &'static [(&'static str, &'static str)] {
+        if self.switches.fused_projections {
+            &FUSED_LINEARS
+        } else {
+            &SEPARATE_LINEARS
+        }
+    }
+
+    /// (in_features, out_features) of a projection named like a PEFT target module; `None`
+    /// for a name this family's layers lack.
     pub fn linear_shape(&self, module: &str) -> Option<(i64, i64)> {
         let h = self.hidden_size;
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
         let i = self.intermediate_size;
+        let fused = self.switches.fused_projections;
         Some(match module {
-            "q_proj" => (h, q),
-            "k_proj" | "v_proj" => (h, kv),
+            "q_proj" if !fused => (h, q),
+            "k_proj" | "v_proj" if !fused => (h, kv),
+            "qkv_proj" if fused => (h, q + 2 * kv),
             "o_proj" => (q, h),
-            "gate_proj" | "up_proj" => (h, i),
+            "gate_proj" | "up_proj" if !fused => (h, i),
+            "gate_up_proj" if fused => (h, 2 * i),
             "down_proj" => (i, h),
             _ => return None,
         })
     }
 }
+
+/// Llama's projections, and Phi-3's with q/k/v and gate/up fused.
+pub const SEPARATE_LINEARS: [(&str, &str); 7] = [
+    ("self_attn", "q_proj"),
+    ("self_attn", "k_proj"),
+    ("self_attn", "v_proj"),
+    ("self_attn", "o_proj"),
+    ("mlp", "gate_proj"),
+    ("mlp", "up_proj"),
+    ("mlp", "down_proj"),
+];
+pub const FUSED_LINEARS: [(&str, &str); 4] = [
+    ("self_attn", "qkv_proj"),
+    ("self_attn", "o_proj"),
+    ("mlp", "gate_up_proj"),
+    ("mlp", "down_proj"),
+];
 
 /// transformers' precedence: a non-empty `rope_scaling` replaces `rope_parameters`; `rope_theta`
 /// inside the dict wins over the top-level key; `type` is the old spelling of `rope_type`.
@@ -287,40 +380,195 @@ fn parse_rope(r: &Reader, max_pos: i64) -> Result<(f64, RopeScaling)> {
     };
     let obj = r.obj[key].as_object().expect("checked above");
     let sub_origin = format!("{origin} ({key})");
+    rope_dict(obj, &sub_origin, top_theta.unwrap_or(10_000.0), max_pos)
+}
+
+/// Gemma 3's two rotary settings, (global, local): transformers 5 writes `rope_parameters`
+/// nested by layer type; older files have `rope_theta` (global, default 1e6),
+/// `rope_local_base_freq` (local, default 1e4) and a `rope_scaling` for the global layers.
+fn parse_gemma3_rope(r: &Reader, max_pos: i64) -> Result<((f64, RopeScaling), (f64, RopeScaling))> {
+    let origin = r.origin;
+    let nested = match r.present("rope_parameters") {
+        Some(Value::Object(m))
+            if m.contains_key("full_attention") || m.contains_key("sliding_attention") =>
+        {
+            Some(m)
+        }
+        _ => None,
+    };
+    let scaling = match r.present("rope_scaling") {
+        Some(Value::Object(m)) if !m.is_empty() => Some(m),
+        _ => None,
+    };
+    let global_theta = r.opt_f64("rope_theta")?.unwrap_or(1_000_000.0);
+    let local_theta = r.opt_f64("rope_local_base_freq")?.unwrap_or(10_000.0);
+    let empty = Map::new();
+    let part = |layer: &str, theta: f64| -> Result<(f64, RopeScaling)> {
+        let sub_origin = format!("{origin} (rope_parameters.{layer})");
+        match nested.and_then(|m| m.get(layer)).filter(|v| !v.is_null()) {
+            Some(Value::Object(d)) => rope_dict(d, &sub_origin, theta, max_pos),
+            Some(v) => bail!("{sub_origin}: not an object: {v}"),
+            None if layer == "full_attention" && scaling.is_some() => rope_dict(
+                scaling.expect("checked"),
+                &format!("{origin} (rope_scaling)"),
+                theta,
+                max_pos,
+            ),
+            None => rope_dict(&empty, &sub_origin, theta, max_pos),
+        }
+    };
+    Ok((
+        part("full_attention", global_theta)?,
+        part("sliding_attention", local_theta)?,
+    ))
+}
+
+/// One rotary dict (`rope_type`, `rope_theta`, the type's own keys).
+fn rope_dict(
+    obj: &Map<String, Value>,
+    sub_origin: &str,
+    default_theta: f64,
+    max_pos: i64,
+) -> Result<(f64, RopeScaling)> {
     let d = Reader {
         obj,
-        origin: &sub_origin,
+        origin: sub_origin,
     };
-    let theta = d.opt_f64("rope_theta")?.or(top_theta).unwrap_or(10_000.0);
+    let theta = d.opt_f64("rope_theta")?.unwrap_or(default_theta);
     let rope_type = match d.opt_str("rope_type")? {
         Some(t) => t,
         None => d.opt_str("type")?.unwrap_or_else(|| "default".into()),
     };
+    let need = |k: &str| -> Result<f64> {
+        d.opt_f64(k)?
+            .ok_or_else(|| anyhow!("{sub_origin}: key `{k}` is missing for rope_type {rope_type}"))
+    };
+    if let Some(f) = d.opt_f64("partial_rotary_factor")? {
+        if f != 1.0 {
+            bail!("{sub_origin}: key `partial_rotary_factor` is {f}; only 1.0 is supported");
+        }
+    }
     let scaling = match rope_type.as_str() {
         "default" => RopeScaling::Default,
-        "llama3" => {
-            let need = |k: &str| -> Result<f64> {
-                d.opt_f64(k)?.ok_or_else(|| {
-                    anyhow!("{sub_origin}: key `{k}` is missing for rope_type llama3")
-                })
-            };
-            RopeScaling::Llama3 {
-                factor: need("factor")?,
-                low_freq_factor: need("low_freq_factor")?,
-                high_freq_factor: need("high_freq_factor")?,
-                original_max_position_embeddings: d
-                    .opt_int("original_max_position_embeddings")?
-                    .unwrap_or(max_pos),
-            }
-        }
+        "linear" => RopeScaling::Linear {
+            factor: need("factor")?,
+        },
+        "llama3" => RopeScaling::Llama3 {
+            factor: need("factor")?,
+            low_freq_factor: need("low_freq_factor")?,
+            high_freq_factor: need("high_freq_factor")?,
+            original_max_position_embeddings: d
+                .opt_int("original_max_position_embeddings")?
+                .unwrap_or(max_pos),
+        },
         other => {
-            bail!("{sub_origin}: key `rope_type` {other:?} is not supported (default, llama3)")
+            bail!(
+                "{sub_origin}: key `rope_type` {other:?} is not supported (default, linear, llama3)"
+            )
         }
     };
     if theta <= 0.0 {
         bail!("{sub_origin}: key `rope_theta` must be positive, got {theta}");
     }
     Ok((theta, scaling))
+}
+
+/// The family's differences from Llama, with transformers' class defaults for absent keys.
+fn parse_switches(
+    r: &Reader,
+    family: Family,
+    activation: Activation,
+    head_dim: i64,
+    num_layers: i64,
+) -> Result<Switches> {
+    let origin = r.origin;
+    let gemma = family.is_gemma();
+    let window_key = r.opt_int("sliding_window")?;
+    let sliding_window = match family {
+        Family::Llama => None,
+        Family::Mistral => match r.obj.get("sliding_window") {
+            None => Some(4096),
+            Some(_) => window_key,
+        },
+        Family::Qwen2 | Family::Qwen3 => {
+            if r.opt_bool("use_sliding_window")?.unwrap_or(false) {
+                Some(window_key.unwrap_or(4096))
+            } else {
+                None
+            }
+        }
+        Family::Phi3 => window_key,
+        Family::Gemma2 | Family::Gemma3Text => Some(window_key.unwrap_or(4096)),
+    };
+    if let Some(w) = sliding_window {
+        positive(origin, "sliding_window", w)?;
+    }
+    let given_types = match r.present("layer_types") {
+        None => None,
+        Some(Value::Array(a)) => Some(
+            a.iter()
+                .map(|v| {
+                    v.as_str().map(str::to_string).ok_or_else(|| {
+                        anyhow!("{origin}: key `layer_types` holds a non-string: {v}")
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+        ),
+        Some(v) => bail!("{origin}: key `layer_types` is not a list: {v}"),
+    };
+    let sliding = layer_types(
+        origin,
+        family,
+        given_types,
+        num_layers,
+        sliding_window,
+        r.opt_int("max_window_layers")?.unwrap_or(28),
+        positive(
+            origin,
+            "sliding_window_pattern",
+            r.opt_int("sliding_window_pattern")?.unwrap_or(6),
+        )?,
+    )?;
+    let layer_windows = sliding
+        .iter()
+        .map(|&s| if s { sliding_window } else { None })
+        .collect();
+    let attn_scale = if gemma {
+        let s = r.opt_f64("query_pre_attn_scalar")?.unwrap_or(256.0);
+        if s <= 0.0 {
+            bail!("{origin}: key `query_pre_attn_scalar` must be positive, got {s}");
+        }
+        s.powf(-0.5)
+    } else {
+        (head_dim as f64).powf(-0.5)
+    };
+    let attn_softcap = match family {
+        Family::Gemma2 => match r.obj.get("attn_logit_softcapping") {
+            None => Some(50.0),
+            Some(_) => r.opt_f64("attn_logit_softcapping")?,
+        },
+        Family::Gemma3Text => r.opt_f64("attn_logit_softcapping")?,
+        _ => None,
+    };
+    if let Some(c) = attn_softcap {
+        if c <= 0.0 {
+            bail!("{origin}: key `attn_logit_softcapping` must be positive, got {c}");
+        }
+    }
+    Ok(Switches {
+        family,
+        qkv_bias: family == Family::Qwen2,
+        o_bias: false,
+        qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3Text),
+        gemma_norm: gemma,
+        embed_scale: gemma,
+        sandwich_norms: gemma,
+        activation,
+        fused_projections: family == Family::Phi3,
+        attn_scale,
+        attn_softcap,
+        layer_windows,
+    })
 }
 
 fn parse_quant(v: &Value, origin: &str) -> Result<BnbQuantConfig> {

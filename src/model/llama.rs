@@ -1,24 +1,34 @@
-//! The Llama decoder as transformers computes it: RMSNorm in fp32 then cast back, rotary
-//! embeddings with rotate-half (and Llama 3.1 frequency scaling), grouped-query attention
-//! through `scaled_dot_product_attention`, SwiGLU MLP.
-use crate::lora::{LoraAdapter, LoraConfig};
+//! The decoder as transformers computes it for Llama and the families of `family.rs`:
+//! RMSNorm in fp32 then cast back (Gemma: `(1 + w)` before the cast), rotary embeddings with
+//! rotate-half (Llama 3.1 and linear scaling; Gemma 3's local table), grouped-query attention
+//! through `scaled_dot_product_attention` (or eager, for Gemma 2's soft-capping), sliding
+//! windows, SwiGLU or GeGLU MLP. The family's switches pick the pieces; there is one decoder.
+use crate::dropout::MaskKey;
+use crate::lora::{LoraAdapter, LoraConfig, LoraSaved};
 use crate::model::checkpoint::{BaseWeights, LayerWeights};
+use crate::model::family::{Activation, Switches};
 use crate::model::hf_config::{LlamaConfig, RopeScaling};
 use crate::quant::qlinear::QLinear;
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use std::f64::consts::PI;
 use tch::{Device, Kind, Tensor};
 
-/// `1/θ^(2i/d)`, with Llama 3 scaling, in fp32 — op for op as transformers'
-/// `compute_default_rope_parameters` / `_compute_llama3_parameters` so the values agree bitwise.
+/// The global rotary table's frequencies (see [`inv_freq_of`]).
 pub fn inv_freq(cfg: &LlamaConfig) -> Tensor {
-    let dim = cfg.head_dim;
+    inv_freq_of(cfg.rope_theta, &cfg.rope_scaling, cfg.head_dim)
+}
+
+/// `1/θ^(2i/d)`, with Llama 3 or linear scaling, in fp32 — op for op as transformers'
+/// `compute_default_rope_parameters` / `_compute_llama3_parameters` /
+/// `_compute_linear_scaling_rope_parameters` so the values agree bitwise.
+pub fn inv_freq_of(theta: f64, scaling: &RopeScaling, dim: i64) -> Tensor {
     let exponent = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu))
         .to_kind(Kind::Float)
         / dim as f64;
-    let inv = Tensor::pow_scalar(cfg.rope_theta, &exponent).reciprocal();
-    match cfg.rope_scaling {
+    let inv = Tensor::pow_scalar(theta, &exponent).reciprocal();
+    match *scaling {
         RopeScaling::Default => inv,
+        RopeScaling::Linear { factor } => inv / factor,
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,
@@ -67,11 +77,24 @@ pub fn rotate_half(x: &Tensor) -> Tensor {
 
 #[derive(Debug)]
 pub struct RmsNorm {
+    /// Llama: `w` in the compute dtype; Gemma: `1 + w` in fp32.
     pub weight: Tensor,
     pub eps: f64,
+    /// Gemma's order: scale in fp32, then cast (Llama casts, then scales).
+    pub gemma: bool,
 }
 
 impl RmsNorm {
+    /// From the checkpoint's weight (already in the compute dtype).
+    pub fn new(weight: Tensor, eps: f64, gemma: bool) -> Self {
+        let weight = if gemma {
+            weight.to_kind(Kind::Float) + 1.0
+        } else {
+            weight
+        };
+        RmsNorm { weight, eps, gemma }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
         self.forward_saved(x).0
     }
@@ -88,14 +111,22 @@ impl RmsNorm {
 
     /// The forward's output again from its input and saved `rstd`, bit for bit.
     pub fn normed(&self, x: &Tensor, rstd: &Tensor) -> Tensor {
-        &self.weight * (x.to_kind(Kind::Float) * rstd).to_kind(x.kind())
+        if self.gemma {
+            (x.to_kind(Kind::Float) * rstd * &self.weight).to_kind(x.kind())
+        } else {
+            &self.weight * (x.to_kind(Kind::Float) * rstd).to_kind(x.kind())
+        }
     }
 
     /// The input gradient in `kind`, following autograd's chain for `forward`:
     /// `w·(x·r)` with `r = (mean(x²) + eps)^-½`.
     pub fn backward(&self, x: &Tensor, rstd: &Tensor, dy: &Tensor, kind: Kind) -> Tensor {
         let xf = x.to_kind(Kind::Float);
-        let dt = (dy * &self.weight).to_kind(Kind::Float);
+        let dt = if self.gemma {
+            dy.to_kind(Kind::Float) * &self.weight
+        } else {
+            (dy * &self.weight).to_kind(Kind::Float)
+        };
         let direct = &dt * rstd;
         let dr = (&dt * &xf).sum_dim_intlist([-1].as_slice(), true, Kind::Float);
         let dvar = dr * rstd.pow_tensor_scalar(3) * -0.5;
@@ -105,61 +136,207 @@ impl RmsNorm {
     }
 }
 
-/// What every layer of one forward pass shares.
-pub struct LayerContext {
-    /// `[T, head_dim]` in the compute dtype.
-    pub cos: Tensor,
-    pub sin: Tensor,
-    /// `[B, 1, T, T]` boolean (true = attend), `None` when no position is padded (then
-    /// `is_causal` is used, as transformers does).
+/// What a batch's attention context is built from: the frequencies of each rotary table
+/// (0: every layer's, 1: Gemma 3's sliding layers') and the sliding windows in use.
+#[derive(Debug)]
+pub struct ContextSpec {
+    pub inv_freqs: Vec<Tensor>,
+    pub windows: Vec<i64>,
+}
+
+/// One attention pattern's mask.
+pub struct Masks {
+    /// `[B, 1, T, T]` boolean (true = attend), `None` for plain causal attention without
+    /// padding (then `is_causal` is used, as transformers does).
     pub mask: Option<Tensor>,
     /// `[B, 1, T, 1]` 1 for queries that see at least one key, 0 for those that see none.
     pub row_valid: Option<Tensor>,
 }
 
+/// What every layer of one forward pass shares.
+pub struct LayerContext {
+    /// Per rotary table, cos and sin `[T, head_dim]` in the compute dtype.
+    pub ropes: Vec<(Tensor, Tensor)>,
+    pub full: Masks,
+    /// Per sliding window: causal attention to the last `window` positions.
+    pub sliding: Vec<(i64, Masks)>,
+}
+
 impl LayerContext {
-    pub fn new(inv_freq: &Tensor, attention_mask: &Tensor, kind: Kind) -> Self {
+    pub fn new(spec: &ContextSpec, attention_mask: &Tensor, kind: Kind) -> Self {
         let device = attention_mask.device();
         let t = attention_mask.size()[1];
-        let (cos, sin) = rope_tables(inv_freq, t, kind, device);
+        let ropes = spec
+            .inv_freqs
+            .iter()
+            .map(|f| rope_tables(f, t, kind, device))
+            .collect();
         let padding = attention_mask.to_kind(Kind::Bool);
         let all_visible = padding.all().int64_value(&[]) != 0;
-        if all_visible {
-            return LayerContext {
-                cos,
-                sin,
-                mask: None,
-                row_valid: None,
-            };
-        }
         let idx = Tensor::arange(t, (Kind::Int64, device));
-        let causal = idx.unsqueeze(1).ge_tensor(&idx.unsqueeze(0));
+        let distance = idx.unsqueeze(1) - idx.unsqueeze(0);
+        let causal = distance.ge(0);
         let b = padding.size()[0];
-        let mask = causal
-            .view([1, 1, t, t])
-            .logical_and(&padding.view([b, 1, 1, t]));
-        // A query that sees no key (left padding) gets 0 from torch's math kernel; the fused
-        // kernels are not all as careful, so such rows attend everywhere and are zeroed after.
-        let valid = mask.any_dim(-1, true);
-        let mask = mask.logical_or(&valid.logical_not());
+        let masks = |pattern: &Tensor| {
+            let mask = pattern
+                .view([1, 1, t, t])
+                .logical_and(&padding.view([b, 1, 1, t]));
+            // A query that sees no key (left padding) gets 0 from torch's math kernel; the
+            // fused kernels are not all as careful, so such rows attend everywhere and are
+            // zeroed after.
+            let valid = mask.any_dim(-1, true);
+            let mask = mask.logical_or(&valid.logical_not());
+            Masks {
+                mask: Some(mask),
+                row_valid: Some(valid.to_kind(kind)),
+            }
+        };
+        let plain = || Masks {
+            mask: None,
+            row_valid: None,
+        };
+        let full = if all_visible { plain() } else { masks(&causal) };
+        let sliding = spec
+            .windows
+            .iter()
+            .map(|&w| {
+                // Within the window every key is visible: plain causal attention.
+                let m = if all_visible && t <= w {
+                    plain()
+                } else {
+                    masks(&causal.logical_and(&distance.lt(w)))
+                };
+                (w, m)
+            })
+            .collect();
         LayerContext {
-            cos,
-            sin,
-            mask: Some(mask),
-            row_valid: Some(valid.to_kind(kind)),
+            ropes,
+            full,
+            sliding,
         }
+    }
+
+    pub fn masks(&self, window: Option<i64>) -> &Masks {
+        match window {
+            None => &self.full,
+            Some(w) => self
+                .sliding
+                .iter()
+                .find(|(x, _)| *x == w)
+                .map(|(_, m)| m)
+                .expect("every layer's window is in the context"),
+        }
+    }
+}
+
+/// Projections of one input read as parts: q, k and v (or Phi-3's `qkv_proj` split in
+/// three), gate and up (or `gate_up_proj` split in two).
+#[derive(Debug)]
+pub struct Projections {
+    /// (module path, layer, LoRA dropout index): one per part, or a single fused one.
+    pub linears: Vec<(&'static str, QLinear, u64)>,
+    /// Width of each part.
+    pub widths: Vec<i64>,
+}
+
+impl Projections {
+    fn fused(&self) -> bool {
+        self.linears.len() == 1 && self.widths.len() > 1
+    }
+
+    fn split(&self, y: Tensor) -> Vec<Tensor> {
+        y.split_with_sizes(self.widths.as_slice(), -1)
+    }
+
+    /// The parts under autograd (the padded reference forward).
+    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        if self.fused() {
+            return Ok(self.split(self.linears[0].1.forward(x)?));
+        }
+        self.linears.iter().map(|(_, l, _)| l.forward(x)).collect()
+    }
+
+    /// The parts of rows `x` outside autograd with what the backward needs; `seed` gives
+    /// each projection's dropout seed from its index.
+    pub fn forward_saved(
+        &self,
+        x: &Tensor,
+        seed: &dyn Fn(u64) -> Option<MaskKey>,
+    ) -> Result<(Vec<Tensor>, Vec<Option<LoraSaved>>)> {
+        let mut outs = Vec::with_capacity(self.widths.len());
+        let mut saved = Vec::with_capacity(self.linears.len());
+        for (_, l, i) in &self.linears {
+            let (y, s) = l.forward_saved(x, seed(*i))?;
+            outs.push(y);
+            saved.push(s);
+        }
+        if self.fused() {
+            let y = outs.pop().expect("one output");
+            outs = self.split(y);
+        }
+        Ok((outs, saved))
+    }
+
+    /// The input gradient for the parts' gradients `dys`, accumulating the LoRA gradients;
+    /// `x` rebuilds the input rows (for the LoRA branches only).
+    pub fn backward(
+        &self,
+        saved: &[Option<LoraSaved>],
+        x: &dyn Fn() -> Tensor,
+        dys: &[Tensor],
+    ) -> Result<Tensor> {
+        if self.fused() {
+            let dy = Tensor::cat(dys, -1);
+            return self.linears[0].1.backward(saved[0].as_ref(), x, &dy);
+        }
+        let mut dx: Option<Tensor> = None;
+        for (((_, l, _), s), dy) in self.linears.iter().zip(saved).zip(dys) {
+            let g = l.backward(s.as_ref(), x, dy)?;
+            dx = Some(match dx {
+                Some(d) => d + g,
+                None => g,
+            });
+        }
+        dx.ok_or_else(|| anyhow!("no projection"))
+    }
+
+    /// Only the LoRA gradients, for a layer whose input needs no gradient.
+    pub fn backward_params_only(
+        &self,
+        saved: &[Option<LoraSaved>],
+        x: &dyn Fn() -> Tensor,
+        dys: &[Tensor],
+    ) -> Result<()> {
+        if self.fused() {
+            let dy = Tensor::cat(dys, -1);
+            return self.linears[0]
+                .1
+                .backward_params_only(saved[0].as_ref(), x, &dy);
+        }
+        for (((_, l, _), s), dy) in self.linears.iter().zip(saved).zip(dys) {
+            l.backward_params_only(s.as_ref(), x, dy)?;
+        }
+        Ok(())
     }
 }
 
 #[derive(Debug)]
 pub struct Attention {
-    pub q_proj: QLinear,
-    pub k_proj: QLinear,
-    pub v_proj: QLinear,
+    /// q, k, v.
+    pub qkv: Projections,
     pub o_proj: QLinear,
+    /// Per-head RMSNorm of queries and keys (Qwen3, Gemma 3).
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
     pub num_heads: i64,
     pub num_kv_heads: i64,
     pub head_dim: i64,
+    pub scale: f64,
+    pub softcap: Option<f64>,
+    /// This layer's sliding window, if it slides.
+    pub window: Option<i64>,
+    /// Which of the context's rotary tables this layer uses.
+    pub rope: usize,
 }
 
 fn repeat_kv(x: &Tensor, n_rep: i64) -> Tensor {
@@ -173,53 +350,78 @@ fn repeat_kv(x: &Tensor, n_rep: i64) -> Tensor {
 }
 
 impl Attention {
-    /// Scaled-dot-product attention of `[B, heads, T, d]` queries, keys and values under the
-    /// context's mask, as transformers' sdpa path computes it; `[B, heads, T, d]` out.
+    /// Attention of `[B, heads, T, d]` queries, keys and values under the context's mask for
+    /// this layer, as transformers computes it: sdpa, or its eager path when the logits are
+    /// soft-capped; `[B, heads, T, d]` out.
     pub fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, ctx: &LayerContext) -> Tensor {
         let t = q.size()[2];
-        let scale = (self.head_dim as f64).powf(-0.5);
         let n_rep = self.num_heads / self.num_kv_heads;
-        match &ctx.mask {
-            None => Tensor::scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                None::<Tensor>,
-                0.0,
-                t > 1,
-                scale,
-                n_rep > 1,
-            ),
-            Some(mask) => {
-                let k = repeat_kv(k, n_rep);
-                let v = repeat_kv(v, n_rep);
-                let o = Tensor::scaled_dot_product_attention(
+        let m = ctx.masks(self.window);
+        let o = if let Some(cap) = self.softcap {
+            let k = repeat_kv(k, n_rep);
+            let v = repeat_kv(v, n_rep);
+            let w = q.matmul(&k.transpose(2, 3)) * self.scale;
+            let w = (w / cap).tanh() * cap;
+            let allowed = match &m.mask {
+                Some(mask) => mask.shallow_clone(),
+                None => {
+                    let idx = Tensor::arange(t, (Kind::Int64, q.device()));
+                    idx.unsqueeze(1)
+                        .ge_tensor(&idx.unsqueeze(0))
+                        .view([1, 1, t, t])
+                }
+            };
+            let w = w.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
+            w.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(&v)
+        } else {
+            match &m.mask {
+                None => Tensor::scaled_dot_product_attention(
                     q,
-                    &k,
-                    &v,
+                    k,
+                    v,
+                    None::<Tensor>,
+                    0.0,
+                    t > 1,
+                    self.scale,
+                    n_rep > 1,
+                ),
+                Some(mask) => Tensor::scaled_dot_product_attention(
+                    q,
+                    &repeat_kv(k, n_rep),
+                    &repeat_kv(v, n_rep),
                     Some(mask),
                     0.0,
                     false,
-                    scale,
+                    self.scale,
                     false,
-                );
-                match &ctx.row_valid {
-                    Some(rv) => o * rv,
-                    None => o,
-                }
+                ),
             }
+        };
+        match &m.row_valid {
+            Some(rv) => o * rv,
+            None => o,
         }
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
         let s = x.size();
         let (b, t) = (s[0], s[1]);
-        let heads = |y: Tensor| y.view([b, t, -1, self.head_dim]).transpose(1, 2);
-        let q = heads(self.q_proj.forward(x)?);
-        let k = heads(self.k_proj.forward(x)?);
-        let v = heads(self.v_proj.forward(x)?);
-        let cos = ctx.cos.view([1, 1, t, self.head_dim]);
-        let sin = ctx.sin.view([1, 1, t, self.head_dim]);
+        let d = self.head_dim;
+        let heads = |y: &Tensor, norm: &Option<RmsNorm>| {
+            let y = y.view([b, t, -1, d]);
+            let y = match norm {
+                Some(n) => n.forward(&y),
+                None => y,
+            };
+            y.transpose(1, 2)
+        };
+        let parts = self.qkv.forward(x)?;
+        let q = heads(&parts[0], &self.q_norm);
+        let k = heads(&parts[1], &self.k_norm);
+        let v = heads(&parts[2], &None);
+        let (cos, sin) = &ctx.ropes[self.rope];
+        let cos = cos.view([1, 1, t, d]);
+        let sin = sin.view([1, 1, t, d]);
         let q = &q * &cos + rotate_half(&q) * &sin;
         let k = &k * &cos + rotate_half(&k) * &sin;
         let out = self.attend(&q, &k, &v, ctx);
@@ -230,50 +432,79 @@ impl Attention {
 
 #[derive(Debug)]
 pub struct Mlp {
-    pub gate_proj: QLinear,
-    pub up_proj: QLinear,
+    /// gate, up.
+    pub gate_up: Projections,
     pub down_proj: QLinear,
+    pub act: Activation,
+}
+
+impl Activation {
+    pub fn forward(self, x: &Tensor) -> Tensor {
+        match self {
+            Activation::Silu => x.silu(),
+            Activation::GeluTanh => x.gelu("tanh"),
+        }
+    }
+
+    /// The input gradient for `dy`, given the activation's input `x`.
+    pub fn backward(self, x: &Tensor, dy: &Tensor) -> Tensor {
+        match self {
+            Activation::Silu => x.silu_backward(dy),
+            Activation::GeluTanh => x.gelu_backward(dy, "tanh"),
+        }
+    }
 }
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate_proj.forward(x)?.silu();
-        let u = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(g * u))
+        let parts = self.gate_up.forward(x)?;
+        let g = self.act.forward(&parts[0]);
+        self.down_proj.forward(&(g * &parts[1]))
     }
 }
 
 #[derive(Debug)]
 pub struct DecoderLayer {
-    pub input_layernorm: RmsNorm,
+    /// Before attention (`input_layernorm`).
+    pub attn_norm: RmsNorm,
     pub self_attn: Attention,
-    pub post_attention_layernorm: RmsNorm,
+    /// On the attention's output (Gemma's `post_attention_layernorm`).
+    pub attn_post_norm: Option<RmsNorm>,
+    /// Before the MLP (Llama's `post_attention_layernorm`, Gemma's `pre_feedforward_layernorm`).
+    pub mlp_norm: RmsNorm,
     pub mlp: Mlp,
+    /// On the MLP's output (Gemma's `post_feedforward_layernorm`).
+    pub mlp_post_norm: Option<RmsNorm>,
+}
+
+fn maybe_norm(norm: &Option<RmsNorm>, x: Tensor) -> Tensor {
+    match norm {
+        Some(n) => n.forward(&x),
+        None => x,
+    }
 }
 
 impl DecoderLayer {
     pub fn forward(&self, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
-        let h = x + self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x), ctx)?;
-        let out = &h
-            + self
-                .mlp
-                .forward(&self.post_attention_layernorm.forward(&h))?;
-        Ok(out)
+        let a = self.self_attn.forward(&self.attn_norm.forward(x), ctx)?;
+        let h = x + maybe_norm(&self.attn_post_norm, a);
+        let m = self.mlp.forward(&self.mlp_norm.forward(&h))?;
+        Ok(&h + maybe_norm(&self.mlp_post_norm, m))
     }
 
     /// The LoRA adapters of this layer with their module paths (`self_attn.q_proj`, ...).
     pub fn adapters(&self) -> Vec<(String, &LoraAdapter)> {
-        let mods: [(&str, &QLinear); 7] = [
-            ("self_attn.q_proj", &self.self_attn.q_proj),
-            ("self_attn.k_proj", &self.self_attn.k_proj),
-            ("self_attn.v_proj", &self.self_attn.v_proj),
-            ("self_attn.o_proj", &self.self_attn.o_proj),
-            ("mlp.gate_proj", &self.mlp.gate_proj),
-            ("mlp.up_proj", &self.mlp.up_proj),
-            ("mlp.down_proj", &self.mlp.down_proj),
-        ];
+        let a = &self.self_attn;
+        let m = &self.mlp;
+        let mods: Vec<(&str, &QLinear)> = a
+            .qkv
+            .linears
+            .iter()
+            .map(|(n, l, _)| (*n, l))
+            .chain([("self_attn.o_proj", &a.o_proj)])
+            .chain(m.gate_up.linears.iter().map(|(n, l, _)| (*n, l)))
+            .chain([("mlp.down_proj", &m.down_proj)])
+            .collect();
         mods.into_iter()
             .filter_map(|(n, l)| l.lora.as_ref().map(|a| (n.to_string(), a)))
             .collect()
@@ -283,9 +514,11 @@ impl DecoderLayer {
 #[derive(Debug)]
 pub struct LlamaModel {
     pub embed_tokens: Tensor,
+    /// √hidden (Gemma), applied in the embeddings' dtype.
+    pub embed_scale: Option<f64>,
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
-    pub inv_freq: Tensor,
+    pub spec: ContextSpec,
 }
 
 impl LlamaModel {
@@ -296,77 +529,158 @@ impl LlamaModel {
         weights: BaseWeights,
         lora: Option<&LoraConfig>,
         device: Device,
-    ) -> Self {
-        let eps = cfg.rms_norm_eps;
+    ) -> Result<Self> {
+        let sw = &cfg.switches;
         let layers = weights
             .layers
             .into_iter()
-            .map(|lw| build_layer(cfg, lw, lora, device))
-            .collect();
-        LlamaModel {
-            embed_tokens: weights.embed_tokens,
-            layers,
-            norm: RmsNorm {
-                weight: weights.norm,
-                eps,
-            },
-            inv_freq: inv_freq(cfg),
+            .enumerate()
+            .map(|(i, lw)| build_layer(cfg, i, lw, lora, device))
+            .collect::<Result<_>>()?;
+        let mut inv_freqs = vec![inv_freq(cfg)];
+        if let Some((theta, scaling)) = &cfg.local_rope {
+            inv_freqs.push(inv_freq_of(*theta, scaling, cfg.head_dim));
         }
+        Ok(LlamaModel {
+            embed_tokens: weights.embed_tokens,
+            embed_scale: sw.embed_scale.then(|| (cfg.hidden_size as f64).sqrt()),
+            layers,
+            norm: RmsNorm::new(weights.norm, cfg.rms_norm_eps, sw.gemma_norm),
+            spec: ContextSpec {
+                inv_freqs,
+                windows: sw.windows(),
+            },
+        })
     }
 
     pub fn embed(&self, input_ids: &Tensor) -> Tensor {
         let s = input_ids.size();
-        self.embed_tokens
+        let e = self
+            .embed_tokens
             .index_select(0, &input_ids.reshape([-1]))
-            .reshape([s[0], s[1], -1])
+            .reshape([s[0], s[1], -1]);
+        match self.embed_scale {
+            // transformers holds the factor as a fp32 tensor and casts it to the weights' dtype.
+            Some(f) => e * Tensor::from(f as f32).to_kind(self.embed_tokens.kind()),
+            None => e,
+        }
     }
 }
 
 fn build_layer(
     cfg: &LlamaConfig,
+    index: usize,
     lw: LayerWeights,
     lora: Option<&LoraConfig>,
     device: Device,
-) -> DecoderLayer {
-    let mut linears: Vec<QLinear> = lw
-        .linears
+) -> Result<DecoderLayer> {
+    let sw: &Switches = &cfg.switches;
+    let LayerWeights { norms, linears } = lw;
+    let mut linears: Vec<(&'static str, QLinear)> = linears
         .into_iter()
-        .map(|(name, weight)| {
+        .map(|(name, weight, bias)| {
             let adapter = lora
                 .filter(|l| l.targets(name))
                 .map(|l| LoraAdapter::new(weight.in_features(), weight.out_features(), l, device));
-            QLinear {
-                weight,
-                lora: adapter,
-            }
+            (
+                name,
+                QLinear {
+                    weight,
+                    bias,
+                    lora: adapter,
+                },
+            )
         })
         .collect();
-    let mut take = || linears.remove(0);
-    let (q, k, v, o) = (take(), take(), take(), take());
-    let (g, u, d) = (take(), take(), take());
-    let eps = cfg.rms_norm_eps;
-    DecoderLayer {
-        input_layernorm: RmsNorm {
-            weight: lw.input_layernorm,
-            eps,
-        },
+    let mut take = |name: &str| -> Result<QLinear> {
+        let i = linears
+            .iter()
+            .position(|(n, _)| *n == name)
+            .ok_or_else(|| anyhow!("layer {index} lacks projection {name}"))?;
+        Ok(linears.remove(i).1)
+    };
+    let mut norms = norms;
+    let mut norm = |name: &str| -> Option<RmsNorm> {
+        let i = norms.iter().position(|(n, _)| *n == name)?;
+        Some(RmsNorm::new(
+            norms.remove(i).1,
+            cfg.rms_norm_eps,
+            sw.gemma_norm,
+        ))
+    };
+    let q = cfg.num_attention_heads * cfg.head_dim;
+    let kv = cfg.num_key_value_heads * cfg.head_dim;
+    let i = cfg.intermediate_size;
+    // Dropout indices: q=0, k=1, v=2, o=3, gate=4, up=5, down=6, qkv=7, gate_up=8.
+    let (qkv, gate_up) = if sw.fused_projections {
+        (
+            vec![("self_attn.qkv_proj", take("qkv_proj")?, 7)],
+            vec![("mlp.gate_up_proj", take("gate_up_proj")?, 8)],
+        )
+    } else {
+        (
+            vec![
+                ("self_attn.q_proj", take("q_proj")?, 0),
+                ("self_attn.k_proj", take("k_proj")?, 1),
+                ("self_attn.v_proj", take("v_proj")?, 2),
+            ],
+            vec![
+                ("mlp.gate_proj", take("gate_proj")?, 4),
+                ("mlp.up_proj", take("up_proj")?, 5),
+            ],
+        )
+    };
+    let missing = |n: &str| anyhow!("layer {index} lacks norm {n}");
+    let (attn_post_norm, mlp_norm, mlp_post_norm) = if sw.sandwich_norms {
+        (
+            Some(
+                norm("post_attention_layernorm")
+                    .ok_or_else(|| missing("post_attention_layernorm"))?,
+            ),
+            norm("pre_feedforward_layernorm")
+                .ok_or_else(|| missing("pre_feedforward_layernorm"))?,
+            Some(
+                norm("post_feedforward_layernorm")
+                    .ok_or_else(|| missing("post_feedforward_layernorm"))?,
+            ),
+        )
+    } else {
+        (
+            None,
+            norm("post_attention_layernorm").ok_or_else(|| missing("post_attention_layernorm"))?,
+            None,
+        )
+    };
+    let window = sw.layer_windows.get(index).copied().flatten();
+    Ok(DecoderLayer {
+        attn_norm: norm("input_layernorm").ok_or_else(|| missing("input_layernorm"))?,
         self_attn: Attention {
-            q_proj: q,
-            k_proj: k,
-            v_proj: v,
-            o_proj: o,
+            qkv: Projections {
+                linears: qkv,
+                widths: vec![q, kv, kv],
+            },
+            o_proj: take("o_proj")?,
+            q_norm: norm("self_attn.q_norm"),
+            k_norm: norm("self_attn.k_norm"),
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
+            scale: sw.attn_scale,
+            softcap: sw.attn_softcap,
+            window,
+            // Gemma 3's sliding layers have their own table.
+            rope: usize::from(window.is_some() && cfg.local_rope.is_some()),
         },
-        post_attention_layernorm: RmsNorm {
-            weight: lw.post_attention_layernorm,
-            eps,
-        },
+        attn_post_norm,
+        mlp_norm,
         mlp: Mlp {
-            gate_proj: g,
-            up_proj: u,
-            down_proj: d,
+            gate_up: Projections {
+                linears: gate_up,
+                widths: vec![i, i],
+            },
+            down_proj: take("down_proj")?,
+            act: sw.activation,
         },
-    }
+        mlp_post_norm,
+    })
 }

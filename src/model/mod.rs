@@ -1,7 +1,9 @@
-//! The Llama sequence classifier and the Hugging Face files it is read from.
+//! The decoder sequence classifier (Llama and the families of `family`) and the Hugging
+//! Face files it is read from.
 pub mod backward;
 pub mod checkpoint;
 pub mod classifier;
+pub mod family;
 pub mod hf_config;
 pub mod llama;
 pub mod loss;

@@ -1,4 +1,5 @@
-//! A frozen linear layer (dense or NF4, no bias) with an optional LoRA bypass.
+//! A frozen linear layer (dense or NF4, with an optional frozen bias) with an optional LoRA
+//! bypass.
 use crate::dropout::MaskKey;
 use crate::lora::{LoraAdapter, LoraSaved};
 use crate::quant::nf4::{self, Nf4Tensor};
@@ -42,6 +43,8 @@ impl FrozenWeight {
 #[derive(Debug)]
 pub struct QLinear {
     pub weight: FrozenWeight,
+    /// `[out]` in the compute dtype (Qwen2's q/k/v), frozen like the weight.
+    pub bias: Option<Tensor>,
     pub lora: Option<LoraAdapter>,
 }
 
@@ -57,16 +60,21 @@ impl QLinear {
         })
     }
 
-    /// `x · Wᵀ` without LoRA; a few rows outside autograd take the fused NF4 kernel.
+    /// `x · Wᵀ + b` without LoRA; a few rows outside autograd take the fused NF4 kernel.
     fn frozen(&self, x: &Tensor) -> Result<Tensor> {
+        let b = self.bias.as_ref();
         Ok(match &self.weight {
-            FrozenWeight::Dense(w) => x.linear::<Tensor>(w, None),
+            FrozenWeight::Dense(w) => x.linear(w, b),
             FrozenWeight::Nf4(q) => {
                 let rows = x.numel() as i64 / x.size().last().copied().unwrap_or(1).max(1);
                 if !x.requires_grad() && rows <= SMALL_ROWS {
-                    nf4::matmul_small(x, q)?
+                    let y = nf4::matmul_small(x, q)?;
+                    match b {
+                        Some(b) => y + b,
+                        None => y,
+                    }
                 } else {
-                    x.linear::<Tensor>(&nf4::dequantize(q, x.kind())?, None)
+                    x.linear(&nf4::dequantize(q, x.kind())?, b)
                 }
             }
         })

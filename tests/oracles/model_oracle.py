@@ -2,8 +2,17 @@
 bitsandbytes compute on them.
 
 usage: model_oracle.py fixtures OUT_DIR
+       model_oracle.py family FAMILY OUT_DIR
 
-Writes under OUT_DIR:
+`family` (mistral, qwen2, qwen3, phi3, gemma2, gemma3_text) writes under OUT_DIR a tiny random
+checkpoint of that family (`ckpt/`, written by `<Family>ForCausalLM`; every sequence of the
+inputs is longer than its small `sliding_window`), `bnb/` (it in bitsandbytes 4-bit), and
+inputs/score/expected/peft_adapter/peft_grads/facts as below, computed with
+`<Family>ForSequenceClassification`, plus `default/config.json` (the family's default
+transformers config) and facts.peft_line_default, PEFT's line for it (r 8, PEFT's default
+targets; `qkv_proj` for phi3, which PEFT has no default for).
+
+`fixtures` writes under OUT_DIR:
   gqa/            Llama-3-style: GQA, llama3 rope scaling, untied, one model.safetensors
   tied/           tied embeddings, MHA, head_dim != hidden/heads, sharded (index.json)
   bnb/            `gqa` loaded in bitsandbytes 4-bit (nf4, double quant) and saved again
@@ -97,10 +106,11 @@ def make_inputs(gen, vocab):
     }
 
 
-def seq_cls(path, score, dtype=torch.float32, **kw):
+def seq_cls(path, score, dtype=torch.float32, cls=None, **kw):
     from transformers import LlamaForSequenceClassification
 
-    m = LlamaForSequenceClassification.from_pretrained(
+    cls = cls or LlamaForSequenceClassification
+    m = cls.from_pretrained(
         path, num_labels=NUM_LABELS, pad_token_id=PAD, dtype=dtype, **kw
     )
     with torch.no_grad():
@@ -133,6 +143,41 @@ def peft_line(model):
 def peft_key(name):
     name = name.replace(".modules_to_save.default", "").replace(".default", "")
     return name
+
+
+def peft_gradients(base, targets, gen, inputs, out, expected, facts):
+    """LoRA (r 4) on `targets` with random non-zero A, B and head, saved as peft_adapter/;
+    PEFT's loss, logits and gradients of one backward on the padded batch."""
+    from peft import LoraConfig, get_peft_model
+
+    lc = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
+                    modules_to_save=["score"], task_type="SEQ_CLS")
+    pm = get_peft_model(base, lc)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    pm.save_pretrained(os.path.join(out, "peft_adapter"))
+    pm.train()
+    res = pm(input_ids=inputs["batch_pad_ids"], attention_mask=inputs["batch_pad_mask"],
+             labels=inputs["labels_pad"])
+    res.loss.backward()
+    grads = {peft_key(n): p.grad.detach().float().contiguous()
+             for n, p in pm.named_parameters() if p.requires_grad}
+    save_file(grads, os.path.join(out, "peft_grads.safetensors"))
+    facts["loss_pad"] = res.loss.item()
+    expected["logits_peft_pad"] = res.logits.detach().float().contiguous()
+
+
+def no_avx512_repack(model):
+    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for inference and
+    multiplies in bf16; everywhere else (CUDA included) it dequantises and multiplies in the
+    compute dtype. The reference is the latter."""
+    import bitsandbytes as bnb
+
+    for mod in model.modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            mod.support_avx512bf16_for_cpu = False
 
 
 def fixtures(out):
@@ -185,14 +230,9 @@ def fixtures(out):
 
     # bitsandbytes 4-bit NF4 (double quant), fp32 compute.
     m4 = seq_cls(os.path.join(out, "gqa"), score, quantization_config=bnb_config(), device_map="cpu")
-    # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for inference and multiplies
-    # in bf16; everywhere else (CUDA included) it dequantises and multiplies in the compute
-    # dtype. The reference is the latter.
+    no_avx512_repack(m4)
     import bitsandbytes as bnb
 
-    for mod in m4.modules():
-        if isinstance(mod, bnb.nn.Linear4bit):
-            mod.support_avx512bf16_for_cpu = False
     for which in ["pad", "full"]:
         expected[f"logits_nf4_{which}"] = logits(m4, inputs, which)
     w = m4.model.layers[1].mlp.down_proj.weight
@@ -203,24 +243,121 @@ def fixtures(out):
     facts["peft_line_tiny"] = peft_line(get_peft_model(m4, lc))
 
     # Gradients of LoRA and the head after one backward (fp32, no dropout).
-    base = seq_cls(os.path.join(out, "gqa"), score)
-    lc = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
+    peft_gradients(seq_cls(os.path.join(out, "gqa"), score), TARGETS, gen, inputs, out,
+                   expected, facts)
+
+    save_file(expected, os.path.join(out, "expected.safetensors"))
+    with open(os.path.join(out, "facts.json"), "w") as f:
+        json.dump(facts, f, indent=1)
+    print("ok")
+
+
+WINDOW = 5
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+              tie_word_embeddings=False, bos_token_id=1, eos_token_id=PAD, pad_token_id=PAD,
+              initializer_range=0.05)
+
+
+def family_classes(family):
+    """(config class, causal LM class, sequence classifier class, tiny config kwargs)."""
+    import transformers as tf
+
+    if family == "mistral":
+        return (tf.MistralConfig, tf.MistralForCausalLM, tf.MistralForSequenceClassification,
+                dict(num_hidden_layers=2, sliding_window=WINDOW, rope_theta=10000.0))
+    if family == "qwen2":
+        # Layer 0 full, layers 1-2 sliding (max_window_layers); biased q/k/v.
+        return (tf.Qwen2Config, tf.Qwen2ForCausalLM, tf.Qwen2ForSequenceClassification,
+                dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=WINDOW,
+                     max_window_layers=1, rope_theta=1000000.0))
+    if family == "qwen3":
+        # head_dim 32 != hidden / heads; q/k norms.
+        return (tf.Qwen3Config, tf.Qwen3ForCausalLM, tf.Qwen3ForSequenceClassification,
+                dict(num_hidden_layers=3, head_dim=32, use_sliding_window=True,
+                     sliding_window=WINDOW, max_window_layers=2, rope_theta=1000000.0))
+    if family == "phi3":
+        return (tf.Phi3Config, tf.Phi3ForCausalLM, tf.Phi3ForSequenceClassification,
+                dict(num_hidden_layers=2, sliding_window=WINDOW, rope_theta=10000.0,
+                     original_max_position_embeddings=256))
+    if family == "gemma2":
+        # A small soft-cap so that it bites; query_pre_attn_scalar != head_dim.
+        return (tf.Gemma2Config, tf.Gemma2ForCausalLM, tf.Gemma2ForSequenceClassification,
+                dict(num_hidden_layers=2, head_dim=16, query_pre_attn_scalar=24,
+                     attn_logit_softcapping=2.0, final_logit_softcapping=30.0,
+                     sliding_window=WINDOW, hidden_activation="gelu_pytorch_tanh"))
+    if family == "gemma3_text":
+        # Local and global layers with their own rotary tables (linear scaling globally).
+        return (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, tf.Gemma3TextForSequenceClassification,
+                dict(num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=16,
+                     sliding_window=WINDOW,
+                     layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                     rope_parameters={
+                         "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                            "rope_theta": 1000000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}))
+    raise SystemExit(f"unknown family {family}")
+
+
+def family_targets(family):
+    if family == "phi3":
+        return ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    return TARGETS
+
+
+def default_peft_line(family, out):
+    """PEFT's line for the family's default config (on the meta device, r 8)."""
+    from accelerate import init_empty_weights
+    from peft import LoraConfig, get_peft_model
+
+    cfg_cls, _, cls, _ = family_classes(family)
+    cfg = cfg_cls(num_labels=2)
+    os.makedirs(os.path.join(out, "default"), exist_ok=True)
+    cfg.save_pretrained(os.path.join(out, "default"))
+    with init_empty_weights():
+        m = cls(cfg)
+    targets = ["qkv_proj"] if family == "phi3" else None
+    lc = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
                     modules_to_save=["score"], task_type="SEQ_CLS")
-    pm = get_peft_model(base, lc)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    pm.save_pretrained(os.path.join(out, "peft_adapter"))
-    pm.train()
-    res = pm(input_ids=inputs["batch_pad_ids"], attention_mask=inputs["batch_pad_mask"],
-             labels=inputs["labels_pad"])
-    res.loss.backward()
-    grads = {peft_key(n): p.grad.detach().float().contiguous()
-             for n, p in pm.named_parameters() if p.requires_grad}
-    save_file(grads, os.path.join(out, "peft_grads.safetensors"))
-    facts["loss_pad"] = res.loss.item()
-    expected["logits_peft_pad"] = res.logits.detach().float().contiguous()
+    return peft_line(get_peft_model(m, lc))
+
+
+def family_fixtures(family, out):
+    from peft import LoraConfig, get_peft_model
+
+    cfg_cls, lm_cls, cls, kw = family_classes(family)
+    gen = torch.Generator().manual_seed(2024)
+    cfg = cfg_cls(**COMMON, **kw)
+    torch.manual_seed(0)
+    lm = lm_cls(cfg)
+    randomize(lm, gen)
+    lm.save_pretrained(os.path.join(out, "ckpt"))
+    inputs = make_inputs(gen, cfg.vocab_size)
+    save_file(inputs, os.path.join(out, "inputs.safetensors"))
+    score = torch.randn(NUM_LABELS, cfg.hidden_size, generator=gen) * 0.3
+    save_file({"base_model.model.score.weight": score}, os.path.join(out, "score.safetensors"))
+    expected, facts = {}, {}
+    ckpt = os.path.join(out, "ckpt")
+
+    m = seq_cls(ckpt, score, cls=cls)
+    facts["attn_implementation"] = m.config._attn_implementation
+    for which in ["pad", "full"]:
+        expected[f"logits_{which}"] = logits(m, inputs, which)
+
+    m4 = seq_cls(ckpt, score, cls=cls, quantization_config=bnb_config(), device_map="cpu")
+    no_avx512_repack(m4)
+    for which in ["pad", "full"]:
+        expected[f"logits_nf4_{which}"] = logits(m4, inputs, which)
+    m4.save_pretrained(os.path.join(out, "bnb"))
+    lc = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=family_targets(family)[:1],
+                    modules_to_save=["score"], task_type="SEQ_CLS")
+    facts["peft_line_tiny"] = peft_line(get_peft_model(m4, lc))
+    facts["peft_line_tiny_targets"] = family_targets(family)[:1]
+
+    peft_gradients(seq_cls(ckpt, score, cls=cls), family_targets(family), gen, inputs, out,
+                   expected, facts)
+    facts["targets"] = family_targets(family)
+    facts["peft_line_default"] = default_peft_line(family, out)
 
     save_file(expected, os.path.join(out, "expected.safetensors"))
     with open(os.path.join(out, "facts.json"), "w") as f:
@@ -229,7 +366,10 @@ def fixtures(out):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "fixtures":
-        sys.exit(__doc__)
     torch.set_num_threads(1)
-    fixtures(sys.argv[2])
+    if len(sys.argv) == 3 and sys.argv[1] == "fixtures":
+        fixtures(sys.argv[2])
+    elif len(sys.argv) == 4 and sys.argv[1] == "family":
+        family_fixtures(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit(__doc__)

@@ -3,8 +3,12 @@ LlamaForSequenceClassification + PEFT LoRA + bitsandbytes AdamW8bit + transforme
 warmup schedule, optionally on a bitsandbytes 4-bit NF4 base) on a tiny random Llama, and
 PEFT loading the adapters we write.
 
-usage: peft_oracle.py setup OUT_DIR
+usage: peft_oracle.py setup OUT_DIR [FAMILY]
        peft_oracle.py load OUT_DIR ADAPTER_DIR
+
+FAMILY (default llama; mistral, qwen2, qwen3, phi3, gemma2, gemma3_text) picks the decoder:
+the same sizes, the family's own switches and a sliding window shorter than the batches
+(model_oracle.family_classes), LoRA on PEFT's default targets (`qkv_proj` for phi3).
 
 setup writes under OUT_DIR:
   base/                   tiny random Llama (fp32 LlamaForCausalLM.save_pretrained) with a
@@ -36,7 +40,7 @@ import warnings
 import torch
 from safetensors.torch import load_file, save_file
 
-from model_oracle import bnb_config, peft_key, peft_line, randomize
+from model_oracle import bnb_config, family_classes, peft_key, peft_line, randomize
 
 PAD = 2
 NUM_LABELS = 2
@@ -48,8 +52,39 @@ R, ALPHA = 8, 16
 TARGETS = ["q_proj", "v_proj"]
 
 
-def tiny_config():
+def classes(family):
+    """(causal LM class, sequence classifier class) of the family."""
+    if family == "llama":
+        from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+        return LlamaForCausalLM, LlamaForSequenceClassification
+    _, lm, cls, _ = family_classes(family)
+    return lm, cls
+
+
+def family_of(out):
+    with open(os.path.join(out, "base", "config.json")) as f:
+        return json.load(f)["model_type"]
+
+
+def targets(family):
+    return ["qkv_proj"] if family == "phi3" else TARGETS
+
+
+def tiny_config(family="llama"):
     from transformers import LlamaConfig
+
+    if family != "llama":
+        cfg_cls, _, _, kw = family_classes(family)
+        kw = dict(kw)
+        for k in ("head_dim", "query_pre_attn_scalar"):
+            if k in kw:
+                kw[k] = 64
+        return cfg_cls(
+            vocab_size=128, hidden_size=512, intermediate_size=256, num_attention_heads=8,
+            num_key_value_heads=4, max_position_embeddings=128, rms_norm_eps=1e-5,
+            tie_word_embeddings=False, bos_token_id=1, eos_token_id=PAD, pad_token_id=PAD,
+            initializer_range=0.02, **kw)
 
     # hidden 512 and r = 8: lora_A of q/v and lora_B of q_proj have 8 * 512 = 4096 elements,
     # bitsandbytes' min_8bit_size, so they take the 8-bit blockwise path; v's lora_B
@@ -99,21 +134,20 @@ def make_inputs(gen, vocab):
     return out
 
 
-def lora_config():
+def lora_config(family):
     from peft import LoraConfig
 
     return LoraConfig(task_type="SEQ_CLS", r=R, lora_alpha=ALPHA, lora_dropout=0.0,
-                      target_modules=TARGETS, modules_to_save=["score"])
+                      target_modules=targets(family), modules_to_save=["score"])
 
 
 def base_model(out, nf4):
-    from transformers import LlamaForSequenceClassification
-
+    _, seq_cls = classes(family_of(out))
     kw = dict(num_labels=NUM_LABELS, pad_token_id=PAD, dtype=torch.float32)
     if nf4:
         kw.update(quantization_config=bnb_config(), device_map="cpu")
     torch.manual_seed(0)
-    m = LlamaForSequenceClassification.from_pretrained(os.path.join(out, "base"), **kw)
+    m = seq_cls.from_pretrained(os.path.join(out, "base"), **kw)
     if nf4:
         import bitsandbytes as bnb
 
@@ -141,7 +175,7 @@ def reference(out, tag, nf4, init, inputs, warmup):
     from peft import get_peft_model
     from transformers import get_linear_schedule_with_warmup
 
-    pm = get_peft_model(base_model(out, nf4), lora_config())
+    pm = get_peft_model(base_model(out, nf4), lora_config(family_of(out)))
     named = [(peft_key(n), p) for n, p in pm.named_parameters() if p.requires_grad]
     assert sorted(k for k, _ in named) == sorted(init), "trainable keys differ from init"
     with torch.no_grad():
@@ -184,14 +218,13 @@ def reference(out, tag, nf4, init, inputs, warmup):
     return pm
 
 
-def setup(out):
+def setup(out, family="llama"):
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
 
     gen = torch.Generator().manual_seed(4321)
-    cfg = tiny_config()
+    cfg = tiny_config(family)
     torch.manual_seed(0)
-    lm = LlamaForCausalLM(cfg)
+    lm = classes(family)[0](cfg)
     randomize(lm, gen)
     base = os.path.join(out, "base")
     lm.save_pretrained(base)
@@ -201,7 +234,7 @@ def setup(out):
 
     # Initial trainable tensors: B non-zero so that A's gradients are too.
     shapes = {peft_key(n): p.shape for n, p in
-              get_peft_model(base_model(out, False), lora_config()).named_parameters()
+              get_peft_model(base_model(out, False), lora_config(family)).named_parameters()
               if p.requires_grad}
     init = {k: (torch.randn(shape, generator=gen) * 0.05).contiguous()
             for k, shape in sorted(shapes.items())}
@@ -215,7 +248,8 @@ def setup(out):
     pm4 = reference(out, "nf4", True, init, inputs, warmup)
     facts = {
         "lr": LR, "warmup": warmup, "total": TOTAL, "steps": STEPS, "warmup_ratio": WARMUP_RATIO,
-        "num_labels": NUM_LABELS, "pad": PAD, "r": R, "lora_alpha": ALPHA, "targets": TARGETS,
+        "num_labels": NUM_LABELS, "pad": PAD, "r": R, "lora_alpha": ALPHA,
+        "targets": targets(family), "family": family,
         "peft_line_nf4": peft_line(pm4),
         "lora_config_fields": sorted(f.name for f in dataclasses.fields(LoraConfig)),
     }
@@ -295,8 +329,8 @@ def load(out, adapter):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    if len(sys.argv) == 3 and sys.argv[1] == "setup":
-        setup(sys.argv[2])
+    if len(sys.argv) in (3, 4) and sys.argv[1] == "setup":
+        setup(*sys.argv[2:])
     elif len(sys.argv) == 4 and sys.argv[1] == "load":
         load(sys.argv[2], sys.argv[3])
     else:
