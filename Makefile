@@ -22,6 +22,7 @@ SPLIT     ?= test
 ADAPTER   ?=
 DEMO_DIR  ?= $(OUT)/demo-assets
 
+APT_PKGS    := libgloo-dev chromium
 TORCH_PKGS  := torch==2.11.0
 NVCC_PKGS   := nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-cccl==13.0.85
 ORACLE_PKGS := transformers==5.24.0 peft==0.21.2 bitsandbytes==0.50.2 accelerate==1.15.0 \
@@ -33,10 +34,12 @@ ORACLE_PKGS := transformers==5.24.0 peft==0.21.2 bitsandbytes==0.50.2 accelerate
 setup: $(STAMP)
 
 $(STAMP): Makefile
-	@if ! dpkg -s libgloo-dev >/dev/null 2>&1; then \
-	  echo "installing libgloo-dev (apt) for the c10d shim"; \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libgloo-dev; \
-	  else sudo apt-get update -qq && sudo apt-get install -y -qq libgloo-dev; fi; \
+	@missing=""; \
+	for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (apt): libgloo-dev for the c10d shim, chromium for the page test"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq $$missing; fi; \
 	fi
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_PKGS) $(NVCC_PKGS)

@@ -6,11 +6,14 @@ Rows (see bench/README.md for what each measures):
   2. one AdamW8bit step on the Llama-3-8B LoRA r=8 q/v + head shapes (3.4 M parameters)
   3. QLoRA training on a SmolLM2-135M-shaped Llama, batch 8, MRPC rows: tokens/s, peak RSS
   4. (BENCH_8B=1) peak RSS while loading a Llama-3-8B-shaped checkpoint in 4 bit
+  5. serving /predict on the SmolLM2 shape at 1, 8 and 64 concurrent clients: requests/s and
+     p50/p99 latency, beside transformers' pipeline("text-classification") on the merged
+     checkpoint answering the same requests one batch at a time
 
 Every measurement runs in its own process, ours and the reference's alternating, with the
 same torch thread count; medians over the repetitions. Knobs (environment variables):
   BENCH_THREADS=2  BENCH_REPS=3  BENCH_WARMUP=1  BENCH_STEPS=5  BENCH_KERNEL_REPS=5
-  BENCH_8B=0 (1 adds row 4, writes ~16 GB under bench/cache)  BENCH_8B_REF=1 (row 4's
+  BENCH_SERVE_CLIENTS=1,8,64  BENCH_8B=0 (1 adds row 4, writes ~16 GB under bench/cache)  BENCH_8B_REF=1 (row 4's
   reference load, ~10+ minutes on 2 cores)  BENCH_ROWS=1,2,3 (which rows)
   BENCH_NO_BUILD=1 (use the binaries already built)  BENCH_CARGO_ARGS (extra cargo flags)
   BENCH_BIN_DIR (take qlora-cls and bench_kernels from this folder; no build)
@@ -52,7 +55,8 @@ STEPS = env_int("BENCH_STEPS", 5)
 KREPS = env_int("BENCH_KERNEL_REPS", 5)
 BATCH = 8
 SEED = 42
-ROWS = {int(x) for x in os.environ.get("BENCH_ROWS", "1,2,3").split(",") if x.strip()}
+ROWS = {int(x) for x in os.environ.get("BENCH_ROWS", "1,2,3,5").split(",") if x.strip()}
+SERVE_CLIENTS = [int(x) for x in os.environ.get("BENCH_SERVE_CLIENTS", "1,8,64").split(",") if x.strip()]
 if os.environ.get("BENCH_8B", "0") == "1":
     ROWS.add(4)
 LOAD_LIMIT_8B = 7 * GB
@@ -468,6 +472,87 @@ def load_row(binary, table, raw):
 # ---------------------------------------------------------------------------------------------
 
 
+def mrpc_pairs(n):
+    """The first n (sentence 1, sentence 2) pairs of MRPC dev.tsv."""
+    with open(mrpc_dir() / "dev.tsv", encoding="utf-8") as f:
+        rows = [ln.rstrip("\n").split("\t") for ln in f.read().splitlines(keepends=True)[1:]]
+    return [[r[3], r[4]] for r in rows[:n]]
+
+
+def serve_ours(binary, model, adapter, clients, n, pairs_file, name):
+    """Starts `qlora-cls serve` on a free port, drives it with serve_client.py, stops it."""
+    logs = RESULTS / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    argv = [str(a) for a in (binary, "serve", "--model_dir", model, "--adapter", adapter, "--port", 0,
+                             "--prompt", "perfect", "--device", "cpu", "--bnb_4bit_compute_dtype", "float32",
+                             "--max_queue", 100000)]
+    print(f"  running {name}: {' '.join(shlex.quote(a) for a in argv)}", flush=True)
+    with open(logs / f"{name}.err", "w") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, cwd=ROOT, env=child_env(), text=True)
+        try:
+            addr = None
+            for line in proc.stdout:
+                if line.startswith("listening on http://"):
+                    addr = line.strip()[len("listening on http://"):]
+                    break
+            if addr is None:
+                raise Failed(f"{name}: the server exited before listening (log: {logs / (name + '.err')})")
+            out, _, _ = run_child(name + "-client", [PY, BENCH / "serve_client.py", "--addr", addr,
+                                                     "--concurrency", clients, "--requests", n, "--pairs", pairs_file])
+            return last_json(out, name)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def serve_row(binary, table, raw):
+    if binary is None:
+        raise Failed("no qlora-cls binary")
+    model = CACHE / "smol"
+    make_checkpoint("smol", model, 1800)
+    data = CACHE / "mrpc-serve"
+    write_subset(mrpc_dir(), data, BATCH, BATCH)
+    run_dir = RESULTS / "runs" / "serve-adapter"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_child("serve-adapter", ours_train_argv(binary, model, data, run_dir, 1))
+    adapter = run_dir / "adapter"
+    merged = CACHE / "smol-merged"
+    run_child("serve-merge", [binary, "merge", "--model_dir", model, "--adapter", adapter, "--out", merged,
+                              "--dtype", "float32", "--force", "--bnb_4bit_compute_dtype", "float32"])
+    pairs_file = CACHE / "serve-pairs.json"
+    pairs_file.write_text(json.dumps(mrpc_pairs(256)))
+    res = {}
+    for c in SERVE_CLIENTS:
+        n = max(64, 4 * c)
+        r = {}
+        try:
+            r["ours"] = serve_ours(binary, model, adapter, c, n, pairs_file, f"serve-ours-{c}")
+        except Failed as e:
+            print(f"  FAILED: {e}", flush=True)
+        try:
+            out, _, _ = run_child(f"serve-reference-{c}", [PY, BENCH / "reference_serve.py", "--model_dir", merged,
+                                                           "--concurrency", c, "--requests", n, "--pairs", pairs_file,
+                                                           "--threads", THREADS])
+            r["reference"] = last_json(out, f"serve-reference-{c}")
+        except Failed as e:
+            print(f"  FAILED: {e}", flush=True)
+        res[c] = r
+        o, f = r.get("ours") or {}, r.get("reference") or {}
+        note = (f"{n} requests of one MRPC pair; ours: NF4 + LoRA, dynamic batching; "
+                "reference: pipeline on the merged fp32 checkpoint, one batch of C at a time")
+        table.append(dict(row=5, metric=f"Serve /predict, {c} client(s): requests/s", unit="req/s",
+                          ours=o.get("rps"), ref=f.get("rps"), better="higher", note=note if c == SERVE_CLIENTS[0] else ""))
+        table.append(dict(row=5, metric="  p50 latency", unit="ms", ours=o.get("p50_ms"), ref=f.get("p50_ms"), better="lower"))
+        table.append(dict(row=5, metric="  p99 latency", unit="ms", ours=o.get("p99_ms"), ref=f.get("p99_ms"), better="lower"))
+    raw["serve"] = res
+
+
+# ---------------------------------------------------------------------------------------------
+
+
 def fmt(v):
     if v is None:
         return "-"
@@ -525,7 +610,8 @@ def main():
     failed = []
     steps = [(lambda: kernel_rows(bench_kernels, table, kernel_csv, raw), ROWS & {1, 2}),
              (lambda: train_row(binary, bench_kernels, table, train_csv, raw), ROWS & {3}),
-             (lambda: load_row(binary, table, raw), ROWS & {4})]
+             (lambda: load_row(binary, table, raw), ROWS & {4}),
+             (lambda: serve_row(binary, table, raw), ROWS & {5})]
     for fn, wanted in steps:
         if not wanted:
             continue

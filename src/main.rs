@@ -80,6 +80,36 @@ enum Cmd {
         )]
         flags: Vec<String>,
     },
+    /// Folds a trained adapter into its base model: a Hugging Face sequence-classification
+    /// checkpoint (sharded safetensors, config with labels, tokenizer files). Options:
+    /// --adapter DIR and --out DIR (required), --dtype bfloat16|float16|float32 (bfloat16),
+    /// --quantize nf4 (a bitsandbytes 4-bit checkpoint, with a drift report on --sample rows of
+    /// --sample_split), --max_shard_size (2GB), --force, --config FILE, config flags
+    /// (model_dir, load_in_4bit, bnb_4bit_blocksize, ... as the adapter was trained).
+    #[command(after_help = CONFIG_HELP)]
+    Merge {
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "FLAGS"
+        )]
+        flags: Vec<String>,
+    },
+    /// Serves the classifier over HTTP (text-embeddings-inference's /predict, /health, /info,
+    /// /metrics, and a page at /). Options: --adapter DIR (required), --host (127.0.0.1),
+    /// --port (8080; 0 picks a free one), --max_batch_tokens (16384), --max_batch_requests
+    /// (64), --max_wait_ms (2), --max_queue (2048 inputs, then 429), --max_client_batch_size
+    /// (64), --max_input_length (max_length or the model's positions), --config FILE, config
+    /// flags (model_dir, prompt, device, ... as the adapter was trained).
+    #[command(after_help = CONFIG_HELP)]
+    Serve {
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "FLAGS"
+        )]
+        flags: Vec<String>,
+    },
     /// Writes the embedded demo: a tiny Llama checkpoint, its tokenizer and a synthetic
     /// paraphrase data set in GLUE TSV layout.
     DemoAssets {
@@ -237,6 +267,8 @@ fn run() -> Result<()> {
             println!("{}", peft_param_line(t, a));
         }
         Cmd::Quantize { flags } => quantize_cmd(&flags)?,
+        Cmd::Merge { flags } => merge_cmd(&flags)?,
+        Cmd::Serve { flags } => serve_cmd(&flags)?,
         Cmd::DemoAssets { out } => {
             demo::write_demo_assets(&out)?;
             println!("wrote the demo model and data to {}", out.display());
@@ -315,6 +347,127 @@ fn quantize_cmd(flags: &[String]) -> Result<()> {
         if r.files_copied.is_empty() { "no other files".to_string() } else { r.files_copied.join(", ") }
     );
     Ok(())
+}
+
+fn merge_cmd(flags: &[String]) -> Result<()> {
+    use qlora_cls::merge::{self, MergeOptions};
+    let args = Args::parse(
+        flags,
+        &[
+            "adapter",
+            "out",
+            "dtype",
+            "quantize",
+            "max_shard_size",
+            "force",
+            "sample",
+            "sample_split",
+        ],
+    )?;
+    let cfg = args.config()?;
+    let adapter = PathBuf::from(args.required("adapter")?);
+    let out = PathBuf::from(args.required("out")?);
+    let quantize_nf4 = match args.own.get("quantize").map(String::as_str) {
+        None | Some("none") => false,
+        Some("nf4") => true,
+        Some(q) => anyhow::bail!("--quantize {q:?}: expected nf4 (or none)"),
+    };
+    let opts = MergeOptions {
+        dtype: merge::parse_dtype(args.own.get("dtype").map_or("bfloat16", String::as_str))?,
+        quantize_nf4,
+        max_shard_bytes: match args.own.get("max_shard_size") {
+            Some(v) => qlora_cls::quantize::parse_size(v)?,
+            None => qlora_cls::quantize::DEFAULT_MAX_SHARD_BYTES,
+        },
+        force: match args.own.get("force") {
+            Some(v) => v
+                .parse()
+                .with_context(|| format!("--force {v:?}: expected true or false"))?,
+            None => false,
+        },
+        sample: match args.own.get("sample") {
+            Some(v) => v
+                .parse()
+                .ok()
+                .filter(|&n: &usize| n > 0)
+                .with_context(|| format!("--sample {v:?}: expected a positive integer"))?,
+            None => 64,
+        },
+        sample_split: args
+            .own
+            .get("sample_split")
+            .cloned()
+            .unwrap_or_else(|| cfg.eval_split.clone()),
+    };
+    let r = merge::merge(&cfg, &adapter, &out, &opts)?;
+    println!(
+        "wrote {}: {} weights merged, {} tensors copied, {} shard(s), {:.1} MB{}",
+        out.display(),
+        r.merged,
+        r.copied,
+        r.shards,
+        r.bytes_out as f64 / 1e6,
+        if r.dropped.is_empty() {
+            String::new()
+        } else {
+            format!("; dropped {}", r.dropped.join(", "))
+        }
+    );
+    if let Some(d) = &r.drift {
+        println!(
+            "nf4 drift vs the unmerged model on {} rows of {}: max |score diff| {:.3e}, mean {:.3e}, \
+             max |logit diff| {:.3e}, top label unchanged on {:.1}% (merge_drift.json)",
+            d.examples,
+            d.source,
+            d.max_abs_score_diff,
+            d.mean_abs_score_diff,
+            d.max_abs_logit_diff,
+            100.0 * d.top_label_agreement
+        );
+    }
+    Ok(())
+}
+
+fn serve_cmd(flags: &[String]) -> Result<()> {
+    use qlora_cls::serve::{self, ServeOptions};
+    let keys = [
+        "adapter",
+        "host",
+        "port",
+        "max_batch_tokens",
+        "max_batch_requests",
+        "max_wait_ms",
+        "max_queue",
+        "max_client_batch_size",
+        "max_input_length",
+    ];
+    let args = Args::parse(flags, &keys)?;
+    let cfg = args.config()?;
+    let adapter = PathBuf::from(args.required("adapter")?);
+    fn num<T: std::str::FromStr>(args: &Args, key: &str, default: T) -> Result<T> {
+        match args.own.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .ok()
+                .with_context(|| format!("--{key} {v:?}: expected a non-negative integer")),
+        }
+    }
+    let d = ServeOptions::default();
+    let opts = ServeOptions {
+        host: args.own.get("host").cloned().unwrap_or(d.host),
+        port: num(&args, "port", d.port)?,
+        max_batch_tokens: num(&args, "max_batch_tokens", d.max_batch_tokens)?,
+        max_batch_requests: num(&args, "max_batch_requests", d.max_batch_requests)?,
+        max_wait_ms: num(&args, "max_wait_ms", d.max_wait_ms)?,
+        max_queue: num(&args, "max_queue", d.max_queue)?,
+        max_client_batch_size: num(&args, "max_client_batch_size", d.max_client_batch_size)?,
+        max_input_length: match args.own.get("max_input_length") {
+            None => None,
+            Some(_) => Some(num(&args, "max_input_length", 0usize)?),
+        },
+    };
+    serve::serve(&cfg, &adapter, &opts)
 }
 
 /// The text of a panic payload (tch panics with libtorch's error message, e.g. on CUDA OOM).

@@ -184,7 +184,7 @@ fn dtype_name(d: Dtype) -> Result<&'static str> {
     })
 }
 
-fn kind_name(k: Kind) -> Result<&'static str> {
+pub(crate) fn kind_name(k: Kind) -> Result<&'static str> {
     Ok(match k {
         Kind::Float => "F32",
         Kind::BFloat16 => "BF16",
@@ -205,7 +205,7 @@ fn elt_size(d: Dtype) -> u64 {
 }
 
 /// The decoder projection a tensor name belongs to (`q_proj`, ...), if any.
-fn projection(name: &str) -> Option<&'static str> {
+pub(crate) fn projection(name: &str) -> Option<&'static str> {
     if !name.contains("layers.") {
         return None;
     }
@@ -217,7 +217,7 @@ fn projection(name: &str) -> Option<&'static str> {
 }
 
 /// transformers' module order: embeddings, layers by number, final norm, then the heads.
-fn module_order(a: &str, b: &str) -> Ordering {
+pub(crate) fn module_order(a: &str, b: &str) -> Ordering {
     let rank = |n: &str| u8::from(n.starts_with("lm_head") || n.starts_with("score"));
     rank(a).cmp(&rank(b)).then_with(|| {
         let mut x = a.split('.');
@@ -339,7 +339,7 @@ fn plan_unit(ck: &Checkpoint, cfg: &LlamaConfig, name: &str, opts: &Nf4Options) 
 }
 
 /// A safetensors header (`__metadata__` first, then the tensors in data order), without padding.
-fn header(entries: &[(String, &'static str, Vec<u64>, u64)]) -> String {
+pub(crate) fn header(entries: &[(String, &'static str, Vec<u64>, u64)]) -> String {
     let mut h = String::from("{\"__metadata__\":{\"format\":\"pt\"}");
     let mut offset = 0u64;
     for (name, dtype, shape, bytes) in entries {
@@ -510,7 +510,7 @@ fn drop_check(tensors: &[(String, Tensor)], entries: &[Entry]) -> Result<()> {
 }
 
 /// Files that hold weights (ours replace them) or are not part of a model folder.
-fn is_weight_file(name: &str) -> bool {
+pub(crate) fn is_weight_file(name: &str) -> bool {
     name == "config.json"
         || name.starts_with('.')
         || [
@@ -530,7 +530,7 @@ fn is_weight_file(name: &str) -> bool {
         .any(|ext| name.ends_with(ext))
 }
 
-fn check_out(model_dir: &Path, out: &Path, force: bool) -> Result<()> {
+pub(crate) fn check_out(model_dir: &Path, out: &Path, force: bool) -> Result<()> {
     if !out.exists() {
         return Ok(());
     }
@@ -562,7 +562,7 @@ fn check_out(model_dir: &Path, out: &Path, force: bool) -> Result<()> {
     Ok(())
 }
 
-fn sibling(path: &Path, tag: &str) -> PathBuf {
+pub(crate) fn sibling(path: &Path, tag: &str) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -628,19 +628,7 @@ pub fn quantize_checkpoint(
         cfg.num_hidden_layers,
         per_layer * cfg.num_hidden_layers
     );
-    // huggingface_hub's rule: start a new shard when the next tensor would overflow this one.
-    let mut shards: Vec<Vec<&Unit>> = vec![Vec::new()];
-    let mut size = 0u64;
-    for u in &units {
-        let last = shards.last_mut().expect("one shard at least");
-        if !last.is_empty() && size + u.bytes() > opts.max_shard_bytes {
-            shards.push(vec![u]);
-            size = u.bytes();
-        } else {
-            last.push(u);
-            size += u.bytes();
-        }
-    }
+    let shards = cut_shards(&units, Unit::bytes, opts.max_shard_bytes);
 
     let tmp = sibling(out, "tmp");
     if tmp.exists() {
@@ -679,21 +667,7 @@ pub fn quantize_checkpoint(
             .ok_or_else(|| anyhow!("{}: not a JSON object", cfg_path.display()))?
             .insert("quantization_config".into(), quantization_config(opts));
         runio::write_json(&tmp.join("config.json"), &config)?;
-        let mut entries: Vec<_> = fs::read_dir(model_dir)
-            .with_context(|| format!("cannot list {}", model_dir.display()))?
-            .collect::<std::io::Result<_>>()
-            .with_context(|| format!("cannot list {}", model_dir.display()))?;
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if !e.path().is_file() || is_weight_file(&name) {
-                continue;
-            }
-            let bytes = fs::read(e.path())
-                .with_context(|| format!("cannot read {}", e.path().display()))?;
-            runio::write_atomic(&tmp.join(&name), &bytes)?;
-            report.files_copied.push(name);
-        }
+        report.files_copied = copy_model_files(model_dir, &tmp)?;
         Ok(report)
     };
     let report = match build() {
@@ -703,14 +677,20 @@ pub fn quantize_checkpoint(
             return Err(e);
         }
     };
-    // Swap the finished folder in; an existing (empty or --force) one is moved aside first.
+    swap_in(&tmp, out)?;
+    Ok(report)
+}
+
+/// Swaps the finished folder `tmp` in at `out`; an existing (empty or --force) one is moved
+/// aside first and removed once the new one is in place.
+pub(crate) fn swap_in(tmp: &Path, out: &Path) -> Result<()> {
     let old = sibling(out, "old");
     let had_old = out.exists();
     if had_old {
         fs::rename(out, &old)
             .with_context(|| format!("cannot move the old {} aside", out.display()))?;
     }
-    if let Err(e) = fs::rename(&tmp, out) {
+    if let Err(e) = fs::rename(tmp, out) {
         if had_old {
             let _ = fs::rename(&old, out);
         }
@@ -726,5 +706,49 @@ pub fn quantize_checkpoint(
         fs::remove_dir_all(&old)
             .with_context(|| format!("cannot remove the replaced folder {}", old.display()))?;
     }
-    Ok(report)
+    Ok(())
+}
+
+/// huggingface_hub's rule: a new shard starts when the next tensor would overflow this one
+/// (a tensor larger than `max_bytes` gets a shard of its own).
+pub(crate) fn cut_shards<T>(
+    items: &[T],
+    bytes: impl Fn(&T) -> u64,
+    max_bytes: u64,
+) -> Vec<Vec<&T>> {
+    let mut shards: Vec<Vec<&T>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for item in items {
+        let last = shards.last_mut().expect("one shard at least");
+        if !last.is_empty() && size + bytes(item) > max_bytes {
+            shards.push(vec![item]);
+            size = bytes(item);
+        } else {
+            last.push(item);
+            size += bytes(item);
+        }
+    }
+    shards
+}
+
+/// Copies the files of a model folder that are neither weights nor config.json (tokenizer,
+/// generation config, ...) into `dst`; returns their names.
+pub(crate) fn copy_model_files(src: &Path, dst: &Path) -> Result<Vec<String>> {
+    let mut entries: Vec<_> = fs::read_dir(src)
+        .with_context(|| format!("cannot list {}", src.display()))?
+        .collect::<std::io::Result<_>>()
+        .with_context(|| format!("cannot list {}", src.display()))?;
+    entries.sort_by_key(|e| e.file_name());
+    let mut copied = Vec::new();
+    for e in entries {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !e.path().is_file() || is_weight_file(&name) {
+            continue;
+        }
+        let bytes =
+            fs::read(e.path()).with_context(|| format!("cannot read {}", e.path().display()))?;
+        runio::write_atomic(&dst.join(&name), &bytes)?;
+        copied.push(name);
+    }
+    Ok(copied)
 }

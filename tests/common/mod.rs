@@ -142,3 +142,66 @@ pub fn truncate_by(file: &Path, bytes: u64) {
         .set_len(len - bytes)
         .unwrap();
 }
+
+/// A configuration from `--key value` flags (no file), as the binary builds it.
+pub fn config_from(flags: &[&str]) -> qlora_cls::config::Config {
+    let args: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+    let overrides = qlora_cls::config::parse_flags(&args).expect("flags");
+    qlora_cls::config::Config::load(None, &overrides)
+        .expect("config")
+        .0
+}
+
+/// Writes a PEFT adapter folder for the model of `cfg` whose LoRA pairs and head are random
+/// and non-zero (N(0, 0.05²), fixed seed), so that merging it changes every targeted weight
+/// the way a trained adapter does.
+pub fn random_adapter(cfg: &qlora_cls::config::Config, out: &Path) {
+    let loaded = qlora_cls::train::load_model(cfg, tch::Device::Cpu).expect("load the model");
+    tch::manual_seed(7);
+    let params = loaded.model.trainable_parameters();
+    tch::no_grad(|| {
+        for (_, t) in &params {
+            let mut t = t.shallow_clone();
+            let r = t.randn_like() * 0.05;
+            t.copy_(&r);
+        }
+    });
+    qlora_cls::adapter::save(out, cfg, &params).expect("save the adapter");
+}
+
+/// The first `n` demo validation pairs rendered with the `perfect` prompt (lengths vary).
+pub fn demo_texts(n: usize) -> Vec<String> {
+    let p = qlora_cls::data::prompt::resolve_prompt("perfect").expect("prompt");
+    qlora_cls::demo::demo_dataset()
+        .1
+        .iter()
+        .take(n)
+        .map(|ex| qlora_cls::data::prompt::render(&p, ex))
+        .collect()
+}
+
+/// fp32 logits of `texts` (one padded batch) from the model with the adapter in `adapter`.
+pub fn adapter_logits(
+    cfg: &qlora_cls::config::Config,
+    adapter: &Path,
+    texts: &[String],
+) -> tch::Tensor {
+    use qlora_cls::data::batch::{collate, Encoded};
+    let loaded = qlora_cls::train::load_with_adapter(cfg, adapter).expect("load with adapter");
+    let enc: Vec<Encoded> = loaded
+        .encoder
+        .encode_many(texts.to_vec())
+        .expect("encode")
+        .into_iter()
+        .map(|ids| Encoded {
+            ids,
+            label: None,
+            idx: 0,
+        })
+        .collect();
+    let b = collate(&enc.iter().collect::<Vec<_>>(), loaded.encoder.pad_id());
+    loaded
+        .model
+        .logits(&b.input_ids, &b.attention_mask)
+        .expect("logits")
+}

@@ -1,0 +1,228 @@
+//! The text-embeddings-inference `/predict` request and response, and the JSON errors.
+//!
+//! `inputs` is a text (`"a"`), one pair (`["a", "b"]`, TEI's reading of a two-string list) or
+//! a batch of texts and pairs (`[["a"], ["a", "b"]]`); `truncate` (default false) cuts an
+//! over-long input instead of refusing it; `raw_scores` (default false) returns the logits
+//! instead of the scores of the problem type. A single input answers one list of
+//! `{"label", "score"}` sorted by score, a batch one such list per input.
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+/// An error as TEI reports it: `{"error": "...", "error_type": "..."}` with its status.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn validation(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            kind: "Validation",
+            message: message.into(),
+        }
+    }
+
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"error": self.message, "error_type": self.kind})),
+        )
+            .into_response()
+    }
+}
+
+/// One input: a text, or a sentence pair.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Input {
+    Single(String),
+    Pair(String, String),
+}
+
+#[derive(Debug, PartialEq)]
+pub struct PredictRequest {
+    pub inputs: Vec<Input>,
+    /// A single input (answer a flat list) rather than a batch.
+    pub single: bool,
+    pub truncate: bool,
+    pub raw_scores: bool,
+}
+
+fn text(v: &Value, at: &str) -> Result<String, ApiError> {
+    let s = v
+        .as_str()
+        .ok_or_else(|| ApiError::validation(format!("{at} must be a string, got {v}")))?;
+    if s.trim().is_empty() {
+        return Err(ApiError::validation(format!("{at} is empty")));
+    }
+    Ok(s.to_string())
+}
+
+fn flag(obj: &serde_json::Map<String, Value>, key: &str) -> Result<bool, ApiError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(v) => Err(ApiError::validation(format!(
+            "`{key}` must be true or false, got {v}"
+        ))),
+    }
+}
+
+/// Parses and checks a `/predict` body.
+pub fn parse_predict(body: &[u8], max_client_batch: usize) -> Result<PredictRequest, ApiError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::validation(format!("malformed JSON body: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| ApiError::validation("the body must be a JSON object with `inputs`"))?;
+    if let Some(k) = obj.keys().find(|k| {
+        !["inputs", "truncate", "raw_scores", "truncation_direction"].contains(&k.as_str())
+    }) {
+        return Err(ApiError::validation(format!(
+            "unknown field `{k}` (fields: inputs, truncate, raw_scores)"
+        )));
+    }
+    if let Some(d) = obj.get("truncation_direction") {
+        if d != "Right" && d != "right" {
+            return Err(ApiError::validation(format!(
+                "truncation_direction {d}: only Right is supported"
+            )));
+        }
+    }
+    let inputs = obj
+        .get("inputs")
+        .ok_or_else(|| ApiError::validation("missing field `inputs`"))?;
+    let (inputs, single) = match inputs {
+        Value::String(_) => (vec![Input::Single(text(inputs, "inputs")?)], true),
+        Value::Array(a) if a.len() == 2 && a.iter().all(Value::is_string) => (
+            vec![Input::Pair(
+                text(&a[0], "inputs[0]")?,
+                text(&a[1], "inputs[1]")?,
+            )],
+            true,
+        ),
+        Value::Array(a) if a.is_empty() => {
+            return Err(ApiError::validation("`inputs` is an empty list"))
+        }
+        Value::Array(a) => {
+            let mut out = Vec::with_capacity(a.len());
+            for (i, item) in a.iter().enumerate() {
+                out.push(match item.as_array().map(Vec::as_slice) {
+                    Some([t]) => Input::Single(text(t, &format!("inputs[{i}][0]"))?),
+                    Some([t, u]) => Input::Pair(
+                        text(t, &format!("inputs[{i}][0]"))?,
+                        text(u, &format!("inputs[{i}][1]"))?,
+                    ),
+                    _ => {
+                        return Err(ApiError::validation(format!(
+                            "inputs[{i}] must be a list of one text or two (a pair), got {item}"
+                        )))
+                    }
+                });
+            }
+            (out, false)
+        }
+        other => {
+            return Err(ApiError::validation(format!(
+                "`inputs` must be a text, a pair [\"a\", \"b\"] or a list of [\"a\"] / [\"a\", \"b\"], got {other}"
+            )))
+        }
+    };
+    if inputs.len() > max_client_batch {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Validation",
+            format!(
+                "batch of {} inputs exceeds max_client_batch_size {max_client_batch}",
+                inputs.len()
+            ),
+        ));
+    }
+    Ok(PredictRequest {
+        inputs,
+        single,
+        truncate: flag(obj, "truncate")?,
+        raw_scores: flag(obj, "raw_scores")?,
+    })
+}
+
+/// One input's answer: every label with its score, highest first.
+pub fn ranked(labels: &[String], scores: &[f64]) -> Value {
+    let mut pairs: Vec<(&String, f64)> = labels.iter().zip(scores.iter().copied()).collect();
+    pairs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Value::Array(
+        pairs
+            .into_iter()
+            .map(|(l, s)| json!({"label": l, "score": s}))
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(body: &str) -> PredictRequest {
+        parse_predict(body.as_bytes(), 8).unwrap()
+    }
+
+    fn err(body: &str) -> String {
+        parse_predict(body.as_bytes(), 8).unwrap_err().message
+    }
+
+    #[test]
+    fn tei_shapes() {
+        let r = ok(r#"{"inputs": "hi"}"#);
+        assert_eq!(r.inputs, [Input::Single("hi".into())]);
+        assert!(r.single && !r.truncate && !r.raw_scores);
+        let r = ok(r#"{"inputs": ["a", "b"], "raw_scores": true}"#);
+        assert_eq!(r.inputs, [Input::Pair("a".into(), "b".into())]);
+        assert!(r.single && r.raw_scores);
+        let r = ok(r#"{"inputs": [["a"], ["a", "b"]], "truncate": true}"#);
+        assert_eq!(
+            r.inputs,
+            [
+                Input::Single("a".into()),
+                Input::Pair("a".into(), "b".into())
+            ]
+        );
+        assert!(!r.single && r.truncate);
+    }
+
+    #[test]
+    fn bad_bodies_name_the_problem() {
+        assert!(err("{").contains("malformed JSON"));
+        assert!(err(r#"{"text": "a"}"#).contains("unknown field `text`"));
+        assert!(err(r#"{"truncate": true}"#).contains("missing field `inputs`"));
+        assert!(err(r#"{"inputs": ""}"#).contains("inputs is empty"));
+        assert!(err(r#"{"inputs": []}"#).contains("empty list"));
+        assert!(err(r#"{"inputs": [["a", "b", "c"]]}"#).contains("inputs[0]"));
+        assert!(err(r#"{"inputs": [["a"], [" "]]}"#).contains("inputs[1][0] is empty"));
+        assert!(err(r#"{"inputs": 3}"#).contains("`inputs` must be"));
+        assert!(err(r#"{"inputs": "a", "raw_scores": "yes"}"#).contains("raw_scores"));
+        let big = format!(r#"{{"inputs": [{}]}}"#, [r#"["a"]"#; 9].join(","));
+        let e = parse_predict(big.as_bytes(), 8).unwrap_err();
+        assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[test]
+    fn ranked_sorts_by_score() {
+        let v = ranked(&["a".into(), "b".into()], &[0.25, 0.75]);
+        assert_eq!(v[0]["label"], "b");
+        assert_eq!(v[1]["score"], 0.25);
+    }
+}

@@ -1,0 +1,318 @@
+//! `qlora-cls serve`: the trained classifier behind an HTTP API (axum on tokio) that speaks
+//! text-embeddings-inference's `/predict`, so TEI clients work unchanged; plus `GET /health`,
+//! `GET /info`, `GET /metrics` (Prometheus) and a page at `GET /` to try it.
+//!
+//! The model is loaded once and owned by the batching thread ([`batcher`]); handlers render
+//! each input with the prompt the adapter was trained with (`predict`'s text exactly: a pair
+//! fills sentence 1 and 2, a lone text fills sentence 1 and leaves sentence 2 empty),
+//! tokenise it, queue it and await its logits. SIGTERM (or Ctrl-C) stops accepting
+//! connections, lets the queued requests finish, and exits 0.
+pub mod api;
+pub mod batcher;
+pub mod metrics;
+
+use crate::config::Config;
+use crate::data::batch::TextEncoder;
+use crate::data::formats::Example;
+use crate::data::prompt;
+use crate::label_spec::{self, LabelSpec, ProblemType};
+use crate::train;
+use anyhow::{Context, Result};
+use api::{ApiError, Input};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use batcher::{Batcher, Limits};
+use metrics::Metrics;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub host: String,
+    /// 0 picks a free port (printed on the `listening on` line).
+    pub port: u16,
+    pub max_batch_tokens: usize,
+    pub max_batch_requests: usize,
+    pub max_wait_ms: u64,
+    pub max_queue: usize,
+    pub max_client_batch_size: usize,
+    /// Longest input in tokens (prompt and special tokens included); longer ones are refused
+    /// unless the request sets `truncate`.
+    pub max_input_length: Option<usize>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            max_batch_tokens: 16384,
+            max_batch_requests: 64,
+            max_wait_ms: 2,
+            max_queue: 2048,
+            max_client_batch_size: 64,
+            max_input_length: None,
+        }
+    }
+}
+
+struct AppState {
+    encoder: TextEncoder,
+    /// Cuts at `max_input_length` exactly as the tokenizer's own truncation would.
+    truncating: TextEncoder,
+    max_input_length: usize,
+    prompt: String,
+    labels: LabelSpec,
+    batcher: Batcher,
+    metrics: Arc<Metrics>,
+    info: Value,
+    max_client_batch_size: usize,
+    stopping: AtomicBool,
+}
+
+const PAGE: &str = include_str!("page.html");
+
+/// Loads the model with its adapter and serves it until SIGTERM / Ctrl-C.
+pub fn serve(cfg: &Config, adapter: &Path, opts: &ServeOptions) -> Result<()> {
+    let mut cfg = cfg.clone();
+    // Requests choose between refusing and truncating; the encoder must not cut silently.
+    let configured_max = cfg.max_length.take();
+    let loaded = train::load_with_adapter(&cfg, adapter)?;
+    let train::Loaded {
+        model,
+        encoder,
+        device,
+    } = loaded;
+    let max_input_length = opts
+        .max_input_length
+        .or(configured_max)
+        .unwrap_or(model.config.max_position_embeddings.max(1) as usize);
+    let tokenizer_dir = cfg.tokenizer_dir()?;
+    let truncating = TextEncoder::from_dir(tokenizer_dir, Some(max_input_length))?;
+    let num_labels = model.opts.num_labels as usize;
+    let labels = label_spec::label_spec(adapter, num_labels)?;
+    let prompt_text = prompt::resolve_prompt(&cfg.prompt)?;
+    let metrics = Arc::new(Metrics::default());
+    let limits = Limits {
+        max_batch_tokens: opts.max_batch_tokens.max(1),
+        max_batch_requests: opts.max_batch_requests.max(1),
+        max_wait: Duration::from_millis(opts.max_wait_ms),
+        max_queue: opts.max_queue.max(1),
+    };
+    let info = json!({
+        "model_id": cfg.model_dir()?.display().to_string(),
+        "adapter": adapter.display().to_string(),
+        "model_dtype": crate::merge::dtype_config_name(model.opts.compute_dtype),
+        "model_type": {"classifier": label_spec_fields(&labels)},
+        "problem_type": labels.problem_type.name(),
+        "labels": labels.id2label,
+        "pair_inputs": true,
+        "prompt": prompt_text,
+        "device": format!("{device:?}"),
+        "quantized": model.opts.quant.is_some(),
+        "max_batch_tokens": limits.max_batch_tokens,
+        "max_batch_requests": limits.max_batch_requests,
+        "max_wait_ms": opts.max_wait_ms,
+        "max_concurrent_requests": limits.max_queue,
+        "max_client_batch_size": opts.max_client_batch_size,
+        "max_input_length": max_input_length,
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    let pad_id = encoder.pad_id();
+    let batcher = Batcher::start(model, device, pad_id, limits, metrics.clone());
+    let state = Arc::new(AppState {
+        encoder,
+        truncating,
+        max_input_length,
+        prompt: prompt_text,
+        labels,
+        batcher,
+        metrics,
+        info,
+        max_client_batch_size: opts.max_client_batch_size.max(1),
+        stopping: AtomicBool::new(false),
+    });
+    let app = Router::new()
+        .route("/", get(page))
+        .route("/health", get(health))
+        .route("/info", get(info_json))
+        .route("/metrics", get(metrics_text))
+        .route("/predict", post(predict))
+        .with_state(state.clone());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let served = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind((opts.host.as_str(), opts.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", opts.host, opts.port))?;
+        let addr = listener.local_addr()?;
+        println!("listening on http://{addr}");
+        let _ = std::io::stdout().flush();
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop_signal(state.clone()))
+            .await
+            .context("the HTTP server failed")
+    });
+    // Whatever is still queued is answered before the forward thread ends.
+    state.batcher.close();
+    served?;
+    println!("stopped");
+    Ok(())
+}
+
+fn label_spec_fields(labels: &LabelSpec) -> Value {
+    let f = labels.config_fields();
+    json!({"id2label": f["id2label"], "label2id": f["label2id"]})
+}
+
+async fn stop_signal(state: Arc<AppState>) {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+    state.stopping.store(true, Ordering::SeqCst);
+    eprintln!("stopping: no new connections; finishing the queued requests");
+}
+
+async fn page() -> Html<&'static str> {
+    Html(PAGE)
+}
+
+async fn health(State(s): State<Arc<AppState>>) -> Response {
+    if s.stopping.load(Ordering::SeqCst) {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Unhealthy",
+            "shutting down",
+        )
+        .into_response();
+    }
+    Json(json!({"status": "ok"})).into_response()
+}
+
+async fn info_json(State(s): State<Arc<AppState>>) -> Json<Value> {
+    Json(s.info.clone())
+}
+
+async fn metrics_text(State(s): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(s.batcher.queued()),
+    )
+        .into_response()
+}
+
+async fn predict(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    let start = Instant::now();
+    let (response, inputs) = match predict_inner(&s, &body).await {
+        Ok((v, n)) => (Json(v).into_response(), n),
+        Err(e) => (e.into_response(), 0),
+    };
+    s.metrics.request(
+        response.status().as_u16(),
+        start.elapsed().as_secs_f64(),
+        inputs,
+    );
+    response
+}
+
+fn render(prompt_text: &str, input: &Input) -> String {
+    let (a, b) = match input {
+        Input::Single(t) => (t.clone(), String::new()),
+        Input::Pair(a, b) => (a.clone(), b.clone()),
+    };
+    prompt::render(
+        prompt_text,
+        &Example {
+            sentence1: a,
+            sentence2: b,
+            label: None,
+            idx: 0,
+        },
+    )
+}
+
+async fn predict_inner(s: &AppState, body: &[u8]) -> Result<(Value, usize), ApiError> {
+    let req = api::parse_predict(body, s.max_client_batch_size)?;
+    let mut ids = Vec::with_capacity(req.inputs.len());
+    for (i, input) in req.inputs.iter().enumerate() {
+        let text = render(&s.prompt, input);
+        let tokenizer_error = |e: anyhow::Error| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Tokenizer",
+                format!("inputs[{i}]: {e:#}"),
+            )
+        };
+        let t = s.encoder.encode(&text).map_err(tokenizer_error)?;
+        if t.len() > s.max_input_length {
+            if !req.truncate {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "Validation",
+                    format!(
+                        "inputs[{i}] is {} tokens long with the prompt, over max_input_length {}; \
+                         shorten it or send \"truncate\": true",
+                        t.len(),
+                        s.max_input_length
+                    ),
+                ));
+            }
+            ids.push(s.truncating.encode(&text).map_err(tokenizer_error)?);
+        } else {
+            ids.push(t);
+        }
+    }
+    let n = ids.len();
+    let pending = s.batcher.submit(ids)?;
+    let mut answers = Vec::with_capacity(n);
+    for rx in pending {
+        let row = rx
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Unhealthy",
+                    "the server stopped before answering",
+                )
+            })?
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Backend", e))?;
+        let scores = if req.raw_scores {
+            row
+        } else {
+            score_row(&row, s.labels.problem_type).map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Backend", format!("{e}"))
+            })?
+        };
+        answers.push(api::ranked(&s.labels.id2label, &scores));
+    }
+    let v = if req.single {
+        answers.into_iter().next().unwrap_or(Value::Null)
+    } else {
+        Value::Array(answers)
+    };
+    Ok((v, n))
+}
+
+fn score_row(logits: &[f64], problem: ProblemType) -> Result<Vec<f64>, tch::TchError> {
+    Vec::<f64>::try_from(&label_spec::scores(&batcher::row_tensor(logits), problem).view([-1]))
+}

@@ -1,0 +1,529 @@
+//! `qlora-cls serve` over real HTTP on 127.0.0.1: the TEI `/predict` answers equal `predict`'s
+//! probabilities for texts, pairs and batches; 64 concurrent clients all get correct answers;
+//! bad input gets a JSON 4xx; a full queue gets 429; SIGTERM finishes the queued requests and
+//! exits 0.
+mod common;
+use common::{bin, config_from, demo_assets, random_adapter};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// The demo model, a random adapter, and a JSONL split of pairs and lone texts.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    model: PathBuf,
+    adapter: PathBuf,
+    data: PathBuf,
+    rows: Vec<(String, String)>,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = common::tempdir();
+        let demo = demo_assets(&dir.path().join("demo"));
+        let model = demo.join("model");
+        let adapter = dir.path().join("adapter");
+        let cfg = config_from(&["--model_dir", s(&model), "--lora_dropout", "0"]);
+        random_adapter(&cfg, &adapter);
+        let mut rows: Vec<(String, String)> = qlora_cls::demo::demo_dataset()
+            .2
+            .iter()
+            .take(10)
+            .map(|e| (e.sentence1.clone(), e.sentence2.clone()))
+            .collect();
+        // Lone texts: `predict` reads them as pairs with an empty sentence 2.
+        rows.push(("Shares of the bank rose 3 percent.".into(), String::new()));
+        rows.push(("Profit fell sharply in the quarter".into(), String::new()));
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let lines: Vec<String> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, (a, b))| json!({"sentence1": a, "sentence2": b, "idx": i}).to_string())
+            .collect();
+        std::fs::write(data.join("test.jsonl"), lines.join("\n") + "\n").unwrap();
+        Fixture {
+            _dir: dir,
+            model,
+            adapter,
+            data,
+            rows,
+        }
+    })
+}
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        let f = fixture();
+        let mut child = Command::new(bin())
+            .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+            .args(["--model_dir", s(&f.model), "--adapter", s(&f.adapter)])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start qlora-cls serve");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("serve exited before listening")
+                .expect("read stdout");
+            if let Some(a) = line.strip_prefix("listening on http://") {
+                break a.to_string();
+            }
+        };
+        // Keep reading stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, addr }
+    }
+
+    fn call(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        http(&self.addr, method, path, body).expect("HTTP exchange")
+    }
+
+    fn predict(&self, body: Value) -> (u16, Value) {
+        let (status, text) = self.call("POST", "/predict", &body.to_string());
+        let v = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("/predict answered non-JSON ({e}): {text}"));
+        (status, v)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 exchange over a fresh connection (`Connection: close`).
+fn http(addr: &str, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_string()))
+}
+
+/// `predict`'s probabilities for the fixture's rows, by row.
+fn predict_csv() -> &'static Vec<Vec<f64>> {
+    static P: OnceLock<Vec<Vec<f64>>> = OnceLock::new();
+    P.get_or_init(|| {
+        let f = fixture();
+        let out = f.data.join("preds.csv");
+        let o = Command::new(bin())
+            .args(["predict", "--split", "test", "--out", s(&out)])
+            .args(["--model_dir", s(&f.model), "--data_dir", s(&f.data)])
+            .args(["--adapter", s(&f.adapter)])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let text = std::fs::read_to_string(&out).unwrap();
+        let mut rows: Vec<(i64, Vec<f64>)> = text
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let c: Vec<&str> = l.split(',').collect();
+                (
+                    c[0].parse().unwrap(),
+                    c[2..].iter().map(|x| x.parse().unwrap()).collect(),
+                )
+            })
+            .collect();
+        rows.sort_by_key(|r| r.0);
+        rows.into_iter().map(|r| r.1).collect()
+    })
+}
+
+/// The input of row `i` as TEI writes it in a batch.
+fn batch_item(i: usize) -> Value {
+    let (a, b) = &fixture().rows[i];
+    if b.is_empty() {
+        json!([a])
+    } else {
+        json!([a, b])
+    }
+}
+
+/// `[{label, score}]` → score by label index (LABEL_i), checking the order.
+fn scores(answer: &Value) -> Vec<f64> {
+    let list = answer.as_array().expect("a list of {label, score}");
+    let mut out = vec![f64::NAN; list.len()];
+    let mut last = f64::INFINITY;
+    for e in list {
+        let score = e["score"].as_f64().unwrap();
+        assert!(score <= last, "not sorted by score: {answer}");
+        last = score;
+        let i: usize = e["label"].as_str().unwrap()["LABEL_".len()..]
+            .parse()
+            .unwrap();
+        out[i] = score;
+    }
+    out
+}
+
+fn assert_close(got: &[f64], want: &[f64], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (g, w) in got.iter().zip(want) {
+        assert!(
+            (g - w).abs() <= 1e-5,
+            "{what}: {got:?} vs predict's {want:?}"
+        );
+    }
+}
+
+#[test]
+fn predict_endpoint_equals_predict_for_texts_pairs_and_batches() {
+    let want = predict_csv();
+    let server = Server::start(&[]);
+    let f = fixture();
+    for (i, (a, b)) in f.rows.iter().enumerate() {
+        let single = if b.is_empty() {
+            json!(a)
+        } else {
+            json!([a, b])
+        };
+        let (status, v) = server.predict(json!({ "inputs": single }));
+        assert_eq!(status, 200, "{v}");
+        assert_close(&scores(&v), &want[i], &format!("row {i} alone"));
+    }
+    let all: Vec<Value> = (0..f.rows.len()).map(batch_item).collect();
+    let (status, v) = server.predict(json!({ "inputs": all }));
+    assert_eq!(status, 200, "{v}");
+    let answers = v.as_array().unwrap();
+    assert_eq!(answers.len(), f.rows.len());
+    for (i, a) in answers.iter().enumerate() {
+        assert_close(&scores(a), &want[i], &format!("row {i} in a batch"));
+    }
+    // raw_scores: the logits, whose softmax is the score.
+    let (a, b) = &f.rows[0];
+    let (_, raw) = server.predict(json!({"inputs": [a, b], "raw_scores": true}));
+    let raw = scores(&raw);
+    let z: f64 = raw.iter().map(|x| x.exp()).sum();
+    let soft: Vec<f64> = raw.iter().map(|x| x.exp() / z).collect();
+    assert_close(&soft, &want[0], "softmax of raw_scores");
+
+    let (status, health) = server.call("GET", "/health", "");
+    assert_eq!((status, health.contains("ok")), (200, true), "{health}");
+    let (status, info) = server.call("GET", "/info", "");
+    assert_eq!(status, 200);
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["labels"], json!(["LABEL_0", "LABEL_1"]));
+    assert_eq!(info["problem_type"], "single_label_classification");
+    assert_eq!(info["model_type"]["classifier"]["id2label"]["1"], "LABEL_1");
+    for key in [
+        "model_dtype",
+        "device",
+        "max_batch_tokens",
+        "max_batch_requests",
+    ] {
+        assert!(!info[key].is_null(), "/info lacks {key}: {info}");
+    }
+    let (status, m) = server.call("GET", "/metrics", "");
+    assert_eq!(status, 200);
+    let n = f.rows.len() + 2;
+    assert!(m.contains(&format!("qlora_cls_requests_total {n}")), "{m}");
+    for name in [
+        "qlora_cls_batch_size_bucket",
+        "qlora_cls_queue_seconds_bucket",
+        "qlora_cls_request_duration_seconds_bucket",
+    ] {
+        assert!(m.contains(name), "/metrics lacks {name}:\n{m}");
+    }
+}
+
+#[test]
+fn sixty_four_concurrent_clients_get_correct_answers() {
+    let want = predict_csv().clone();
+    let server = Server::start(&["--max_wait_ms", "5"]);
+    let addr = server.addr.clone();
+    let n_rows = fixture().rows.len();
+    let start = Instant::now();
+    let clients: Vec<_> = (0..64)
+        .map(|c| {
+            let addr = addr.clone();
+            let want = want.clone();
+            std::thread::spawn(move || {
+                for k in 0..50 {
+                    let i = (c * 7 + k * 3) % n_rows;
+                    let body = json!({ "inputs": [batch_item(i)] }).to_string();
+                    let (status, text) = http(&addr, "POST", "/predict", &body).unwrap();
+                    assert_eq!(status, 200, "client {c} request {k}: {text}");
+                    let v: Value = serde_json::from_str(&text).unwrap();
+                    assert_close(&scores(&v[0]), &want[i], &format!("client {c} request {k}"));
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("a client failed");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "64 clients x 50 requests: {secs:.1} s, {:.0} requests/s",
+        3200.0 / secs
+    );
+    let (_, m) = server.call("GET", "/metrics", "");
+    assert!(m.contains("qlora_cls_requests_total 3200"), "{m}");
+    assert!(
+        m.contains("qlora_cls_responses_total{status=\"2xx\"} 3200"),
+        "{m}"
+    );
+    // Requests were batched: fewer forwards than inputs.
+    let forwards: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("qlora_cls_batch_size_count "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    eprintln!("{forwards} forwards for 3200 inputs");
+    assert!(
+        forwards < 3200.0,
+        "no dynamic batching: {forwards} forwards"
+    );
+}
+
+#[test]
+fn bad_input_gets_a_json_error_and_the_server_lives_on() {
+    let server = Server::start(&["--max_input_length", "48", "--max_client_batch_size", "4"]);
+    let err = |status: u16, body: &str, needle: &str| {
+        let (got, text) = server.call("POST", "/predict", body);
+        let v: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("{body}: not a JSON error: {text}"));
+        assert_eq!(got, status, "{body}: {v}");
+        let msg = v["error"].as_str().unwrap_or_default();
+        assert!(msg.contains(needle), "{body}: {msg:?} lacks {needle:?}");
+        assert!(v["error_type"].is_string(), "{v}");
+    };
+    err(422, "{\"inputs\": [\"a\"", "malformed JSON");
+    err(422, "[1, 2]", "JSON object");
+    err(422, r#"{"input": "a"}"#, "unknown field `input`");
+    err(422, r#"{"inputs": ""}"#, "empty");
+    err(422, r#"{"inputs": []}"#, "empty list");
+    err(422, r#"{"inputs": [["a", "b", "c"]]}"#, "inputs[0]");
+    err(
+        422,
+        r#"{"inputs": [["a"], [7]]}"#,
+        "inputs[1][0] must be a string",
+    );
+    err(422, r#"{"inputs": {"text": "a"}}"#, "`inputs` must be");
+    err(
+        413,
+        r#"{"inputs": [["a"], ["b"], ["c"], ["d"], ["e"]]}"#,
+        "max_client_batch_size",
+    );
+    let long = "the shares rose again ".repeat(40);
+    err(
+        413,
+        &json!({ "inputs": long }).to_string(),
+        "max_input_length 48",
+    );
+    let (status, v) = server.predict(json!({"inputs": long, "truncate": true}));
+    assert_eq!(status, 200, "{v}");
+    let total: f64 = scores(&v).iter().sum();
+    assert!((total - 1.0).abs() < 1e-9, "{v}");
+    // Concurrent garbage and good requests: every answer is a JSON answer, nobody panics.
+    let addr = server.addr.clone();
+    let workers: Vec<_> = (0..8)
+        .map(|t| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                for k in 0..20 {
+                    let body = match (t + k) % 4 {
+                        0 => "{\"inputs\": ".to_string(),
+                        1 => json!({"inputs": [[""]]}).to_string(),
+                        2 => json!({"inputs": "x".repeat(5000)}).to_string(),
+                        _ => json!({"inputs": ["one", "two"]}).to_string(),
+                    };
+                    let (status, text) = http(&addr, "POST", "/predict", &body).unwrap();
+                    assert!(
+                        [200, 413, 422].contains(&status),
+                        "unexpected {status}: {text}"
+                    );
+                    serde_json::from_str::<Value>(&text).unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let (status, _) = server.call("GET", "/health", "");
+    assert_eq!(status, 200);
+    let (status, _) = server.call("GET", "/nowhere", "");
+    assert_eq!(status, 404);
+}
+
+/// POSTs `body` to /predict from another thread.
+fn post_in_background(
+    addr: &str,
+    body: Value,
+) -> std::thread::JoinHandle<std::io::Result<(u16, String)>> {
+    let addr = addr.to_string();
+    std::thread::spawn(move || http(&addr, "POST", "/predict", &body.to_string()))
+}
+
+#[test]
+fn a_full_queue_gets_429_and_sigterm_drains_the_queue() {
+    // The first request's two inputs fill the queue for 1.5 s (the batch waits for more).
+    let mut server = Server::start(&["--max_queue", "2", "--max_wait_ms", "1500"]);
+    let addr = server.addr.clone();
+    let first = post_in_background(&addr, json!({"inputs": [["a b"], ["c d"]]}));
+    std::thread::sleep(Duration::from_millis(400));
+    let (status, v) = server.predict(json!({"inputs": "one more"}));
+    assert_eq!(status, 429, "{v}");
+    assert_eq!(v["error_type"], "Overloaded");
+    let (status, text) = first.join().unwrap().unwrap();
+    assert_eq!(status, 200, "{text}");
+
+    // SIGTERM while a request is queued: it is answered, then the server exits 0.
+    let queued = post_in_background(&addr, json!({"inputs": [["x y"], ["z"]]}));
+    std::thread::sleep(Duration::from_millis(400));
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let (status, text) = queued.join().unwrap().unwrap();
+    assert_eq!(status, 200, "the queued request was dropped: {text}");
+    let start = Instant::now();
+    let code = loop {
+        if let Some(st) = server.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(code.success(), "exit status {code:?}");
+    assert!(
+        http(&addr, "GET", "/health", "").is_err(),
+        "still accepting after SIGTERM"
+    );
+}
+
+fn chromium() -> &'static str {
+    ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|c| {
+            Command::new(c)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect("no chromium on PATH: `make setup` installs Debian's (apt-get install chromium)")
+}
+
+/// Runs headless Chromium on `url` with `action` (`--dump-dom`, `--screenshot=FILE`).
+fn browse(profile: &Path, url: &str, action: &str) -> String {
+    let out = Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--hide-scrollbars",
+            "--no-first-run",
+            "--window-size=900,700",
+            "--virtual-time-budget=10000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(action)
+        .arg(url)
+        .output()
+        .expect("run chromium");
+    assert!(
+        out.status.success(),
+        "chromium {action} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_page_shows_label_bars_in_headless_chromium() {
+    let server = Server::start(&[]);
+    let (status, html) = server.call("GET", "/", "");
+    assert_eq!(status, 200);
+    for external in ["src=\"http", "href=\"http", "@import", "<link"] {
+        assert!(
+            !html.contains(external),
+            "the page loads an external asset: {external}"
+        );
+    }
+    let dir = common::tempdir();
+    // `#run` makes the page classify its example pair on load.
+    let url = format!("http://{}/#run", server.addr);
+    let dom = browse(&dir.path().join("p1"), &url, "--dump-dom");
+    for label in ["LABEL_0", "LABEL_1"] {
+        assert!(
+            dom.contains(&format!("class=\"bar\" data-label=\"{label}\"")),
+            "no bar for {label} in the rendered page:\n{dom}"
+        );
+    }
+    assert!(
+        dom.contains("single_label_classification"),
+        "/info not shown:\n{dom}"
+    );
+    let shot = dir.path().join("page.png");
+    browse(
+        &dir.path().join("p2"),
+        &url,
+        &format!("--screenshot={}", shot.display()),
+    );
+    let decoder = png::Decoder::new(std::fs::File::open(&shot).expect("screenshot written"));
+    let mut reader = decoder.read_info().expect("a PNG");
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let frame = reader.next_frame(&mut buf).expect("PNG data");
+    let px = frame.color_type.samples();
+    assert!(px >= 3, "unexpected PNG colour type {:?}", frame.color_type);
+    let pixels: Vec<&[u8]> = buf[..frame.buffer_size()].chunks(px).collect();
+    let non_white = pixels.iter().filter(|p| p[..3] != [255, 255, 255]).count();
+    // The bars' blue (#2f5bd3).
+    let bar = pixels
+        .iter()
+        .filter(|p| {
+            p[0].abs_diff(0x2f) < 12 && p[1].abs_diff(0x5b) < 12 && p[2].abs_diff(0xd3) < 12
+        })
+        .count();
+    eprintln!(
+        "screenshot {}x{}: {non_white} non-white pixels, {bar} bar-blue pixels",
+        frame.width, frame.height
+    );
+    assert!(non_white > pixels.len() / 50, "the screenshot is blank");
+    assert!(
+        bar > 2000,
+        "no score bars in the screenshot ({bar} bar-blue pixels)"
+    );
+}
