@@ -4,3 +4,4 @@ pub mod checkpoint;
 pub mod classifier;
 pub mod hf_config;
 pub mod llama;
+pub mod loss;
