@@ -679,7 +679,7 @@ fn our_trainer_loads_peft_adapters() {
     for (nf4, tag) in [(false, "fp32"), (true, "nf4")] {
         let cfg = config(nf4);
         let dir = fixtures().join(format!("peft_adapter_{tag}"));
-        let loaded =
+        let (loaded, _) =
             train::load_with_adapter(&cfg, &dir).unwrap_or_else(|e| panic!("{tag}: {e:#}"));
         assert_eq!(
             loaded.encoder.pad_id(),
@@ -714,13 +714,14 @@ fn our_trainer_loads_peft_adapters() {
             .enumerate()
             .map(|(r, &n)| Encoded {
                 ids: rows[r * t..r * t + n as usize].to_vec(),
-                label: Some(label_v[r]),
+                label: Some(label_v[r].into()),
                 idx: r as i64,
             })
             .collect();
         let r = eval::evaluate(
             &loaded.model,
             &data,
+            &eval::Scoring::mrpc(2),
             4,
             loaded.encoder.pad_id(),
             Device::Cpu,

@@ -105,8 +105,8 @@ fn demo_trains_evaluates_and_predicts() {
     );
 
     let evals = csv_rows(&run.join("eval.csv"));
-    assert_eq!(evals[0], ["epoch", "split", "accuracy", "f1", "loss"]);
-    let acc: Vec<f64> = evals[1..].iter().map(|r| r[2].parse().unwrap()).collect();
+    assert_eq!(evals[0], ["epoch", "split", "loss", "accuracy", "f1"]);
+    let acc: Vec<f64> = evals[1..].iter().map(|r| r[3].parse().unwrap()).collect();
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
     let final_acc = *acc.last().unwrap();

@@ -284,7 +284,7 @@ fn read_files(layout: Layout, files: &[PathBuf]) -> Result<Vec<Example>> {
     Ok(out)
 }
 
-fn read_text(path: &Path) -> Result<String> {
+pub(crate) fn read_text(path: &Path) -> Result<String> {
     let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut text = String::from_utf8(bytes).map_err(|e| {
         anyhow!(
@@ -550,6 +550,11 @@ thread_local! {
 /// decoder, found by tests/fuzz.rs) instead of returning an error. Such a panic becomes an
 /// error naming the file, and its message is not printed as a crash.
 fn read_parquet(path: &Path, first_row: i64) -> Result<Vec<Example>> {
+    guard_parquet(path, || read_parquet_unguarded(path, first_row))
+}
+
+/// Runs a parquet decode of `path`, turning the decoder's panics into an error naming it.
+pub(crate) fn guard_parquet<T>(path: &Path, decode: impl FnOnce() -> Result<T>) -> Result<T> {
     static HOOK: std::sync::Once = std::sync::Once::new();
     HOOK.call_once(|| {
         let previous = std::panic::take_hook();
@@ -560,9 +565,7 @@ fn read_parquet(path: &Path, first_row: i64) -> Result<Vec<Example>> {
         }));
     });
     IN_PARQUET_DECODER.with(|f| f.set(true));
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        read_parquet_unguarded(path, first_row)
-    }));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode));
     IN_PARQUET_DECODER.with(|f| f.set(false));
     result.unwrap_or_else(|payload| {
         let what = payload
