@@ -59,144 +59,132 @@ pub struct GlueTask {
 }
 
 const SINGLE: ProblemType = ProblemType::SingleLabel;
+const ONE_SPLIT: [&[&str]; 2] = [&["validation"], &["test"]];
 
-/// The GLUE suite.
+/// A task of the suite; `splits`: its evaluation and test splits.
+const fn task(
+    name: &'static str,
+    columns: &'static [&'static str],
+    labels: &'static [&'static str],
+    problem: ProblemType,
+    metrics: &'static [&'static str],
+    splits: [&'static [&'static str]; 2],
+    tsv: GlueTsv,
+) -> GlueTask {
+    GlueTask {
+        name,
+        columns,
+        labels,
+        problem,
+        metrics,
+        eval_splits: splits[0],
+        test_splits: splits[1],
+        tsv,
+    }
+}
+
+/// A TSV layout with a header line.
+const fn tsv(text: &'static [&'static str], label: &'static str, index: &'static str) -> GlueTsv {
+    GlueTsv {
+        headerless: None,
+        text,
+        label,
+        index: Some(index),
+    }
+}
+
+const ENTAILMENT: &[&str] = &["entailment", "not_entailment"];
+const PAIR: &[&str] = &["sentence1", "sentence2"];
+
+/// The GLUE suite (label names and columns as HF's `glue` builder; TSV layouts as GLUE's).
 pub const GLUE: [GlueTask; 9] = [
-    GlueTask {
-        name: "cola",
-        columns: &["sentence"],
-        labels: &["unacceptable", "acceptable"],
-        problem: SINGLE,
-        metrics: &["matthews_correlation"],
-        eval_splits: &["validation"],
-        test_splits: &["test"],
-        tsv: GlueTsv {
+    task(
+        "cola",
+        &["sentence"],
+        &["unacceptable", "acceptable"],
+        SINGLE,
+        &["matthews_correlation"],
+        ONE_SPLIT,
+        GlueTsv {
             headerless: Some(&["source", "label", "original_label", "sentence"]),
-            text: &["sentence"],
-            label: "label",
-            index: Some("index"),
+            ..tsv(&["sentence"], "label", "index")
         },
-    },
-    GlueTask {
-        name: "sst2",
-        columns: &["sentence"],
-        labels: &["negative", "positive"],
-        problem: SINGLE,
-        metrics: &["accuracy"],
-        eval_splits: &["validation"],
-        test_splits: &["test"],
-        tsv: GlueTsv {
-            headerless: None,
-            text: &["sentence"],
-            label: "label",
-            index: Some("index"),
-        },
-    },
-    GlueTask {
-        name: "mrpc",
-        columns: &["sentence1", "sentence2"],
-        labels: &["not_equivalent", "equivalent"],
-        problem: SINGLE,
-        metrics: &["accuracy", "f1"],
-        eval_splits: &["validation"],
-        test_splits: &["test"],
-        tsv: GlueTsv {
-            headerless: None,
-            text: &["#1 String", "#2 String"],
-            label: "Quality",
-            index: Some("index"),
-        },
-    },
-    GlueTask {
-        name: "qqp",
-        columns: &["question1", "question2"],
-        labels: &["not_duplicate", "duplicate"],
-        problem: SINGLE,
-        metrics: &["accuracy", "f1"],
-        eval_splits: &["validation"],
-        test_splits: &["test"],
-        tsv: GlueTsv {
-            headerless: None,
-            text: &["question1", "question2"],
-            label: "is_duplicate",
-            index: Some("id"),
-        },
-    },
-    GlueTask {
-        name: "stsb",
-        columns: &["sentence1", "sentence2"],
-        labels: &[],
-        problem: ProblemType::Regression,
-        metrics: &["pearson", "spearmanr"],
-        eval_splits: &["validation"],
-        test_splits: &["test"],
-        tsv: GlueTsv {
-            headerless: None,
-            text: &["sentence1", "sentence2"],
-            label: "score",
-            index: Some("index"),
-        },
-    },
-    GlueTask {
-        name: "mnli",
-        columns: &["premise", "hypothesis"],
-        labels: &["entailment", "neutral", "contradiction"],
-        problem: SINGLE,
-        metrics: &["accuracy"],
-        eval_splits: &["validation_matched", "validation_mismatched"],
-        test_splits: &["test_matched", "test_mismatched"],
-        tsv: GlueTsv {
-            headerless: None,
-            text: &["sentence1", "sentence2"],
-            label: "gold_label",
-            index: Some("index"),
-        },
-    },
-    GlueTask {
-        name: "qnli",
-        columns: &["question", "sentence"],
-        labels: &["entailment", "not_entailment"],
-        problem: SINGLE,
-        metrics: &["accuracy"],
-        eval_splits: &["validation"],
-        test_splits: &["test"],
-        tsv: GlueTsv {
-            headerless: None,
-            text: &["question", "sentence"],
-            label: "label",
-            index: Some("index"),
-        },
-    },
-    GlueTask {
-        name: "rte",
-        columns: &["sentence1", "sentence2"],
-        labels: &["entailment", "not_entailment"],
-        problem: SINGLE,
-        metrics: &["accuracy"],
-        eval_splits: &["validation"],
-        test_splits: &["test"],
-        tsv: GlueTsv {
-            headerless: None,
-            text: &["sentence1", "sentence2"],
-            label: "label",
-            index: Some("index"),
-        },
-    },
-    GlueTask {
-        name: "wnli",
-        columns: &["sentence1", "sentence2"],
-        labels: &["not_entailment", "entailment"],
-        problem: SINGLE,
-        metrics: &["accuracy"],
-        eval_splits: &["validation"],
-        test_splits: &["test"],
-        tsv: GlueTsv {
-            headerless: None,
-            text: &["sentence1", "sentence2"],
-            label: "label",
-            index: Some("index"),
-        },
-    },
+    ),
+    task(
+        "sst2",
+        &["sentence"],
+        &["negative", "positive"],
+        SINGLE,
+        &["accuracy"],
+        ONE_SPLIT,
+        tsv(&["sentence"], "label", "index"),
+    ),
+    task(
+        "mrpc",
+        PAIR,
+        &["not_equivalent", "equivalent"],
+        SINGLE,
+        &["accuracy", "f1"],
+        ONE_SPLIT,
+        tsv(&["#1 String", "#2 String"], "Quality", "index"),
+    ),
+    task(
+        "qqp",
+        &["question1", "question2"],
+        &["not_duplicate", "duplicate"],
+        SINGLE,
+        &["accuracy", "f1"],
+        ONE_SPLIT,
+        tsv(&["question1", "question2"], "is_duplicate", "id"),
+    ),
+    task(
+        "stsb",
+        PAIR,
+        &[],
+        ProblemType::Regression,
+        &["pearson", "spearmanr"],
+        ONE_SPLIT,
+        tsv(PAIR, "score", "index"),
+    ),
+    task(
+        "mnli",
+        &["premise", "hypothesis"],
+        &["entailment", "neutral", "contradiction"],
+        SINGLE,
+        &["accuracy"],
+        [
+            &["validation_matched", "validation_mismatched"],
+            &["test_matched", "test_mismatched"],
+        ],
+        tsv(PAIR, "gold_label", "index"),
+    ),
+    task(
+        "qnli",
+        &["question", "sentence"],
+        ENTAILMENT,
+        SINGLE,
+        &["accuracy"],
+        ONE_SPLIT,
+        tsv(&["question", "sentence"], "label", "index"),
+    ),
+    task(
+        "rte",
+        PAIR,
+        ENTAILMENT,
+        SINGLE,
+        &["accuracy"],
+        ONE_SPLIT,
+        tsv(PAIR, "label", "index"),
+    ),
+    task(
+        "wnli",
+        PAIR,
+        &["not_entailment", "entailment"],
+        SINGLE,
+        &["accuracy"],
+        ONE_SPLIT,
+        tsv(PAIR, "label", "index"),
+    ),
 ];
 
 /// The GLUE task called `name`.

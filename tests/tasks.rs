@@ -4,8 +4,7 @@
 //! trains, learns, evaluates and predicts; `predict`'s CSV re-scored by scikit-learn / scipy
 //! gives the metrics of eval.csv; the labels travel with the adapter.
 mod common;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 fn assets() -> &'static PathBuf {
@@ -15,31 +14,6 @@ fn assets() -> &'static PathBuf {
         let _ = std::fs::remove_dir_all(&dir);
         common::demo_assets(&dir)
     })
-}
-
-fn run(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(common::bin())
-        .args(args)
-        .output()
-        .expect("run qlora-cls");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn run_ok(args: &[&str]) -> String {
-    let (ok, stdout, stderr) = run(args);
-    assert!(ok, "qlora-cls {args:?} failed:\n{stdout}\n{stderr}");
-    stdout
-}
-
-fn csv_rows(path: &Path) -> Vec<Vec<String>> {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    text.lines()
-        .map(|l| l.split(',').map(str::to_string).collect())
-        .collect()
 }
 
 /// Trains on `data` with `flags`, then checks eval.csv's header, the learning, `eval`, the
@@ -57,9 +31,12 @@ struct Case<'a> {
     floor: f64,
 }
 
-fn train_eval_predict(c: &Case) {
+fn train_eval_predict(c: &Case) -> PathBuf {
+    let run_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("tasks-runs")
+        .join(c.name);
+    let _ = std::fs::remove_dir_all(&run_dir);
     let tmp = common::tempdir();
-    let run_dir = tmp.path().join(c.name);
     let model = assets().join("model");
     let cfg = common::root().join("configs/demo.yaml");
     let mut args: Vec<&str> = vec![
@@ -84,9 +61,9 @@ fn train_eval_predict(c: &Case) {
         "1000",
     ];
     args.extend_from_slice(c.flags);
-    let out = run_ok(&args);
+    let out = common::run_ok(&args);
 
-    let evals = csv_rows(&run_dir.join("eval.csv"));
+    let evals = common::csv_rows(&run_dir.join("eval.csv"));
     let mut header = vec!["epoch", "split", "loss"];
     header.extend_from_slice(c.metrics);
     assert_eq!(evals[0], header, "{}: eval.csv header", c.name);
@@ -119,8 +96,7 @@ fn train_eval_predict(c: &Case) {
     let ad = adapter.to_str().unwrap();
     let data = c.data.to_str().unwrap();
     let m = model.to_str().unwrap();
-    let out = run_ok(&[
-        "eval",
+    let scored_on = [
         "--adapter",
         ad,
         "--split",
@@ -131,7 +107,8 @@ fn train_eval_predict(c: &Case) {
         data,
         "--bnb_4bit_compute_dtype",
         "float32",
-    ]);
+    ];
+    let out = common::run_ok(&[&["eval"], &scored_on[..]].concat());
     let last = &evals[3];
     for (k, key) in c.metrics.iter().enumerate() {
         let v: f64 = last[3 + k].parse().unwrap();
@@ -144,22 +121,15 @@ fn train_eval_predict(c: &Case) {
 
     // `predict`, re-scored by scikit-learn / scipy against the gold file.
     let pred = tmp.path().join("pred.csv");
-    run_ok(&[
-        "predict",
-        "--adapter",
-        ad,
-        "--split",
-        "validation",
-        "--model_dir",
-        m,
-        "--data_dir",
-        data,
-        "--bnb_4bit_compute_dtype",
-        "float32",
-        "--out",
-        pred.to_str().unwrap(),
-    ]);
-    let rows = csv_rows(&pred);
+    common::run_ok(
+        &[
+            &["predict"],
+            &scored_on[..],
+            &["--out", pred.to_str().unwrap()],
+        ]
+        .concat(),
+    );
+    let rows = common::csv_rows(&pred);
     let mut want = vec!["index".to_string(), "prediction".to_string()];
     if c.problem != "regression" {
         want.extend((0..c.names.len()).map(|i| format!("prob_{i}")));
@@ -189,11 +159,12 @@ fn train_eval_predict(c: &Case) {
             c.name
         );
     }
+    run_dir
 }
 
 #[test]
 fn multi_class_csv_with_string_labels() {
-    train_eval_predict(&Case {
+    let run_dir = train_eval_predict(&Case {
         name: "topic",
         data: assets().join("tasks/topic"),
         flags: &["--text_columns", "headline", "--label_column", "topic"],
@@ -204,6 +175,30 @@ fn multi_class_csv_with_string_labels() {
         names: &["profit", "sales", "shares"],
         floor: 0.8,
     });
+    // `predict --input`: unlabelled rows of a file in another format, no task flags.
+    let tmp = common::tempdir();
+    let input = tmp.path().join("new.jsonl");
+    std::fs::write(
+        &input,
+        "{\"headline\": \"Sales at Acme surged 4 percent on Monday.\"}\n\
+         {\"headline\": \"Shares of Hooli fell 2 percent last week.\"}\n",
+    )
+    .unwrap();
+    let pred = tmp.path().join("new.csv");
+    common::run_ok(&[
+        "predict",
+        "--adapter",
+        run_dir.join("adapter").to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--model_dir",
+        assets().join("model").to_str().unwrap(),
+        "--out",
+        pred.to_str().unwrap(),
+    ]);
+    let rows = common::csv_rows(&pred);
+    let got: Vec<&str> = rows[1..].iter().map(|r| r[1].as_str()).collect();
+    assert_eq!(got, ["sales", "shares"], "{rows:?}");
 }
 
 #[test]

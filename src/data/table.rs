@@ -76,16 +76,7 @@ pub fn read(path: &Path, names: Option<&[&str]>) -> Result<Table> {
 
 fn read_csv(path: &Path) -> Result<Table> {
     let text = super::formats::read_text(path)?;
-    let mut rdr = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .flexible(true)
-        .from_reader(text.as_bytes());
-    let columns: Vec<String> = rdr
-        .headers()
-        .with_context(|| format!("{}: cannot read the header line", path.display()))?
-        .iter()
-        .map(|h| h.trim().to_string())
-        .collect();
+    let (mut rdr, columns) = super::formats::csv_reader(path, &text)?;
     let mut rows = Vec::new();
     for rec in rdr.records() {
         let rec = rec.map_err(|e| {
@@ -94,19 +85,7 @@ fn read_csv(path: &Path) -> Result<Table> {
         })?;
         let line = rec.position().map(|p| p.line()).unwrap_or(0);
         let where_ = format!("{}:{line}", path.display());
-        if rec.len() != columns.len() {
-            bail!(
-                "{where_}: expected {} comma-separated fields (as in the header), found {}",
-                columns.len(),
-                rec.len()
-            );
-        }
-        let cells = columns
-            .iter()
-            .zip(rec.iter())
-            .map(|(c, v)| (c.clone(), Cell::Str(v.to_string())))
-            .collect();
-        rows.push(Row { cells, where_ });
+        rows.push(text_row(&columns, rec.iter(), where_, "comma")?);
     }
     Ok(Table {
         path: path.to_path_buf(),
@@ -139,26 +118,36 @@ fn read_tsv(path: &Path, names: Option<&[&str]>) -> Result<Table> {
     for (i, raw) in lines.iter().enumerate().skip(first) {
         let line = strip_cr(raw);
         let where_ = format!("{}:{}", path.display(), i + 1);
-        let fields: Vec<&str> = line.split('\t').collect();
-        if fields.len() != columns.len() {
-            bail!(
-                "{where_}: expected {} tab-separated fields, found {}",
-                columns.len(),
-                fields.len()
-            );
-        }
-        let cells = columns
-            .iter()
-            .zip(fields)
-            .map(|(c, v)| (c.clone(), Cell::Str(v.to_string())))
-            .collect();
-        rows.push(Row { cells, where_ });
+        rows.push(text_row(&columns, line.split('\t'), where_, "tab")?);
     }
     Ok(Table {
         path: path.to_path_buf(),
         columns,
         rows,
     })
+}
+
+/// A row of string cells, one per column (`sep` names the separator in the error).
+fn text_row<'a>(
+    columns: &[String],
+    fields: impl Iterator<Item = &'a str>,
+    where_: String,
+    sep: &str,
+) -> Result<Row> {
+    let fields: Vec<&str> = fields.collect();
+    if fields.len() != columns.len() {
+        bail!(
+            "{where_}: expected {} {sep}-separated fields (as in the header), found {}",
+            columns.len(),
+            fields.len()
+        );
+    }
+    let cells = columns
+        .iter()
+        .zip(fields)
+        .map(|(c, v)| (c.clone(), Cell::Str(v.to_string())))
+        .collect();
+    Ok(Row { cells, where_ })
 }
 
 fn json_cell(v: &serde_json::Value) -> Cell {
@@ -229,15 +218,7 @@ fn read_parquet(path: &Path) -> Result<Table> {
     let file = fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let reader = SerializedFileReader::new(file)
         .with_context(|| format!("{}: not a readable parquet file", path.display()))?;
-    let columns: Vec<String> = reader
-        .metadata()
-        .file_metadata()
-        .schema_descr()
-        .root_schema()
-        .get_fields()
-        .iter()
-        .map(|f| f.name().to_string())
-        .collect();
+    let columns = super::formats::parquet_columns(&reader);
     let iter = reader
         .get_row_iter(None)
         .with_context(|| format!("{}: cannot read rows", path.display()))?;
