@@ -92,13 +92,26 @@ fn train_ranks(assets: &Path, run: &Path, world: usize, extra: &[&str]) {
     );
 }
 
+/// The demo's model with its first 403 training and 100 validation rows: a full epoch stays
+/// short, and its last batch (403 = 50·8 + 3) splits unevenly over ranks and micro-steps.
+fn small_demo(dir: &Path) -> std::path::PathBuf {
+    let assets = common::demo_assets(dir);
+    let data = assets.join("data");
+    for (file, rows) in [("train.tsv", 403), ("dev.tsv", 100)] {
+        let text = std::fs::read_to_string(data.join(file)).unwrap();
+        let kept: Vec<&str> = text.lines().take(rows + 1).collect();
+        std::fs::write(data.join(file), kept.join("\n") + "\n").unwrap();
+    }
+    assets
+}
+
 /// A full epoch of the demo with LoRA dropout 0.1 (masks keyed by each example's place in
 /// the global batch): 1 rank, 2 ranks, 1 rank accumulating 2 micro-steps and 2 ranks × 2
 /// micro-steps train the same adapter and evaluate the same.
 #[test]
 fn ranks_and_accumulation_equal_one_process_with_dropout() {
     let tmp = common::tempdir();
-    let assets = common::demo_assets(&tmp.path().join("assets"));
+    let assets = small_demo(&tmp.path().join("assets"));
     let base = ["--epochs", "1", "--lora_dropout", "0.1"];
     let runs = [
         ("one", 1, "1"),
@@ -122,6 +135,8 @@ fn ranks_and_accumulation_equal_one_process_with_dropout() {
     let one = adapter("one");
     let e1 = eval_rows(&tmp.path().join("one"));
     assert_eq!(e1.len(), 2, "baseline and epoch 1: {e1:?}");
+    let m1 = std::fs::read_to_string(tmp.path().join("one/metrics.csv")).unwrap();
+    assert_eq!(m1.lines().count(), 1 + 51, "51 steps in the epoch:\n{m1}");
     for (name, _, _) in &runs[1..] {
         let other = adapter(name);
         assert_eq!(one.len(), other.len());
@@ -154,8 +169,9 @@ fn ranks_and_accumulation_equal_one_process_with_dropout() {
         .iter()
         .map(|(k, t)| common::max_abs_diff(t, &other[k]))
         .fold(0.0f64, f64::max);
+    eprintln!("dropout 0.1 vs 0: max |Δw| = {moved:e}");
     assert!(
-        moved > 1e-3,
+        moved > 1e-4,
         "dropout 0.1 and 0 train the same adapter ({moved:e})"
     );
 }
