@@ -477,14 +477,6 @@ impl Config {
                 format!("`{}` is not one of {}", self.optimizer, opts.join(", ")),
             )?;
         }
-        if let Err(e) = crate::task::Task::from_config(self) {
-            let key = if crate::task::glue(&self.task).is_some() || self.task == "custom" {
-                "text_columns"
-            } else {
-                "task"
-            };
-            err(key, format!("{e:#}"))?;
-        }
         if let Some(p) = &self.problem_type {
             if let Err(e) = crate::task::ProblemType::parse(p) {
                 err("problem_type", format!("{e:#}"))?;
@@ -503,6 +495,15 @@ impl Config {
         }
         if let Err(e) = crate::data::prompt::resolve_prompt(&self.prompt) {
             err("prompt", format!("{e:#}"))?;
+        }
+        if let Err(e) = crate::task::Task::from_config(self) {
+            let msg = format!("{e:#}");
+            // The key the message is about (the task's own keys before `task`).
+            let key = ["template", "problem_type", "text_columns"]
+                .into_iter()
+                .find(|k| msg.contains(k))
+                .unwrap_or("task");
+            err(key, msg)?;
         }
         let dev = self.device.as_str();
         if !(dev == "auto"
