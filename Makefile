@@ -29,7 +29,7 @@ ORACLE_PKGS := transformers==5.24.0 peft==0.21.2 bitsandbytes==0.50.2 accelerate
                pyarrow==26.0.1 safetensors==0.8.0 tokenizers==0.23.3 numpy==2.4.6 \
                scikit-learn==1.9.1 scipy==1.17.1
 
-.PHONY: setup build test train eval predict sweep plots bench demo-assets clean lint
+.PHONY: setup build test train eval predict sweep plots bench demo-assets clean lint glue
 
 setup: $(STAMP)
 
@@ -56,6 +56,16 @@ demo-assets: build
 test: setup
 	cargo build --release
 	cargo test --release --lib --bins --tests -- --test-threads=2
+
+# Every GLUE task present in GLUE_DIR (GLUE's folders or HF's glue/<task> layout), trained
+# with CONFIG's recipe; writes $(OUT)/glue/submission/ (the leaderboard's TSVs) and
+# $(OUT)/glue/results.md. EXTRA passes more flags to every `train`.
+GLUE_DIR ?=
+glue: build
+	@if [ -z "$(MODEL_DIR)" ] || [ -z "$(GLUE_DIR)" ]; then \
+	  echo "make glue needs MODEL_DIR=... and GLUE_DIR=..."; exit 2; fi
+	scripts/glue.sh --bin $(BIN) --model_dir $(MODEL_DIR) --glue_dir $(GLUE_DIR) \
+	  --out $(OUT)/glue -- --config $(CONFIG) --tokenizer_dir $(MODEL_DIR) $(EXTRA)
 
 lint: setup
 	cargo fmt --check

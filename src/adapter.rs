@@ -3,6 +3,7 @@
 //! `PeftModel.from_pretrained(base, dir)` loads what we train and we load what PEFT trains.
 use crate::config::Config;
 use crate::runio;
+use crate::task::{LabelSpec, ProblemType, Task, TaskLabels};
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::json;
@@ -12,6 +13,70 @@ use tch::{Device, Kind, Tensor};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// The label side of the task (ours; PEFT reads only the two files above).
+pub const LABELS_FILE: &str = "labels.json";
+
+/// Writes [`LABELS_FILE`]: `problem_type`, `num_labels`, `id2label`, `label2id` in the
+/// spelling of a transformers model config, and the task's columns and template.
+pub fn write_labels(dir: &Path, labels: &TaskLabels) -> Result<()> {
+    let spec = &labels.spec;
+    let id2label: serde_json::Map<String, serde_json::Value> = spec
+        .names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i.to_string(), json!(n)))
+        .collect();
+    let label2id: serde_json::Map<String, serde_json::Value> = spec
+        .names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.clone(), json!(i)))
+        .collect();
+    runio::write_json(
+        &dir.join(LABELS_FILE),
+        &json!({
+            "problem_type": spec.problem_type.as_str(),
+            "num_labels": spec.num_labels(),
+            "id2label": id2label,
+            "label2id": label2id,
+            "task": labels.task,
+        }),
+    )
+}
+
+/// The label side saved with an adapter; `None` for an adapter saved before labels
+/// travelled with it (MRPC's two classes).
+pub fn read_labels(dir: &Path) -> Result<Option<TaskLabels>> {
+    let path = dir.join(LABELS_FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let problem_type = ProblemType::parse(v["problem_type"].as_str().unwrap_or(""))
+        .with_context(|| format!("{}: key `problem_type`", path.display()))?;
+    let k = v["num_labels"].as_u64().with_context(|| {
+        format!(
+            "{}: key `num_labels` missing or not a count",
+            path.display()
+        )
+    })?;
+    let names = (0..k)
+        .map(|i| v["id2label"][i.to_string()].as_str().map(str::to_string))
+        .collect::<Option<Vec<_>>>()
+        .with_context(|| format!("{}: `id2label` must name every id 0..{k}", path.display()))?;
+    let task: Task = serde_json::from_value(v["task"].clone())
+        .with_context(|| format!("{}: key `task`", path.display()))?;
+    Ok(Some(TaskLabels {
+        spec: LabelSpec {
+            problem_type,
+            names,
+        },
+        task,
+    }))
+}
 
 /// PEFT's LoraConfig fields for this run (what `lora_config.json` and the adapter hold).
 pub fn lora_config_json(cfg: &Config) -> serde_json::Value {

@@ -20,8 +20,24 @@ pub struct Config {
     pub data_dir: Option<PathBuf>,
     /// The run folder.
     pub results_path: PathBuf,
+    /// A GLUE task by name (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) or `custom`.
     pub task: String,
     pub num_classes: i64,
+    /// `custom`: the one or two columns holding the texts.
+    pub text_columns: Vec<String>,
+    /// `custom`: the column holding the label.
+    pub label_column: String,
+    /// `custom`: label names in id order (default: the distinct values, sorted).
+    pub labels: Option<Vec<String>>,
+    /// The text fed to the model, with `{prompt}` and `{column}` placeholders.
+    pub template: Option<String>,
+    /// `single_label_classification`, `multi_label_classification` or `regression`
+    /// (default: inferred from the labels, as transformers infers it).
+    pub problem_type: Option<String>,
+    /// `balanced` or one weight per label (cross-entropy `weight`, multi-label `pos_weight`).
+    pub class_weights: Option<ClassWeights>,
+    /// The metric that picks `best_adapter` (default: the task's first).
+    pub metric_for_best_model: Option<String>,
     // LoRA (PEFT's LoraConfig)
     pub r: i64,
     pub lora_alpha: f64,
@@ -72,6 +88,14 @@ pub struct Config {
     pub log_every: usize,
 }
 
+/// `class_weights`: `balanced` (n / (K · count), sklearn's) or one weight per label.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum ClassWeights {
+    Named(String),
+    List(Vec<f64>),
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -81,6 +105,13 @@ impl Default for Config {
             results_path: PathBuf::from("runs/run"),
             task: "mrpc".into(),
             num_classes: 2,
+            text_columns: Vec::new(),
+            label_column: "label".into(),
+            labels: None,
+            template: None,
+            problem_type: None,
+            class_weights: None,
+            metric_for_best_model: None,
             r: 8,
             lora_alpha: 16.0,
             lora_dropout: 0.1,
@@ -222,9 +253,22 @@ pub fn parse_flags(args: &[String]) -> Result<Vec<Override>> {
 fn yaml_scalar(key: &str, text: &str) -> Value {
     // Paths and prompts stay strings even when they look like numbers or booleans.
     match key {
-        "prompt" | "model_dir" | "tokenizer_dir" | "data_dir" | "results_path" | "task"
-        | "resume" => Value::String(text.to_string()),
-        "target_modules" => Value::Sequence(
+        "prompt"
+        | "model_dir"
+        | "tokenizer_dir"
+        | "data_dir"
+        | "results_path"
+        | "task"
+        | "resume"
+        | "template"
+        | "label_column"
+        | "problem_type"
+        | "metric_for_best_model" => Value::String(text.to_string()),
+        "class_weights" if text.contains(',') => {
+            serde_yaml::from_str::<Value>(&format!("[{text}]"))
+                .unwrap_or_else(|_| Value::String(text.into()))
+        }
+        "target_modules" | "text_columns" | "labels" => Value::Sequence(
             text.split(',')
                 .map(|s| Value::String(s.trim().to_string()))
                 .filter(|v| v.as_str() != Some(""))
@@ -448,17 +492,33 @@ impl Config {
                 format!("`{}` is not one of {}", self.optimizer, opts.join(", ")),
             )?;
         }
-        if self.task != "mrpc" {
-            err(
-                "task",
-                format!(
-                    "only `mrpc` (sentence-pair classification) is supported, got `{}`",
-                    self.task
-                ),
-            )?;
+        if let Some(p) = &self.problem_type {
+            if let Err(e) = crate::task::ProblemType::parse(p) {
+                err("problem_type", format!("{e:#}"))?;
+            }
+        }
+        match &self.class_weights {
+            Some(ClassWeights::Named(n)) if n != "balanced" => err(
+                "class_weights",
+                format!("`{n}` is not `balanced` or a list of numbers"),
+            )?,
+            Some(ClassWeights::List(w)) if w.iter().any(|x| !x.is_finite() || *x < 0.0) => err(
+                "class_weights",
+                format!("weights must be finite and not negative, got {w:?}"),
+            )?,
+            _ => {}
         }
         if let Err(e) = crate::data::prompt::resolve_prompt(&self.prompt) {
             err("prompt", format!("{e:#}"))?;
+        }
+        if let Err(e) = crate::task::Task::from_config(self) {
+            let msg = format!("{e:#}");
+            // The key the message is about (the task's own keys before `task`).
+            let key = ["template", "problem_type", "text_columns"]
+                .into_iter()
+                .find(|k| msg.contains(k))
+                .unwrap_or("task");
+            err(key, msg)?;
         }
         let dev = self.device.as_str();
         if !(dev == "auto"

@@ -52,7 +52,8 @@ pub const KV_HEADS: usize = 2;
 pub const HEAD_DIM: usize = 16;
 
 /// Writes `out/model/{config.json, model.safetensors, tokenizer.json, tokenizer_config.json}`
-/// and `out/data/{train,dev,test}.tsv` (GLUE layout; test unlabelled with an index column).
+/// and `out/data/{train,dev,test}.tsv` (GLUE layout; test unlabelled with an index column),
+/// and the other problem types' data sets in `out/tasks/` ([`crate::demo_tasks`]).
 pub fn write_demo_assets(out: &Path) -> Result<()> {
     let (train, dev, test) = demo_dataset();
     let data = out.join("data");
@@ -119,7 +120,7 @@ pub fn write_demo_assets(out: &Path) -> Result<()> {
         }),
     )?;
     write_atomic(&model.join("model.safetensors"), &demo_weights(vocab)?)?;
-    Ok(())
+    crate::demo_tasks::write_demo_tasks(out)
 }
 
 /// GLUE TSV text: `Quality #1 ID #2 ID #1 String #2 String`, or for an unlabelled split

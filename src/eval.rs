@@ -1,26 +1,55 @@
-//! Evaluation: logits ─► argmax ─► accuracy, F1 (and the loss where labels exist). Under
-//! data parallelism each rank scores its shard, the log-probabilities are gathered, and the
-//! padding duplicates are dropped, so every example counts exactly once.
-use crate::data::batch::{collate, epoch_batches, Encoded};
+//! Evaluation: logits ─► predictions (argmax, the 0.5 threshold of the sigmoid, or the value)
+//! ─► the task's metrics (and the loss where labels exist). Under data parallelism each rank
+//! scores its shard, the logits are gathered, and the padding duplicates are dropped, so
+//! every example counts exactly once.
+use crate::data::batch::{collate, epoch_batches, Encoded, Target};
 use crate::dist::{self, Dist};
 use crate::metrics;
 use crate::model::classifier::LlamaClassifier;
-use anyhow::{ensure, Result};
+use crate::task::{LabelSpec, ProblemType};
+use anyhow::{bail, ensure, Result};
 use tch::{Device, Kind, Tensor};
 
 #[derive(Debug, Clone, Default)]
 pub struct EvalResult {
-    /// None when the split has no labels (GLUE's test.tsv).
+    /// None when the split has no labels (GLUE's test.tsv) or the task has no such metric.
     pub accuracy: Option<f64>,
     pub f1: Option<f64>,
     pub loss: Option<f64>,
+    /// The task's metrics (key, value), in its order; empty when the split has no labels.
+    pub metrics: Vec<(String, f64)>,
     pub idx: Vec<i64>,
+    /// Single-label: the argmax class id (0 otherwise).
     pub pred: Vec<i64>,
+    /// Single-label: softmax; multi-label: sigmoid per label; regression: the value.
     pub probs: Vec<Vec<f64>>,
 }
 
-/// Log-probabilities [n, C] (f64, on `device`) of `items`, in order; no dropout, no graph.
-fn log_probs(
+impl EvalResult {
+    pub fn metric(&self, key: &str) -> Option<f64> {
+        self.metrics.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
+}
+
+/// How to score a split: the label side and the metric keys.
+#[derive(Debug, Clone)]
+pub struct Scoring {
+    pub spec: LabelSpec,
+    pub metrics: Vec<String>,
+}
+
+impl Scoring {
+    /// MRPC as the reference scores it: accuracy and the F1 of class 1.
+    pub fn mrpc(num_classes: usize) -> Scoring {
+        Scoring {
+            spec: LabelSpec::mrpc(num_classes),
+            metrics: vec!["accuracy".into(), "f1".into()],
+        }
+    }
+}
+
+/// Logits [n, C] (f64, on `device`) of `items`, in order; no dropout, no graph.
+fn all_logits(
     model: &LlamaClassifier,
     items: &[&Encoded],
     batch_size: usize,
@@ -36,16 +65,22 @@ fn log_probs(
             &b.input_ids.to_device(device),
             &b.attention_mask.to_device(device),
         )?;
-        parts.push(logits.to_kind(Kind::Double).log_softmax(-1, Kind::Double));
+        parts.push(logits.to_kind(Kind::Double));
     }
     ensure!(!parts.is_empty(), "nothing to evaluate");
     Ok(Tensor::cat(&parts, 0))
 }
 
-/// Metrics of `data` from its log-probabilities (rows in the same order).
-fn summarize(data: &[Encoded], log_probs: &Tensor) -> Result<EvalResult> {
-    let lp = log_probs.to_device(Device::Cpu);
-    let rows: Vec<Vec<f64>> = Vec::<Vec<f64>>::try_from(&lp)?;
+/// Metrics of `data` from its logits (rows in the same order).
+fn summarize(data: &[Encoded], logits: &Tensor, scoring: &Scoring) -> Result<EvalResult> {
+    let problem = scoring.spec.problem_type;
+    let logits = logits.to_device(Device::Cpu);
+    let lp = logits.log_softmax(-1, Kind::Double);
+    let rows: Vec<Vec<f64>> = match problem {
+        ProblemType::SingleLabel => Vec::<Vec<f64>>::try_from(&lp)?,
+        ProblemType::MultiLabel => Vec::<Vec<f64>>::try_from(&logits.sigmoid())?,
+        ProblemType::Regression => Vec::<Vec<f64>>::try_from(&logits)?,
+    };
     ensure!(
         rows.len() == data.len(),
         "{} scores for {} examples",
@@ -66,20 +101,93 @@ fn summarize(data: &[Encoded], log_probs: &Tensor) -> Result<EvalResult> {
             })
             .0;
         out.idx.push(e.idx);
-        out.pred.push(pred as i64);
-        out.probs.push(row.iter().map(|v| v.exp()).collect());
+        out.pred.push(if problem == ProblemType::SingleLabel {
+            pred as i64
+        } else {
+            0
+        });
+        out.probs.push(match problem {
+            ProblemType::SingleLabel => row.iter().map(|v| v.exp()).collect(),
+            _ => row.clone(),
+        });
     }
-    let labels: Option<Vec<i64>> = data.iter().map(|e| e.label).collect();
-    if let Some(labels) = labels.filter(|l| !l.is_empty()) {
-        let nll: f64 = labels
-            .iter()
-            .zip(&rows)
-            .map(|(&l, row)| -row.get(l as usize).copied().unwrap_or(f64::NEG_INFINITY))
-            .sum();
-        out.accuracy = Some(metrics::accuracy(&out.pred, &labels));
-        out.f1 = Some(metrics::f1_positive(&out.pred, &labels));
-        out.loss = Some(nll / labels.len() as f64);
-    }
+    let labels: Option<Vec<&Target>> = data.iter().map(|e| e.label.as_ref()).collect();
+    let Some(labels) = labels.filter(|l| !l.is_empty()) else {
+        return Ok(out);
+    };
+    let n = labels.len() as f64;
+    let predictions = match problem {
+        ProblemType::SingleLabel => {
+            let gold: Vec<i64> = labels
+                .iter()
+                .map(|t| t.class())
+                .collect::<Option<_>>()
+                .ok_or_else(|| anyhow::anyhow!("a non-class target in a single-label split"))?;
+            let nll: f64 = gold
+                .iter()
+                .zip(&rows)
+                .map(|(&l, row)| -row.get(l as usize).copied().unwrap_or(f64::NEG_INFINITY))
+                .sum();
+            out.loss = Some(nll / n);
+            metrics::Predictions::Classes {
+                pred: out.pred.clone(),
+                gold,
+            }
+        }
+        ProblemType::MultiLabel => {
+            let mut gold = Vec::new();
+            let mut bce = 0.0;
+            let mut terms = 0usize;
+            for (t, (row, z)) in labels
+                .iter()
+                .zip(rows.iter().zip(Vec::<Vec<f64>>::try_from(&logits)?))
+            {
+                let Target::Multi(hot) = t else {
+                    bail!("a non-multi-hot target in a multi-label split");
+                };
+                for (&y, &x) in hot.iter().zip(&z) {
+                    // BCE with logits, stably: max(x,0) - x·y + log(1 + e^-|x|).
+                    bce += x.max(0.0) - x * y as f64 + (-x.abs()).exp().ln_1p();
+                    terms += 1;
+                }
+                let _ = row;
+                gold.push(hot.iter().map(|&y| y > 0.5).collect::<Vec<bool>>());
+            }
+            out.loss = Some(bce / terms.max(1) as f64);
+            metrics::Predictions::MultiHot {
+                pred: out
+                    .probs
+                    .iter()
+                    .map(|r| r.iter().map(|&p| p > 0.5).collect())
+                    .collect(),
+                gold,
+            }
+        }
+        ProblemType::Regression => {
+            let mut gold = Vec::new();
+            for t in &labels {
+                let Target::Value(v) = t else {
+                    bail!("a non-numeric target in a regression split");
+                };
+                gold.push(*v);
+            }
+            let pred: Vec<f64> = out.probs.iter().map(|r| r[0]).collect();
+            let se: f64 = pred.iter().zip(&gold).map(|(p, g)| (p - g).powi(2)).sum();
+            out.loss = Some(se / n);
+            metrics::Predictions::Values { pred, gold }
+        }
+    };
+    let keys: Vec<metrics::Metric> = scoring
+        .metrics
+        .iter()
+        .map(|k| metrics::Metric::parse(k))
+        .collect::<Result<_>>()?;
+    out.metrics = metrics::compute(&keys, &predictions)?
+        .into_iter()
+        .map(|(m, v)| (m.key().to_string(), v))
+        .collect();
+    out.accuracy = out.metric("accuracy");
+    out.f1 = out.metric("f1");
     Ok(out)
 }
 
@@ -88,13 +196,14 @@ fn summarize(data: &[Encoded], log_probs: &Tensor) -> Result<EvalResult> {
 pub fn evaluate(
     model: &LlamaClassifier,
     data: &[Encoded],
+    scoring: &Scoring,
     batch_size: usize,
     pad_id: i64,
     device: Device,
     dist: Option<&Dist>,
 ) -> Result<EvalResult> {
     let lp = match dist {
-        None => log_probs(
+        None => all_logits(
             model,
             &data.iter().collect::<Vec<_>>(),
             batch_size,
@@ -104,19 +213,19 @@ pub fn evaluate(
         Some(d) => {
             let shard = dist::shard_indices(data.len(), d.rank, d.world_size);
             let items: Vec<&Encoded> = shard.iter().map(|&i| &data[i]).collect();
-            let local = log_probs(model, &items, batch_size, pad_id, device)?;
+            let local = all_logits(model, &items, batch_size, pad_id, device)?;
             let gathered = d.all_gather(&local)?;
             dist::unshard_tensors(&gathered, data.len())?
         }
     };
-    summarize(data, &lp)
+    summarize(data, &lp, scoring)
 }
 
 /// Fraction of the most frequent label: the accuracy a constant classifier gets.
 pub fn majority_fraction(data: &[Encoded]) -> f64 {
     let mut counts = std::collections::BTreeMap::new();
     for e in data {
-        if let Some(l) = e.label {
+        if let Some(l) = e.label.as_ref().and_then(Target::class) {
             *counts.entry(l).or_insert(0usize) += 1;
         }
     }

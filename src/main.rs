@@ -2,7 +2,9 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use qlora_cls::config::{self, Config, Override};
+use qlora_cls::data::examples;
 use qlora_cls::model::hf_config::{peft_param_counts, peft_param_line, LlamaConfig};
+use qlora_cls::task::{LabelSpec, ProblemType, TaskLabels};
 use qlora_cls::{demo, eval, plot, runio, train};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -35,8 +37,9 @@ enum Cmd {
         )]
         flags: Vec<String>,
     },
-    /// Accuracy and F1 of a trained adapter on a split (the reference's eval.py).
-    /// Options: --adapter DIR (required), --split S (default test), --config FILE, config flags.
+    /// The task's metrics of a trained adapter on a split (the reference's eval.py).
+    /// Options: --adapter DIR (required), --split S (default test) or --input FILE,
+    /// --config FILE, config flags. The task and labels come with the adapter.
     #[command(after_help = CONFIG_HELP)]
     Eval {
         #[arg(
@@ -46,8 +49,9 @@ enum Cmd {
         )]
         flags: Vec<String>,
     },
-    /// Predictions for any split, labelled or not, as CSV (index,prediction,prob_0,...).
-    /// Options: --adapter DIR and --out FILE (required), --split S (default test), --config FILE, config flags.
+    /// Predictions for any split or file, labelled or not, as CSV (index,prediction,prob_0,...).
+    /// Options: --adapter DIR and --out FILE (required), --split S (default test) or
+    /// --input FILE (CSV, TSV, JSONL, parquet), --config FILE, config flags.
     #[command(after_help = CONFIG_HELP)]
     Predict {
         #[arg(
@@ -167,9 +171,19 @@ impl Args {
     }
 }
 
-/// `eval` and `predict`: the model with `--adapter` loaded, scored on `--split` (default
-/// test). Returns the adapter folder, the split, its size and the result.
-fn score_split(args: &Args) -> Result<(PathBuf, String, usize, eval::EvalResult)> {
+/// A split (or `--input FILE`) scored by a trained adapter.
+struct Scored {
+    adapter: PathBuf,
+    split: String,
+    n: usize,
+    r: eval::EvalResult,
+    labels: TaskLabels,
+    metrics: Vec<String>,
+}
+
+/// `eval` and `predict`: the model with `--adapter` loaded (its task and labels with it),
+/// scored on `--input FILE` or `--split` (default test). `require_labels`: `eval`.
+fn score_split(args: &Args, require_labels: bool) -> Result<Scored> {
     let cfg = args.config()?;
     let adapter = PathBuf::from(args.required("adapter")?);
     let split = args
@@ -177,17 +191,97 @@ fn score_split(args: &Args) -> Result<(PathBuf, String, usize, eval::EvalResult)
         .get("split")
         .cloned()
         .unwrap_or_else(|| "test".into());
-    let loaded = train::load_with_adapter(&cfg, &adapter)?;
-    let data = train::load_split(&cfg, &loaded.encoder, &split)?;
+    let (loaded, labels) = train::load_with_adapter(&cfg, &adapter)?;
+    let (split, data) = match args.own.get("input") {
+        Some(file) => {
+            let path = PathBuf::from(file);
+            let raw = examples::read_file(&path, &labels.task, require_labels, 0)?;
+            if raw.is_empty() {
+                anyhow::bail!("{}: no rows", path.display());
+            }
+            let name = path
+                .file_stem()
+                .map_or("input".into(), |s| s.to_string_lossy().into_owned());
+            (name, train::encode_raw(&labels, &loaded.encoder, &raw)?)
+        }
+        None => {
+            let data_cfg = Config {
+                task: labels.task.name.clone(),
+                ..cfg.clone()
+            };
+            (
+                split.clone(),
+                train::load_split(&data_cfg, &labels, &loaded.encoder, &split, require_labels)?,
+            )
+        }
+    };
+    let scoring = train::scoring(&labels, &cfg)?;
     let r = eval::evaluate(
         &loaded.model,
         &data,
+        &scoring,
         cfg.eval_batch_size,
         loaded.encoder.pad_id(),
         loaded.device,
         None,
     )?;
-    Ok((adapter, split, data.len(), r))
+    Ok(Scored {
+        adapter,
+        split,
+        n: data.len(),
+        r,
+        labels,
+        metrics: scoring.metrics,
+    })
+}
+
+/// A CSV field, quoted where it holds a comma, a quote or a line break.
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// `predict`'s CSV: `index,prediction,prob_0…prob_{K-1}` (the label name predicted; for
+/// multi-label the names over 0.5, `|`-joined, and one probability per label), or
+/// `index,prediction` for regression.
+fn predictions_csv(spec: &LabelSpec, r: &eval::EvalResult) -> String {
+    let regression = spec.problem_type == ProblemType::Regression;
+    let mut text = String::from("index,prediction");
+    if !regression {
+        for c in 0..spec.num_labels() {
+            text.push_str(&format!(",prob_{c}"));
+        }
+    }
+    text.push('\n');
+    for ((idx, pred), probs) in r.idx.iter().zip(&r.pred).zip(&r.probs) {
+        let shown = match spec.problem_type {
+            ProblemType::SingleLabel => spec
+                .names
+                .get(*pred as usize)
+                .cloned()
+                .unwrap_or_else(|| pred.to_string()),
+            ProblemType::MultiLabel => spec
+                .names
+                .iter()
+                .zip(probs)
+                .filter(|(_, &p)| p > 0.5)
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join("|"),
+            ProblemType::Regression => format!("{:.6}", probs[0]),
+        };
+        text.push_str(&format!("{idx},{}", csv_field(&shown)));
+        if !regression {
+            for p in probs {
+                text.push_str(&format!(",{p:.6}"));
+            }
+        }
+        text.push('\n');
+    }
+    text
 }
 
 fn run() -> Result<()> {
@@ -199,39 +293,32 @@ fn run() -> Result<()> {
             train::train(&cfg)?;
         }
         Cmd::Eval { flags } => {
-            let args = Args::parse(&flags, &["adapter", "split"])?;
-            let (adapter, split, n, r) = score_split(&args)?;
-            let (acc, f1) = (
-                r.accuracy
-                    .context(format!("split `{split}` has no labels: use `predict`"))?,
-                r.f1.unwrap_or(0.0),
-            );
-            println!("{split}: accuracy {acc:.4} f1 {f1:.4} ({n} examples)");
-            let out = adapter.join(format!("eval-{split}.json"));
-            runio::write_json(
-                &out,
-                &serde_json::json!({"split": split, "accuracy": acc, "f1": f1, "loss": r.loss, "examples": n}),
-            )?;
+            let args = Args::parse(&flags, &["adapter", "split", "input"])?;
+            let s = score_split(&args, true)?;
+            if s.r.metrics.is_empty() {
+                anyhow::bail!("split `{}` has no labels: use `predict`", s.split);
+            }
+            let shown: Vec<String> =
+                s.r.metrics
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v:.4}"))
+                    .collect();
+            println!("{}: {} ({} examples)", s.split, shown.join(" "), s.n);
+            let out = s.adapter.join(format!("eval-{}.json", s.split));
+            let mut json = serde_json::json!({"split": s.split, "loss": s.r.loss, "examples": s.n,
+                "problem_type": s.labels.spec.problem_type.as_str(), "metrics": s.metrics});
+            for (k, v) in &s.r.metrics {
+                json[k.as_str()] = serde_json::json!(v);
+            }
+            runio::write_json(&out, &json)?;
             println!("wrote {}", out.display());
         }
         Cmd::Predict { flags } => {
-            let args = Args::parse(&flags, &["adapter", "split", "out"])?;
+            let args = Args::parse(&flags, &["adapter", "split", "out", "input"])?;
             let out = PathBuf::from(args.required("out")?);
-            let (_, _, _, r) = score_split(&args)?;
-            let mut text = String::from("index,prediction");
-            for c in 0..r.probs.first().map_or(0, Vec::len) {
-                text.push_str(&format!(",prob_{c}"));
-            }
-            text.push('\n');
-            for ((idx, pred), probs) in r.idx.iter().zip(&r.pred).zip(&r.probs) {
-                text.push_str(&format!("{idx},{pred}"));
-                for p in probs {
-                    text.push_str(&format!(",{p:.6}"));
-                }
-                text.push('\n');
-            }
-            runio::write_text(&out, &text)?;
-            println!("wrote {} predictions to {}", r.pred.len(), out.display());
+            let s = score_split(&args, false)?;
+            runio::write_text(&out, &predictions_csv(&s.labels.spec, &s.r))?;
+            println!("wrote {} predictions to {}", s.r.pred.len(), out.display());
         }
         Cmd::Inspect { flags } => {
             // Unset, `target_modules` is PEFT's default for the family (Config::load).

@@ -639,7 +639,7 @@ fn logits_of(model: &LlamaClassifier, ids: &[Encoded], pad: i64, device: Device)
 }
 
 fn drift(cfg: &Config, adapter_dir: &Path, merged: &Path, opts: &MergeOptions) -> Result<Drift> {
-    let unmerged = train::load_with_adapter(cfg, adapter_dir)?;
+    let (unmerged, _) = train::load_with_adapter(cfg, adapter_dir)?;
     let (texts, source) = sample_texts(cfg, opts)?;
     let pad = unmerged.encoder.pad_id();
     let ids: Vec<Encoded> = unmerged

@@ -52,14 +52,25 @@ pub fn read_runs(runs: &Path) -> Result<Vec<RunData>> {
         let prompt = cfg["prompt"].as_str().unwrap_or("?").to_string();
         let ev_path = d.join("eval.csv");
         let mut evals = Vec::new();
+        // eval.csv: epoch, split, loss, then the task's metrics (the main one first); runs
+        // made before that order had epoch, split, accuracy, f1, loss.
+        let header = std::fs::read_to_string(&ev_path)
+            .with_context(|| format!("cannot read {}", ev_path.display()))?;
+        let header: Vec<&str> = header.lines().next().unwrap_or("").split(',').collect();
+        let (a, b) = if header.get(2) == Some(&"loss") {
+            let f1 = header.iter().position(|h| *h == "f1").unwrap_or(3);
+            (3, f1)
+        } else {
+            (2, 3)
+        };
         for (i, r) in read_csv(&ev_path)?.iter().enumerate() {
-            if r.get(2).is_some_and(|s| s.is_empty()) {
+            if r.get(a).is_none_or(|s| s.is_empty()) {
                 continue; // unlabelled split
             }
             evals.push((
                 num(&ev_path, i, r.first())?,
-                num(&ev_path, i, r.get(2))?,
-                num(&ev_path, i, r.get(3))?,
+                num(&ev_path, i, r.get(a))?,
+                num(&ev_path, i, r.get(b).filter(|s| !s.is_empty()).or(r.get(a)))?,
             ));
         }
         let m_path = d.join("metrics.csv");

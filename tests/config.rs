@@ -202,3 +202,36 @@ fn inspect_prints_the_reference_parameter_line_for_llama3_8b() {
         "{stdout}"
     );
 }
+
+#[test]
+fn task_keys_name_the_key() {
+    assert_refused(
+        "task: sst3\n",
+        &[],
+        &["key `task`", "unknown task `sst3`", "sst2", "custom"],
+    );
+    assert_refused(
+        "task: custom\n",
+        &[],
+        &["key `text_columns`", "one or two column names"],
+    );
+    assert_refused(
+        "task: custom\ntext_columns: [title, body]\n",
+        &["--template", "{prompt} {title} {bdy}"],
+        &["key `template`", "{bdy}", "title, body"],
+    );
+    assert_refused(
+        "task: custom\ntext_columns: [text]\n",
+        &["--problem_type", "multilabel"],
+        &[
+            "key `problem_type`",
+            "multilabel",
+            "multi_label_classification",
+        ],
+    );
+    assert_refused(
+        "task: custom\ntext_columns: [text]\nclass_weights: heavy\n",
+        &[],
+        &["key `class_weights`", "heavy", "balanced"],
+    );
+}

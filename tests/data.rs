@@ -415,12 +415,12 @@ fn prompts_resolve_and_render_like_python() {
 fn collate_pads_right_with_the_pad_id() {
     let a = Encoded {
         ids: vec![5, 6, 7],
-        label: Some(1),
+        label: Some(1.into()),
         idx: 3,
     };
     let b = Encoded {
         ids: vec![8],
-        label: Some(0),
+        label: Some(0.into()),
         idx: 4,
     };
     let batch = collate(&[&a, &b], 9);

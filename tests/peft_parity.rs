@@ -717,7 +717,7 @@ fn our_trainer_loads_peft_adapters_in(root: &Path) {
     for (nf4, tag) in [(false, "fp32"), (true, "nf4")] {
         let cfg = config_in(root, nf4);
         let dir = root.join(format!("peft_adapter_{tag}"));
-        let loaded =
+        let (loaded, _) =
             train::load_with_adapter(&cfg, &dir).unwrap_or_else(|e| panic!("{tag}: {e:#}"));
         assert_eq!(
             loaded.encoder.pad_id(),
@@ -752,13 +752,14 @@ fn our_trainer_loads_peft_adapters_in(root: &Path) {
             .enumerate()
             .map(|(r, &n)| Encoded {
                 ids: rows[r * t..r * t + n as usize].to_vec(),
-                label: Some(label_v[r]),
+                label: Some(label_v[r].into()),
                 idx: r as i64,
             })
             .collect();
         let r = eval::evaluate(
             &loaded.model,
             &data,
+            &eval::Scoring::mrpc(2),
             4,
             loaded.encoder.pad_id(),
             Device::Cpu,

@@ -10,9 +10,9 @@ fn fake_run(dir: &Path, prompt: &str, accs: &[f64], trained: bool) {
         format!("{{\"prompt\": \"{prompt}\"}}"),
     )
     .unwrap();
-    let mut ev = String::from("epoch,split,accuracy,f1,loss\n");
+    let mut ev = String::from("epoch,split,loss,accuracy,f1\n");
     for (e, a) in accs.iter().enumerate() {
-        ev.push_str(&format!("{e},validation,{a},{},{}\n", a - 0.05, 1.0 - a));
+        ev.push_str(&format!("{e},validation,{},{a},{}\n", 1.0 - a, a - 0.05));
     }
     std::fs::write(dir.join("eval.csv"), ev).unwrap();
     if trained {

@@ -1,29 +1,6 @@
 //! End to end on the embedded demo: `demo-assets`, `train`, `eval`, `predict`, run through
 //! the binary, reading the files it leaves.
 mod common;
-use std::path::Path;
-use std::process::Command;
-
-fn run_ok(args: &[&str]) -> String {
-    let out = Command::new(common::bin())
-        .args(args)
-        .output()
-        .expect("run qlora-cls");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "qlora-cls {args:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-fn csv_rows(path: &Path) -> Vec<Vec<String>> {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    text.lines()
-        .map(|l| l.split(',').map(str::to_string).collect())
-        .collect()
-}
 
 #[test]
 fn demo_trains_evaluates_and_predicts() {
@@ -31,11 +8,11 @@ fn demo_trains_evaluates_and_predicts() {
     let assets = tmp.path().join("assets");
     let run = tmp.path().join("run");
     let a = assets.to_str().unwrap();
-    run_ok(&["demo-assets", "--out", a]);
+    common::run_ok(&["demo-assets", "--out", a]);
     let model = format!("{a}/model");
     let data = format!("{a}/data");
     let cfg = common::root().join("configs/demo.yaml");
-    let out = run_ok(&[
+    let out = common::run_ok(&[
         "train",
         "--config",
         cfg.to_str().unwrap(),
@@ -81,7 +58,7 @@ fn demo_trains_evaluates_and_predicts() {
     }
 
     // The loss goes down and validation accuracy climbs far above the majority class.
-    let metrics = csv_rows(&run.join("metrics.csv"));
+    let metrics = common::csv_rows(&run.join("metrics.csv"));
     assert_eq!(
         metrics[0],
         [
@@ -104,9 +81,9 @@ fn demo_trains_evaluates_and_predicts() {
         "loss did not fall: first fifth {first:.4}, last fifth {last:.4}"
     );
 
-    let evals = csv_rows(&run.join("eval.csv"));
-    assert_eq!(evals[0], ["epoch", "split", "accuracy", "f1", "loss"]);
-    let acc: Vec<f64> = evals[1..].iter().map(|r| r[2].parse().unwrap()).collect();
+    let evals = common::csv_rows(&run.join("eval.csv"));
+    assert_eq!(evals[0], ["epoch", "split", "loss", "accuracy", "f1"]);
+    let acc: Vec<f64> = evals[1..].iter().map(|r| r[3].parse().unwrap()).collect();
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
     let final_acc = *acc.last().unwrap();
@@ -126,7 +103,7 @@ fn demo_trains_evaluates_and_predicts() {
     // `eval` on the saved adapter reproduces the last epoch's validation accuracy.
     let adapter = run.join("adapter");
     let ad = adapter.to_str().unwrap();
-    let out = run_ok(&[
+    let out = common::run_ok(&[
         "eval",
         "--config",
         cfg.to_str().unwrap(),
@@ -146,7 +123,7 @@ fn demo_trains_evaluates_and_predicts() {
 
     // `predict` writes one row per test example (unlabelled GLUE-style test.tsv).
     let pred = tmp.path().join("pred.csv");
-    run_ok(&[
+    common::run_ok(&[
         "predict",
         "--config",
         cfg.to_str().unwrap(),
@@ -161,7 +138,7 @@ fn demo_trains_evaluates_and_predicts() {
         "--out",
         pred.to_str().unwrap(),
     ]);
-    let rows = csv_rows(&pred);
+    let rows = common::csv_rows(&pred);
     assert_eq!(rows[0], ["index", "prediction", "prob_0", "prob_1"]);
     let test = std::fs::read_to_string(assets.join("data/test.tsv")).unwrap();
     assert_eq!(rows.len() - 1, test.lines().count() - 1);

@@ -164,11 +164,37 @@ fn find_eos(dir: &Path, tokenizer: &Tokenizer) -> Result<String> {
         })
 }
 
+/// What the model is trained to output for one example.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    /// Single-label: a class id.
+    Class(i64),
+    /// Multi-label: one 0/1 per label.
+    Multi(Vec<f32>),
+    /// Regression: the value.
+    Value(f64),
+}
+
+impl Target {
+    pub fn class(&self) -> Option<i64> {
+        match self {
+            Target::Class(c) => Some(*c),
+            _ => None,
+        }
+    }
+}
+
+impl From<i64> for Target {
+    fn from(c: i64) -> Self {
+        Target::Class(c)
+    }
+}
+
 /// One tokenised example.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Encoded {
     pub ids: Vec<i64>,
-    pub label: Option<i64>,
+    pub label: Option<Target>,
     pub idx: i64,
 }
 
@@ -185,7 +211,32 @@ pub fn encode_examples(
         .zip(examples)
         .map(|(ids, ex)| Encoded {
             ids,
-            label: ex.label,
+            label: ex.label.map(Target::Class),
+            idx: ex.idx,
+        })
+        .collect())
+}
+
+/// A task's texts rendered through its template, then encoded, with their targets.
+pub fn encode_task_examples(
+    enc: &TextEncoder,
+    task: &crate::task::Task,
+    prompt: &str,
+    examples: &[super::examples::TaskExample],
+    targets: Vec<Option<Target>>,
+) -> Result<Vec<Encoded>> {
+    let texts: Vec<String> = examples
+        .iter()
+        .map(|ex| crate::task::render(&task.template, prompt, &task.text_columns, &ex.texts))
+        .collect();
+    let ids = enc.encode_many(texts)?;
+    Ok(ids
+        .into_iter()
+        .zip(examples)
+        .zip(targets)
+        .map(|((ids, ex), label)| Encoded {
+            ids,
+            label,
             idx: ex.idx,
         })
         .collect())
@@ -198,7 +249,8 @@ pub struct Batch {
     pub input_ids: Tensor,
     /// i64 [B, T], 1 on real tokens, 0 on padding
     pub attention_mask: Tensor,
-    /// i64 [B]; `None` unless every row has a label
+    /// i64 [B] class ids, f32 [B, K] multi-hot rows or f32 [B] values; `None` unless every
+    /// row has a target (of one kind)
     pub labels: Option<Tensor>,
     pub idx: Vec<i64>,
     /// Real (unpadded) tokens in the batch.
@@ -216,13 +268,47 @@ pub fn collate(items: &[&Encoded], pad_id: i64) -> Batch {
         mask[r * t..r * t + e.ids.len()].fill(1);
     }
     let shape = [b as i64, t as i64];
-    let labels: Option<Vec<i64>> = items.iter().map(|e| e.label).collect();
     Batch {
         input_ids: Tensor::from_slice(&ids).view(shape),
         attention_mask: Tensor::from_slice(&mask).view(shape),
-        labels: labels.map(|l| Tensor::from_slice(&l)),
+        labels: target_tensor(items),
         idx: items.iter().map(|e| e.idx).collect(),
         n_tokens: items.iter().map(|e| e.ids.len() as i64).sum(),
+    }
+}
+
+/// The targets of `items` as one tensor, when all have one of the same kind.
+fn target_tensor(items: &[&Encoded]) -> Option<Tensor> {
+    let targets: Vec<&Target> = items
+        .iter()
+        .map(|e| e.label.as_ref())
+        .collect::<Option<_>>()?;
+    match targets.first()? {
+        Target::Class(_) => {
+            let v: Vec<i64> = targets.iter().map(|t| t.class()).collect::<Option<_>>()?;
+            Some(Tensor::from_slice(&v))
+        }
+        Target::Multi(first) => {
+            let k = first.len();
+            let mut v = Vec::with_capacity(k * targets.len());
+            for t in &targets {
+                match t {
+                    Target::Multi(row) if row.len() == k => v.extend_from_slice(row),
+                    _ => return None,
+                }
+            }
+            Some(Tensor::from_slice(&v).view([targets.len() as i64, k as i64]))
+        }
+        Target::Value(_) => {
+            let v: Vec<f32> = targets
+                .iter()
+                .map(|t| match t {
+                    Target::Value(x) => Some(*x as f32),
+                    _ => None,
+                })
+                .collect::<Option<_>>()?;
+            Some(Tensor::from_slice(&v))
+        }
     }
 }
 

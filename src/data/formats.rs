@@ -284,7 +284,7 @@ fn read_files(layout: Layout, files: &[PathBuf]) -> Result<Vec<Example>> {
     Ok(out)
 }
 
-fn read_text(path: &Path) -> Result<String> {
+pub(crate) fn read_text(path: &Path) -> Result<String> {
     let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut text = String::from_utf8(bytes).map_err(|e| {
         anyhow!(
@@ -413,8 +413,11 @@ fn read_tsv(path: &Path) -> Result<Vec<Example>> {
     Ok(out)
 }
 
-fn read_csv(path: &Path) -> Result<Vec<Example>> {
-    let text = read_text(path)?;
+/// A CSV reader over `text` (fields counted by the caller) and its trimmed header.
+pub(crate) fn csv_reader<'t>(
+    path: &Path,
+    text: &'t str,
+) -> Result<(csv::Reader<&'t [u8]>, Vec<String>)> {
     let mut rdr = csv::ReaderBuilder::new()
         .has_headers(true)
         .flexible(true)
@@ -425,6 +428,12 @@ fn read_csv(path: &Path) -> Result<Vec<Example>> {
         .iter()
         .map(|h| h.trim().to_string())
         .collect();
+    Ok((rdr, header))
+}
+
+fn read_csv(path: &Path) -> Result<Vec<Example>> {
+    let text = read_text(path)?;
+    let (mut rdr, header) = csv_reader(path, &text)?;
     let col = |name: &str| header.iter().position(|h| h == name);
     let (s1, s2, label_col, idx_col) =
         (col("sentence1"), col("sentence2"), col("label"), col("idx"));
@@ -550,6 +559,11 @@ thread_local! {
 /// decoder, found by tests/fuzz.rs) instead of returning an error. Such a panic becomes an
 /// error naming the file, and its message is not printed as a crash.
 fn read_parquet(path: &Path, first_row: i64) -> Result<Vec<Example>> {
+    guard_parquet(path, || read_parquet_unguarded(path, first_row))
+}
+
+/// Runs a parquet decode of `path`, turning the decoder's panics into an error naming it.
+pub(crate) fn guard_parquet<T>(path: &Path, decode: impl FnOnce() -> Result<T>) -> Result<T> {
     static HOOK: std::sync::Once = std::sync::Once::new();
     HOOK.call_once(|| {
         let previous = std::panic::take_hook();
@@ -560,9 +574,7 @@ fn read_parquet(path: &Path, first_row: i64) -> Result<Vec<Example>> {
         }));
     });
     IN_PARQUET_DECODER.with(|f| f.set(true));
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        read_parquet_unguarded(path, first_row)
-    }));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode));
     IN_PARQUET_DECODER.with(|f| f.set(false));
     result.unwrap_or_else(|payload| {
         let what = payload
@@ -577,11 +589,9 @@ fn read_parquet(path: &Path, first_row: i64) -> Result<Vec<Example>> {
     })
 }
 
-fn read_parquet_unguarded(path: &Path, first_row: i64) -> Result<Vec<Example>> {
-    let file = fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let reader = SerializedFileReader::new(file)
-        .with_context(|| format!("{}: not a readable parquet file", path.display()))?;
-    let columns: Vec<String> = reader
+/// The top-level column names of a parquet file, in schema order.
+pub(crate) fn parquet_columns(reader: &SerializedFileReader<fs::File>) -> Vec<String> {
+    reader
         .metadata()
         .file_metadata()
         .schema_descr()
@@ -589,7 +599,14 @@ fn read_parquet_unguarded(path: &Path, first_row: i64) -> Result<Vec<Example>> {
         .get_fields()
         .iter()
         .map(|f| f.name().to_string())
-        .collect();
+        .collect()
+}
+
+fn read_parquet_unguarded(path: &Path, first_row: i64) -> Result<Vec<Example>> {
+    let file = fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let reader = SerializedFileReader::new(file)
+        .with_context(|| format!("{}: not a readable parquet file", path.display()))?;
+    let columns = parquet_columns(&reader);
     let missing: Vec<&str> = ["sentence1", "sentence2"]
         .into_iter()
         .filter(|c| !columns.iter().any(|h| h == c))

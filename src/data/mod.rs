@@ -1,4 +1,6 @@
 //! Examples from disk, the prompt template, tokenisation and batches.
 pub mod batch;
+pub mod examples;
 pub mod formats;
 pub mod prompt;
+pub mod table;

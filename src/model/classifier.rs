@@ -7,11 +7,12 @@ use crate::model::backward::Rows;
 use crate::model::checkpoint::{self, LoadOptions};
 use crate::model::hf_config::{peft_param_counts, LlamaConfig};
 use crate::model::llama::{LayerContext, LlamaModel};
+use crate::model::loss::{self, LossWeights, ProblemType};
 use crate::quant::nf4::Nf4Options;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use tch::{Device, Kind, Reduction, Tensor};
+use tch::{Device, Kind, Tensor};
 
 #[derive(Clone, Debug)]
 pub struct ModelOptions {
@@ -52,6 +53,8 @@ pub struct LlamaClassifier {
     /// Counts training forwards, so each draws fresh dropout masks that a checkpointed
     /// recomputation can reproduce.
     dropout_step: AtomicU64,
+    /// The training loss: problem type and class weights (cross-entropy unweighted unless set).
+    loss_kind: (ProblemType, Option<Vec<f64>>),
 }
 
 impl LlamaClassifier {
@@ -122,6 +125,7 @@ impl LlamaClassifier {
             score,
             opts: opts.clone(),
             dropout_step: AtomicU64::new(0),
+            loss_kind: (ProblemType::SingleLabel, None),
         })
     }
 
@@ -251,14 +255,19 @@ impl LlamaClassifier {
         }
     }
 
-    fn loss(&self, logits: &Tensor, labels: &Tensor) -> Tensor {
-        logits.cross_entropy_loss::<Tensor>(
-            &labels.to_device(logits.device()).to_kind(Kind::Int64),
-            None,
-            Reduction::Mean,
-            -100,
-            0.0,
-        )
+    /// The loss `forward_backward` trains: transformers' for `problem` ([`loss::loss`]), with
+    /// torch's `CrossEntropyLoss(weight=)` / `BCEWithLogitsLoss(pos_weight=)` when `weights`
+    /// are given.
+    pub fn set_loss(&mut self, problem: ProblemType, weights: Option<Vec<f64>>) {
+        self.loss_kind = (problem, weights);
+    }
+
+    fn loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        let weights = match &self.loss_kind.1 {
+            Some(w) => LossWeights::PerClass(w.clone()),
+            None => LossWeights::None,
+        };
+        loss::loss(logits, labels, self.loss_kind.0, &weights)
     }
 
     /// Mean cross-entropy forward and backward of a whole batch, accumulating `.grad` of the
@@ -290,9 +299,9 @@ impl LlamaClassifier {
         part: &BatchPart,
     ) -> Result<(f64, Tensor)> {
         self.check_inputs(input_ids, attention_mask)?;
-        if labels.size() != [input_ids.size()[0]] {
+        if labels.size().first() != Some(&input_ids.size()[0]) {
             bail!(
-                "labels {:?} must be [batch] for input_ids {:?}",
+                "labels {:?} must have one row per example of input_ids {:?}",
                 labels.size(),
                 input_ids.size()
             );
@@ -320,7 +329,7 @@ impl LlamaClassifier {
         }
         let last = h.detach().set_requires_grad(true);
         let logits = self.score_rows(&last.index_select(0, &rows.pool));
-        let loss = self.loss(&logits, labels);
+        let loss = self.loss(&logits, labels)?;
         let loss_value = loss.double_value(&[]);
         (loss * part.loss_weight)
             .f_backward()

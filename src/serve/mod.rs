@@ -16,6 +16,7 @@ use crate::data::batch::TextEncoder;
 use crate::data::formats::Example;
 use crate::data::prompt;
 use crate::label_spec::{self, LabelSpec, ProblemType};
+use crate::task::Task;
 use crate::train;
 use anyhow::{Context, Result};
 use api::{ApiError, Input};
@@ -70,6 +71,8 @@ struct AppState {
     truncating: TextEncoder,
     max_input_length: usize,
     prompt: String,
+    /// The task the adapter was trained on: its template and text columns.
+    task: Task,
     labels: LabelSpec,
     batcher: Batcher,
     metrics: Arc<Metrics>,
@@ -85,7 +88,8 @@ pub fn serve(cfg: &Config, adapter: &Path, opts: &ServeOptions) -> Result<()> {
     let mut cfg = cfg.clone();
     // Requests choose between refusing and truncating; the encoder must not cut silently.
     let configured_max = cfg.max_length.take();
-    let loaded = train::load_with_adapter(&cfg, adapter)?;
+    let (loaded, trained) = train::load_with_adapter(&cfg, adapter)?;
+    let task = trained.task;
     let train::Loaded {
         model,
         encoder,
@@ -99,7 +103,13 @@ pub fn serve(cfg: &Config, adapter: &Path, opts: &ServeOptions) -> Result<()> {
     let truncating = TextEncoder::from_dir(tokenizer_dir, Some(max_input_length))?;
     let num_labels = model.opts.num_labels as usize;
     let labels = label_spec::label_spec(adapter, num_labels)?;
-    let prompt_text = prompt::resolve_prompt(&cfg.prompt)?;
+    // The prompt the adapter was trained with (an adapter from before labels.json: the
+    // configuration's).
+    let prompt_text = if task.prompt.is_empty() {
+        prompt::resolve_prompt(&cfg.prompt)?
+    } else {
+        task.prompt.clone()
+    };
     let metrics = Arc::new(Metrics::default());
     let limits = Limits {
         max_batch_tokens: opts.max_batch_tokens.max(1),
@@ -114,7 +124,8 @@ pub fn serve(cfg: &Config, adapter: &Path, opts: &ServeOptions) -> Result<()> {
         "model_type": {"classifier": label_spec_fields(&labels)},
         "problem_type": labels.problem_type.name(),
         "labels": labels.id2label,
-        "pair_inputs": true,
+        "pair_inputs": task.text_columns.len() == 2,
+        "template": task.template,
         "prompt": prompt_text,
         "device": format!("{device:?}"),
         "quantized": model.opts.quant.is_some(),
@@ -133,6 +144,7 @@ pub fn serve(cfg: &Config, adapter: &Path, opts: &ServeOptions) -> Result<()> {
         truncating,
         max_input_length,
         prompt: prompt_text,
+        task,
         labels,
         batcher,
         metrics,
@@ -235,11 +247,17 @@ async fn predict(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
     response
 }
 
-fn render(prompt_text: &str, input: &Input) -> String {
+/// The text `predict` feeds the model for a row with these texts: MRPC's own rendering, or
+/// the task's template with its prompt and text columns.
+fn render(prompt_text: &str, task: &Task, input: &Input) -> String {
     let (a, b) = match input {
         Input::Single(t) => (t.clone(), String::new()),
         Input::Pair(a, b) => (a.clone(), b.clone()),
     };
+    if !task.template.is_empty() && !task.is_classic_mrpc() {
+        let texts = [a, b];
+        return crate::task::render(&task.template, prompt_text, &task.text_columns, &texts);
+    }
     prompt::render(
         prompt_text,
         &Example {
@@ -255,7 +273,7 @@ async fn predict_inner(s: &AppState, body: &[u8]) -> Result<(Value, usize), ApiE
     let req = api::parse_predict(body, s.max_client_batch_size)?;
     let mut ids = Vec::with_capacity(req.inputs.len());
     for (i, input) in req.inputs.iter().enumerate() {
-        let text = render(&s.prompt, input);
+        let text = render(&s.prompt, &s.task, input);
         let tokenizer_error = |e: anyhow::Error| {
             ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,

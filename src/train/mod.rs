@@ -9,7 +9,10 @@ mod step;
 mod trainer;
 
 pub use progress::fmt_duration;
-pub use setup::{load_model, load_split, load_with_adapter, model_options, Loaded};
+pub use setup::{
+    encode_raw, load_model, load_split, load_with_adapter, model_options, prepare_task, scoring,
+    sized_for, Loaded,
+};
 pub use step::{micro_batches, MicroBatch};
 pub use trainer::{peak_rss_bytes, Trainer, EVAL_HEADER, METRICS_HEADER};
 

@@ -2,11 +2,14 @@
 //! trained adapters, and the tokenised splits.
 use crate::adapter;
 use crate::config::Config;
-use crate::data::batch::{encode_examples, Encoded, TextEncoder};
+use crate::data::batch::{encode_examples, encode_task_examples, Encoded, TextEncoder};
+use crate::data::examples::{self, TaskExample};
 use crate::data::{formats, prompt};
+use crate::eval::Scoring;
 use crate::lora::LoraConfig;
 use crate::model::classifier::{LlamaClassifier, ModelOptions};
 use crate::quant::nf4::Nf4Options;
+use crate::task::{LabelSpec, Task, TaskLabels};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use tch::Device;
@@ -62,8 +65,65 @@ pub fn load_model(cfg: &Config, device: Device) -> Result<Loaded> {
     })
 }
 
-/// Reads a split, checks its labels against num_classes, renders the prompt and tokenises.
-pub fn load_split(cfg: &Config, encoder: &TextEncoder, split: &str) -> Result<Vec<Encoded>> {
+/// The task of `cfg` with its label side, and (for tasks read through the generic path) the
+/// training examples the labels were inferred from.
+pub fn prepare_task(cfg: &Config) -> Result<(TaskLabels, Option<Vec<TaskExample>>)> {
+    let task = Task::from_config(cfg)?;
+    if task.is_classic_mrpc() {
+        let spec = LabelSpec::mrpc(cfg.num_classes as usize);
+        return Ok((TaskLabels { task, spec }, None));
+    }
+    let train = examples::load_split(cfg.data_dir()?, &task, &cfg.train_splits, true)?;
+    let spec = examples::infer_labels(&task, &train)?;
+    Ok((TaskLabels { task, spec }, Some(train)))
+}
+
+/// `cfg` with the head sized for `spec` (one output for regression).
+pub fn sized_for(cfg: &Config, spec: &LabelSpec) -> Config {
+    let mut c = cfg.clone();
+    c.num_classes = spec.num_labels() as i64;
+    c
+}
+
+/// How a run scores its evaluation split.
+pub fn scoring(labels: &TaskLabels, cfg: &Config) -> Result<Scoring> {
+    if labels.task.is_classic_mrpc() && cfg.metric_for_best_model.is_none() {
+        return Ok(Scoring::mrpc(labels.spec.num_labels()));
+    }
+    Ok(Scoring {
+        spec: labels.spec.clone(),
+        metrics: labels.task.metrics_for(&labels.spec)?,
+    })
+}
+
+/// Reads a split, checks its labels, renders the prompt and tokenises. `require_labels`:
+/// training and evaluation splits must be labelled; prediction reads unlabelled rows too.
+pub fn load_split(
+    cfg: &Config,
+    labels: &TaskLabels,
+    encoder: &TextEncoder,
+    split: &str,
+    require_labels: bool,
+) -> Result<Vec<Encoded>> {
+    if labels.task.is_classic_mrpc() {
+        return load_mrpc_split(cfg, encoder, split);
+    }
+    let raw = examples::load_split(cfg.data_dir()?, &labels.task, split, require_labels)?;
+    encode_raw(labels, encoder, &raw)
+}
+
+/// Encodes a task's examples with their targets (the prompt is the task's own).
+pub fn encode_raw(
+    labels: &TaskLabels,
+    encoder: &TextEncoder,
+    raw: &[TaskExample],
+) -> Result<Vec<Encoded>> {
+    let targets = examples::targets(&labels.spec, &labels.task, raw)?;
+    encode_task_examples(encoder, &labels.task, &labels.task.prompt, raw, targets)
+}
+
+/// MRPC through its original reader: checks its labels against num_classes.
+fn load_mrpc_split(cfg: &Config, encoder: &TextEncoder, split: &str) -> Result<Vec<Encoded>> {
     let dir = cfg.data_dir()?;
     let examples = formats::load_split(dir, split)?;
     // Name the file(s) the labels came from, so the user knows which one to fix.
@@ -87,13 +147,22 @@ pub fn load_split(cfg: &Config, encoder: &TextEncoder, split: &str) -> Result<Ve
     encode_examples(encoder, &examples, &text)
 }
 
-/// `qlora-cls eval`/`predict`: the model with a trained adapter loaded.
-pub fn load_with_adapter(cfg: &Config, adapter_dir: &Path) -> Result<Loaded> {
+/// `qlora-cls eval`/`predict`: the model with a trained adapter loaded, and the task and
+/// labels saved with it (MRPC's for an adapter saved before labels travelled with it).
+pub fn load_with_adapter(cfg: &Config, adapter_dir: &Path) -> Result<(Loaded, TaskLabels)> {
     let meta = adapter::read_meta(adapter_dir)?;
     let mut cfg = cfg.clone();
     cfg.r = meta.r;
     cfg.lora_alpha = meta.lora_alpha;
     cfg.target_modules = meta.target_modules;
+    let labels = match adapter::read_labels(adapter_dir)? {
+        Some(l) => l,
+        None => TaskLabels {
+            task: Task::from_config(&cfg)?,
+            spec: LabelSpec::mrpc(cfg.num_classes as usize),
+        },
+    };
+    let cfg = sized_for(&cfg, &labels.spec);
     let mut loaded = load_model(&cfg, cfg.device())?;
     let weights_path = adapter_dir.join(adapter::WEIGHTS_FILE);
     let weights = adapter::read_safetensors(&weights_path)?;
@@ -101,5 +170,6 @@ pub fn load_with_adapter(cfg: &Config, adapter_dir: &Path) -> Result<Loaded> {
         .model
         .load_trainable(&|name| weights.get(name).map(|t| t.shallow_clone()))
         .with_context(|| format!("cannot load the adapter {}", weights_path.display()))?;
-    Ok(loaded)
+    loaded.model.set_loss(labels.spec.problem_type, None);
+    Ok((loaded, labels))
 }

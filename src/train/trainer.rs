@@ -1,22 +1,24 @@
 //! The named steps of a training run ([`super::train`] calls them in order): set up, evaluate
 //! the baseline, train a step, log it, checkpoint, end an epoch, finish.
 use super::progress::{Progress, StepReport};
-use super::setup::{load_model, load_split, Loaded};
+use super::setup::{encode_raw, load_model, load_split, prepare_task, scoring, sized_for, Loaded};
 use super::step::{accumulate_gradients, grad_norm, micro_batches};
 use super::{Interrupted, Summary};
 use crate::adapter;
-use crate::config::Config;
-use crate::data::batch::{epoch_batches, Encoded};
+use crate::config::{ClassWeights, Config};
+use crate::data::batch::{epoch_batches, Encoded, Target};
 use crate::data::prompt;
 use crate::dist::Dist;
-use crate::eval::{self, EvalResult};
+use crate::eval::{self, EvalResult, Scoring};
 use crate::metrics::CsvLog;
 use crate::model::classifier::LlamaClassifier;
 use crate::model::hf_config::peft_param_line;
+use crate::model::loss;
 use crate::optim::adamw8bit::{AdamW32, AdamW8bit, AdamWConfig, Optimizer};
 use crate::optim::schedule;
 use crate::resume::{self, TrainState};
 use crate::runio;
+use crate::task::{LabelSpec, ProblemType, TaskLabels};
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -36,7 +38,8 @@ pub const METRICS_HEADER: [&str; 8] = [
     "elapsed_s",
     "peak_mem_bytes",
 ];
-pub const EVAL_HEADER: [&str; 5] = ["epoch", "split", "accuracy", "f1", "loss"];
+/// eval.csv's first columns; one column per metric of the task follows.
+pub const EVAL_HEADER: [&str; 3] = ["epoch", "split", "loss"];
 
 /// What one optimizer step did, summed over ranks.
 pub struct StepStats {
@@ -66,6 +69,9 @@ pub struct Trainer<'a> {
     device: Device,
     run: PathBuf,
     model: LlamaClassifier,
+    /// The task and its label side (saved with every adapter).
+    labels: TaskLabels,
+    scoring: Scoring,
     pad: i64,
     train_set: Vec<Encoded>,
     eval_set: Vec<Encoded>,
@@ -97,7 +103,23 @@ fn opt_fmt(v: Option<f64>) -> String {
 }
 
 fn eval_json(r: &EvalResult) -> serde_json::Value {
-    json!({"accuracy": r.accuracy, "f1": r.f1, "loss": r.loss, "examples": r.pred.len()})
+    let mut v =
+        json!({"accuracy": r.accuracy, "f1": r.f1, "loss": r.loss, "examples": r.pred.len()});
+    for (k, m) in &r.metrics {
+        v[k.as_str()] = json!(m);
+    }
+    v
+}
+
+/// "accuracy 0.812500 f1 0.870000 loss 0.421000": the metrics of a result, then its loss.
+fn metrics_text(scoring: &Scoring, r: &EvalResult) -> String {
+    let mut parts: Vec<String> = scoring
+        .metrics
+        .iter()
+        .map(|k| format!("{k} {}", opt_fmt(r.metric(k))))
+        .collect();
+    parts.push(format!("loss {}", opt_fmt(r.loss)));
+    parts.join(" ")
 }
 
 /// Handles on the same tensors (the optimizer updates the model's own parameters).
@@ -149,14 +171,21 @@ impl<'a> Trainer<'a> {
         }
         let resume_from = resume::resolve(&run, cfg.resume.as_deref().unwrap_or(""))?;
 
+        let (labels, raw_train) = prepare_task(cfg)?;
+        let scoring = scoring(&labels, cfg)?;
         let Loaded {
-            model,
+            mut model,
             encoder,
             device,
-        } = load_model(cfg, device)?;
+        } = load_model(&sized_for(cfg, &labels.spec), device)?;
         let pad = encoder.pad_id();
-        let train_set = load_split(cfg, &encoder, &cfg.train_splits)?;
-        let eval_set = load_split(cfg, &encoder, &cfg.eval_split)?;
+        let train_set = match &raw_train {
+            Some(raw) => encode_raw(&labels, &encoder, raw)?,
+            None => load_split(cfg, &labels, &encoder, &cfg.train_splits, true)?,
+        };
+        let eval_set = load_split(cfg, &labels, &encoder, &cfg.eval_split, true)?;
+        let weights = class_weights(cfg, &labels.spec, &train_set)?;
+        model.set_loss(labels.spec.problem_type, weights);
         let counts = model.param_counts();
         if main {
             println!("{}", peft_param_line(counts.0, counts.1));
@@ -206,6 +235,8 @@ impl<'a> Trainer<'a> {
             device,
             run,
             model,
+            labels,
+            scoring,
             pad,
             train_set,
             eval_set,
@@ -299,7 +330,9 @@ impl<'a> Trainer<'a> {
             &METRICS_HEADER,
             upto(keep_step),
         )?;
-        let evals = CsvLog::create(self.run.join("eval.csv"), &EVAL_HEADER, upto(keep_epochs))?;
+        let mut header: Vec<&str> = EVAL_HEADER.to_vec();
+        header.extend(self.scoring.metrics.iter().map(String::as_str));
+        let evals = CsvLog::create(self.run.join("eval.csv"), &header, upto(keep_epochs))?;
         self.logs = Some((metrics, evals));
         Ok(())
     }
@@ -333,6 +366,7 @@ impl<'a> Trainer<'a> {
         eval::evaluate(
             &self.model,
             &self.eval_set,
+            &self.scoring,
             self.cfg.eval_batch_size,
             self.pad,
             self.device,
@@ -342,13 +376,13 @@ impl<'a> Trainer<'a> {
 
     fn log_eval(&mut self, epoch: usize, r: &EvalResult) -> Result<()> {
         if let Some((_, evals)) = &mut self.logs {
-            evals.row(&[
+            let mut row = vec![
                 epoch.to_string(),
                 self.cfg.eval_split.clone(),
-                opt_fmt(r.accuracy),
-                opt_fmt(r.f1),
                 opt_fmt(r.loss),
-            ]);
+            ];
+            row.extend(self.scoring.metrics.iter().map(|k| opt_fmt(r.metric(k))));
+            evals.row(&row);
             evals.flush()?;
         }
         Ok(())
@@ -362,10 +396,9 @@ impl<'a> Trainer<'a> {
         let r = self.evaluate()?;
         say!(
             self,
-            "epoch 0 (before training): {} accuracy {} f1 {} (majority class {:.4})",
+            "epoch 0 (before training): {} {} (majority class {:.4})",
             self.cfg.eval_split,
-            opt_fmt(r.accuracy),
-            opt_fmt(r.f1),
+            metrics_text(&self.scoring, &r),
             eval::majority_fraction(&self.eval_set)
         );
         self.log_eval(0, &r)?;
@@ -561,18 +594,16 @@ impl<'a> Trainer<'a> {
         let r = self.evaluate()?;
         say!(
             self,
-            "epoch {epoch}: {} accuracy {} f1 {} loss {}",
+            "epoch {epoch}: {} {}",
             self.cfg.eval_split,
-            opt_fmt(r.accuracy),
-            opt_fmt(r.f1),
-            opt_fmt(r.loss)
+            metrics_text(&self.scoring, &r)
         );
         self.unevaluated_steps = false;
-        let best = r
-            .accuracy
-            .is_some_and(|acc| self.st.best_accuracy.is_none_or(|b| acc > b));
+        // The best adapter by the task's main metric (`best_accuracy` keeps its value).
+        let main = r.metric(&self.scoring.metrics[0]);
+        let best = main.is_some_and(|m| self.st.best_accuracy.is_none_or(|b| m > b));
         if best {
-            self.st.best_accuracy = r.accuracy;
+            self.st.best_accuracy = main;
         }
         self.st.epochs_done = epoch;
         self.st.batch_in_epoch = 0;
@@ -592,11 +623,9 @@ impl<'a> Trainer<'a> {
     }
 
     fn save_adapter(&self, name: &str) -> Result<()> {
-        adapter::save(
-            &self.run.join(name),
-            self.cfg,
-            &self.model.trainable_parameters(),
-        )
+        let dir = self.run.join(name);
+        adapter::save(&dir, self.cfg, &self.model.trainable_parameters())?;
+        adapter::write_labels(&dir, &self.labels)
     }
 
     /// A run cut short by `max_steps` in mid-epoch still evaluates the weights it ends with
@@ -606,12 +635,10 @@ impl<'a> Trainer<'a> {
             let r = self.evaluate()?;
             say!(
                 self,
-                "step {}: {} accuracy {} f1 {} loss {}",
+                "step {}: {} {}",
                 self.st.step,
                 self.cfg.eval_split,
-                opt_fmt(r.accuracy),
-                opt_fmt(r.f1),
-                opt_fmt(r.loss)
+                metrics_text(&self.scoring, &r)
             );
             if let Some((metrics, _)) = &self.logs {
                 metrics.flush()?;
@@ -647,6 +674,55 @@ impl<'a> Trainer<'a> {
             d.barrier()?;
         }
         Ok(summary)
+    }
+}
+
+/// The loss weights of `class_weights`: one per label (cross-entropy `weight`, multi-label
+/// `pos_weight`), or `balanced`: n / (K · count) per class (sklearn's `compute_class_weight`)
+/// or negatives / positives per label (the usual `pos_weight`).
+fn class_weights(cfg: &Config, spec: &LabelSpec, train: &[Encoded]) -> Result<Option<Vec<f64>>> {
+    let Some(w) = &cfg.class_weights else {
+        return Ok(None);
+    };
+    if spec.problem_type == ProblemType::Regression {
+        bail!("key `class_weights`: a regression task has no classes to weight");
+    }
+    let k = spec.num_labels();
+    let weights = match w {
+        ClassWeights::List(v) => v.clone(),
+        ClassWeights::Named(_) => balanced_weights(spec, train)?,
+    };
+    if weights.len() != k {
+        bail!(
+            "key `class_weights`: {} weights for {k} labels ({})",
+            weights.len(),
+            spec.names.join(", ")
+        );
+    }
+    Ok(Some(weights))
+}
+
+/// `balanced` weights from the training targets.
+fn balanced_weights(spec: &LabelSpec, train: &[Encoded]) -> Result<Vec<f64>> {
+    let k = spec.num_labels();
+    match spec.problem_type {
+        ProblemType::MultiLabel => {
+            let rows: Vec<Vec<bool>> = train
+                .iter()
+                .filter_map(|e| match &e.label {
+                    Some(Target::Multi(hot)) => Some(hot.iter().map(|&y| y > 0.5).collect()),
+                    _ => None,
+                })
+                .collect();
+            loss::balanced_pos_weight(&rows, k).context("key `class_weights: balanced`")
+        }
+        _ => {
+            let ids: Vec<i64> = train
+                .iter()
+                .filter_map(|e| e.label.as_ref().and_then(Target::class))
+                .collect();
+            loss::balanced_class_weights(&ids, k).context("key `class_weights: balanced`")
+        }
     }
 }
 

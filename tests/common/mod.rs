@@ -187,7 +187,7 @@ pub fn adapter_logits(
     texts: &[String],
 ) -> tch::Tensor {
     use qlora_cls::data::batch::{collate, Encoded};
-    let loaded = qlora_cls::train::load_with_adapter(cfg, adapter).expect("load with adapter");
+    let (loaded, _) = qlora_cls::train::load_with_adapter(cfg, adapter).expect("load with adapter");
     let enc: Vec<Encoded> = loaded
         .encoder
         .encode_many(texts.to_vec())
@@ -204,4 +204,27 @@ pub fn adapter_logits(
         .model
         .logits(&b.input_ids, &b.attention_mask)
         .expect("logits")
+}
+
+/// Runs the binary; panics with its output unless it succeeds. Returns standard output.
+pub fn run_ok(args: &[&str]) -> String {
+    let out = Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run qlora-cls");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "qlora-cls {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The comma-separated fields of each line of a CSV file the binary wrote.
+pub fn csv_rows(path: &Path) -> Vec<Vec<String>> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.lines()
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect()
 }
