@@ -43,11 +43,15 @@ fn check_merge(model_dir: &Path, work: &Path, extra: &[&str]) -> Value {
     flags.extend_from_slice(extra);
     let cfg = config_from(&flags);
     random_adapter(&cfg, &adapter);
-    std::fs::write(
-        adapter.join("labels.json"),
-        r#"{"id2label": {"0": "different", "1": "paraphrase"}}"#,
-    )
-    .unwrap();
+    // Named labels travel with the adapter (labels.json, as `train` writes it).
+    let labels = qlora_cls::task::TaskLabels {
+        task: qlora_cls::task::Task::from_config(&cfg).expect("task"),
+        spec: qlora_cls::task::LabelSpec {
+            problem_type: qlora_cls::model::loss::ProblemType::SingleLabel,
+            names: vec!["different".into(), "paraphrase".into()],
+        },
+    };
+    qlora_cls::adapter::write_labels(&adapter, &labels).expect("labels.json");
     let merged = work.join("merged");
     let mut args = vec![
         "merge",
