@@ -8,36 +8,9 @@ use std::path::Path;
 
 pub const LABELS_FILE: &str = "labels.json";
 
-/// transformers' `config.problem_type`, which decides how logits become scores.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProblemType {
-    /// softmax over the labels
-    SingleLabel,
-    /// an independent sigmoid per label
-    MultiLabel,
-    /// the raw output value(s)
-    Regression,
-}
-
-impl ProblemType {
-    pub fn name(self) -> &'static str {
-        match self {
-            ProblemType::SingleLabel => "single_label_classification",
-            ProblemType::MultiLabel => "multi_label_classification",
-            ProblemType::Regression => "regression",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        [
-            ProblemType::SingleLabel,
-            ProblemType::MultiLabel,
-            ProblemType::Regression,
-        ]
-        .into_iter()
-        .find(|p| p.name() == s)
-    }
-}
+/// transformers' `config.problem_type`, which decides how logits become scores (the same
+/// type the loss is chosen by).
+pub use crate::model::loss::ProblemType;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct LabelSpec {
@@ -61,7 +34,7 @@ impl LabelSpec {
             .enumerate()
             .map(|(i, n)| (n.clone(), json!(i)))
             .collect();
-        json!({"id2label": id2label, "label2id": label2id, "problem_type": self.problem_type.name()})
+        json!({"id2label": id2label, "label2id": label2id, "problem_type": self.problem_type.as_str()})
     }
 }
 

@@ -122,7 +122,7 @@ pub fn serve(cfg: &Config, adapter: &Path, opts: &ServeOptions) -> Result<()> {
         "adapter": adapter.display().to_string(),
         "model_dtype": crate::merge::dtype_config_name(model.opts.compute_dtype),
         "model_type": {"classifier": label_spec_fields(&labels)},
-        "problem_type": labels.problem_type.name(),
+        "problem_type": labels.problem_type.as_str(),
         "labels": labels.id2label,
         "pair_inputs": task.text_columns.len() == 2,
         "template": task.template,
