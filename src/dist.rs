@@ -5,7 +5,8 @@
 //! variables. Every collective is bounded by the timeout given at start-up, and a failure caused
 //! by a peer that died, hung or left names that rank in the error (see `docs/dist.md`).
 //!
-//! Batch helpers follow accelerate: [`split_batch`] (`split_batches=True`) for training and
+//! Batch helpers follow accelerate: [`part_range`] (`split_batches=True`, used by
+//! `train::micro_batches`) for training and
 //! [`shard_indices`] / [`unshard`] (`even_batches=True`) for evaluation.
 
 use std::collections::BTreeMap;
@@ -530,34 +531,6 @@ pub fn part_range(n: usize, rank: usize, world: usize) -> std::ops::Range<usize>
     let per = n.div_ceil(world);
     let start = (rank * per).min(n);
     start..(start + per).min(n)
-}
-
-/// accelerate's `split_batches`: the global batch (indices) split into `world` contiguous parts
-/// of `ceil(len / world)`; rank `r` gets part `r`. When the batch does not divide evenly the last
-/// parts are shorter, possibly empty (e.g. 5 over 4 ranks: 2, 2, 1, 0). A rank with an empty part
-/// must still take part in the gradient all-reduce (with zero gradients); see [`part_weight`] for
-/// keeping the average exact.
-pub fn split_batch(global: &[usize], rank: usize, world: usize) -> Vec<usize> {
-    global[part_range(global.len(), rank, world)].to_vec()
-}
-
-/// Weight of rank `rank`'s part of a global batch of `global_len` items: its size / global size
-/// (0 for an empty part or batch). The weights of all parts sum to 1. Scaling a rank's
-/// part-mean loss by `part_weight * world` before backward makes [`Dist::all_reduce_mean`]
-/// yield exactly the gradient of the global-batch mean loss.
-pub fn part_weight(global_len: usize, rank: usize, world: usize) -> f64 {
-    if global_len == 0 {
-        return 0.0;
-    }
-    part_range(global_len, rank, world).len() as f64 / global_len as f64
-}
-
-/// [`split_batch`] together with [`part_weight`].
-pub fn split_batch_weighted(global: &[usize], rank: usize, world: usize) -> (Vec<usize>, f64) {
-    (
-        split_batch(global, rank, world),
-        part_weight(global.len(), rank, world),
-    )
 }
 
 /// Evaluation sharding: rank `r` gets examples `r, r + world, ...`, padded to `ceil(n / world)`

@@ -14,6 +14,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use qlora_cls::dist::{self, Dist};
+use qlora_cls::train;
 use tch::{Device, Kind, Tensor};
 
 const CHILD: &str = "QLORA_DIST_CHILD";
@@ -682,6 +683,16 @@ fn shard_indices_match_accelerate_even_batches() {
     assert!(dist::unshard(vec![Vec::<usize>::new(); 2], 0).is_empty());
 }
 
+/// Rank `r`'s part of a global batch as training takes it (one micro-step): its items and
+/// its loss weight (an empty part has none and weighs 0).
+fn parts(global: &[usize], r: usize, w: usize) -> (Vec<usize>, f64) {
+    match train::micro_batches(global, r, w, 1).as_slice() {
+        [] => (Vec::new(), 0.0),
+        [m] => (m.items.clone(), m.part.loss_weight),
+        more => panic!("{} micro-batches for one accumulation step", more.len()),
+    }
+}
+
 #[test]
 fn split_batch_matches_accelerate_and_keeps_the_average_exact() {
     // Divisible global batches: identical to accelerate's split_batches=True.
@@ -693,7 +704,7 @@ fn split_batch_matches_accelerate_and_keeps_the_average_exact() {
         let global: Vec<usize> = (0..n).collect();
         for r in 0..w {
             assert_eq!(
-                dist::split_batch(&global, r, w),
+                parts(&global, r, w).0,
                 want[k],
                 "split_batch n={n} r={r} w={w}"
             );
@@ -711,11 +722,11 @@ fn split_batch_matches_accelerate_and_keeps_the_average_exact() {
             let mut weight_sum = 0.0;
             let mut mean_of_parts = 0.0;
             for r in 0..w {
-                let (part, weight) = dist::split_batch_weighted(&global, r, w);
+                let (part, weight) = parts(&global, r, w);
                 assert!(part.len() <= per);
                 if r > 0 && !part.is_empty() {
                     assert_eq!(
-                        dist::split_batch(&global, r - 1, w).len(),
+                        parts(&global, r - 1, w).0.len(),
                         per,
                         "only the tail is short"
                     );
@@ -725,9 +736,9 @@ fn split_batch_matches_accelerate_and_keeps_the_average_exact() {
                 if !part.is_empty() {
                     let part_mean =
                         part.iter().map(|&i| values[i - 100]).sum::<f64>() / part.len() as f64;
-                    // What a rank backpropagates: its part mean scaled by weight * world; the
-                    // all-reduce mean then divides by world.
-                    mean_of_parts += part_mean * weight * w as f64 / w as f64;
+                    // What a rank backpropagates: its part mean scaled by its weight; the
+                    // all-reduce sums the ranks.
+                    mean_of_parts += part_mean * weight;
                 }
                 joined.extend(part);
             }

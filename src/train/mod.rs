@@ -8,7 +8,6 @@ mod setup;
 mod step;
 mod trainer;
 
-pub use progress::fmt_duration;
 pub use setup::{
     encode_raw, load_model, load_split, load_with_adapter, model_options, prepare_task, scoring,
     sized_for, Loaded,

@@ -90,7 +90,7 @@ impl Progress {
     }
 }
 
-pub fn fmt_duration(s: f64) -> String {
+fn fmt_duration(s: f64) -> String {
     let s = s.max(0.0) as u64;
     if s >= 3600 {
         format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
