@@ -54,7 +54,7 @@ pub struct LlamaClassifier {
     /// recomputation can reproduce.
     dropout_step: AtomicU64,
     /// The training loss: problem type and class weights (cross-entropy unweighted unless set).
-    loss_kind: (ProblemType, Option<Vec<f64>>),
+    loss_kind: (ProblemType, LossWeights),
 }
 
 impl LlamaClassifier {
@@ -125,7 +125,7 @@ impl LlamaClassifier {
             score,
             opts: opts.clone(),
             dropout_step: AtomicU64::new(0),
-            loss_kind: (ProblemType::SingleLabel, None),
+            loss_kind: (ProblemType::SingleLabel, LossWeights::None),
         })
     }
 
@@ -259,18 +259,18 @@ impl LlamaClassifier {
     /// torch's `CrossEntropyLoss(weight=)` / `BCEWithLogitsLoss(pos_weight=)` when `weights`
     /// are given.
     pub fn set_loss(&mut self, problem: ProblemType, weights: Option<Vec<f64>>) {
-        self.loss_kind = (problem, weights);
+        self.loss_kind = (
+            problem,
+            weights.map_or(LossWeights::None, LossWeights::PerClass),
+        );
     }
 
     fn loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-        let weights = match &self.loss_kind.1 {
-            Some(w) => LossWeights::PerClass(w.clone()),
-            None => LossWeights::None,
-        };
-        loss::loss(logits, labels, self.loss_kind.0, &weights)
+        loss::loss(logits, labels, self.loss_kind.0, &self.loss_kind.1)
     }
 
-    /// Mean cross-entropy forward and backward of a whole batch, accumulating `.grad` of the
+    /// The task's mean loss ([`Self::set_loss`]) forward and backward of a whole batch,
+    /// accumulating `.grad` of the
     /// trainable tensors: [`Self::forward_backward_part`] of a batch that is its own global
     /// batch. Returns (loss, detached logits).
     pub fn forward_backward(
@@ -284,7 +284,7 @@ impl LlamaClassifier {
 
     /// Forward and backward of one part of a global batch (a rank's share, a micro-batch of
     /// gradient accumulation), on the batch's real tokens only ([`Rows`]) with the
-    /// hand-written backward of [`crate::model::backward`]. The part's mean cross-entropy is
+    /// hand-written backward of [`crate::model::backward`]. The part's mean loss is
     /// scaled by `part.loss_weight` before the backward, so the parts' gradients add up to the
     /// global batch's mean; dropout masks are keyed by each example's place in the global
     /// batch, so they do not depend on how it was split. Without gradient checkpointing each
