@@ -12,9 +12,7 @@ use tch::{Device, Kind, Tensor};
 
 #[derive(Debug, Clone, Default)]
 pub struct EvalResult {
-    /// None when the split has no labels (GLUE's test.tsv) or the task has no such metric.
-    pub accuracy: Option<f64>,
-    pub f1: Option<f64>,
+    /// None when the split has no labels (GLUE's test.tsv).
     pub loss: Option<f64>,
     /// The task's metrics (key, value), in its order; empty when the split has no labels.
     pub metrics: Vec<(String, f64)>,
@@ -186,8 +184,6 @@ fn summarize(data: &[Encoded], logits: &Tensor, scoring: &Scoring) -> Result<Eva
         .into_iter()
         .map(|(m, v)| (m.key().to_string(), v))
         .collect();
-    out.accuracy = out.metric("accuracy");
-    out.f1 = out.metric("f1");
     Ok(out)
 }
 

@@ -782,7 +782,10 @@ fn our_trainer_loads_peft_adapters_in(root: &Path) {
             .zip(&label_v)
             .filter(|(p, l)| p == l)
             .count();
-        assert_eq!(r.accuracy, Some(correct as f64 / label_v.len() as f64));
+        assert_eq!(
+            r.metric("accuracy"),
+            Some(correct as f64 / label_v.len() as f64)
+        );
     }
 }
 

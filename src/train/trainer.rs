@@ -103,8 +103,7 @@ fn opt_fmt(v: Option<f64>) -> String {
 }
 
 fn eval_json(r: &EvalResult) -> serde_json::Value {
-    let mut v =
-        json!({"accuracy": r.accuracy, "f1": r.f1, "loss": r.loss, "examples": r.pred.len()});
+    let mut v = json!({"loss": r.loss, "examples": r.pred.len()});
     for (k, m) in &r.metrics {
         v[k.as_str()] = json!(m);
     }
