@@ -413,6 +413,20 @@ fn read_tsv(path: &Path) -> Result<Vec<Example>> {
     Ok(out)
 }
 
+/// A record of a CSV file and its `path:line` for messages; a malformed record is an error
+/// naming its line.
+pub(crate) fn csv_record(
+    path: &Path,
+    rec: csv::Result<csv::StringRecord>,
+) -> Result<(csv::StringRecord, String)> {
+    let rec = rec.map_err(|e| {
+        let line = e.position().map(|p| p.line()).unwrap_or(0);
+        anyhow!("{}:{line}: malformed CSV: {e}", path.display())
+    })?;
+    let line = rec.position().map(|p| p.line()).unwrap_or(0);
+    Ok((rec, format!("{}:{line}", path.display())))
+}
+
 /// A CSV reader over `text` (fields counted by the caller) and its trimmed header.
 pub(crate) fn csv_reader<'t>(
     path: &Path,
@@ -447,12 +461,8 @@ fn read_csv(path: &Path) -> Result<Vec<Example>> {
     };
     let mut out = Vec::new();
     for rec in rdr.records() {
-        let rec = rec.map_err(|e| {
-            let line = e.position().map(|p| p.line()).unwrap_or(0);
-            anyhow!("{}:{line}: malformed CSV: {e}", path.display())
-        })?;
-        let line = rec.position().map(|p| p.line()).unwrap_or(0);
-        let at = || format!("{}:{line}", path.display());
+        let (rec, place) = csv_record(path, rec)?;
+        let at = || place.clone();
         if rec.len() != header.len() {
             bail!(
                 "{}: expected {} comma-separated fields (as in the header), found {}",

@@ -79,12 +79,7 @@ fn read_csv(path: &Path) -> Result<Table> {
     let (mut rdr, columns) = super::formats::csv_reader(path, &text)?;
     let mut rows = Vec::new();
     for rec in rdr.records() {
-        let rec = rec.map_err(|e| {
-            let line = e.position().map(|p| p.line()).unwrap_or(0);
-            anyhow!("{}:{line}: malformed CSV: {e}", path.display())
-        })?;
-        let line = rec.position().map(|p| p.line()).unwrap_or(0);
-        let where_ = format!("{}:{line}", path.display());
+        let (rec, where_) = super::formats::csv_record(path, rec)?;
         rows.push(text_row(&columns, rec.iter(), where_, "comma")?);
     }
     Ok(Table {
