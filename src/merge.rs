@@ -498,7 +498,8 @@ fn write_merged(
     opts: &MergeOptions,
 ) -> Result<MergeReport> {
     let model_dir = cfg.model_dir()?;
-    let encoder = TextEncoder::from_dir(cfg.tokenizer_dir()?, None)?;
+    let mut encoder = TextEncoder::from_dir(cfg.tokenizer_dir()?, None)?;
+    crate::train::use_model_pad_token(model_dir, &mut encoder)?;
     let merger = Merger {
         ck: Checkpoint::open(model_dir)?,
         adapter: read_adapter(adapter_dir)?,

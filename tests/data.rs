@@ -624,3 +624,44 @@ fn comma_and_plus_join_splits_alike() {
     assert_eq!(plus.len(), 3668 + 408);
     assert_eq!(plus, comma);
 }
+
+/// The pad token: config.json's `pad_token_id` when the model names one, else EOS (what the
+/// reference sets); padding and the pooled position follow it.
+#[test]
+fn pad_token_is_the_models_own_else_eos() {
+    let tmp = common::tempdir();
+    let assets = common::demo_assets(tmp.path());
+    let model = assets.join("model");
+    let cfg = common::config_from(&["--model_dir", model.to_str().unwrap()]);
+    let eos = {
+        let l = qlora_cls::train::load_model(&cfg, tch::Device::Cpu).expect("load");
+        let eos = l
+            .encoder
+            .token_to_id(l.encoder.eos_token())
+            .expect("eos id");
+        assert_eq!(l.encoder.pad_id(), eos, "no pad_token_id: EOS pads");
+        assert_eq!(l.model.opts.pad_token_id, eos);
+        eos
+    };
+    let path = model.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let pad = if eos == 3 { 4 } else { 3 };
+    v["pad_token_id"] = serde_json::json!(pad);
+    std::fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
+    let l = qlora_cls::train::load_model(&cfg, tch::Device::Cpu).expect("load");
+    assert_eq!(l.encoder.pad_id(), pad);
+    assert_eq!(l.model.opts.pad_token_id, pad);
+    v["pad_token_id"] = serde_json::json!(1 << 30);
+    std::fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
+    let err = format!(
+        "{:#}",
+        qlora_cls::train::load_model(&cfg, tch::Device::Cpu)
+            .err()
+            .expect("a pad id outside the vocabulary is refused")
+    );
+    assert!(
+        err.contains("pad_token_id") && err.contains("config.json"),
+        "{err}"
+    );
+}

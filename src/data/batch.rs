@@ -102,6 +102,11 @@ impl TextEncoder {
         self.pad_id
     }
 
+    /// Pads with `id` instead of the EOS token (a model whose config names its pad token).
+    pub fn set_pad_id(&mut self, id: i64) {
+        self.pad_id = id;
+    }
+
     pub fn eos_token(&self) -> &str {
         &self.eos_token
     }

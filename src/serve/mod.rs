@@ -100,7 +100,8 @@ pub fn serve(cfg: &Config, adapter: &Path, opts: &ServeOptions) -> Result<()> {
         .or(configured_max)
         .unwrap_or(model.config.max_position_embeddings.max(1) as usize);
     let tokenizer_dir = cfg.tokenizer_dir()?;
-    let truncating = TextEncoder::from_dir(tokenizer_dir, Some(max_input_length))?;
+    let mut truncating = TextEncoder::from_dir(tokenizer_dir, Some(max_input_length))?;
+    truncating.set_pad_id(encoder.pad_id());
     let num_labels = model.opts.num_labels as usize;
     let labels = label_spec::label_spec(adapter, num_labels)?;
     // The prompt the adapter was trained with (an adapter from before labels.json: the
