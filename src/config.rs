@@ -68,7 +68,11 @@ pub struct Config {
     pub weight_decay: f64,
     pub optimizer: String,
     pub max_grad_norm: Option<f64>,
-    pub gradient_checkpointing: bool,
+    pub gradient_checkpointing: Checkpointing,
+    /// Memory `gradient_checkpointing: auto` may plan for: bytes, or a size such as `20GiB`
+    /// / `16GB`; null: what the device has (free device memory, or available RAM, plus
+    /// what this process already holds).
+    pub max_memory: Option<MemorySize>,
     /// Stop after this many optimizer steps (for smoke runs); null = all epochs.
     pub max_steps: Option<usize>,
     pub eval_before_training: bool,
@@ -86,6 +90,102 @@ pub struct Config {
     /// Seconds a collective may wait for the other ranks before the run stops, naming the lost rank.
     pub dist_timeout_s: u64,
     pub log_every: usize,
+    /// Time each training step's parts (`profile.json` in the run folder; synchronises a GPU).
+    pub profile: bool,
+}
+
+/// `gradient_checkpointing`: `auto` keeps each layer's activations when the estimated peak
+/// fits `max_memory` and recomputes each layer in the backward otherwise; `true` always
+/// recomputes (the reference's setting), `false` always keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkpointing {
+    Auto,
+    Recompute,
+    Keep,
+}
+
+impl Serialize for Checkpointing {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Checkpointing::Auto => s.serialize_str("auto"),
+            Checkpointing::Recompute => s.serialize_bool(true),
+            Checkpointing::Keep => s.serialize_bool(false),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Checkpointing {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Bool(true) => Ok(Checkpointing::Recompute),
+            Value::Bool(false) => Ok(Checkpointing::Keep),
+            Value::String(s) if s == "auto" => Ok(Checkpointing::Auto),
+            Value::String(s) if s == "true" => Ok(Checkpointing::Recompute),
+            Value::String(s) if s == "false" => Ok(Checkpointing::Keep),
+            other => Err(serde::de::Error::custom(format!(
+                "expected auto, true or false, got {other:?}"
+            ))),
+        }
+    }
+}
+
+/// `max_memory`: a byte count, written as a number or with a unit (`20GiB`, `16GB`, `512MiB`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemorySize(pub u64);
+
+impl MemorySize {
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        let t = text.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: f64 = num
+            .parse()
+            .map_err(|_| format!("`{text}` is not a size such as 20GiB, 16GB or 1073741824"))?;
+        let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1.0,
+            "kb" => 1e3,
+            "mb" => 1e6,
+            "gb" => 1e9,
+            "tb" => 1e12,
+            "kib" => 1024.0,
+            "mib" => 1024f64.powi(2),
+            "gib" => 1024f64.powi(3),
+            "tib" => 1024f64.powi(4),
+            u => {
+                return Err(format!(
+                    "`{text}`: unknown unit `{u}` (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+                ))
+            }
+        };
+        let bytes = n * scale;
+        if !(bytes >= 1.0 && bytes.is_finite()) {
+            return Err(format!("`{text}` must be at least one byte"));
+        }
+        Ok(MemorySize(bytes as u64))
+    }
+}
+
+impl Serialize for MemorySize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for MemorySize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let text = match Value::deserialize(d)? {
+            Value::Number(n) => n.to_string(),
+            Value::String(s) => s,
+            other => {
+                return Err(serde::de::Error::custom(format!(
+                    "expected a size such as 20GiB, got {other:?}"
+                )))
+            }
+        };
+        MemorySize::parse(&text).map_err(serde::de::Error::custom)
+    }
 }
 
 /// `class_weights`: `balanced` (n / (K · count), sklearn's) or one weight per label.
@@ -136,7 +236,8 @@ impl Default for Config {
             weight_decay: 0.01,
             optimizer: "adamw8bit".into(),
             max_grad_norm: None,
-            gradient_checkpointing: true,
+            gradient_checkpointing: Checkpointing::Auto,
+            max_memory: None,
             max_steps: None,
             eval_before_training: true,
             checkpoint_every: 0,
@@ -146,6 +247,7 @@ impl Default for Config {
             device: "auto".into(),
             dist_timeout_s: 300,
             log_every: 10,
+            profile: false,
         }
     }
 }
@@ -589,16 +691,45 @@ impl Config {
         }
     }
 
-    /// The compute dtype; `auto` is bf16 on a GPU and fp32 on a CPU.
+    /// The compute dtype; `auto` is bf16 on a GPU and on a CPU with bf16 matmul
+    /// instructions (AVX512-BF16 or AMX-BF16, Arm's BF16), fp32 on other CPUs (where bf16
+    /// matmuls are emulated and slower than fp32).
     pub fn compute_kind(&self, device: tch::Device) -> tch::Kind {
         match self.bnb_4bit_compute_dtype.as_str() {
             "bfloat16" => tch::Kind::BFloat16,
             "float16" => tch::Kind::Half,
             "float32" => tch::Kind::Float,
-            _ if device.is_cuda() => tch::Kind::BFloat16,
+            _ if device.is_cuda() || cpu_has_bf16_matmul() => tch::Kind::BFloat16,
             _ => tch::Kind::Float,
         }
     }
+}
+
+/// Whether this CPU multiplies bf16 natively, from the kernel's feature flags
+/// (`/proc/cpuinfo`); `QLORA_CPU_BF16=0/1` overrides (e.g. for a container that hides them).
+pub fn cpu_has_bf16_matmul() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| match std::env::var("QLORA_CPU_BF16").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => std::fs::read_to_string("/proc/cpuinfo")
+            .map(|text| cpuinfo_has_bf16(&text))
+            .unwrap_or(false),
+    })
+}
+
+fn cpuinfo_has_bf16(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags") || l.starts_with("Features"))
+        .take(1)
+        .flat_map(|l| {
+            l.split_once(':')
+                .map(|x| x.1)
+                .unwrap_or("")
+                .split_whitespace()
+        })
+        .any(|f| matches!(f, "avx512_bf16" | "amx_bf16" | "bf16"))
 }
 
 /// The decoder family of `model_dir/config.json`, when it names one we know; LoRA's default
@@ -614,6 +745,16 @@ fn model_family(model_dir: &Path) -> Option<Family> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bf16_flags() {
+        assert!(cpuinfo_has_bf16(
+            "processor: 0\nflags\t: fpu avx2 avx512f avx512_bf16 amx_tile\n"
+        ));
+        assert!(cpuinfo_has_bf16("Features\t: fp asimd bf16 i8mm\n"));
+        assert!(!cpuinfo_has_bf16("flags\t: fpu avx avx2 fma\n"));
+        assert!(!cpuinfo_has_bf16(""));
+    }
 
     #[test]
     fn distance_and_nearest() {

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod plot;
+pub mod profile;
 pub mod quant;
 pub mod quantize;
 pub mod resume;

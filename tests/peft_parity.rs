@@ -6,7 +6,7 @@ mod common;
 use common::{max_abs, max_abs_diff};
 
 use qlora_cls::adapter;
-use qlora_cls::config::Config;
+use qlora_cls::config::{Checkpointing, Config};
 use qlora_cls::data::batch::Encoded;
 use qlora_cls::eval;
 use qlora_cls::model::classifier::LlamaClassifier;
@@ -119,7 +119,11 @@ fn config_in(root: &Path, nf4: bool) -> Config {
         weight_decay: 0.01,
         optimizer: "adamw8bit".into(),
         // Checkpointing recomputes each layer in the backward; cover both paths.
-        gradient_checkpointing: nf4,
+        gradient_checkpointing: if nf4 {
+            Checkpointing::Recompute
+        } else {
+            Checkpointing::Keep
+        },
         ..Config::default()
     }
 }

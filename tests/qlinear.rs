@@ -3,7 +3,7 @@
 use qlora_cls::dropout::Dropout;
 use qlora_cls::lora::{LoraAdapter, LoraConfig};
 use qlora_cls::quant::nf4::{self, Nf4Options};
-use qlora_cls::quant::qlinear::{FrozenWeight, QLinear};
+use qlora_cls::quant::qlinear::{FrozenWeight, QLinear, Scratch};
 use tch::{Device, Kind, Tensor};
 
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
@@ -84,10 +84,17 @@ fn hand_written_backward_matches_a_dense_reference() {
     let lora = ql.lora.as_ref().unwrap();
     let x = Tensor::randn([120, 192], (Kind::Float, Device::Cpu));
     let seed = 99u64;
-    let (y, saved) = ql.forward_saved(&x, Some(seed.into())).unwrap();
+    let (y, saved) = ql
+        .forward_saved(&x, Some(seed.into()), &Scratch::default())
+        .unwrap();
     let gy = Tensor::randn(y.size(), (Kind::Float, Device::Cpu));
     let gx = ql
-        .backward(saved.as_ref(), || x.shallow_clone(), &gy)
+        .backward(
+            saved.as_ref(),
+            || x.shallow_clone(),
+            &gy,
+            &Scratch::default(),
+        )
         .unwrap();
     let (ga, gb) = (lora.a.grad(), lora.b.grad());
 
@@ -113,7 +120,7 @@ fn hand_written_backward_matches_a_dense_reference() {
         assert!(rel_err(got, want) <= 1e-5, "{what} {}", rel_err(got, want));
     }
     // Without a seed (evaluation) there is no dropout: the autograd forward's output.
-    let (y_eval, _) = ql.forward_saved(&x, None).unwrap();
+    let (y_eval, _) = ql.forward_saved(&x, None, &Scratch::default()).unwrap();
     assert!(rel_err(&y_eval, &ql.forward(&x).unwrap().detach()) <= 1e-6);
 }
 

@@ -13,9 +13,11 @@
 use crate::dropout::{mix, MaskKey, MAX_POSITIONS};
 use crate::lora::LoraSaved;
 use crate::model::llama::{rotate_half, ContextSpec, DecoderLayer, LayerContext, RmsNorm};
+use crate::profile::{scope, Part};
+use crate::quant::qlinear::Scratch;
 use anyhow::{Context, Result};
 use std::cell::OnceCell;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// One batch's token rows and how they map to the padded layout.
 pub struct Rows {
@@ -33,20 +35,32 @@ pub struct Rows {
     pub pool: Tensor,
     /// `[N]` each row's LoRA dropout key ([`crate::dropout::row_key`]), once [`Self::key_dropout`] set them.
     pub dropout_keys: Option<Tensor>,
+    /// The buffer every frozen weight of this batch's passes is dequantised into.
+    pub scratch: Scratch,
 }
 
 impl Rows {
-    /// `pooled`: `[B]` the position (in `0..T`) each sequence is read out at.
-    pub fn new(spec: &ContextSpec, attention_mask: &Tensor, pooled: &Tensor, kind: Kind) -> Self {
-        let device = attention_mask.device();
+    /// `pooled`: `[B]` the position (in `0..T`) each sequence is read out at. The mask and
+    /// `pooled` may sit on the host while the model runs on `device`: the row bookkeeping
+    /// (which positions are real, how many) is then done there, and the forward never waits
+    /// for the device to tell the host a row count.
+    pub fn new(
+        spec: &ContextSpec,
+        attention_mask: &Tensor,
+        pooled: &Tensor,
+        kind: Kind,
+        device: Device,
+    ) -> Self {
+        let host = attention_mask.device();
         let s = attention_mask.size();
         let (b, t) = (s[0], s[1]);
-        let ctx = LayerContext::new(spec, attention_mask, kind);
-        let flat_pooled = Tensor::arange(b, (Kind::Int64, device)) * t + pooled;
+        let ctx = LayerContext::new(spec, &attention_mask.to_device(device), kind);
+        let flat_pooled = Tensor::arange(b, (Kind::Int64, host)) * t + pooled.to_device(host);
         let keep = attention_mask
             .to_kind(Kind::Bool)
             .reshape([-1])
             .index_fill(0, &flat_pooled, 1);
+        let flat_pooled = flat_pooled.to_device(device);
         if keep.all().int64_value(&[]) != 0 {
             return Rows {
                 batch: b,
@@ -60,9 +74,10 @@ impl Rows {
                 ctx,
                 pool: flat_pooled,
                 dropout_keys: None,
+                scratch: Scratch::default(),
             };
         }
-        let index = keep.nonzero().reshape([-1]);
+        let index = keep.nonzero().reshape([-1]).to_device(device);
         let n = index.size()[0];
         let pos = index.remainder(t);
         let row_of = Tensor::full([b * t], -1, (Kind::Int64, device)).index_copy(
@@ -82,6 +97,7 @@ impl Rows {
             index: Some(index),
             ctx,
             dropout_keys: None,
+            scratch: Scratch::default(),
         }
     }
 
@@ -247,11 +263,12 @@ impl DecoderLayer {
                 rows: rows.dropout_keys.as_ref().map(Tensor::shallow_clone),
             })
         };
+        let _p = scope(Part::Elementwise);
         tch::no_grad(|| {
             let a = &self.self_attn;
             let d = a.head_dim;
             let (n1, rstd1) = self.attn_norm.forward_saved(x);
-            let (parts, qkv_lora) = a.qkv.forward_saved(&n1, &seed)?;
+            let (parts, qkv_lora) = a.qkv.forward_saved(&n1, &seed, &rows.scratch)?;
             drop(n1);
             let mut parts = parts.into_iter();
             let (q, k, v) = (
@@ -263,27 +280,31 @@ impl DecoderLayer {
             let (k, k_norm) = norm_rows(&a.k_norm, k, Some(d));
             let q = rows.rope(&q, d, a.rope);
             let k = rows.rope(&k, d, a.rope);
-            let attn = a.attend(
-                &rows.heads_of_rows(&q, d),
-                &rows.heads_of_rows(&k, d),
-                &rows.heads_of_rows(&v, d),
-                &rows.ctx,
+            let (qh, kh, vh) = (
+                rows.heads_of_rows(&q, d),
+                rows.heads_of_rows(&k, d),
+                rows.heads_of_rows(&v, d),
             );
-            let (o, o_lora) = a
-                .o_proj
-                .forward_saved(&rows.rows_of_heads(&attn), seed(3))?;
+            let attn = {
+                let _p = scope(Part::Attention);
+                a.attend(&qh, &kh, &vh, &rows.ctx)
+            };
+            drop((qh, kh, vh));
+            let (o, o_lora) =
+                a.o_proj
+                    .forward_saved(&rows.rows_of_heads(&attn), seed(3), &rows.scratch)?;
             drop(attn);
             let (o, attn_post) = norm_rows(&self.attn_post_norm, o, None);
             let h = x + o;
             let m = &self.mlp;
             let (n2, rstd2) = self.mlp_norm.forward_saved(&h);
-            let (parts, gate_up_lora) = m.gate_up.forward_saved(&n2, &seed)?;
+            let (parts, gate_up_lora) = m.gate_up.forward_saved(&n2, &seed, &rows.scratch)?;
             drop(n2);
             let mut parts = parts.into_iter();
             let (g, u) = (parts.next().expect("gate"), parts.next().expect("up"));
-            let (dn, down_lora) = m
-                .down_proj
-                .forward_saved(&(m.act.forward(&g) * &u), seed(6))?;
+            let (dn, down_lora) =
+                m.down_proj
+                    .forward_saved(&(m.act.forward(&g) * &u), seed(6), &rows.scratch)?;
             let (dn, mlp_post) = norm_rows(&self.mlp_post_norm, dn, None);
             let out = &h + dn;
             let saved = save.then(|| LayerSaved {
@@ -318,6 +339,7 @@ impl DecoderLayer {
         dout: &Tensor,
         need_dx: bool,
     ) -> Result<Option<Tensor>> {
+        let _p = scope(Part::Elementwise);
         let kind = dout.kind();
         let m = &self.mlp;
         let a = &self.self_attn;
@@ -326,9 +348,12 @@ impl DecoderLayer {
         let dh = tch::no_grad(|| -> Result<Tensor> {
             let ddown = norm_rows_backward(&self.mlp_post_norm, &s.mlp_post, dout.shallow_clone());
             let sg = m.act.forward(&s.gate_out);
-            let dact = m
-                .down_proj
-                .backward(s.down_lora.as_ref(), || &sg * &s.up_out, &ddown)?;
+            let dact = m.down_proj.backward(
+                s.down_lora.as_ref(),
+                || &sg * &s.up_out,
+                &ddown,
+                &rows.scratch,
+            )?;
             drop(ddown);
             let dgate_act = &dact * &s.up_out;
             let du = &dact * &sg;
@@ -341,27 +366,33 @@ impl DecoderLayer {
                     .get_or_init(|| self.mlp_norm.normed(&s.h, &s.rstd2))
                     .shallow_clone()
             };
-            let dn2 = m.gate_up.backward(&s.gate_up_lora, &n2, &[dg, du])?;
+            let dn2 = m
+                .gate_up
+                .backward(&s.gate_up_lora, &n2, &[dg, du], &rows.scratch)?;
             Ok(dout + self.mlp_norm.backward(&s.h, &s.rstd2, &dn2, kind))
         })?;
         // Attention: h = x + post(o_proj(attn(rope(q), rope(k), v))), recomputed under autograd.
         let leaf = |t: &Tensor| rows.heads_of_rows(t, d).detach().set_requires_grad(true);
         let (qh, kh, vh) = (leaf(&s.q), leaf(&s.k), leaf(&s.v));
-        let attn = tch::with_grad(|| a.attend(&qh, &kh, &vh, &rows.ctx));
+        let attn = {
+            let _p = scope(Part::Attention);
+            tch::with_grad(|| a.attend(&qh, &kh, &vh, &rows.ctx))
+        };
         let dattn = tch::no_grad(|| {
             let do_ = norm_rows_backward(&self.attn_post_norm, &s.attn_post, dh.shallow_clone());
             a.o_proj.backward(
                 s.o_lora.as_ref(),
                 || rows.rows_of_heads(&attn.detach()),
                 &do_,
+                &rows.scratch,
             )
         })?;
-        tch::with_grad(|| {
-            (&attn * rows.heads_of_rows(&dattn, d))
-                .sum(Kind::Float)
-                .f_backward()
-        })
-        .context("attention backward")?;
+        let dattn_heads = rows.heads_of_rows(&dattn, d);
+        {
+            let _p = scope(Part::Attention);
+            tch::with_grad(|| (&attn * dattn_heads).sum(Kind::Float).f_backward())
+                .context("attention backward")?;
+        }
         drop((attn, dattn));
         let grad_rows = |leaf: &Tensor| -> Tensor {
             let g = leaf.grad();
@@ -384,7 +415,7 @@ impl DecoderLayer {
                 a.qkv.backward_params_only(&s.qkv_lora, &n1, &dparts)?;
                 return Ok(None);
             }
-            let dn1 = a.qkv.backward(&s.qkv_lora, &n1, &dparts)?;
+            let dn1 = a.qkv.backward(&s.qkv_lora, &n1, &dparts, &rows.scratch)?;
             Ok(Some(
                 dh + self.attn_norm.backward(&s.x, &s.rstd1, &dn1, kind),
             ))

@@ -8,6 +8,7 @@ use crate::model::checkpoint::{self, LoadOptions};
 use crate::model::hf_config::{peft_param_counts, LlamaConfig};
 use crate::model::llama::{LayerContext, LlamaModel};
 use crate::model::loss::{self, LossWeights, ProblemType};
+use crate::profile::{scope, Part};
 use crate::quant::nf4::Nf4Options;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -129,20 +130,21 @@ impl LlamaClassifier {
         })
     }
 
-    /// Sets the training step the next forward's dropout masks derive from; a resumed run
-    /// sets it to the checkpoint's step so it draws exactly what the uninterrupted run drew.
+    /// Sets the step the next [`Self::forward_backward`]'s dropout masks derive from (each
+    /// call then counts one step); the training loop names its step to
+    /// [`Self::forward_backward_part`] instead.
     pub fn set_dropout_step(&self, step: u64) {
         self.dropout_step.store(step, Ordering::Relaxed);
     }
 
-    /// Per-layer LoRA dropout seeds for one training forward; `None` when dropout is off.
-    /// Each call is one step: the masks of step s, layer l and projection p derive from
-    /// (seed, s, l, p), so a checkpointed recomputation or a resumed run draws them again.
-    fn dropout_seeds(&self) -> Option<Vec<u64>> {
+    /// Per-layer LoRA dropout seeds of optimizer step `step`; `None` when dropout is off. The
+    /// masks of step s, layer l and projection p derive from (seed, s, l, p), so a
+    /// checkpointed recomputation, another micro-batch of the step or a resumed run draws
+    /// them again.
+    fn dropout_seeds(&self, step: u64) -> Option<Vec<u64>> {
         if !self.opts.lora.as_ref().is_some_and(|l| l.dropout > 0.0) {
             return None;
         }
-        let step = self.dropout_step.fetch_add(1, Ordering::Relaxed);
         let base = mix(self.opts.seed, step);
         Some(
             (0..self.model.layers.len() as u64)
@@ -174,16 +176,19 @@ impl LlamaClassifier {
         )
     }
 
-    /// The ids on the model's device and the batch's token rows.
+    /// The ids on the model's device and the batch's token rows. Given host tensors (as
+    /// the training loop passes them), the rows are worked out on the host.
     fn rows(&self, input_ids: &Tensor, attention_mask: &Tensor) -> (Tensor, Rows) {
-        let ids = input_ids.to_device(self.opts.device).to_kind(Kind::Int64);
+        let at = attention_mask.device();
+        let ids_there = input_ids.to_device(at).to_kind(Kind::Int64);
         let rows = Rows::new(
             &self.model.spec,
-            &attention_mask.to_device(self.opts.device),
-            &self.last_non_pad(&ids),
+            attention_mask,
+            &self.last_non_pad(&ids_there),
             self.opts.compute_dtype,
+            self.opts.device,
         );
-        (ids, rows)
+        (ids_there.to_device(self.opts.device), rows)
     }
 
     /// transformers' pooling index: `argmax(arange(T) * (input_ids != pad))`.
@@ -279,7 +284,10 @@ impl LlamaClassifier {
         attention_mask: &Tensor,
         labels: &Tensor,
     ) -> Result<(f64, Tensor)> {
-        self.forward_backward_part(input_ids, attention_mask, labels, &BatchPart::WHOLE)
+        let step = self.dropout_step.fetch_add(1, Ordering::Relaxed);
+        let (loss, logits) =
+            self.forward_backward_part(input_ids, attention_mask, labels, &BatchPart::WHOLE, step)?;
+        Ok((loss.double_value(&[]), logits))
     }
 
     /// Forward and backward of one part of a global batch (a rank's share, a micro-batch of
@@ -289,15 +297,17 @@ impl LlamaClassifier {
     /// global batch's mean; dropout masks are keyed by each example's place in the global
     /// batch, so they do not depend on how it was split. Without gradient checkpointing each
     /// layer keeps its activations; with it, only its input, and the backward recomputes one
-    /// layer at a time (drawing the same dropout masks). Returns (the part's unweighted mean
-    /// loss, detached logits).
+    /// layer at a time (drawing the same dropout masks). `dropout_step` is the optimizer step
+    /// the masks belong to. Returns (the part's unweighted mean loss as a detached scalar on
+    /// the device, detached logits): reading it back is the caller's one sync per step.
     pub fn forward_backward_part(
         &self,
         input_ids: &Tensor,
         attention_mask: &Tensor,
         labels: &Tensor,
         part: &BatchPart,
-    ) -> Result<(f64, Tensor)> {
+        dropout_step: u64,
+    ) -> Result<(Tensor, Tensor)> {
         self.check_inputs(input_ids, attention_mask)?;
         if labels.size().first() != Some(&input_ids.size()[0]) {
             bail!(
@@ -307,13 +317,16 @@ impl LlamaClassifier {
             );
         }
         let (ids, mut rows) = self.rows(input_ids, attention_mask);
-        let seeds = self.dropout_seeds();
+        let seeds = self.dropout_seeds(dropout_step);
         if seeds.is_some() {
             rows.key_dropout(part.first_example)?;
         }
         let train_layers = self.opts.lora.is_some();
         let checkpointing = self.opts.gradient_checkpointing;
-        let mut h = tch::no_grad(|| rows.gather(&self.model.embed(&ids)));
+        let mut h = {
+            let _p = scope(Part::Elementwise);
+            tch::no_grad(|| rows.gather(&self.model.embed(&ids)))
+        };
         let mut inputs = Vec::new();
         let mut saved = Vec::new();
         let seed = |i: usize| seeds.as_ref().map(|s| s[i]);
@@ -327,13 +340,15 @@ impl LlamaClassifier {
             saved.extend(s);
             h = next;
         }
+        let head = scope(Part::HeadLoss);
         let last = h.detach().set_requires_grad(true);
         let logits = self.score_rows(&last.index_select(0, &rows.pool));
         let loss = self.loss(&logits, labels)?;
-        let loss_value = loss.double_value(&[]);
+        let loss_value = loss.detach();
         (loss * part.loss_weight)
             .f_backward()
             .context("backward pass (head)")?;
+        drop(head);
         if !train_layers {
             return Ok((loss_value, logits.detach()));
         }

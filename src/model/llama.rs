@@ -8,7 +8,9 @@ use crate::lora::{LoraAdapter, LoraConfig, LoraSaved};
 use crate::model::checkpoint::{BaseWeights, LayerWeights};
 use crate::model::family::{Activation, Switches};
 use crate::model::hf_config::{LlamaConfig, RopeScaling};
-use crate::quant::qlinear::QLinear;
+use crate::profile::{scope, Part};
+use crate::quant::nf4::{self, Nf4Tensor};
+use crate::quant::qlinear::{FrozenWeight, QLinear, Scratch, SMALL_ROWS};
 use anyhow::{anyhow, Result};
 use std::f64::consts::PI;
 use tch::{Device, Kind, Tensor};
@@ -256,17 +258,92 @@ impl Projections {
         self.linears.iter().map(|(_, l, _)| l.forward(x)).collect()
     }
 
+    /// The parts' NF4 weights when they can be stacked into one `[Σ out, in]` operand (two
+    /// or more separate NF4 projections of the same input); `None` otherwise.
+    fn stackable(&self) -> Option<Vec<&Nf4Tensor>> {
+        if self.linears.len() < 2 {
+            return None;
+        }
+        self.linears
+            .iter()
+            .map(|(_, l, _)| match &l.weight {
+                FrozenWeight::Nf4(q) => Some(q),
+                FrozenWeight::Dense(_) => None,
+            })
+            .collect()
+    }
+
+    /// The stacked frozen weight `[Σ out, in]` in `kind`, each part dequantised straight
+    /// into its rows of `scratch`, so the parts take one matmul (forward and backward).
+    fn stacked_weight(
+        &self,
+        parts: &[&Nf4Tensor],
+        kind: Kind,
+        scratch: &Scratch,
+    ) -> Result<Tensor> {
+        let _p = scope(Part::Dequantize);
+        let rows: i64 = parts.iter().map(|q| q.shape[0]).sum();
+        let w = scratch.take(rows, parts[0].shape[1], kind, parts[0].device());
+        let mut at = 0;
+        for q in parts {
+            let mut part = w.narrow(0, at, q.shape[0]);
+            nf4::dequantize_into(q, &mut part)?;
+            at += q.shape[0];
+        }
+        Ok(w)
+    }
+
     /// The parts of rows `x` outside autograd with what the backward needs; `seed` gives
     /// each projection's dropout seed from its index.
     pub fn forward_saved(
         &self,
         x: &Tensor,
         seed: &dyn Fn(u64) -> Option<MaskKey>,
+        scratch: &Scratch,
     ) -> Result<(Vec<Tensor>, Vec<Option<LoraSaved>>)> {
+        let rows = x.numel() as i64 / x.size().last().copied().unwrap_or(1).max(1);
+        if let Some(parts) = self.stackable().filter(|_| rows > SMALL_ROWS) {
+            let w = self.stacked_weight(&parts, x.kind(), scratch)?;
+            // Biases (Qwen2's q/k/v) go into the same addmm, as `linear` adds them per part.
+            let biases: Option<Vec<&Tensor>> = self
+                .linears
+                .iter()
+                .map(|(_, l, _)| l.bias.as_ref())
+                .collect();
+            let bias = biases.map(|b| Tensor::cat(&b, 0));
+            let bases = {
+                let _p = scope(Part::Matmul);
+                x.linear(&w, bias.as_ref())
+                    .split_with_sizes(self.widths.as_slice(), -1)
+            };
+            let mut outs = Vec::with_capacity(bases.len());
+            let mut saved = Vec::with_capacity(bases.len());
+            for (base, (_, l, i)) in bases.into_iter().zip(&self.linears) {
+                let base = match (&l.bias, &bias) {
+                    (Some(b), None) => base + b,
+                    _ => base,
+                };
+                match &l.lora {
+                    Some(lora) => {
+                        let _p = scope(Part::Lora);
+                        let (y, s) = lora.forward_saved(x, seed(*i), x.kind())?;
+                        outs.push(base + y);
+                        saved.push(Some(s));
+                    }
+                    None => {
+                        // A part is a strided view of the whole product; kept alone, it
+                        // would keep the other parts' storage alive with it.
+                        outs.push(base.contiguous());
+                        saved.push(None);
+                    }
+                }
+            }
+            return Ok((outs, saved));
+        }
         let mut outs = Vec::with_capacity(self.widths.len());
         let mut saved = Vec::with_capacity(self.linears.len());
         for (_, l, i) in &self.linears {
-            let (y, s) = l.forward_saved(x, seed(*i))?;
+            let (y, s) = l.forward_saved(x, seed(*i), scratch)?;
             outs.push(y);
             saved.push(s);
         }
@@ -284,20 +361,54 @@ impl Projections {
         saved: &[Option<LoraSaved>],
         x: &dyn Fn() -> Tensor,
         dys: &[Tensor],
+        scratch: &Scratch,
     ) -> Result<Tensor> {
         if self.fused() {
             let dy = Tensor::cat(dys, -1);
-            return self.linears[0].1.backward(saved[0].as_ref(), x, &dy);
+            return self.linears[0]
+                .1
+                .backward(saved[0].as_ref(), x, &dy, scratch);
+        }
+        if let Some(parts) = self.stackable() {
+            let w = self.stacked_weight(&parts, dys[0].kind(), scratch)?;
+            let mut dx = {
+                let _p = scope(Part::Matmul);
+                Tensor::cat(dys, -1).mm(&w)
+            };
+            drop(w);
+            self.lora_backward(saved, x, dys, Some(&mut dx))?;
+            return Ok(dx);
         }
         let mut dx: Option<Tensor> = None;
         for (((_, l, _), s), dy) in self.linears.iter().zip(saved).zip(dys) {
-            let g = l.backward(s.as_ref(), x, dy)?;
+            let g = l.backward(s.as_ref(), x, dy, scratch)?;
             dx = Some(match dx {
                 Some(d) => d + g,
                 None => g,
             });
         }
         dx.ok_or_else(|| anyhow!("no projection"))
+    }
+
+    /// The LoRA branches' gradients for the parts' output gradients, their input gradients
+    /// added to `dx` when given.
+    fn lora_backward(
+        &self,
+        saved: &[Option<LoraSaved>],
+        x: &dyn Fn() -> Tensor,
+        dys: &[Tensor],
+        mut dx: Option<&mut Tensor>,
+    ) -> Result<()> {
+        for (((_, l, _), s), dy) in self.linears.iter().zip(saved).zip(dys) {
+            if let (Some(lora), Some(s)) = (&l.lora, s) {
+                let _p = scope(Part::Lora);
+                let g = lora.backward(s, &x(), dy)?;
+                if let Some(d) = dx.as_deref_mut() {
+                    *d += g;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Only the LoRA gradients, for a layer whose input needs no gradient.
@@ -313,10 +424,7 @@ impl Projections {
                 .1
                 .backward_params_only(saved[0].as_ref(), x, &dy);
         }
-        for (((_, l, _), s), dy) in self.linears.iter().zip(saved).zip(dys) {
-            l.backward_params_only(s.as_ref(), x, dy)?;
-        }
-        Ok(())
+        self.lora_backward(saved, x, dys, None)
     }
 }
 

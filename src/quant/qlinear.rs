@@ -2,12 +2,14 @@
 //! bypass.
 use crate::dropout::MaskKey;
 use crate::lora::{LoraAdapter, LoraSaved};
+use crate::profile::{scope, Part};
 use crate::quant::nf4::{self, Nf4Tensor};
 use anyhow::Result;
-use tch::{Kind, Tensor};
+use std::cell::RefCell;
+use tch::{Device, Kind, Tensor};
 
 /// Rows up to which the no-grad path uses `nf4::matmul_small` instead of dequantising.
-const SMALL_ROWS: i64 = 16;
+pub const SMALL_ROWS: i64 = 16;
 
 #[derive(Debug)]
 pub enum FrozenWeight {
@@ -40,6 +42,31 @@ impl FrozenWeight {
     }
 }
 
+/// One reused operand buffer for the dequantised frozen weights of a pass: every projection
+/// of every layer dequantises into (a view of) the same allocation, instead of allocating,
+/// faulting in and freeing a fresh weight-sized tensor per call.
+#[derive(Debug, Default)]
+pub struct Scratch(RefCell<Option<Tensor>>);
+
+impl Scratch {
+    /// A contiguous `[rows, cols]` view of the buffer (grown when too small). The view stays
+    /// valid after the buffer grows; what it holds is overwritten by the next `take`.
+    pub fn take(&self, rows: i64, cols: i64, kind: Kind, device: Device) -> Tensor {
+        let n = rows * cols;
+        let mut slot = self.0.borrow_mut();
+        let fits = slot
+            .as_ref()
+            .is_some_and(|b| b.kind() == kind && b.device() == device && b.numel() as i64 >= n);
+        if !fits {
+            *slot = Some(Tensor::empty([n], (kind, device)));
+        }
+        slot.as_ref()
+            .expect("just filled")
+            .narrow(0, 0, n)
+            .view([rows, cols])
+    }
+}
+
 #[derive(Debug)]
 pub struct QLinear {
     pub weight: FrozenWeight,
@@ -64,28 +91,55 @@ impl QLinear {
     fn frozen(&self, x: &Tensor) -> Result<Tensor> {
         let b = self.bias.as_ref();
         Ok(match &self.weight {
-            FrozenWeight::Dense(w) => x.linear(w, b),
+            FrozenWeight::Dense(w) => {
+                let _p = scope(Part::Matmul);
+                x.linear(w, b)
+            }
             FrozenWeight::Nf4(q) => {
                 let rows = x.numel() as i64 / x.size().last().copied().unwrap_or(1).max(1);
                 if !x.requires_grad() && rows <= SMALL_ROWS {
+                    let _p = scope(Part::Matmul);
                     let y = nf4::matmul_small(x, q)?;
                     match b {
                         Some(b) => y + b,
                         None => y,
                     }
                 } else {
-                    x.linear(&nf4::dequantize(q, x.kind())?, b)
+                    let w = {
+                        let _p = scope(Part::Dequantize);
+                        nf4::dequantize(q, x.kind())?
+                    };
+                    let _p = scope(Part::Matmul);
+                    x.linear(&w, b)
                 }
             }
         })
     }
 
-    /// The frozen weight `[out, in]` in `kind`, dequantised for this call.
-    fn dense(&self, kind: Kind) -> Result<Tensor> {
+    /// The frozen weight `[out, in]` in `kind`: a dense weight as it is, an NF4 weight
+    /// dequantised into `scratch` (valid until the scratch's next use).
+    pub fn dense_in(&self, kind: Kind, scratch: &Scratch) -> Result<Tensor> {
         Ok(match &self.weight {
             FrozenWeight::Dense(w) => w.shallow_clone(),
-            FrozenWeight::Nf4(q) => nf4::dequantize(q, kind)?,
+            FrozenWeight::Nf4(q) => {
+                let _p = scope(Part::Dequantize);
+                let mut w = scratch.take(q.shape[0], q.shape[1], kind, q.device());
+                nf4::dequantize_into(q, &mut w)?;
+                w
+            }
         })
+    }
+
+    /// `x · Wᵀ + b` without LoRA on rows outside autograd: a few rows take the fused NF4
+    /// kernel, more dequantise into `scratch` for one matmul.
+    fn frozen_rows(&self, x: &Tensor, scratch: &Scratch) -> Result<Tensor> {
+        let rows = x.numel() as i64 / x.size().last().copied().unwrap_or(1).max(1);
+        if matches!(self.weight, FrozenWeight::Nf4(_)) && rows > SMALL_ROWS {
+            let w = self.dense_in(x.kind(), scratch)?;
+            let _p = scope(Part::Matmul);
+            return Ok(x.linear(&w, self.bias.as_ref()));
+        }
+        self.frozen(x)
     }
 
     /// `x · Wᵀ` (+ LoRA) for rows `x` `[N, in]` outside autograd (`dropout`: `None`
@@ -95,10 +149,12 @@ impl QLinear {
         &self,
         x: &Tensor,
         dropout: Option<MaskKey>,
+        scratch: &Scratch,
     ) -> Result<(Tensor, Option<LoraSaved>)> {
-        let base = self.frozen(x)?;
+        let base = self.frozen_rows(x, scratch)?;
         Ok(match &self.lora {
             Some(l) => {
+                let _p = scope(Part::Lora);
                 let (y, saved) = l.forward_saved(x, dropout, x.kind())?;
                 (base + y, Some(saved))
             }
@@ -114,10 +170,19 @@ impl QLinear {
         saved: Option<&LoraSaved>,
         x: impl FnOnce() -> Tensor,
         dy: &Tensor,
+        scratch: &Scratch,
     ) -> Result<Tensor> {
-        let dx = dy.mm(&self.dense(dy.kind())?);
+        let w = self.dense_in(dy.kind(), scratch)?;
+        let dx = {
+            let _p = scope(Part::Matmul);
+            dy.mm(&w)
+        };
+        drop(w);
         Ok(match (&self.lora, saved) {
-            (Some(l), Some(s)) => dx + l.backward(s, &x(), dy)?,
+            (Some(l), Some(s)) => {
+                let _p = scope(Part::Lora);
+                dx + l.backward(s, &x(), dy)?
+            }
             _ => dx,
         })
     }
@@ -130,6 +195,7 @@ impl QLinear {
         dy: &Tensor,
     ) -> Result<()> {
         if let (Some(l), Some(s)) = (&self.lora, saved) {
+            let _p = scope(Part::Lora);
             let _input_grad = l.backward(s, &x(), dy)?;
         }
         Ok(())

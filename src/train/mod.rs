@@ -3,6 +3,7 @@
 //! log; then evaluate and save. Each named step is a method of [`Trainer`]
 //! (`src/train/trainer.rs`); the gradient of one step (ranks, gradient accumulation) is
 //! `src/train/step.rs`.
+pub mod memory;
 mod progress;
 mod setup;
 mod step;
@@ -10,7 +11,7 @@ mod trainer;
 
 pub use setup::{
     encode_raw, load_model, load_split, load_with_adapter, model_options, prepare_task, scoring,
-    sized_for, Loaded,
+    sized_for, use_model_pad_token, Loaded,
 };
 pub use step::{micro_batches, MicroBatch};
 pub use trainer::{peak_rss_bytes, Trainer, EVAL_HEADER, METRICS_HEADER};
@@ -52,6 +53,8 @@ pub struct Summary {
     pub trainable_params: u64,
     pub all_params: u64,
     pub world_size: usize,
+    /// `gradient_checkpointing`'s decision and the peak memory it estimated.
+    pub memory_plan: memory::MemoryPlan,
 }
 
 /// What to do about an error the user can act on, if we recognise it.
@@ -59,7 +62,7 @@ pub fn error_hint(message: &str) -> Option<&'static str> {
     if message.contains("out of memory") || message.contains("CUDA error: out of memory") {
         return Some(
             "the GPU ran out of memory: lower `batch_size` / `eval_batch_size`, set `max_length`, \
-             keep `gradient_checkpointing: true`, or use fewer `target_modules`",
+             set `gradient_checkpointing: true` or a lower `max_memory`, or use fewer `target_modules`",
         );
     }
     if message.contains("No space left on device") {

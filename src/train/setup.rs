@@ -1,13 +1,14 @@
 //! What a run loads before it trains: the tokenizer, the (quantized) model with fresh or
 //! trained adapters, and the tokenised splits.
 use crate::adapter;
-use crate::config::Config;
+use crate::config::{Checkpointing, Config};
 use crate::data::batch::{encode_examples, encode_task_examples, Encoded, TextEncoder};
 use crate::data::examples::{self, TaskExample};
 use crate::data::{formats, prompt};
 use crate::eval::Scoring;
 use crate::lora::LoraConfig;
 use crate::model::classifier::{LlamaClassifier, ModelOptions};
+use crate::model::hf_config::LlamaConfig;
 use crate::quant::nf4::Nf4Options;
 use crate::task::{LabelSpec, Task, TaskLabels};
 use anyhow::{bail, Context, Result};
@@ -37,18 +38,37 @@ pub fn model_options(cfg: &Config, device: Device, pad_id: i64) -> ModelOptions 
         }),
         num_labels: cfg.num_classes,
         pad_token_id: pad_id,
-        gradient_checkpointing: cfg.gradient_checkpointing,
+        // `auto` is decided by the trainer once the data is known (`train::memory`).
+        gradient_checkpointing: cfg.gradient_checkpointing != Checkpointing::Keep,
         seed: cfg.seed,
     }
 }
 
+/// The pad token is the model's `pad_token_id` (config.json, or its family's class default
+/// as transformers reads it) when it has one, else EOS, as the reference sets it; padding
+/// and the pooled position (the last non-pad token) both follow it.
+pub fn use_model_pad_token(model_dir: &Path, encoder: &mut TextEncoder) -> Result<()> {
+    if let Some(pad) = LlamaConfig::from_dir(model_dir)?.pad_token_id {
+        encoder.set_pad_id(pad);
+    }
+    Ok(())
+}
+
 /// Loads the tokenizer and the (quantized) model with fresh LoRA adapters and head.
 pub fn load_model(cfg: &Config, device: Device) -> Result<Loaded> {
-    let encoder = TextEncoder::from_dir(cfg.tokenizer_dir()?, cfg.max_length)?;
+    let mut encoder = TextEncoder::from_dir(cfg.tokenizer_dir()?, cfg.max_length)?;
     let model_dir = cfg.model_dir()?;
+    use_model_pad_token(model_dir, &mut encoder)?;
     let model = LlamaClassifier::load(model_dir, &model_options(cfg, device, encoder.pad_id()))
         .with_context(|| format!("cannot load the model from {}", model_dir.display()))?;
     let vocab = model.config.vocab_size;
+    if !(0..vocab).contains(&encoder.pad_id()) {
+        bail!(
+            "{}: pad_token_id {} is not a token of the model's {vocab}-row embedding",
+            model_dir.join("config.json").display(),
+            encoder.pad_id()
+        );
+    }
     if encoder.max_id() >= vocab {
         bail!(
             "{}: the tokenizer produces ids up to {} but the model's embedding has only {vocab} rows ({}); \

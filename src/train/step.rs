@@ -55,7 +55,9 @@ pub fn accumulate_gradients(
     pad_id: i64,
     device: Device,
 ) -> Result<(f64, i64)> {
-    let (mut loss, mut tokens) = (0.0, 0i64);
+    // The loss stays on the device until the step's end: one read-back per step, not one
+    // per micro-batch between its forward and its backward.
+    let (mut loss, mut tokens) = (Tensor::zeros([], (Kind::Double, device)), 0i64);
     for m in micro {
         let items: Vec<&Encoded> = m.items.iter().map(|&i| &data[i]).collect();
         let b = collate(&items, pad_id);
@@ -64,18 +66,19 @@ pub fn accumulate_gradients(
             .as_ref()
             .context("training examples must have labels")?
             .to_device(device);
-        // Every micro-batch of a step draws from the step's masks.
-        model.set_dropout_step(step as u64);
+        // Ids and mask stay on the host: the model copies them over and works out the rows
+        // there, without waiting on the device.
         let (part_loss, _) = model.forward_backward_part(
-            &b.input_ids.to_device(device),
-            &b.attention_mask.to_device(device),
+            &b.input_ids,
+            &b.attention_mask,
             &labels,
             &m.part,
+            step as u64,
         )?;
-        loss += part_loss * m.part.loss_weight;
+        loss += part_loss.to_kind(Kind::Double) * m.part.loss_weight;
         tokens += b.n_tokens;
     }
-    Ok((loss, tokens))
+    Ok((loss.double_value(&[]), tokens))
 }
 
 /// L2 norm of all gradients (optionally clipped to `max_norm`, as torch's clip_grad_norm_).

@@ -1,5 +1,6 @@
 //! The named steps of a training run ([`super::train`] calls them in order): set up, evaluate
 //! the baseline, train a step, log it, checkpoint, end an epoch, finish.
+use super::memory::{self, MemoryPlan};
 use super::progress::{Progress, StepReport};
 use super::setup::{encode_raw, load_model, load_split, prepare_task, scoring, sized_for, Loaded};
 use super::step::{accumulate_gradients, grad_norm, micro_batches};
@@ -16,6 +17,7 @@ use crate::model::hf_config::peft_param_line;
 use crate::model::loss;
 use crate::optim::adamw8bit::{AdamW32, AdamW8bit, AdamWConfig, Optimizer};
 use crate::optim::schedule;
+use crate::profile::{self, Part};
 use crate::resume::{self, TrainState};
 use crate::runio;
 use crate::task::{LabelSpec, ProblemType, TaskLabels};
@@ -96,6 +98,10 @@ pub struct Trainer<'a> {
     session_tokens: i64,
     stepping_s: f64,
     counts: (u64, u64),
+    /// With `profile`: each step's (step, tokens, seconds per [`Part`]).
+    profiled: Vec<(usize, i64, Vec<f64>)>,
+    /// `gradient_checkpointing`'s decision and its estimate.
+    memory: MemoryPlan,
 }
 
 fn opt_fmt(v: Option<f64>) -> String {
@@ -200,6 +206,16 @@ impl<'a> Trainer<'a> {
             );
         }
 
+        let micro = cfg
+            .batch_size
+            .div_ceil(world)
+            .div_ceil(cfg.gradient_accumulation_steps);
+        let memory = memory::plan(cfg, &model.config, counts.0, &train_set, micro, device)?;
+        model.opts.gradient_checkpointing = memory.recompute;
+        if main {
+            println!("{}", memory.describe());
+        }
+
         // Optimizer and schedule over the trainable tensors (LoRA A/B, head).
         let params: Vec<Tensor> = model
             .trainable_parameters()
@@ -267,7 +283,13 @@ impl<'a> Trainer<'a> {
             session_tokens: 0,
             stepping_s: 0.0,
             counts,
+            profiled: Vec::new(),
+            memory,
         };
+        if cfg.profile {
+            profile::enable(device);
+            profile::reset();
+        }
         if let Some(dir) = &resume_from {
             t.restore(dir)?;
         }
@@ -411,6 +433,7 @@ impl<'a> Trainer<'a> {
     /// non-finite step was skipped (`on_nonfinite: skip`).
     pub fn train_step(&mut self, epoch: usize, batch: &[usize]) -> Result<Option<StepStats>> {
         let step_start = Instant::now();
+        let _profile = profile::step();
         let cfg = self.cfg;
         let lr =
             cfg.lr * schedule::linear_warmup_multiplier(self.st.step, self.warmup, self.planned);
@@ -428,19 +451,30 @@ impl<'a> Trainer<'a> {
             self.pad,
             self.device,
         )?;
-        let (loss, tokens, interrupted) = self.all_reduce(loss, tokens)?;
+        let (loss, tokens, interrupted) = {
+            let _p = profile::scope(Part::AllReduce);
+            self.all_reduce(loss, tokens)?
+        };
+        let optimizer = profile::scope(Part::Optimizer);
         let gnorm = grad_norm(&self.params, cfg.max_grad_norm);
         if !loss.is_finite() || !gnorm.is_finite() {
             return self.non_finite(epoch, batch, loss, gnorm);
         }
         self.optimizer.step(lr)?;
         self.optimizer.zero_grad();
+        drop(optimizer);
         self.st.step += 1;
         self.st.batch_in_epoch += 1;
         self.st.tokens_seen += tokens;
         self.unevaluated_steps = true;
         // Throughput counts training steps only, not evaluation or checkpoint saving.
         self.stepping_s += step_start.elapsed().as_secs_f64();
+        if profile::enabled() {
+            drop(_profile);
+            let parts = profile::totals().into_iter().map(|(_, s)| s).collect();
+            profile::reset();
+            self.profiled.push((self.st.step, tokens, parts));
+        }
         Ok(Some(StepStats {
             loss,
             lr,
@@ -664,8 +698,10 @@ impl<'a> Trainer<'a> {
             trainable_params: self.counts.0,
             all_params: self.counts.1,
             world_size: self.world,
+            memory_plan: self.memory,
         };
         if self.main {
+            self.write_profile()?;
             runio::write_json(&self.run.join("summary.json"), &summary)?;
             println!("run folder: {}", self.run.display());
         }
@@ -673,6 +709,48 @@ impl<'a> Trainer<'a> {
             d.barrier()?;
         }
         Ok(summary)
+    }
+}
+
+impl Trainer<'_> {
+    /// `profile.csv` (one row per step of this session: seconds per part) and a line saying
+    /// where the time went, when `profile` is on.
+    fn write_profile(&mut self) -> Result<()> {
+        if self.profiled.is_empty() {
+            return Ok(());
+        }
+        let mut text = String::from("step,tokens,total_s");
+        for p in Part::ALL {
+            text.push(',');
+            text.push_str(p.name());
+            text.push_str("_s");
+        }
+        text.push('\n');
+        let mut sums = vec![0.0; Part::ALL.len()];
+        for (step, tokens, parts) in &self.profiled {
+            let total: f64 = parts.iter().sum();
+            text.push_str(&format!("{step},{tokens},{total:.6}"));
+            for (i, s) in parts.iter().enumerate() {
+                text.push_str(&format!(",{s:.6}"));
+                sums[i] += s;
+            }
+            text.push('\n');
+        }
+        runio::write_text(&self.run.join("profile.csv"), &text)?;
+        let total: f64 = sums.iter().sum::<f64>().max(1e-12);
+        let shares: Vec<String> = Part::ALL
+            .iter()
+            .zip(&sums)
+            .filter(|(_, s)| **s > 0.0)
+            .map(|(p, s)| format!("{} {:.1}%", p.name(), 100.0 * s / total))
+            .collect();
+        say!(
+            self,
+            "profile over {} steps ({total:.1} s): {}",
+            self.profiled.len(),
+            shares.join(", ")
+        );
+        Ok(())
     }
 }
 

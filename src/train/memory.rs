@@ -1,0 +1,247 @@
+//! `gradient_checkpointing: auto`: keep every layer's activations (nothing recomputed but
+//! the cheap elementwise ops, norms and attention; see `model::backward`) when the
+//! estimated peak fits the memory budget, recompute each layer in the backward otherwise.
+//! Checkpointing is what made the reference fit a GPU; where memory is plentiful it only
+//! costs a third more matmul work, so the default spends the memory QLoRA saved on speed.
+//!
+//! The peak is estimated from the shapes: what the process holds once the model is loaded
+//! (resident memory on a CPU, the device's used memory on a GPU, both as measured), plus the
+//! trainable tensors' gradients and optimizer state, plus the activations the backward
+//! keeps for the largest batch the data can form, plus the largest transient of one layer's
+//! backward (a dequantised weight, the MLP's gradients, attention's padded tensors).
+use crate::config::{Checkpointing, Config};
+use crate::data::batch::Encoded;
+use crate::model::hf_config::LlamaConfig;
+use anyhow::{bail, Result};
+use tch::{Device, Kind};
+
+/// The decision and the figures behind it (logged, and kept in summary.json).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct MemoryPlan {
+    /// Recompute each layer in the backward.
+    pub recompute: bool,
+    /// Whether the configuration left the choice to the estimate.
+    pub auto: bool,
+    /// Estimated peak with activations kept, and with recomputation, in bytes.
+    pub peak_keep_bytes: u64,
+    pub peak_recompute_bytes: u64,
+    /// The budget the estimate was held against (`max_memory`, or what the device has).
+    pub budget_bytes: u64,
+}
+
+impl MemoryPlan {
+    /// The estimate for the chosen mode.
+    pub fn peak_bytes(&self) -> u64 {
+        if self.recompute {
+            self.peak_recompute_bytes
+        } else {
+            self.peak_keep_bytes
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let mode = if self.recompute {
+            "recomputing each layer in the backward"
+        } else {
+            "keeping activations"
+        };
+        let why = if self.auto { "auto: " } else { "" };
+        format!(
+            "gradient checkpointing ({why}{mode}): estimated peak {:.2} GiB kept / {:.2} GiB recomputed, budget {:.2} GiB",
+            gib(self.peak_keep_bytes),
+            gib(self.peak_recompute_bytes),
+            gib(self.budget_bytes)
+        )
+    }
+}
+
+/// The sizes one training micro-batch can reach.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchShape {
+    /// Real tokens (the rows every projection runs on).
+    pub tokens: i64,
+    pub batch: i64,
+    /// The padded length (attention's layout).
+    pub seq: i64,
+}
+
+/// The largest micro-batch `examples` can form at `size` examples per micro-batch: the
+/// `size` longest examples (an upper bound on any batch's tokens and padded length).
+pub fn largest_batch(lengths: &[usize], size: usize) -> BatchShape {
+    let mut l: Vec<i64> = lengths.iter().map(|&x| x as i64).collect();
+    l.sort_unstable_by(|a, b| b.cmp(a));
+    let take = size.min(l.len()).max(1);
+    let tokens = l.iter().take(take).sum::<i64>().max(1);
+    BatchShape {
+        tokens,
+        batch: take as i64,
+        seq: l.first().copied().unwrap_or(1).max(1),
+    }
+}
+
+/// Bytes of activations and transients one micro-batch adds for `cfg`'s shapes: (kept,
+/// recomputed).
+pub fn activation_bytes(
+    cfg: &LlamaConfig,
+    lora_r: i64,
+    lora_modules: i64,
+    shape: BatchShape,
+    kind: Kind,
+) -> (u64, u64) {
+    let e = kind.elt_size_in_bytes() as i64;
+    let (h, i, layers) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_hidden_layers,
+    );
+    let q = cfg.num_attention_heads * cfg.head_dim;
+    let kv = cfg.num_key_value_heads * cfg.head_dim;
+    let sw = &cfg.switches;
+    let n = shape.tokens;
+    // model::backward::LayerSaved, per token: the layer input, q, k, v, the residual between
+    // the blocks, gate and up outputs, two fp32 rstd, the LoRA branches' [N, r] rows, and
+    // the inputs of the q/k norms and the sandwich post-norms where the family has them.
+    let mut per_token = e * (2 * h + q + 2 * kv + 2 * i) + 8 + e * lora_r * lora_modules;
+    if sw.qk_norm {
+        per_token += e * (q + kv);
+    }
+    if sw.sandwich_norms {
+        per_token += e * 2 * h;
+    }
+    let one_layer = n * per_token;
+    // One layer's backward at its busiest: the MLP's [N, i] gradients (about four live at
+    // once) or attention's padded q/k/v, output and their gradients; plus the dequantised
+    // weight of the widest projection and a few [N, hidden] rows.
+    let padded = shape.batch * shape.seq;
+    let widest = cfg
+        .linear_modules()
+        .iter()
+        .filter_map(|(_, m)| cfg.linear_shape(m))
+        .map(|(a, b)| a * b)
+        .max()
+        .unwrap_or(0);
+    let transient =
+        (4 * n * i).max(padded * (2 * (q + 2 * kv) + 2 * q)) * e + widest * e + 4 * n * h * e;
+    let kept = layers * one_layer + transient;
+    let recomputed = layers * n * h * e + one_layer + transient;
+    (kept as u64, recomputed as u64)
+}
+
+/// Resident memory of this process now (VmRSS), in bytes.
+pub fn rss_bytes() -> u64 {
+    proc_kib("/proc/self/status", "VmRSS:")
+}
+
+/// Memory the kernel could give this process without swapping (MemAvailable), in bytes.
+pub fn available_ram_bytes() -> u64 {
+    proc_kib("/proc/meminfo", "MemAvailable:")
+}
+
+fn proc_kib(file: &str, key: &str) -> u64 {
+    std::fs::read_to_string(file)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// (used, free) bytes of a CUDA device.
+#[cfg(qlora_cuda)]
+fn cuda_memory(index: usize) -> Result<(u64, u64)> {
+    extern "C" {
+        fn qlora_cuda_mem_get_info(device: i32, free: *mut usize, total: *mut usize) -> i32;
+    }
+    let (mut free, mut total) = (0usize, 0usize);
+    // SAFETY: both out-pointers are valid for the call; the function only writes them.
+    let rc = unsafe { qlora_cuda_mem_get_info(index as i32, &mut free, &mut total) };
+    if rc != 0 {
+        bail!("cannot read the memory of cuda:{index} (CUDA error {rc})");
+    }
+    Ok(((total - free) as u64, free as u64))
+}
+
+#[cfg(not(qlora_cuda))]
+fn cuda_memory(index: usize) -> Result<(u64, u64)> {
+    bail!("cannot read the memory of cuda:{index}: built without CUDA")
+}
+
+/// (what the process holds now, what it may still take) on `device`.
+fn device_memory(device: Device) -> Result<(u64, u64)> {
+    Ok(match device {
+        Device::Cuda(i) => cuda_memory(i)?,
+        _ => (rss_bytes(), available_ram_bytes()),
+    })
+}
+
+/// Decides `gradient_checkpointing` for a run whose model is loaded and whose training set
+/// is encoded. `micro_batch` is the examples one forward holds (per rank and micro-step).
+pub fn plan(
+    cfg: &Config,
+    model: &LlamaConfig,
+    trainable_params: u64,
+    train: &[Encoded],
+    micro_batch: usize,
+    device: Device,
+) -> Result<MemoryPlan> {
+    let lengths: Vec<usize> = train.iter().map(|e| e.ids.len()).collect();
+    let shape = largest_batch(&lengths, micro_batch);
+    let lora_modules = cfg
+        .target_modules
+        .iter()
+        .filter(|m| model.linear_shape(m).is_some())
+        .count() as i64;
+    let (keep, recompute) =
+        activation_bytes(model, cfg.r, lora_modules, shape, cfg.compute_kind(device));
+    let (held, free) = device_memory(device)?;
+    // Gradients (fp32) and the optimizer's two moments (8 bit, or fp32 for plain AdamW).
+    let per_param = if cfg.optimizer == "adamw" { 12 } else { 6 };
+    let base = held + trainable_params * per_param;
+    let budget = cfg.max_memory.map_or(held + free, |m| m.0);
+    let (peak_keep, peak_recompute) = (base + keep, base + recompute);
+    let recompute_chosen = match cfg.gradient_checkpointing {
+        Checkpointing::Recompute => true,
+        Checkpointing::Keep => false,
+        Checkpointing::Auto => peak_keep > budget,
+    };
+    Ok(MemoryPlan {
+        recompute: recompute_chosen,
+        auto: cfg.gradient_checkpointing == Checkpointing::Auto,
+        peak_keep_bytes: peak_keep,
+        peak_recompute_bytes: peak_recompute,
+        budget_bytes: budget,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn largest_batch_takes_the_longest_examples() {
+        let s = largest_batch(&[5, 9, 3, 7], 2);
+        assert_eq!(
+            s,
+            BatchShape {
+                tokens: 16,
+                batch: 2,
+                seq: 9
+            }
+        );
+        assert_eq!(largest_batch(&[4], 8).tokens, 4);
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        use crate::config::MemorySize;
+        assert_eq!(MemorySize::parse("20GiB").unwrap().0, 20 << 30);
+        assert_eq!(MemorySize::parse("1.5 GB").unwrap().0, 1_500_000_000);
+        assert_eq!(MemorySize::parse("4096").unwrap().0, 4096);
+        assert!(MemorySize::parse("12 parsecs").is_err());
+        assert!(MemorySize::parse("0").is_err());
+    }
+}
