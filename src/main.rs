@@ -121,12 +121,17 @@ enum Cmd {
         out: PathBuf,
     },
     /// Draws the loss and per-epoch accuracy of every run folder below `--runs` (PNG + SVG)
-    /// and writes a Markdown table of the final accuracy/F1.
+    /// and writes a Markdown table of the final accuracy/F1. With `--scaling FILE` (the
+    /// bench's scaling.csv) it draws tokens/s and peak memory against the sequence length and
+    /// tokens/s against the batch size instead.
     Plot {
         #[arg(long, default_value = "runs")]
         runs: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// A scaling CSV (impl, seq, batch, tokens_per_s, peak_rss_bytes, ...)
+        #[arg(long, value_name = "FILE")]
+        scaling: Option<PathBuf>,
     },
 }
 
@@ -360,8 +365,12 @@ fn run() -> Result<()> {
             demo::write_demo_assets(&out)?;
             println!("wrote the demo model and data to {}", out.display());
         }
-        Cmd::Plot { runs, out } => {
-            for p in plot::plot(&runs, &out)? {
+        Cmd::Plot { runs, out, scaling } => {
+            let written = match scaling {
+                Some(csv) => plot::plot_scaling(&csv, &out)?,
+                None => plot::plot(&runs, &out)?,
+            };
+            for p in written {
                 println!("wrote {}", p.display());
             }
         }
