@@ -6,12 +6,15 @@
 
 What runs is the seed recipe: LlamaForSequenceClassification loaded in 4 bit
 (BitsAndBytesConfig: nf4, double quantization, blocksize 64, compute dtype fp32 on the CPU,
-bf16 on a GPU), `prepare_model_for_kbit_training` (gradient checkpointing on), PEFT LoRA
+bf16 on a GPU, or `--compute_dtype`), `prepare_model_for_kbit_training` (gradient
+checkpointing on), PEFT LoRA
 (r=8, alpha=16, dropout 0.1, q_proj/v_proj, SEQ_CLS: the `score` head is trained too),
 bnb.optim.AdamW8bit (lr 3e-4, weight decay 0.01) and get_linear_schedule_with_warmup (6%).
 Rows are GLUE TSV rows of `data_dir/train.tsv`, batched exactly as `order.json` says (the
 batches our trainer draws, written by `bench_kernels order`), text
-f"{prompt} Sentence 1: {s1} Sentence 2: {s2}", right padding with pad = eos.
+f"{prompt} Sentence 1: {s1} Sentence 2: {s2}", right padding with pad = eos; `--max_length N`
+truncates each text to N tokens on the right, special tokens included (as our trainer's
+`max_length` does: one text, HF's truncation=True).
 
 Throughput counts non-pad tokens over the timed steps (after `--warmup` untimed ones);
 step times are wall-clock per step (synchronised on a GPU). Peak memory: VmHWM (resident
@@ -68,6 +71,9 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compute_dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
     ap.add_argument("--prompt", default=PERFECT)
+    ap.add_argument("--max_length", type=int, default=None,
+                    help="truncate each text to this many tokens, special tokens included, on the right "
+                         "(our trainer's max_length: the tokenizer's truncation=True)")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--load_only", action="store_true")
@@ -131,6 +137,8 @@ def main():
         return
 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    result["gradient_checkpointing"] = True
+    result["compute_dtype"] = str(compute).replace("torch.", "")
     lora = LoraConfig(
         r=8,
         lora_alpha=16,
@@ -159,11 +167,14 @@ def main():
     sched = get_linear_schedule_with_warmup(opt, int(0.06 * steps_per_epoch), steps_per_epoch)
     model.train()
 
-    step_s, tokens, losses = [], [], []
+    step_s, tokens, losses, seq_lens = [], [], [], []
     for k, batch in enumerate(batches):
         texts = [f"{a.prompt} Sentence 1: {rows[i][0]} Sentence 2: {rows[i][1]}" for i in batch]
         labels = torch.tensor([rows[i][2] for i in batch])
-        enc = tokenizer(texts, padding=True, return_tensors="pt")
+        if a.max_length:
+            enc = tokenizer(texts, padding=True, truncation=True, max_length=a.max_length, return_tensors="pt")
+        else:
+            enc = tokenizer(texts, padding=True, return_tensors="pt")
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -179,6 +190,7 @@ def main():
         dt = time.perf_counter() - t0
         step_s.append(dt)
         tokens.append(int(enc["attention_mask"].sum().item()))
+        seq_lens.append(enc["attention_mask"].shape[1])
         losses.append(loss)
         print(f"step {k + 1}/{need} loss {loss:.4f} {dt:.2f} s {tokens[-1]} tokens", flush=True)
 
@@ -188,6 +200,8 @@ def main():
             "warmup_steps": a.warmup,
             "steps": a.steps,
             "batch_size": a.batch_size,
+            "max_length": a.max_length,
+            "seq_len": [int(n) for n in seq_lens],
             "tokens": timed_tok,
             "step_s": timed_s,
             "losses": losses,
@@ -200,7 +214,7 @@ def main():
         result["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated()
         result["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved()
     a.out.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("tokens", "step_s", "losses")}))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("tokens", "step_s", "losses", "seq_len")}))
 
 
 if __name__ == "__main__":

@@ -9,12 +9,20 @@ Rows (see bench/README.md for what each measures):
   5. serving /predict on the SmolLM2 shape at 1, 8 and 64 concurrent clients: requests/s and
      p50/p99 latency, beside transformers' pipeline("text-classification") on the merged
      checkpoint answering the same requests one batch at a time
+  6. the machine's matmul peak for the row-3 layer shapes (fp32, bf16) and row 3's training
+     throughput as a fraction of it (training FLOPs per token x tokens/s / peak)
+  7. how cost grows: tokens/s and peak RSS at sequence lengths 128/512/2048 (batch 8) and batch
+     sizes 1/8/32 (length 128), ours and the reference's; scaling.csv and its charts
+  8. eval / predict throughput (rows/s) on MRPC dev with a row-3-shaped adapter, against the
+     reference's 4-bit + PEFT inference
 
 Every measurement runs in its own process, ours and the reference's alternating, with the
 same torch thread count; medians over the repetitions. Knobs (environment variables):
   BENCH_THREADS=2  BENCH_REPS=3  BENCH_WARMUP=1  BENCH_STEPS=5  BENCH_KERNEL_REPS=5
   BENCH_SERVE_CLIENTS=1,8,64  BENCH_8B=0 (1 adds row 4, writes ~16 GB under bench/cache)  BENCH_8B_REF=1 (row 4's
   reference load, ~10+ minutes on 2 cores)  BENCH_ROWS=1,2,3 (which rows)
+  BENCH_TRAIN_VARIANTS (row 3's runs)  BENCH_GEMM_M=512  BENCH_SCALING=128x8,512x8,2048x8,128x1,128x32
+  BENCH_SCALING_WARMUP=1  BENCH_SCALING_STEPS=1  BENCH_SCALING_REPS=1  BENCH_INFER_ROWS=408  BENCH_INFER_REPS
   BENCH_NO_BUILD=1 (use the binaries already built)  BENCH_CARGO_ARGS (extra cargo flags)
   BENCH_BIN_DIR (take qlora-cls and bench_kernels from this folder; no build)
 Outputs: the table on stdout and bench/results/{summary,kernels,train}.csv, raw JSON and
@@ -55,7 +63,21 @@ STEPS = env_int("BENCH_STEPS", 5)
 KREPS = env_int("BENCH_KERNEL_REPS", 5)
 BATCH = 8
 SEED = 42
-ROWS = {int(x) for x in os.environ.get("BENCH_ROWS", "1,2,3,5").split(",") if x.strip()}
+ROWS = {int(x) for x in os.environ.get("BENCH_ROWS", "1,2,3,5,6,7,8").split(",") if x.strip()}
+# Row 3's variants, in the order they run within a repetition (ours and the reference alternate).
+TRAIN_VARIANTS = [x.strip() for x in os.environ.get(
+    "BENCH_TRAIN_VARIANTS", "ours,reference,ours_bf16,reference_bf16,ours_nogc,ours_default").split(",") if x.strip()]
+# Row 6: the token count (rows of x) of the timed matmuls: a row-3 batch is 8 x ~64 tokens.
+GEMM_M = env_int("BENCH_GEMM_M", 512)
+# Row 7: (sequence length, batch size) pairs, "SEQxBATCH".
+SCALING = [tuple(int(v) for v in x.strip().lower().split("x")) for x in
+           os.environ.get("BENCH_SCALING", "128x8,512x8,2048x8,128x1,128x32").split(",") if x.strip()]
+SCALING_WARMUP = env_int("BENCH_SCALING_WARMUP", 1)
+SCALING_STEPS = env_int("BENCH_SCALING_STEPS", 1)
+SCALING_REPS = env_int("BENCH_SCALING_REPS", 1)
+# Row 8: MRPC dev rows scored (408 = all of them) and repetitions.
+INFER_ROWS = env_int("BENCH_INFER_ROWS", 408)
+INFER_REPS = env_int("BENCH_INFER_REPS", REPS)
 SERVE_CLIENTS = [int(x) for x in os.environ.get("BENCH_SERVE_CLIENTS", "1,8,64").split(",") if x.strip()]
 if os.environ.get("BENCH_8B", "0") == "1":
     ROWS.add(4)
@@ -262,16 +284,98 @@ def make_checkpoint(shape, out, timeout):
     run_child(f"make-checkpoint-{shape}", [PY, BENCH / "make_checkpoint.py", "--shape", shape, "--out", out], timeout)
 
 
-def ours_train_argv(binary, model, data, results, max_steps, extra=()):
+def ours_train_argv(binary, model, data, results, max_steps, extra=(), dtype="float32", batch=BATCH):
+    """`qlora-cls train` on configs/mrpc.yaml; `dtype` None passes no --bnb_4bit_compute_dtype
+    (the configuration's own: auto)."""
     return [
         binary, "train", "--config", ROOT / "configs" / "mrpc.yaml",
         "--model_dir", model, "--tokenizer_dir", model, "--data_dir", data,
         "--results_path", results, "--max_steps", max_steps, "--epochs", 1,
-        "--eval_before_training", "false", "--bnb_4bit_compute_dtype", "float32",
-        "--device", "cpu", "--batch_size", BATCH, "--eval_batch_size", BATCH,
+        "--eval_before_training", "false", *(("--bnb_4bit_compute_dtype", dtype) if dtype else ()),
+        "--device", "cpu", "--batch_size", batch, "--eval_batch_size", batch,
         "--prompt", "perfect", "--seed", SEED, "--log_every", 1, "--train_splits", "train",
         "--eval_split", "validation", *extra,
     ]
+
+
+def ours_run_mode(run_dir):
+    """(gradient checkpointing, compute dtype) the run used: summary.json's own report when it
+    has one, else the resolved configuration in the run folder's config.json / quant_config.json."""
+    def load(name):
+        try:
+            return json.loads((run_dir / name).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    summary, cfg, quant = load("summary.json"), load("config.json"), load("quant_config.json")
+    gc = summary.get("gradient_checkpointing", cfg.get("gradient_checkpointing", True))
+    dtype = summary.get("compute_dtype") or quant.get("bnb_4bit_compute_dtype") or cfg.get("bnb_4bit_compute_dtype")
+    if dtype in (None, "auto"):
+        dtype = "float32"  # auto on a CPU
+    return bool(gc), str(dtype)
+
+
+def ours_train_once(binary, name, argv, run_dir, warmup, steps):
+    """Runs one training process; its timed steps from metrics.csv as a result dict."""
+    if binary is None:
+        raise Failed("no qlora-cls binary")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    _, rss, secs = run_child(name, argv, 3600)
+    per_step = ours_steps(run_dir)
+    if len(per_step) != warmup + steps:
+        raise Failed(f"{name}: metrics.csv has {len(per_step)} steps, {warmup + steps} expected")
+    timed = per_step[warmup:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    gc, dtype = ours_run_mode(run_dir)
+    # metrics.csv rounds tokens_per_s to 0.1, so the tokens of step k (a difference of
+    # tokens_per_s x elapsed_s) are known to +-0.05 x (elapsed_k + elapsed_k-1): on a slow
+    # step that is a few tokens.
+    with open(run_dir / "metrics.csv") as f:
+        elapsed = [0.0] + [float(r["elapsed_s"]) for r in csv.DictReader(f)]
+    tokens_err = sum(0.05 * (elapsed[k + 1] + elapsed[k]) for k in range(warmup, warmup + steps))
+    return dict(
+        tokens_per_s=sum(t for _, t in timed) / sum(s for s, _ in timed),
+        median_step_s=med([s for s, _ in timed]),
+        tokens=round(sum(t for _, t in timed)),
+        tokens_err=tokens_err,
+        peak_rss_bytes=rss,
+        self_reported_peak=summary.get("peak_mem_bytes"),
+        wall_s=secs,
+        gradient_checkpointing=gc,
+        compute_dtype=dtype,
+    )
+
+
+def reference_train_once(name, model, data, order, warmup, steps, batch, out_json, extra=()):
+    _, rss, secs = run_child(
+        name,
+        [PY, BENCH / "reference_qlora.py", "--model_dir", model, "--data_dir", data, "--order", order,
+         "--warmup", warmup, "--steps", steps, "--threads", THREADS, "--batch_size", batch,
+         "--seed", SEED, "--out", out_json, *extra],
+        3600,
+    )
+    r = json.loads(out_json.read_text())
+    return dict(
+        tokens_per_s=r["tokens_per_s"],
+        median_step_s=r["median_step_s"],
+        tokens=sum(r["tokens"]),
+        peak_rss_bytes=rss,
+        self_reported_peak=r.get("peak_rss_bytes"),
+        wall_s=secs,
+        gradient_checkpointing=r.get("gradient_checkpointing", True),
+        compute_dtype=r.get("compute_dtype", "float32"),
+    )
+
+
+def batch_order_file(bench_kernels, n, batch, path):
+    """The batches our trainer draws (epoch 1), for the reference to feed the same rows."""
+    if bench_kernels:
+        out, _, _ = run_child(f"order-{n}-{batch}", [bench_kernels, "order", "--n", n, "--batch", batch, "--seed", SEED,
+                                                    "--epoch", 1])
+        path.write_text(json.dumps(last_json(out, "order")))
+    else:
+        print("warning: no bench_kernels: the reference takes the rows in file order", flush=True)
+        path.write_text(json.dumps([list(range(i, min(i + batch, n))) for i in range(0, n, batch)]))
 
 
 def ours_steps(run_dir):
@@ -288,110 +392,100 @@ def ours_steps(run_dir):
     return out
 
 
+# Row 3's variants: (side, compute dtype flag or None for the configuration's own, extra flags).
+TRAIN_RUNS = {
+    "ours": ("ours", "float32", ()),
+    "reference": ("reference", "float32", ()),
+    "ours_bf16": ("ours", "bfloat16", ()),
+    "reference_bf16": ("reference", "bfloat16", ()),
+    "ours_nogc": ("ours", "float32", ("--gradient_checkpointing", "false")),
+    "ours_default": ("ours", None, ()),
+}
+
+
 def train_row(binary, bench_kernels, table, train_csv, raw):
+    unknown = [v for v in TRAIN_VARIANTS if v not in TRAIN_RUNS]
+    if unknown:
+        raise Failed(f"BENCH_TRAIN_VARIANTS: unknown {', '.join(unknown)} (known: {', '.join(TRAIN_RUNS)})")
     model = CACHE / "smol"
     make_checkpoint("smol", model, 1800)
     n_train = (WARMUP + STEPS) * BATCH
     data = CACHE / f"mrpc-{n_train}"
     write_subset(mrpc_dir(), data, n_train, BATCH)
     order = CACHE / f"order-{n_train}.json"
-    if bench_kernels:
-        order_out, _, _ = run_child("order", [bench_kernels, "order", "--n", n_train, "--batch", BATCH, "--seed", SEED, "--epoch", 1])
-        order.write_text(json.dumps(last_json(order_out, "order")))
-    else:
-        print("warning: no bench_kernels: the reference takes the rows in file order", flush=True)
-        order.write_text(json.dumps([list(range(i, i + BATCH)) for i in range(0, n_train, BATCH)]))
+    batch_order_file(bench_kernels, n_train, BATCH, order)
 
-    # Ours twice: with gradient checkpointing, as the reference runs, and without it (each
-    # layer keeps its activations, nothing is recomputed), which the goal allows as long as
-    # the peak memory stays at or below the reference's.
-    variants = {"ours": (), "ours_nogc": ("--gradient_checkpointing", "false")}
-    results = {"ours": [], "ours_nogc": [], "reference": []}
+    # Ours: fp32 and bf16 compute with gradient checkpointing (as the reference runs), fp32
+    # without it (each layer keeps its activations; the goal allows it as long as the peak
+    # memory stays at or below the reference's), and with no compute-dtype flag at all (the
+    # configuration's `auto`). The reference: fp32 and bf16 compute.
+    results = {v: [] for v in TRAIN_VARIANTS}
     for rep in range(1, REPS + 1):
         # Alternating, so that a change in the machine's load hits both sides alike.
-        for who, extra in variants.items():
-            run_dir = RESULTS / "runs" / f"{who}-{rep}"
-            shutil.rmtree(run_dir, ignore_errors=True)
+        for who in TRAIN_VARIANTS:
+            side, dtype, extra = TRAIN_RUNS[who]
             try:
-                if binary is None:
-                    raise Failed("no qlora-cls binary")
-                argv = ours_train_argv(binary, model, data, run_dir, WARMUP + STEPS, extra)
-                _, rss, secs = run_child(f"train-{who}-{rep}", argv, 3600)
-                steps = ours_steps(run_dir)
-                if len(steps) != WARMUP + STEPS:
-                    raise Failed(f"{who}: metrics.csv has {len(steps)} steps, {WARMUP + STEPS} expected")
-                timed = steps[WARMUP:]
-                summary = json.loads((run_dir / "summary.json").read_text())
-                results[who].append(
-                    dict(
-                        rep=rep,
-                        tokens_per_s=sum(t for _, t in timed) / sum(s for s, _ in timed),
-                        median_step_s=med([s for s, _ in timed]),
-                        tokens=round(sum(t for _, t in timed)),
-                        peak_rss_bytes=rss,
-                        self_reported_peak=summary.get("peak_mem_bytes"),
-                        wall_s=secs,
-                    )
-                )
+                if side == "ours":
+                    run_dir = RESULTS / "runs" / f"{who}-{rep}"
+                    argv = ours_train_argv(binary, model, data, run_dir, WARMUP + STEPS, extra, dtype=dtype)
+                    r = ours_train_once(binary, f"train-{who}-{rep}", argv, run_dir, WARMUP, STEPS)
+                else:
+                    out_json = RESULTS / "runs" / f"{who}-{rep}.json"
+                    r = reference_train_once(f"train-{who}-{rep}", model, data, order, WARMUP, STEPS, BATCH, out_json,
+                                             ("--compute_dtype", dtype))
+                results[who].append(dict(rep=rep, **r))
             except (Failed, OSError, KeyError, ValueError) as e:
                 print(f"  FAILED: {e}", flush=True)
-        out_json = RESULTS / "runs" / f"reference-{rep}.json"
-        try:
-            _, rss, secs = run_child(
-                f"train-reference-{rep}",
-                [PY, BENCH / "reference_qlora.py", "--model_dir", model, "--data_dir", data, "--order", order,
-                 "--warmup", WARMUP, "--steps", STEPS, "--threads", THREADS, "--batch_size", BATCH,
-                 "--seed", SEED, "--out", out_json],
-                3600,
-            )
-            r = json.loads(out_json.read_text())
-            results["reference"].append(
-                dict(
-                    rep=rep,
-                    tokens_per_s=r["tokens_per_s"],
-                    median_step_s=r["median_step_s"],
-                    tokens=sum(r["tokens"]),
-                    peak_rss_bytes=rss,
-                    self_reported_peak=r.get("peak_rss_bytes"),
-                    wall_s=secs,
-                )
-            )
-        except (Failed, OSError, KeyError, ValueError) as e:
-            print(f"  FAILED: {e}", flush=True)
     raw["train"] = results
     for who, rs in results.items():
         for r in rs:
             train_csv.append({"impl": who, **r})
 
     def agg(who, key):
-        xs = [r[key] for r in results[who]]
+        xs = [r[key] for r in results.get(who, [])]
         return med(xs) if xs else None
 
-    note = ""
-    ot, rt = agg("ours", "tokens"), agg("reference", "tokens")
-    if ot and rt and abs(ot - rt) > 0.01 * rt:
-        note = f"token counts differ: ours {ot:.0f}, reference {rt:.0f}"
-    elif ot and rt:
-        note = f"{rt:.0f} tokens in {STEPS} timed steps on both sides"
-    table.append(dict(row=3, metric=f"QLoRA train, SmolLM2-135M shape, batch {BATCH}", unit="tokens/s",
-                      ours=agg("ours", "tokens_per_s"), ref=agg("reference", "tokens_per_s"), better="higher", note=note))
-    table.append(dict(row=3, metric="  median step time", unit="s",
-                      ours=agg("ours", "median_step_s"), ref=agg("reference", "median_step_s"), better="lower"))
-    table.append(dict(row=3, metric="  peak resident memory (VmHWM)", unit="GiB",
-                      ours=div(agg("ours", "peak_rss_bytes"), GiB), ref=div(agg("reference", "peak_rss_bytes"), GiB),
-                      better="lower"))
-    nt = agg("ours_nogc", "tokens")
-    note_nogc = "ours without recomputation, reference as above"
-    if nt and rt and abs(nt - rt) > 0.01 * rt:
-        note_nogc = f"token counts differ: ours {nt:.0f}, reference {rt:.0f}"
-    table.append(dict(row="3b", metric="  same, gradient_checkpointing false", unit="tokens/s",
-                      ours=agg("ours_nogc", "tokens_per_s"), ref=agg("reference", "tokens_per_s"), better="higher",
-                      note=note_nogc))
-    table.append(dict(row="3b", metric="  median step time", unit="s",
-                      ours=agg("ours_nogc", "median_step_s"), ref=agg("reference", "median_step_s"), better="lower"))
-    table.append(dict(row="3b", metric="  peak resident memory (VmHWM)", unit="GiB",
-                      ours=div(agg("ours_nogc", "peak_rss_bytes"), GiB),
-                      ref=div(agg("reference", "peak_rss_bytes"), GiB), better="lower"))
+    # What row 6 needs: tokens/s, recomputation and compute dtype per variant, tokens per row.
+    last = {"time": time.strftime("%Y-%m-%d %H:%M"), "steps": STEPS, "batch": BATCH, "variants": {}}
+    for who, rs in results.items():
+        if rs:
+            last["variants"][who] = dict(tokens_per_s=agg(who, "tokens_per_s"), tokens=agg(who, "tokens"),
+                                         gradient_checkpointing=rs[0]["gradient_checkpointing"],
+                                         compute_dtype=rs[0]["compute_dtype"])
+    if last["variants"]:
+        (RESULTS / "train-last.json").write_text(json.dumps(last, indent=2))
+    raw["train_last"] = last
+
+    def count_note(ours, ref, same):
+        ot, rt = agg(ours, "tokens"), agg(ref, "tokens")
+        if ot and rt and abs(ot - rt) > 0.01 * rt:
+            return f"token counts differ: ours {ot:.0f}, reference {rt:.0f}"
+        return same if ot and rt else ""
+
+    def rows(row, label, ours, ref, note, single=False):
+        if ours not in results and ref not in results:
+            return
+        table.append(dict(row=row, metric=label, unit="tokens/s", ours=agg(ours, "tokens_per_s"),
+                          ref=agg(ref, "tokens_per_s"), better="higher", note=note, single=single))
+        table.append(dict(row=row, metric="  median step time", unit="s",
+                          ours=agg(ours, "median_step_s"), ref=agg(ref, "median_step_s"), better="lower",
+                          single=single))
+        table.append(dict(row=row, metric="  peak resident memory (VmHWM)", unit="GiB",
+                          ours=div(agg(ours, "peak_rss_bytes"), GiB), ref=div(agg(ref, "peak_rss_bytes"), GiB),
+                          better="lower", single=single))
+
+    same = f"{agg('reference', 'tokens') or agg('reference_bf16', 'tokens') or 0:.0f} tokens in {STEPS} timed steps on both sides"
+    rows(3, f"QLoRA train, SmolLM2-135M shape, batch {BATCH}, fp32 compute", "ours", "reference",
+         count_note("ours", "reference", same))
+    rows("3", f"QLoRA train, same, bf16 compute", "ours_bf16", "reference_bf16",
+         count_note("ours_bf16", "reference_bf16", "bf16 compute on both sides"))
+    rows("3b", "  ours with gradient_checkpointing false, fp32", "ours_nogc", "reference",
+         count_note("ours_nogc", "reference", "reference: fp32, with recomputation as above"))
+    dflt = (results.get("ours_default") or [{}])[0].get("compute_dtype", "?")
+    rows("3c", f"  ours, default config (no compute-dtype flag: {dflt})", "ours_default",
+         "reference_bf16" if dflt == "bfloat16" else "reference",
+         count_note("ours_default", "reference_bf16" if dflt == "bfloat16" else "reference",
+                    f"reference at the same dtype ({dflt})"))
 
 
 def div(x, d):
@@ -419,7 +513,7 @@ def load_row(binary, table, raw):
         if binary is None:
             raise Failed("no qlora-cls binary")
         # bf16 compute, as on a GPU: the embeddings and norms stay in 16 bits.
-        argv = ours_train_argv(binary, model, data, run_dir, 0, ("--bnb_4bit_compute_dtype", "bfloat16"))
+        argv = ours_train_argv(binary, model, data, run_dir, 0, dtype="bfloat16")
         _, rss, secs = run_child("load-8b-ours", argv, 3600)
         res["ours"] = dict(peak_rss_bytes=rss, wall_s=secs)
         # One training step at batch 8 on the real MRPC rows: the CPU stand-in for the GPU
@@ -427,7 +521,7 @@ def load_row(binary, table, raw):
         # gradient checkpointing, in bf16 as on a GPU. Minutes on 2 cores.
         step_dir = RESULTS / "runs" / "step-8b-ours"
         shutil.rmtree(step_dir, ignore_errors=True)
-        argv = ours_train_argv(binary, model, data, step_dir, 1, ("--bnb_4bit_compute_dtype", "bfloat16"))
+        argv = ours_train_argv(binary, model, data, step_dir, 1, dtype="bfloat16")
         _, rss, secs = run_child("step-8b-ours", argv, 3600)
         steps = ours_steps(step_dir)
         res["ours_step"] = dict(peak_rss_bytes=rss, wall_s=secs, step_s=steps[0][0] if steps else None,
@@ -551,6 +645,281 @@ def serve_row(binary, table, raw):
 
 
 # ---------------------------------------------------------------------------------------------
+# Row 6: the machine's matmul peak for the row-3 layer shapes, and row 3 as a fraction of it
+
+
+def smol_shape():
+    """The SmolLM2-135M shape of row 3, from the checkpoint's config.json."""
+    model = CACHE / "smol"
+    make_checkpoint("smol", model, 1800)
+    c = json.loads((model / "config.json").read_text())
+    heads = c["num_attention_heads"]
+    return dict(hidden=c["hidden_size"], intermediate=c["intermediate_size"], heads=heads,
+                kv_heads=c.get("num_key_value_heads", heads), head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+                layers=c["num_hidden_layers"])
+
+
+def train_flops_per_token(shape, gc, seq, r=8, targets=("q_proj", "v_proj"), classes=2):
+    """FLOPs one QLoRA training step spends per token (bench/README.md, row 6). The frozen
+    projections: forward 2*P, the input-gradient backward 2*P (no weight gradient), and a
+    second forward 2*P when gradient checkpointing recomputes the layer. LoRA (A [r, in],
+    B [out, r]): 2*r*(in+out) per pass, the backward twice that (input and weight gradients).
+    Attention scores and the weighted sum: 4*seq*heads*head_dim per layer forward, the backward
+    twice that. The head: 2*hidden*classes forward, twice that backward (on every token: the
+    logits are computed for all positions). Norms, rotary, softmax, the loss and the optimizer
+    are left out (O(hidden) per token)."""
+    h, i, L = shape["hidden"], shape["intermediate"], shape["layers"]
+    q, kv = shape["heads"] * shape["head_dim"], shape["kv_heads"] * shape["head_dim"]
+    proj = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    p_linear = L * sum(a * b for a, b in proj.values())
+    p_lora = L * sum(r * (proj[t][0] + proj[t][1]) for t in targets)
+    attn = L * 4 * seq * q
+    head = 2 * h * classes
+    fwd = 2 if gc else 1  # forward passes of the decoder layers (recomputation: two)
+    total = fwd * 2 * p_linear + 2 * p_linear
+    total += fwd * 2 * p_lora + 4 * p_lora
+    total += fwd * attn + 2 * attn
+    total += 3 * head
+    return total, p_linear
+
+
+def gemm_row(bench_kernels, table, raw):
+    shape = smol_shape()
+    if bench_kernels is None:
+        raise Failed("no bench_kernels binary: no matmul peak")
+    argv = [bench_kernels, "gemm", "--m", GEMM_M, "--threads", THREADS, "--reps", KREPS, "--dtypes", "float32,bfloat16"]
+    for k in ("hidden", "intermediate", "heads", "kv_heads", "head_dim"):
+        argv += [f"--{k}", shape[k]]
+    out, _, _ = run_child("gemm", argv, 900)
+    g = last_json(out, "gemm")
+    raw["gemm"] = g
+    peak = {d: v["gflops"] * 1e9 for d, v in g["dtypes"].items()}
+    for d, short in (("float32", "fp32"), ("bfloat16", "bf16")):
+        if d in peak:
+            table.append(dict(row=6, metric=f"matmul peak (GFLOP/s), {short}", unit="GFLOP/s", ours=peak[d] / 1e9,
+                              ref=None, better="higher", single=True,
+                              note=(f"x[{g['m']}, in] . W[out, in]^T over one layer's 7 projections, "
+                                    f"{THREADS} threads; the machine's, for both sides" if short == "fp32" else "")))
+    # Row 3's tokens/s: from this run, else from the last run that had row 3.
+    last = raw.get("train_last")
+    src = "this run"
+    if not (last and last.get("variants")):
+        try:
+            last = json.loads((RESULTS / "train-last.json").read_text())
+            src = f"row 3 of the run at {last.get('time', '?')}"
+        except (OSError, ValueError):
+            last = None
+    if not last or not last.get("variants"):
+        table.append(dict(row=6, metric="  training at % of matmul peak", unit="%", ours=None, ref=None,
+                          better="higher", single=True, note="row 3 skipped: no tokens/s to compare (BENCH_ROWS=3,6)"))
+        return
+    v = last["variants"]
+    rows_per_step = last["batch"] * last["steps"]
+
+    def frac(who):
+        x = v.get(who)
+        if not x or not x.get("tokens_per_s"):
+            return None, None
+        seq = (x.get("tokens") or 0) / rows_per_step or GEMM_M / BATCH
+        flops, _ = train_flops_per_token(shape, x["gradient_checkpointing"], seq)
+        d = x.get("compute_dtype", "float32")
+        if d not in peak:
+            return None, flops
+        return 100 * flops * x["tokens_per_s"] / peak[d], flops
+
+    for label, ours, ref in (("fp32", "ours", "reference"), ("bf16", "ours_bf16", "reference_bf16"),
+                             ("fp32, ours without recomputation", "ours_nogc", "reference"),
+                             ("ours default config", "ours_default", "reference")):
+        if ours == "ours_default" and v.get(ours):
+            # Against the reference at the dtype our configuration resolved to.
+            label += f" ({v[ours].get('compute_dtype')})"
+            if v[ours].get("compute_dtype") == "bfloat16":
+                ref = "reference_bf16"
+        (fo, flo), (fr, flr) = frac(ours), frac(ref)
+        if fo is None and fr is None:
+            continue
+        recompute = "recompute counted" if v.get(ours, {}).get("gradient_checkpointing") else "no recompute"
+        table.append(dict(row=6, metric=f"  ours / ref training at % of matmul peak, {label}", unit="%",
+                          ours=fo, ref=fr, better="higher",
+                          note=(f"training FLOPs/token ours {fmt(flo and flo / 1e6)} M ({recompute}), "
+                                f"ref {fmt(flr and flr / 1e6)} M (recompute counted); tokens/s from {src}")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Row 7: how cost grows with the sequence length and the batch size
+
+
+def write_long_rows(dst, n, seq):
+    """A GLUE TSV folder whose n train rows are long: sentence 1 and sentence 2 each join enough
+    consecutive MRPC train sentences that the rendered text is well over `seq` tokens, so that
+    truncation to `max_length seq` leaves every row exactly seq tokens."""
+    with open(mrpc_dir() / "train.tsv", encoding="utf-8") as f:
+        src = [ln.rstrip("\n").split("\t") for ln in f.read().splitlines(keepends=True)[1:]]
+    src = [r for r in src if len(r) >= 5]
+    k = max(4, -(-seq // 20))  # ~25 tokens per sentence: 2k sentences are ~2.5 x seq tokens
+    lines = ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"]
+    for j in range(n):
+        pick = [src[(j * k + t) % len(src)] for t in range(k)]
+        s1 = " ".join(r[3] for r in pick)
+        s2 = " ".join(r[4] for r in pick)
+        lines.append(f"{pick[0][0]}\t{j}\t{j}\t{s1}\t{s2}\n")
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "train.tsv").write_text("".join(lines), encoding="utf-8")
+    # The evaluation our run ends with (outside the timed steps): two short MRPC dev rows.
+    with open(mrpc_dir() / "dev.tsv", encoding="utf-8") as f:
+        (dst / "dev.tsv").write_text("".join(f.read().splitlines(keepends=True)[:3]), encoding="utf-8")
+
+
+def scaling_row(binary, bench_kernels, table, raw):
+    model = CACHE / "smol"
+    make_checkpoint("smol", model, 1800)
+    w, st = SCALING_WARMUP, SCALING_STEPS
+    points, res = [], {}
+    for seq, batch in SCALING:
+        n = (w + st) * batch
+        data = CACHE / f"long-{seq}-{n}"
+        write_long_rows(data, n, seq)
+        order = CACHE / f"order-{n}-{batch}.json"
+        batch_order_file(bench_kernels, n, batch, order)
+        got = {"ours": [], "reference": []}
+        for rep in range(1, SCALING_REPS + 1):
+            tag = f"{seq}x{batch}-{rep}"
+            try:
+                run_dir = RESULTS / "runs" / f"scaling-ours-{tag}"
+                argv = ours_train_argv(binary, model, data, run_dir, w + st, ("--max_length", seq), batch=batch)
+                got["ours"].append(ours_train_once(binary, f"scaling-ours-{tag}", argv, run_dir, w, st))
+            except (Failed, OSError, KeyError, ValueError) as e:
+                print(f"  FAILED: {e}", flush=True)
+            try:
+                out_json = RESULTS / "runs" / f"scaling-reference-{tag}.json"
+                got["reference"].append(reference_train_once(
+                    f"scaling-reference-{tag}", model, data, order, w, st, batch, out_json,
+                    ("--max_length", seq, "--compute_dtype", "float32")))
+            except (Failed, OSError, KeyError, ValueError) as e:
+                print(f"  FAILED: {e}", flush=True)
+        res[f"{seq}x{batch}"] = got
+        m = {}
+        for who, rs in got.items():
+            if rs:
+                m[who] = {k: med([r[k] for r in rs]) for k in ("tokens_per_s", "peak_rss_bytes", "tokens",
+                                                               "median_step_s")}
+                points.append(dict(impl=who, seq=seq, batch=batch, tokens_per_s=m[who]["tokens_per_s"],
+                                   peak_rss_bytes=round(m[who]["peak_rss_bytes"]), tokens=round(m[who]["tokens"]),
+                                   step_s=m[who]["median_step_s"]))
+        o, f = m.get("ours", {}), m.get("reference", {})
+        expect = seq * batch * st
+        counts = [x.get("tokens") for x in (o, f) if x]
+        # Ours' count is tokens_per_s x elapsed_s from metrics.csv, rounded there (tokens_err).
+        slack = max(0.01 * expect, med([r["tokens_err"] for r in got["ours"]]) if got["ours"] else 0)
+        if any(abs(c - expect) > slack for c in counts):
+            note = (f"token counts differ from {seq} x {batch} x {st} = {expect}: ours "
+                    f"{fmt(o.get('tokens'))}, reference {fmt(f.get('tokens'))}")
+        else:
+            note = f"{expect} tokens in {st} timed step(s) on both sides"
+            if f and o:
+                note += f" (reference exactly {f['tokens']:.0f}, ours {o['tokens']:.0f} +- {slack:.0f} from metrics.csv)"
+        table.append(dict(row=7, metric=f"QLoRA train, seq {seq}, batch {batch}, fp32", unit="tokens/s",
+                          ours=o.get("tokens_per_s"), ref=f.get("tokens_per_s"), better="higher", note=note))
+        table.append(dict(row=7, metric="  peak resident memory (VmHWM)", unit="GiB",
+                          ours=div(o.get("peak_rss_bytes"), GiB), ref=div(f.get("peak_rss_bytes"), GiB),
+                          better="lower"))
+    raw["scaling"] = res
+    if not points:
+        raise Failed("row 7: no scaling measurement succeeded")
+    csv_path = RESULTS / "scaling.csv"
+    write_csv(csv_path, points)
+    print(f"  wrote {csv_path}", flush=True)
+    if binary is not None:
+        out, _, _ = run_child("scaling-plot", [binary, "plot", "--scaling", csv_path, "--out", RESULTS / "plots"])
+        for line in out.splitlines():
+            if line.startswith("wrote "):
+                print(f"  {line}", flush=True)
+                raw.setdefault("scaling_plots", []).append(line[len("wrote "):])
+
+
+# ---------------------------------------------------------------------------------------------
+# Row 8: evaluation and prediction throughput
+
+
+def scored_line(text, name):
+    """`scored N rows in S s (R rows/s)`, which our eval and predict print."""
+    for line in text.splitlines():
+        if line.startswith("scored ") and " rows in " in line:
+            parts = line.split()
+            return int(parts[1]), float(parts[4])
+    raise Failed(f"{name}: no 'scored N rows in S s' line in its output")
+
+
+def infer_row(binary, table, raw):
+    if binary is None:
+        raise Failed("no qlora-cls binary")
+    model = CACHE / "smol"
+    make_checkpoint("smol", model, 1800)
+    # The adapter: one training step on 8 rows (evaluated on 8 dev rows at the end).
+    small = CACHE / "mrpc-serve"
+    write_subset(mrpc_dir(), small, BATCH, BATCH)
+    run_dir = RESULTS / "runs" / "infer-adapter"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_child("infer-adapter", ours_train_argv(binary, model, small, run_dir, 1))
+    adapter = run_dir / "adapter"
+    data = CACHE / f"mrpc-infer-{INFER_ROWS}"
+    write_subset(mrpc_dir(), data, BATCH, INFER_ROWS)
+    common = ["--adapter", adapter, "--model_dir", model, "--tokenizer_dir", model, "--data_dir", data,
+              "--split", "validation", "--eval_batch_size", BATCH, "--device", "cpu",
+              "--bnb_4bit_compute_dtype", "float32", "--prompt", "perfect"]
+    res = {"eval": [], "predict": [], "reference": []}
+    for rep in range(1, INFER_REPS + 1):
+        for who in ("eval", "predict"):
+            name = f"infer-ours-{who}-{rep}"
+            extra = ["--out", RESULTS / "runs" / f"predict-{rep}.csv"] if who == "predict" else []
+            try:
+                out, rss, secs = run_child(name, [binary, who, *common, *extra], 1800)
+                n, s = scored_line(out, name)
+                acc = None
+                if who == "eval":
+                    for tok in out.split():
+                        if acc == "next":
+                            acc = float(tok)
+                            break
+                        if tok == "accuracy":
+                            acc = "next"
+                res[who].append(dict(rows=n, scoring_s=s, rows_per_s=n / s, peak_rss_bytes=rss, wall_s=secs,
+                                     accuracy=acc if isinstance(acc, float) else None))
+            except (Failed, OSError, ValueError) as e:
+                print(f"  FAILED: {e}", flush=True)
+        out_json = RESULTS / "runs" / f"infer-reference-{rep}.json"
+        try:
+            _, rss, secs = run_child(f"infer-reference-{rep}", [
+                PY, BENCH / "reference_infer.py", "--model_dir", model, "--adapter", adapter, "--data_dir", data,
+                "--split", "dev", "--batch_size", BATCH, "--threads", THREADS, "--compute_dtype", "float32",
+                "--out", out_json], 1800)
+            r = json.loads(out_json.read_text())
+            res["reference"].append(dict(rows=r["rows"], scoring_s=r["scoring_s"], rows_per_s=r["rows_per_s"],
+                                         peak_rss_bytes=rss, wall_s=secs, accuracy=r.get("accuracy")))
+        except (Failed, OSError, KeyError, ValueError) as e:
+            print(f"  FAILED: {e}", flush=True)
+    raw["infer"] = res
+
+    def agg(who, key):
+        xs = [r[key] for r in res[who] if r.get(key) is not None]
+        return med(xs) if xs else None
+
+    acc_o, acc_r = agg("eval", "accuracy"), agg("reference", "accuracy")
+    note = (f"{INFER_ROWS} MRPC dev rows, batch {BATCH}, fp32, adapter from one row-3-shaped step; forward passes "
+            f"only (load excluded); accuracy ours {fmt(acc_o)}, reference {fmt(acc_r)}")
+    table.append(dict(row=8, metric=f"eval, rows/s", unit="rows/s", ours=agg("eval", "rows_per_s"),
+                      ref=agg("reference", "rows_per_s"), better="higher", note=note))
+    table.append(dict(row=8, metric=f"predict, rows/s", unit="rows/s", ours=agg("predict", "rows_per_s"),
+                      ref=agg("reference", "rows_per_s"), better="higher", note="reference: the same scoring loop"))
+    table.append(dict(row=8, metric="  eval process wall time, load included", unit="s", ours=agg("eval", "wall_s"),
+                      ref=agg("reference", "wall_s"), better="lower"))
+    table.append(dict(row=8, metric="  peak resident memory (VmHWM), eval", unit="GiB",
+                      ours=div(agg("eval", "peak_rss_bytes"), GiB), ref=div(agg("reference", "peak_rss_bytes"), GiB),
+                      better="lower"))
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def fmt(v):
@@ -611,7 +980,10 @@ def main():
     steps = [(lambda: kernel_rows(bench_kernels, table, kernel_csv, raw), ROWS & {1, 2}),
              (lambda: train_row(binary, bench_kernels, table, train_csv, raw), ROWS & {3}),
              (lambda: load_row(binary, table, raw), ROWS & {4}),
-             (lambda: serve_row(binary, table, raw), ROWS & {5})]
+             (lambda: serve_row(binary, table, raw), ROWS & {5}),
+             (lambda: gemm_row(bench_kernels, table, raw), ROWS & {6}),
+             (lambda: scaling_row(binary, bench_kernels, table, raw), ROWS & {7}),
+             (lambda: infer_row(binary, table, raw), ROWS & {8})]
     for fn, wanted in steps:
         if not wanted:
             continue
@@ -632,7 +1004,8 @@ def main():
     # A reference figure may be absent by design (bnb's CPU backend has no `out=` dequantize).
     missing = [
         r for r in table
-        if r.get("ours") is None or (r.get("ref") is None and "out=" not in r.get("note", "") and "skipped" not in r.get("note", ""))
+        if r.get("ours") is None or (r.get("ref") is None and not r.get("single") and "out=" not in r.get("note", "")
+                                     and "skipped" not in r.get("note", ""))
     ]
     if failed or missing:
         print("some measurements failed: see the logs above", file=sys.stderr)

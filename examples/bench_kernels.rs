@@ -3,13 +3,20 @@
 //!   bench_kernels nf4   [--rows 4096 --cols 4096 --reps 5 --threads 2 --device cpu]
 //!   bench_kernels adamw [--reps 10 --threads 2 --device cpu]
 //!   bench_kernels order --n N --batch 8 --seed 42 --epoch 1
+//!   bench_kernels gemm  [--m 512 --hidden 576 --intermediate 1536 --heads 9 --kv_heads 3
+//!                        --head_dim 64 --reps 5 --dtypes float32,bfloat16 --threads 2]
 //!
 //! `nf4` quantizes a bf16 [rows, cols] normal matrix (blocksize 64, double quantization) and
 //! dequantizes it back to bf16, both through a fresh output and in place (`dequantize_into`).
 //! `adamw` times `AdamW8bit::step` on the Llama-3-8B LoRA r=8 q/v + head shapes (3,416,064
 //! parameters); the first step (state allocation) is reported apart. `order` prints the
 //! batches of example indices the trainer draws in that epoch, so that the reference run can
-//! feed the same rows in the same order. Every timing is wall-clock seconds per repetition,
+//! feed the same rows in the same order. `gemm` is the machine's own matmul peak for a decoder
+//! layer's frozen projections (defaults: the SmolLM2-135M shape of the training bench): plain
+//! `x[M, in] · W[out, in]ᵀ` (`Tensor::linear`, no bias) for each distinct (in, out) of q, k,
+//! v, o, gate, up and down, per dtype; each shape's median is weighted by how often it occurs
+//! in one layer, and the figure is one layer's forward FLOPs (2·M·in·out summed) over the sum
+//! of those times. Every timing is wall-clock seconds per repetition,
 //! with the device synchronised on CUDA.
 use anyhow::{bail, Context, Result};
 use qlora_cls::data::batch::epoch_batches;
@@ -30,7 +37,7 @@ impl Args {
         let mut it = std::env::args().skip(1);
         let mode = it
             .next()
-            .context("usage: bench_kernels nf4|adamw|order [--flag value ...]")?;
+            .context("usage: bench_kernels nf4|adamw|order|gemm [--flag value ...]")?;
         let mut flags = HashMap::new();
         while let Some(k) = it.next() {
             let Some(name) = k.strip_prefix("--") else {
@@ -163,6 +170,111 @@ fn batch_order(a: &Args) -> Result<serde_json::Value> {
     Ok(json!(epoch_batches(n, batch, Some(seed), epoch, None)))
 }
 
+/// The frozen projections of one Llama decoder layer as (name, in, out).
+fn layer_projections(a: &Args) -> Result<Vec<(&'static str, i64, i64)>> {
+    let hidden: i64 = a.num("hidden", 576)?;
+    let inter: i64 = a.num("intermediate", 1536)?;
+    let heads: i64 = a.num("heads", 9)?;
+    let kv: i64 = a.num("kv_heads", 3)?;
+    let hd: i64 = a.num("head_dim", 64)?;
+    if [hidden, inter, heads, kv, hd].iter().any(|&v| v <= 0) {
+        bail!(
+            "gemm: --hidden, --intermediate, --heads, --kv_heads and --head_dim must be positive"
+        );
+    }
+    Ok(vec![
+        ("q_proj", hidden, heads * hd),
+        ("k_proj", hidden, kv * hd),
+        ("v_proj", hidden, kv * hd),
+        ("o_proj", heads * hd, hidden),
+        ("gate_proj", hidden, inter),
+        ("up_proj", hidden, inter),
+        ("down_proj", inter, hidden),
+    ])
+}
+
+fn parse_kind(name: &str) -> Result<Kind> {
+    Ok(match name {
+        "float32" | "fp32" => Kind::Float,
+        "bfloat16" | "bf16" => Kind::BFloat16,
+        "float16" | "fp16" => Kind::Half,
+        d => bail!("gemm: --dtypes: `{d}` is not float32, bfloat16 or float16"),
+    })
+}
+
+fn bench_gemm(a: &Args, device: Device) -> Result<serde_json::Value> {
+    let m: i64 = a.num("m", 512)?;
+    let reps: usize = a.num("reps", 5)?;
+    if m <= 0 || reps == 0 {
+        bail!("gemm: --m and --reps must be positive");
+    }
+    let projections = layer_projections(a)?;
+    // Distinct (in, out) shapes and how often each occurs in one layer.
+    let mut shapes: Vec<((i64, i64), usize)> = Vec::new();
+    for &(_, i, o) in &projections {
+        match shapes.iter_mut().find(|(s, _)| *s == (i, o)) {
+            Some((_, n)) => *n += 1,
+            None => shapes.push(((i, o), 1)),
+        }
+    }
+    let layer_flops: f64 = projections
+        .iter()
+        .map(|&(_, i, o)| 2.0 * (m * i * o) as f64)
+        .sum();
+    let dtypes = a
+        .flags
+        .get("dtypes")
+        .map(String::as_str)
+        .unwrap_or("float32,bfloat16");
+    let mut per_dtype = serde_json::Map::new();
+    for name in dtypes.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let kind = parse_kind(name)?;
+        tch::manual_seed(0);
+        let mut rows = Vec::new();
+        let mut layer_s = 0.0;
+        for &((i, o), count) in &shapes {
+            let x = Tensor::randn([m, i], (kind, device));
+            let w = Tensor::randn([o, i], (kind, device)) * 0.02;
+            // Untimed: first touch, packing caches, kernel selection.
+            drop(x.linear::<&Tensor>(&w, None));
+            let secs = time_reps(device, reps, || {
+                drop(x.linear::<&Tensor>(&w, None));
+                Ok(())
+            })?;
+            let med = median(&secs);
+            layer_s += med * count as f64;
+            rows.push(
+                json!({"in": i, "out": o, "count": count, "median_s": med, "s": secs,
+                "gflops": 2.0 * (m * i * o) as f64 / med / 1e9}),
+            );
+        }
+        per_dtype.insert(
+            name.to_string(),
+            json!({"shapes": rows, "layer_s": layer_s, "gflops": layer_flops / layer_s / 1e9}),
+        );
+    }
+    let p_layer: i64 = projections.iter().map(|&(_, i, o)| i * o).sum();
+    Ok(json!({
+        "m": m,
+        "reps": reps,
+        "projections": projections.iter().map(|&(n, i, o)| json!({"name": n, "in": i, "out": o})).collect::<Vec<_>>(),
+        "linear_params_per_layer": p_layer,
+        "layer_forward_flops": layer_flops,
+        "dtypes": per_dtype,
+    }))
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
 fn run() -> Result<()> {
     let a = Args::parse()?;
     let threads: i32 = a.num("threads", 0)?;
@@ -174,7 +286,8 @@ fn run() -> Result<()> {
         "nf4" => bench_nf4(&a, device)?,
         "adamw" => bench_adamw(&a, device)?,
         "order" => batch_order(&a)?,
-        m => bail!("unknown mode `{m}`: nf4, adamw or order"),
+        "gemm" => bench_gemm(&a, device)?,
+        m => bail!("unknown mode `{m}`: nf4, adamw, order or gemm"),
     };
     if let Some(obj) = value.as_object_mut() {
         obj.insert("threads".into(), json!(tch::get_num_threads()));

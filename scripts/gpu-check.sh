@@ -15,9 +15,10 @@
 #   2. NF4 dequantize bandwidth (14336 x 4096 bf16) against the GPU's nominal peak and a
 #      device-to-device copy, ours vs bitsandbytes
 #   3. QLoRA on a Llama-3-8B-shaped model (random bf16 weights written to local disk by
-#      bench/make_checkpoint.py), batch 8, MRPC rows, bf16 compute: step time, tokens/s,
-#      peak GPU memory (nvidia-smi sampled every 100 ms, the same for both sides, plus the
-#      reference's torch.cuda.max_memory_allocated); then the same for the reference stack
+#      bench/make_checkpoint.py), batch 8, MRPC rows: ours in the default configuration (no
+#      compute-dtype flag: auto = bf16 on a GPU), the reference with bf16 compute: step time,
+#      tokens/s, peak GPU memory (nvidia-smi sampled every 100 ms, the same for both sides,
+#      plus the reference's torch.cuda.max_memory_allocated) and ours/reference for each
 # Results: $OUT (default ./gpu-check-out): summary.md, summary.json, log.txt, tests.txt,
 # ours-metrics.csv, reference-train.json, nvidia-smi.txt (the device tool returns 8 files).
 set -uo pipefail
@@ -215,18 +216,20 @@ else
   head -n $((BATCH + 1)) "$QLORA_SHARED/data/mrpc/dev.tsv" >"$DATA/dev.tsv"
   "$KBIN" order --n "$n" --batch "$BATCH" --seed 42 --epoch 1 | tail -1 >"$WORK/order.json" || fail=1
 
+  # Ours in the default configuration (configs/mrpc.yaml, no compute-dtype flag: `auto`, bf16
+  # on a GPU, gradient checkpointing as configured), against the reference's bf16.
   rm -rf "$WORK/ours-train"
   with_gpu_mem "$WORK/ours.gpumem" timeout "$(lim 180)" "$BIN" train --config configs/mrpc.yaml \
     --model_dir "$MODEL" --tokenizer_dir "$MODEL" --data_dir "$DATA" --results_path "$WORK/ours-train" \
     --max_steps $((WARMUP + STEPS)) --epochs 1 --eval_before_training false --device cuda \
-    --bnb_4bit_compute_dtype bfloat16 --batch_size $BATCH --eval_batch_size $BATCH --prompt perfect \
+    --batch_size $BATCH --eval_batch_size $BATCH --prompt perfect \
     --seed 42 --log_every 1 --train_splits train --eval_split validation ||
     { echo "our training run failed"; fail=1; }
   cp "$WORK/ours-train/metrics.csv" "$OUT/ours-metrics.csv" 2>/dev/null
 
   with_gpu_mem "$WORK/ref.gpumem" timeout "$(lim 240)" "$PY" bench/reference_qlora.py --model_dir "$MODEL" \
     --data_dir "$DATA" --order "$WORK/order.json" --warmup "$WARMUP" --steps "$STEPS" \
-    --device cuda --batch_size $BATCH --out "$WORK/reference-train.json" ||
+    --device cuda --compute_dtype bfloat16 --batch_size $BATCH --out "$WORK/reference-train.json" ||
     { echo "the reference training run failed"; fail=1; }
   cp "$WORK/reference-train.json" "$OUT/" 2>/dev/null
 
@@ -235,7 +238,7 @@ else
   with_gpu_mem "$WORK/ours-nogc.gpumem" timeout "$(lim 120)" "$BIN" train --config configs/mrpc.yaml \
     --model_dir "$MODEL" --tokenizer_dir "$MODEL" --data_dir "$DATA" --results_path "$WORK/ours-nogc-train" \
     --max_steps $((WARMUP + STEPS)) --epochs 1 --eval_before_training false --device cuda \
-    --bnb_4bit_compute_dtype bfloat16 --batch_size $BATCH --eval_batch_size $BATCH --prompt perfect \
+    --batch_size $BATCH --eval_batch_size $BATCH --prompt perfect \
     --seed 42 --log_every 1 --train_splits train --eval_split validation --gradient_checkpointing false ||
     echo "our run without checkpointing failed (reported, not counted as a failure)"
 fi

@@ -121,12 +121,17 @@ enum Cmd {
         out: PathBuf,
     },
     /// Draws the loss and per-epoch accuracy of every run folder below `--runs` (PNG + SVG)
-    /// and writes a Markdown table of the final accuracy/F1.
+    /// and writes a Markdown table of the final accuracy/F1. With `--scaling FILE` (the
+    /// bench's scaling.csv) it draws tokens/s and peak memory against the sequence length and
+    /// tokens/s against the batch size instead.
     Plot {
         #[arg(long, default_value = "runs")]
         runs: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// A scaling CSV (impl, seq, batch, tokens_per_s, peak_rss_bytes, ...)
+        #[arg(long, value_name = "FILE")]
+        scaling: Option<PathBuf>,
     },
 }
 
@@ -176,6 +181,8 @@ struct Scored {
     adapter: PathBuf,
     split: String,
     n: usize,
+    /// Wall time of the forward passes alone (the model loaded, the data encoded).
+    seconds: f64,
     r: eval::EvalResult,
     labels: TaskLabels,
     metrics: Vec<String>,
@@ -216,6 +223,7 @@ fn score_split(args: &Args, require_labels: bool) -> Result<Scored> {
         }
     };
     let scoring = train::scoring(&labels, &cfg)?;
+    let started = std::time::Instant::now();
     let r = eval::evaluate(
         &loaded.model,
         &data,
@@ -225,14 +233,27 @@ fn score_split(args: &Args, require_labels: bool) -> Result<Scored> {
         loaded.device,
         None,
     )?;
+    let seconds = started.elapsed().as_secs_f64();
     Ok(Scored {
         adapter,
         split,
         n: data.len(),
+        seconds,
         r,
         labels,
         metrics: scoring.metrics,
     })
+}
+
+/// `scored N rows in S s (R rows/s)`: the forward passes alone, loading excluded (the
+/// benchmark reads this line).
+fn throughput_line(s: &Scored) -> String {
+    format!(
+        "scored {} rows in {:.3} s ({:.2} rows/s)",
+        s.n,
+        s.seconds,
+        s.n as f64 / s.seconds.max(1e-9)
+    )
 }
 
 /// A CSV field, quoted where it holds a comma, a quote or a line break.
@@ -304,9 +325,11 @@ fn run() -> Result<()> {
                     .map(|(k, v)| format!("{k} {v:.4}"))
                     .collect();
             println!("{}: {} ({} examples)", s.split, shown.join(" "), s.n);
+            println!("{}", throughput_line(&s));
             let out = s.adapter.join(format!("eval-{}.json", s.split));
             let mut json = serde_json::json!({"split": s.split, "loss": s.r.loss, "examples": s.n,
-                "problem_type": s.labels.spec.problem_type.as_str(), "metrics": s.metrics});
+                "problem_type": s.labels.spec.problem_type.as_str(), "metrics": s.metrics,
+                "scoring_s": s.seconds});
             for (k, v) in &s.r.metrics {
                 json[k.as_str()] = serde_json::json!(v);
             }
@@ -318,6 +341,7 @@ fn run() -> Result<()> {
             let out = PathBuf::from(args.required("out")?);
             let s = score_split(&args, false)?;
             runio::write_text(&out, &predictions_csv(&s.labels.spec, &s.r))?;
+            println!("{}", throughput_line(&s));
             println!("wrote {} predictions to {}", s.r.pred.len(), out.display());
         }
         Cmd::Inspect { flags } => {
@@ -360,8 +384,12 @@ fn run() -> Result<()> {
             demo::write_demo_assets(&out)?;
             println!("wrote the demo model and data to {}", out.display());
         }
-        Cmd::Plot { runs, out } => {
-            for p in plot::plot(&runs, &out)? {
+        Cmd::Plot { runs, out, scaling } => {
+            let written = match scaling {
+                Some(csv) => plot::plot_scaling(&csv, &out)?,
+                None => plot::plot(&runs, &out)?,
+            };
+            for p in written {
                 println!("wrote {}", p.display());
             }
         }

@@ -331,3 +331,310 @@ pub fn plot(runs_dir: &Path, out: &Path) -> Result<Vec<PathBuf>> {
     written.push(p);
     Ok(written)
 }
+
+/// One measurement of `bench/results/scaling.csv` (written by `make bench`, row 7): one
+/// implementation at one (sequence length, batch size).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScalingPoint {
+    pub implementation: String,
+    pub seq: u64,
+    pub batch: u64,
+    pub tokens_per_s: f64,
+    pub peak_rss_bytes: f64,
+}
+
+/// Reads a scaling CSV: a header naming at least `impl`, `seq`, `batch`, `tokens_per_s` and
+/// `peak_rss_bytes` (in any order; other columns are ignored), then one row per measurement.
+/// A malformed row is an error naming the file and its line.
+pub fn read_scaling(path: &Path) -> Result<Vec<ScalingPoint>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut lines = text.lines().enumerate();
+    let header: Vec<&str> = match lines.next() {
+        Some((_, h)) => h.split(',').map(str::trim).collect(),
+        None => bail!("{}: empty file (expected a CSV header)", path.display()),
+    };
+    let col = |name: &str| -> Result<usize> {
+        header.iter().position(|h| *h == name).with_context(|| {
+            format!(
+                "{}:1: no column `{name}` in the header (need impl, seq, batch, tokens_per_s, \
+                 peak_rss_bytes)",
+                path.display()
+            )
+        })
+    };
+    let (ci, cs, cb, ct, cm) = (
+        col("impl")?,
+        col("seq")?,
+        col("batch")?,
+        col("tokens_per_s")?,
+        col("peak_rss_bytes")?,
+    );
+    let mut out = Vec::new();
+    for (i, line) in lines {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let n = i + 1;
+        let cells: Vec<&str> = line.split(',').map(str::trim).collect();
+        let cell = |c: usize, name: &str| -> Result<&str> {
+            cells
+                .get(c)
+                .copied()
+                .filter(|s| !s.is_empty())
+                .with_context(|| format!("{}:{n}: no value for `{name}`", path.display()))
+        };
+        let int = |c: usize, name: &str| -> Result<u64> {
+            let v = cell(c, name)?;
+            v.parse::<u64>().ok().filter(|&x| x > 0).with_context(|| {
+                format!(
+                    "{}:{n}: `{name}` {v:?} is not a positive integer",
+                    path.display()
+                )
+            })
+        };
+        let float = |c: usize, name: &str| -> Result<f64> {
+            let v = cell(c, name)?;
+            v.parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite() && *x >= 0.0)
+                .with_context(|| {
+                    format!(
+                        "{}:{n}: `{name}` {v:?} is not a non-negative number",
+                        path.display()
+                    )
+                })
+        };
+        out.push(ScalingPoint {
+            implementation: cell(ci, "impl")?.to_string(),
+            seq: int(cs, "seq")?,
+            batch: int(cb, "batch")?,
+            tokens_per_s: float(ct, "tokens_per_s")?,
+            peak_rss_bytes: float(cm, "peak_rss_bytes")?,
+        });
+    }
+    if out.is_empty() {
+        bail!("{}: no measurements below the header", path.display());
+    }
+    Ok(out)
+}
+
+/// One line of a chart: its legend, its colour index (Palette99) and its (x, y) points.
+type Series = (String, usize, Vec<(f64, f64)>);
+
+/// A line chart: one polyline (with markers) per named series.
+struct LineChart {
+    title: String,
+    x_desc: String,
+    y_desc: String,
+    /// A log₂ x axis (sequence lengths, batch sizes).
+    log_x: bool,
+    /// Where the legend goes: a corner the lines leave free.
+    legend: SeriesLabelPosition,
+    series: Vec<Series>,
+}
+
+impl LineChart {
+    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<()>
+    where
+        DB::ErrorType: 'static,
+    {
+        let e = |e| anyhow::anyhow!("{e:?}");
+        area.fill(&WHITE).map_err(e)?;
+        let (mut x0, mut x1) = bounds(self.series.iter().flat_map(|s| s.2.iter().map(|p| p.0)));
+        if self.log_x && x0 == x1 {
+            (x0, x1) = (x0 / 2.0, x1 * 2.0);
+        } else if self.log_x {
+            (x0, x1) = (x0 / 1.15, x1 * 1.15);
+        }
+        let (_, y1) = bounds(self.series.iter().flat_map(|s| s.2.iter().map(|p| p.1)));
+        let y1 = if y1 > 0.0 { y1 * 1.1 } else { 1.0 };
+        let mut builder = ChartBuilder::on(area);
+        builder
+            .caption(&self.title, ("sans-serif", 24))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70);
+        if self.log_x {
+            let mut chart = builder
+                .build_cartesian_2d((x0..x1).log_scale().base(2.0), 0.0..y1)
+                .map_err(e)?;
+            chart
+                .configure_mesh()
+                .x_desc(self.x_desc.as_str())
+                .y_desc(self.y_desc.as_str())
+                .x_label_formatter(&|v| format!("{v:.0}"))
+                .draw()
+                .map_err(e)?;
+            self.draw_series(&mut chart)
+        } else {
+            let mut chart = builder.build_cartesian_2d(x0..x1, 0.0..y1).map_err(e)?;
+            chart
+                .configure_mesh()
+                .x_desc(self.x_desc.as_str())
+                .y_desc(self.y_desc.as_str())
+                .draw()
+                .map_err(e)?;
+            self.draw_series(&mut chart)
+        }?;
+        area.present().map_err(e)?;
+        Ok(())
+    }
+
+    fn draw_series<'a, DB, X>(
+        &self,
+        chart: &mut ChartContext<'a, DB, Cartesian2d<X, plotters::coord::types::RangedCoordf64>>,
+    ) -> Result<()>
+    where
+        DB: DrawingBackend + 'a,
+        DB::ErrorType: 'static,
+        X: Ranged<ValueType = f64>,
+    {
+        let e = |e| anyhow::anyhow!("{e:?}");
+        for (label, colour, pts) in &self.series {
+            let color = Palette99::pick(*colour).to_rgba();
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(e)?
+                .label(label.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(pts.iter().map(|p| Circle::new(*p, 4, color.filled())))
+                .map_err(e)?;
+        }
+        chart
+            .configure_series_labels()
+            .position(self.legend.clone())
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(e)?;
+        Ok(())
+    }
+
+    /// Writes `<out>/<name>.svg` and `<out>/<name>.png`; returns both paths.
+    fn write(&self, out: &Path, name: &str) -> Result<Vec<PathBuf>> {
+        let mut svg = String::new();
+        {
+            let area = SVGBackend::with_string(&mut svg, (1000, 600)).into_drawing_area();
+            self.draw(&area)?;
+        }
+        let svg_path = out.join(format!("{name}.svg"));
+        runio::write_text(&svg_path, &svg)?;
+        let png_path = out.join(format!("{name}.png"));
+        let tmp = out.join(format!(".{name}.tmp-{}.png", std::process::id()));
+        {
+            let area = BitMapBackend::new(&tmp, (1000, 600)).into_drawing_area();
+            self.draw(&area)?;
+        }
+        std::fs::rename(&tmp, &png_path)
+            .with_context(|| format!("cannot write {}", png_path.display()))?;
+        Ok(vec![svg_path, png_path])
+    }
+}
+
+/// The value of `want` if any point has it, else the value most points share (ties: the
+/// smallest).
+fn pick_fixed(values: impl Iterator<Item = u64>, want: u64) -> Option<u64> {
+    let mut counts: std::collections::BTreeMap<u64, usize> = Default::default();
+    for v in values {
+        *counts.entry(v).or_default() += 1;
+    }
+    if counts.contains_key(&want) {
+        return Some(want);
+    }
+    let best = counts.values().copied().max()?;
+    counts.into_iter().find(|&(_, c)| c == best).map(|(v, _)| v)
+}
+
+/// One series per implementation, from the points `keep` selects, as (x, y) sorted by x.
+fn series_by_impl(
+    points: &[ScalingPoint],
+    keep: impl Fn(&ScalingPoint) -> Option<(f64, f64)>,
+) -> Vec<Series> {
+    let mut names: Vec<&str> = points.iter().map(|p| p.implementation.as_str()).collect();
+    names.sort();
+    names.dedup();
+    let mut out = Vec::new();
+    // Colours by the implementation's place among all of them, so a side keeps its colour
+    // in every chart.
+    for (colour, name) in names.iter().enumerate() {
+        let mut pts: Vec<(f64, f64)> = points
+            .iter()
+            .filter(|p| p.implementation == *name)
+            .filter_map(&keep)
+            .collect();
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        if !pts.is_empty() {
+            out.push((name.to_string(), colour, pts));
+        }
+    }
+    out
+}
+
+/// `qlora-cls plot --scaling FILE`: from the bench's scaling.csv, tokens/s and peak memory
+/// against the sequence length (at batch 8, or the batch size most rows share) with one line
+/// per implementation, and tokens/s against the batch size (at sequence length 128, or the
+/// most common one) when the file holds more than one batch size there. PNG + SVG each.
+pub fn plot_scaling(csv: &Path, out: &Path) -> Result<Vec<PathBuf>> {
+    let points = read_scaling(csv)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    register_font()?;
+    let mut written = Vec::new();
+    // pick_fixed sees at least one point, so both are Some.
+    let batch = pick_fixed(points.iter().map(|p| p.batch), 8).unwrap_or(8);
+    let seq = pick_fixed(points.iter().map(|p| p.seq), 128).unwrap_or(128);
+    let by_seq = |f: fn(&ScalingPoint) -> f64| {
+        series_by_impl(&points, move |p| {
+            (p.batch == batch).then(|| (p.seq as f64, f(p)))
+        })
+    };
+    let charts = [
+        (
+            "scaling_tokens_per_s",
+            LineChart {
+                title: format!("Training throughput vs sequence length (batch {batch})"),
+                x_desc: "sequence length (tokens)".into(),
+                y_desc: "tokens/s".into(),
+                log_x: true,
+                legend: SeriesLabelPosition::LowerLeft,
+                series: by_seq(|p| p.tokens_per_s),
+            },
+        ),
+        (
+            "scaling_memory",
+            LineChart {
+                title: format!("Peak resident memory vs sequence length (batch {batch})"),
+                x_desc: "sequence length (tokens)".into(),
+                y_desc: "peak RSS (GiB)".into(),
+                log_x: true,
+                legend: SeriesLabelPosition::UpperLeft,
+                series: by_seq(|p| p.peak_rss_bytes / (1u64 << 30) as f64),
+            },
+        ),
+    ];
+    for (name, chart) in &charts {
+        written.extend(chart.write(out, name)?);
+    }
+    let batches: std::collections::BTreeSet<u64> = points
+        .iter()
+        .filter(|p| p.seq == seq)
+        .map(|p| p.batch)
+        .collect();
+    if batches.len() > 1 {
+        let chart = LineChart {
+            title: format!("Training throughput vs batch size (sequence length {seq})"),
+            x_desc: "batch size".into(),
+            y_desc: "tokens/s".into(),
+            log_x: true,
+            legend: SeriesLabelPosition::UpperLeft,
+            series: series_by_impl(&points, |p| {
+                (p.seq == seq).then_some((p.batch as f64, p.tokens_per_s))
+            }),
+        };
+        written.extend(chart.write(out, "scaling_batch")?);
+    }
+    Ok(written)
+}
