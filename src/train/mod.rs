@@ -55,6 +55,10 @@ pub struct Summary {
     pub world_size: usize,
     /// `gradient_checkpointing`'s decision and the peak memory it estimated.
     pub memory_plan: memory::MemoryPlan,
+    /// Whether each layer was recomputed in the backward (the decision above).
+    pub gradient_checkpointing: bool,
+    /// The compute dtype `bnb_4bit_compute_dtype` resolved to (`float32`, `bfloat16`, `float16`).
+    pub compute_dtype: String,
 }
 
 /// What to do about an error the user can act on, if we recognise it.

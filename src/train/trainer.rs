@@ -699,6 +699,13 @@ impl<'a> Trainer<'a> {
             all_params: self.counts.1,
             world_size: self.world,
             memory_plan: self.memory,
+            gradient_checkpointing: self.memory.recompute,
+            compute_dtype: match self.cfg.compute_kind(self.device) {
+                Kind::BFloat16 => "bfloat16",
+                Kind::Half => "float16",
+                _ => "float32",
+            }
+            .into(),
         };
         if self.main {
             self.write_profile()?;
