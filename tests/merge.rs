@@ -182,6 +182,8 @@ fn nf4_merge_reports_its_drift() {
         s(&out),
         "--quantize",
         "nf4",
+        "--dtype",
+        "float32",
         "--sample",
         "40",
         "--model_dir",
@@ -211,6 +213,53 @@ fn nf4_merge_reports_its_drift() {
     assert_eq!(config["quantization_config"]["bnb_4bit_quant_type"], "nf4");
     assert_eq!(config["architectures"][0], "LlamaForSequenceClassification");
     assert!(out.join("tokenizer.json").exists());
+
+    // transformers + bitsandbytes load the NF4 checkpoint as it is (no missing, unexpected
+    // or mismatched keys), and their logits are ours on the same checkpoint and token ids.
+    let texts = demo_texts(6);
+    let texts_file = d.path().join("texts.json");
+    std::fs::write(&texts_file, serde_json::to_string(&texts).unwrap()).unwrap();
+    let v: Value = serde_json::from_str(&common::oracle(
+        "merge_oracle.py",
+        &["logits", s(&out), s(&texts_file)],
+    ))
+    .expect("oracle JSON");
+    assert_eq!(v["missing"], serde_json::json!([]), "{v}");
+    assert_eq!(v["unexpected"], serde_json::json!([]), "{v}");
+    assert_eq!(v["mismatched"], serde_json::json!([]), "{v}");
+    let pad = v["pad_token_id"].as_i64().expect("pad_token_id");
+    let rows: Vec<Vec<i64>> = serde_json::from_value(v["input_ids"].clone()).unwrap();
+    let t = rows.iter().map(Vec::len).max().unwrap();
+    let (mut ids, mut mask) = (Vec::new(), Vec::new());
+    for r in &rows {
+        for j in 0..t {
+            ids.push(r.get(j).copied().unwrap_or(pad));
+            mask.push(i64::from(j < r.len()));
+        }
+    }
+    let b = rows.len() as i64;
+    let ours = qlora_cls::model::classifier::LlamaClassifier::load(
+        &out,
+        &qlora_cls::model::classifier::ModelOptions {
+            device: tch::Device::Cpu,
+            compute_dtype: tch::Kind::Float,
+            quant: Some(qlora_cls::quant::nf4::Nf4Options::default()),
+            lora: None,
+            num_labels: 2,
+            pad_token_id: pad,
+            gradient_checkpointing: false,
+            seed: 0,
+        },
+    )
+    .expect("our loader reads the NF4 merge")
+    .forward(
+        &Tensor::from_slice(&ids).view([b, t as i64]),
+        &Tensor::from_slice(&mask).view([b, t as i64]),
+    );
+    let theirs: Vec<Vec<f64>> = serde_json::from_value(v["logits"].clone()).unwrap();
+    let diff = common::max_abs_diff(&ours, &Tensor::from_slice2(&theirs));
+    eprintln!("NF4 merge: transformers+bitsandbytes vs ours, max |logit diff| {diff:.3e}");
+    assert!(diff < 1e-4, "logits differ by {diff}");
 }
 
 #[test]

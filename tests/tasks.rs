@@ -79,6 +79,16 @@ fn train_eval_predict(c: &Case) -> PathBuf {
     let losses: Vec<f64> = evals[1..].iter().map(|r| r[2].parse().unwrap()).collect();
     assert!(losses[2] < losses[0], "{}: loss {losses:?}", c.name);
 
+    // summary.json names the main metric the best adapter was chosen by; best_accuracy is
+    // only accuracy.
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run_dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["best_metric_name"], c.metrics[0], "{}", c.name);
+    assert!(summary["best_metric"].is_f64(), "{}: {summary}", c.name);
+    if c.metrics[0] != "accuracy" {
+        assert!(summary["best_accuracy"].is_null(), "{}: {summary}", c.name);
+    }
+
     // The labels travel with the adapter (and with the best one).
     let adapter = run_dir.join("adapter");
     for dir in [&adapter, &run_dir.join("best_adapter")] {
@@ -240,4 +250,35 @@ fn regression_parquet_with_a_float_target() {
         names: &["LABEL_0"],
         floor: 0.7,
     });
+}
+
+/// Outside MRPC the labels size the head: a `num_classes` that disagrees with them is named,
+/// not silently ignored.
+#[test]
+fn num_classes_disagreeing_with_the_labels_is_refused() {
+    let data = assets().join("tasks/topic");
+    let flags = |n: &'static str| {
+        common::config_from(&[
+            "--data_dir",
+            data.to_str().unwrap(),
+            "--task",
+            "custom",
+            "--text_columns",
+            "headline",
+            "--label_column",
+            "topic",
+            "--num_classes",
+            n,
+        ])
+    };
+    let err = match qlora_cls::train::prepare_task(&flags("5")) {
+        Ok(_) => panic!("5 classes for 3 labels is refused"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("num_classes") && err.contains("profit, sales, shares"),
+        "{err}"
+    );
+    let (labels, _) = qlora_cls::train::prepare_task(&flags("3")).expect("3 matches");
+    assert_eq!(labels.spec.num_labels(), 3);
 }

@@ -43,7 +43,11 @@ pub fn train(cfg: &Config) -> Result<Summary> {
 pub struct Summary {
     pub baseline: Option<serde_json::Value>,
     pub final_eval: Option<serde_json::Value>,
+    /// The best evaluation's accuracy, when accuracy is the task's main metric (null otherwise).
     pub best_accuracy: Option<f64>,
+    /// The task's main metric (the one the best adapter is chosen by) and its best value.
+    pub best_metric_name: String,
+    pub best_metric: Option<f64>,
     pub steps: usize,
     pub train_examples: usize,
     pub eval_examples: usize,

@@ -95,6 +95,18 @@ pub fn prepare_task(cfg: &Config) -> Result<(TaskLabels, Option<Vec<TaskExample>
     }
     let train = examples::load_split(cfg.data_dir()?, &task, &cfg.train_splits, true)?;
     let spec = examples::infer_labels(&task, &train)?;
+    // The head is sized by the labels; a `num_classes` other than the default that
+    // disagrees with them is a mistake to name, not a value to ignore.
+    let default = Config::default().num_classes;
+    if cfg.num_classes != default && cfg.num_classes != spec.num_labels() as i64 {
+        bail!(
+            "key `num_classes`: {} does not match task {}'s {} label(s) ({}); drop the key (the labels size the head) or fix the data",
+            cfg.num_classes,
+            task.name,
+            spec.num_labels(),
+            spec.names.join(", ")
+        );
+    }
     Ok((TaskLabels { task, spec }, Some(train)))
 }
 

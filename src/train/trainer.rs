@@ -687,7 +687,13 @@ impl<'a> Trainer<'a> {
         let summary = Summary {
             baseline: self.baseline.take(),
             final_eval: self.last_eval.as_ref().map(eval_json),
-            best_accuracy: self.st.best_accuracy,
+            // TrainState keeps the main metric's best under its old name (checkpoints read it).
+            best_accuracy: self
+                .st
+                .best_accuracy
+                .filter(|_| self.scoring.metrics[0] == "accuracy"),
+            best_metric_name: self.scoring.metrics[0].clone(),
+            best_metric: self.st.best_accuracy,
             steps: self.st.step,
             train_examples: self.train_set.len(),
             eval_examples: self.eval_set.len(),
