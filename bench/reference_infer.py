@@ -40,24 +40,11 @@ def main():
 
     torch.set_num_threads(a.threads)
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
+    from reference_qlora import load_4bit_classifier
 
     cuda = a.device.startswith("cuda")
-    compute = getattr(torch, a.compute_dtype or ("bfloat16" if cuda else "float32"))
-    qcfg = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute,
-    )
-    tokenizer = AutoTokenizer.from_pretrained(a.model_dir)
-    tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
     t_load = time.perf_counter()
-    model = AutoModelForSequenceClassification.from_pretrained(
-        a.model_dir, num_labels=2, quantization_config=qcfg, device_map={"": a.device}, dtype=compute
-    )
-    model.config.pad_token_id = tokenizer.pad_token_id
+    model, tokenizer, compute = load_4bit_classifier(a.model_dir, a.device, a.compute_dtype)
     model = PeftModel.from_pretrained(model, a.adapter)
     model.eval()
     load_s = time.perf_counter() - t_load

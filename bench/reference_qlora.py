@@ -59,6 +59,30 @@ def read_glue_tsv(path: Path):
     return rows
 
 
+def load_4bit_classifier(model_dir, device, compute_dtype=None):
+    """The reference's model: NF4 with double quantization (bf16 compute on a GPU, fp32 on a
+    CPU unless `compute_dtype` says), a 2-label head, EOS as the pad token, right padding.
+    Returns (model, tokenizer, compute dtype)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
+
+    compute = getattr(torch, compute_dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    qcfg = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=2, quantization_config=qcfg, device_map={"": device}, dtype=compute
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, compute
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model_dir", required=True)
@@ -86,34 +110,11 @@ def main():
     torch.manual_seed(a.seed)
     import bitsandbytes as bnb
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        BitsAndBytesConfig,
-        get_linear_schedule_with_warmup,
-    )
+    from transformers import get_linear_schedule_with_warmup
 
     cuda = a.device.startswith("cuda")
-    compute = getattr(torch, a.compute_dtype or ("bfloat16" if cuda else "float32"))
-    qcfg = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute,
-    )
-    tokenizer = AutoTokenizer.from_pretrained(a.model_dir)
-    tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-
     t_load = time.perf_counter()
-    model = AutoModelForSequenceClassification.from_pretrained(
-        a.model_dir,
-        num_labels=2,
-        quantization_config=qcfg,
-        device_map={"": a.device},
-        dtype=compute,
-    )
-    model.config.pad_token_id = tokenizer.pad_token_id
+    model, tokenizer, compute = load_4bit_classifier(a.model_dir, a.device, a.compute_dtype)
     load_s = time.perf_counter() - t_load
     result = {
         "stack": "transformers+peft+bitsandbytes",

@@ -298,21 +298,9 @@ def ours_train_argv(binary, model, data, results, max_steps, extra=(), dtype="fl
     ]
 
 
-def ours_run_mode(run_dir):
-    """(gradient checkpointing, compute dtype) the run used: summary.json's own report when it
-    has one, else the resolved configuration in the run folder's config.json / quant_config.json."""
-    def load(name):
-        try:
-            return json.loads((run_dir / name).read_text())
-        except (OSError, ValueError):
-            return {}
-
-    summary, cfg, quant = load("summary.json"), load("config.json"), load("quant_config.json")
-    gc = summary.get("gradient_checkpointing", cfg.get("gradient_checkpointing", True))
-    dtype = summary.get("compute_dtype") or quant.get("bnb_4bit_compute_dtype") or cfg.get("bnb_4bit_compute_dtype")
-    if dtype in (None, "auto"):
-        dtype = "float32"  # auto on a CPU
-    return bool(gc), str(dtype)
+def ours_run_mode(summary):
+    """(gradient checkpointing, compute dtype) the run used, as its summary.json reports them."""
+    return bool(summary["memory_plan"]["recompute"]), str(summary["compute_dtype"])
 
 
 def ours_train_once(binary, name, argv, run_dir, warmup, steps):
@@ -326,7 +314,7 @@ def ours_train_once(binary, name, argv, run_dir, warmup, steps):
         raise Failed(f"{name}: metrics.csv has {len(per_step)} steps, {warmup + steps} expected")
     timed = per_step[warmup:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    gc, dtype = ours_run_mode(run_dir)
+    gc, dtype = ours_run_mode(summary)
     # metrics.csv rounds tokens_per_s to 0.1, so the tokens of step k (a difference of
     # tokens_per_s x elapsed_s) are known to +-0.05 x (elapsed_k + elapsed_k-1): on a slow
     # step that is a few tokens.
@@ -344,14 +332,8 @@ def ours_train_once(binary, name, argv, run_dir, warmup, steps):
         gradient_checkpointing=gc,
         compute_dtype=dtype,
         # gradient_checkpointing auto's estimate of this run's peak, for the chosen mode.
-        peak_estimate_bytes=plan_peak(summary.get("memory_plan")),
+        peak_estimate_bytes=summary["memory_plan"]["peak_recompute_bytes" if gc else "peak_keep_bytes"],
     )
-
-
-def plan_peak(plan):
-    if not plan:
-        return None
-    return plan["peak_recompute_bytes"] if plan.get("recompute") else plan["peak_keep_bytes"]
 
 
 def reference_train_once(name, model, data, order, warmup, steps, batch, out_json, extra=()):
@@ -618,17 +600,28 @@ def serve_ours(binary, model, adapter, clients, n, pairs_file, name):
                 proc.kill()
 
 
-def serve_row(binary, table, raw):
+_ONE_STEP = {}
+
+
+def one_step_adapter(binary):
+    """(the SmolLM2-shaped checkpoint, an adapter trained one step on 8 MRPC rows): what rows 5
+    and 8 serve and score, trained once per bench run."""
     if binary is None:
         raise Failed("no qlora-cls binary")
-    model = CACHE / "smol"
-    make_checkpoint("smol", model, 1800)
-    data = CACHE / "mrpc-serve"
-    write_subset(mrpc_dir(), data, BATCH, BATCH)
-    run_dir = RESULTS / "runs" / "serve-adapter"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_child("serve-adapter", ours_train_argv(binary, model, data, run_dir, 1))
-    adapter = run_dir / "adapter"
+    if "adapter" not in _ONE_STEP:
+        model = CACHE / "smol"
+        make_checkpoint("smol", model, 1800)
+        data = CACHE / "mrpc-serve"
+        write_subset(mrpc_dir(), data, BATCH, BATCH)
+        run_dir = RESULTS / "runs" / "one-step-adapter"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_child("one-step-adapter", ours_train_argv(binary, model, data, run_dir, 1))
+        _ONE_STEP.update(model=model, adapter=run_dir / "adapter")
+    return _ONE_STEP["model"], _ONE_STEP["adapter"]
+
+
+def serve_row(binary, table, raw):
+    model, adapter = one_step_adapter(binary)
     merged = CACHE / "smol-merged"
     run_child("serve-merge", [binary, "merge", "--model_dir", model, "--adapter", adapter, "--out", merged,
                               "--dtype", "float32", "--force", "--bnb_4bit_compute_dtype", "float32"])
@@ -868,17 +861,7 @@ def scored_line(text, name):
 
 
 def infer_row(binary, table, raw):
-    if binary is None:
-        raise Failed("no qlora-cls binary")
-    model = CACHE / "smol"
-    make_checkpoint("smol", model, 1800)
-    # The adapter: one training step on 8 rows (evaluated on 8 dev rows at the end).
-    small = CACHE / "mrpc-serve"
-    write_subset(mrpc_dir(), small, BATCH, BATCH)
-    run_dir = RESULTS / "runs" / "infer-adapter"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_child("infer-adapter", ours_train_argv(binary, model, small, run_dir, 1))
-    adapter = run_dir / "adapter"
+    model, adapter = one_step_adapter(binary)
     data = CACHE / f"mrpc-infer-{INFER_ROWS}"
     write_subset(mrpc_dir(), data, BATCH, INFER_ROWS)
     common = ["--adapter", adapter, "--model_dir", model, "--tokenizer_dir", model, "--data_dir", data,

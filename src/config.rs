@@ -134,36 +134,11 @@ impl<'de> Deserialize<'de> for Checkpointing {
 pub struct MemorySize(pub u64);
 
 impl MemorySize {
+    /// `quantize::parse_size`'s units (`--max_shard_size` takes the same spellings).
     pub fn parse(text: &str) -> std::result::Result<Self, String> {
-        let t = text.trim();
-        let split = t
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(t.len());
-        let (num, unit) = t.split_at(split);
-        let n: f64 = num
-            .parse()
-            .map_err(|_| format!("`{text}` is not a size such as 20GiB, 16GB or 1073741824"))?;
-        let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-            "" | "b" => 1.0,
-            "kb" => 1e3,
-            "mb" => 1e6,
-            "gb" => 1e9,
-            "tb" => 1e12,
-            "kib" => 1024.0,
-            "mib" => 1024f64.powi(2),
-            "gib" => 1024f64.powi(3),
-            "tib" => 1024f64.powi(4),
-            u => {
-                return Err(format!(
-                    "`{text}`: unknown unit `{u}` (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
-                ))
-            }
-        };
-        let bytes = n * scale;
-        if !(bytes >= 1.0 && bytes.is_finite()) {
-            return Err(format!("`{text}` must be at least one byte"));
-        }
-        Ok(MemorySize(bytes as u64))
+        crate::quantize::parse_size(text)
+            .map(MemorySize)
+            .map_err(|e| format!("{e:#}"))
     }
 }
 

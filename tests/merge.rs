@@ -37,6 +37,20 @@ fn s(p: &Path) -> &str {
 }
 
 /// Merges in fp32, loads the result with transformers and compares its logits with ours.
+/// transformers loads `dir` as a user would (merge_oracle.py), with no missing, unexpected
+/// or mismatched keys; its report, config fields and logits of `texts_file`'s texts.
+fn load_in_transformers(dir: &Path, texts_file: &Path) -> Value {
+    let v: Value = serde_json::from_str(&common::oracle(
+        "merge_oracle.py",
+        &["logits", s(dir), s(texts_file)],
+    ))
+    .expect("oracle JSON");
+    assert_eq!(v["missing"], serde_json::json!([]), "{v}");
+    assert_eq!(v["unexpected"], serde_json::json!([]), "{v}");
+    assert_eq!(v["mismatched"], serde_json::json!([]), "{v}");
+    v
+}
+
 fn check_merge(model_dir: &Path, work: &Path, extra: &[&str]) -> Value {
     let adapter = work.join("adapter");
     let mut flags = vec!["--model_dir", s(model_dir), "--lora_dropout", "0"];
@@ -82,14 +96,7 @@ fn check_merge(model_dir: &Path, work: &Path, extra: &[&str]) -> Value {
     let texts = demo_texts(6);
     let texts_file = work.join("texts.json");
     std::fs::write(&texts_file, serde_json::to_string(&texts).unwrap()).unwrap();
-    let v: Value = serde_json::from_str(&common::oracle(
-        "merge_oracle.py",
-        &["logits", s(&merged), s(&texts_file)],
-    ))
-    .expect("oracle JSON");
-    assert_eq!(v["missing"], serde_json::json!([]), "{v}");
-    assert_eq!(v["unexpected"], serde_json::json!([]), "{v}");
-    assert_eq!(v["mismatched"], serde_json::json!([]), "{v}");
+    let v = load_in_transformers(&merged, &texts_file);
     assert_eq!(v["architectures"][0], "LlamaForSequenceClassification");
     assert_eq!(v["num_labels"], 2);
     assert_eq!(v["id2label"]["1"], "paraphrase");
@@ -219,14 +226,7 @@ fn nf4_merge_reports_its_drift() {
     let texts = demo_texts(6);
     let texts_file = d.path().join("texts.json");
     std::fs::write(&texts_file, serde_json::to_string(&texts).unwrap()).unwrap();
-    let v: Value = serde_json::from_str(&common::oracle(
-        "merge_oracle.py",
-        &["logits", s(&out), s(&texts_file)],
-    ))
-    .expect("oracle JSON");
-    assert_eq!(v["missing"], serde_json::json!([]), "{v}");
-    assert_eq!(v["unexpected"], serde_json::json!([]), "{v}");
-    assert_eq!(v["mismatched"], serde_json::json!([]), "{v}");
+    let v = load_in_transformers(&out, &texts_file);
     let pad = v["pad_token_id"].as_i64().expect("pad_token_id");
     let rows: Vec<Vec<i64>> = serde_json::from_value(v["input_ids"].clone()).unwrap();
     let t = rows.iter().map(Vec::len).max().unwrap();

@@ -10,7 +10,7 @@ use crate::model::family::{Activation, Switches};
 use crate::model::hf_config::{LlamaConfig, RopeScaling};
 use crate::profile::{scope, Part};
 use crate::quant::nf4::{self, Nf4Tensor};
-use crate::quant::qlinear::{FrozenWeight, QLinear, Scratch, SMALL_ROWS};
+use crate::quant::qlinear::{few_rows, FrozenWeight, QLinear, Scratch};
 use anyhow::{anyhow, Result};
 use std::f64::consts::PI;
 use tch::{Device, Kind, Tensor};
@@ -239,9 +239,23 @@ pub struct Projections {
     pub linears: Vec<(&'static str, QLinear, u64)>,
     /// Width of each part.
     pub widths: Vec<i64>,
+    /// The parts' biases end to end when every part has one (Qwen2's q/k/v), so the stacked
+    /// matmul adds them in its addmm as `linear` does per part; built once, not per pass.
+    stacked_bias: Option<Tensor>,
 }
 
 impl Projections {
+    pub fn new(linears: Vec<(&'static str, QLinear, u64)>, widths: Vec<i64>) -> Self {
+        let biases: Option<Vec<&Tensor>> =
+            linears.iter().map(|(_, l, _)| l.bias.as_ref()).collect();
+        let stacked_bias = biases.filter(|b| b.len() > 1).map(|b| Tensor::cat(&b, 0));
+        Projections {
+            linears,
+            widths,
+            stacked_bias,
+        }
+    }
+
     fn fused(&self) -> bool {
         self.linears.len() == 1 && self.widths.len() > 1
     }
@@ -301,16 +315,9 @@ impl Projections {
         seed: &dyn Fn(u64) -> Option<MaskKey>,
         scratch: &Scratch,
     ) -> Result<(Vec<Tensor>, Vec<Option<LoraSaved>>)> {
-        let rows = x.numel() as i64 / x.size().last().copied().unwrap_or(1).max(1);
-        if let Some(parts) = self.stackable().filter(|_| rows > SMALL_ROWS) {
+        if let Some(parts) = self.stackable().filter(|_| !few_rows(x)) {
             let w = self.stacked_weight(&parts, x.kind(), scratch)?;
-            // Biases (Qwen2's q/k/v) go into the same addmm, as `linear` adds them per part.
-            let biases: Option<Vec<&Tensor>> = self
-                .linears
-                .iter()
-                .map(|(_, l, _)| l.bias.as_ref())
-                .collect();
-            let bias = biases.map(|b| Tensor::cat(&b, 0));
+            let bias = &self.stacked_bias;
             let bases = {
                 let _p = scope(Part::Matmul);
                 x.linear(&w, bias.as_ref())
@@ -319,7 +326,7 @@ impl Projections {
             let mut outs = Vec::with_capacity(bases.len());
             let mut saved = Vec::with_capacity(bases.len());
             for (base, (_, l, i)) in bases.into_iter().zip(&self.linears) {
-                let base = match (&l.bias, &bias) {
+                let base = match (&l.bias, bias) {
                     (Some(b), None) => base + b,
                     _ => base,
                 };
@@ -763,10 +770,7 @@ fn build_layer(
     Ok(DecoderLayer {
         attn_norm: norm("input_layernorm").ok_or_else(|| missing("input_layernorm"))?,
         self_attn: Attention {
-            qkv: Projections {
-                linears: qkv,
-                widths: vec![q, kv, kv],
-            },
+            qkv: Projections::new(qkv, vec![q, kv, kv]),
             o_proj: take("o_proj")?,
             q_norm: norm("self_attn.q_norm"),
             k_norm: norm("self_attn.k_norm"),
@@ -782,10 +786,7 @@ fn build_layer(
         attn_post_norm,
         mlp_norm,
         mlp: Mlp {
-            gate_up: Projections {
-                linears: gate_up,
-                widths: vec![i, i],
-            },
+            gate_up: Projections::new(gate_up, vec![i, i]),
             down_proj: take("down_proj")?,
             act: sw.activation,
         },

@@ -9,7 +9,13 @@ use std::cell::RefCell;
 use tch::{Device, Kind, Tensor};
 
 /// Rows up to which the no-grad path uses `nf4::matmul_small` instead of dequantising.
-pub const SMALL_ROWS: i64 = 16;
+const SMALL_ROWS: i64 = 16;
+
+/// Whether `x` (`[.., in]`) has few enough rows for the fused NF4 kernel.
+pub fn few_rows(x: &Tensor) -> bool {
+    let rows = x.numel() as i64 / x.size().last().copied().unwrap_or(1).max(1);
+    rows <= SMALL_ROWS
+}
 
 #[derive(Debug)]
 pub enum FrozenWeight {
@@ -80,40 +86,31 @@ impl QLinear {
     /// NF4 weight is dequantised to `x`'s dtype for this call; autograd keeps that copy as
     /// long as the graph that uses it. Training uses [`Self::forward_saved`] instead.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let base = self.frozen(x)?;
+        let base = self.frozen(x, None)?;
         Ok(match &self.lora {
             Some(l) => base + l.forward(x, x.kind()),
             None => base,
         })
     }
 
-    /// `x · Wᵀ + b` without LoRA; a few rows outside autograd take the fused NF4 kernel.
-    fn frozen(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x · Wᵀ + b` without LoRA. A few rows outside autograd take the fused NF4 kernel;
+    /// more dequantise the weight, into `scratch` when given (the training pass), else into
+    /// a fresh tensor that autograd may keep (the padded reference forward).
+    fn frozen(&self, x: &Tensor, scratch: Option<&Scratch>) -> Result<Tensor> {
         let b = self.bias.as_ref();
-        Ok(match &self.weight {
-            FrozenWeight::Dense(w) => {
+        if let FrozenWeight::Nf4(q) = &self.weight {
+            if !x.requires_grad() && few_rows(x) {
                 let _p = scope(Part::Matmul);
-                x.linear(w, b)
+                let y = nf4::matmul_small(x, q)?;
+                return Ok(match b {
+                    Some(b) => y + b,
+                    None => y,
+                });
             }
-            FrozenWeight::Nf4(q) => {
-                let rows = x.numel() as i64 / x.size().last().copied().unwrap_or(1).max(1);
-                if !x.requires_grad() && rows <= SMALL_ROWS {
-                    let _p = scope(Part::Matmul);
-                    let y = nf4::matmul_small(x, q)?;
-                    match b {
-                        Some(b) => y + b,
-                        None => y,
-                    }
-                } else {
-                    let w = {
-                        let _p = scope(Part::Dequantize);
-                        nf4::dequantize(q, x.kind())?
-                    };
-                    let _p = scope(Part::Matmul);
-                    x.linear(&w, b)
-                }
-            }
-        })
+        }
+        let w = self.dense_in(x.kind(), scratch.unwrap_or(&Scratch::default()))?;
+        let _p = scope(Part::Matmul);
+        Ok(x.linear(&w, b))
     }
 
     /// The frozen weight `[out, in]` in `kind`: a dense weight as it is, an NF4 weight
@@ -130,18 +127,6 @@ impl QLinear {
         })
     }
 
-    /// `x · Wᵀ + b` without LoRA on rows outside autograd: a few rows take the fused NF4
-    /// kernel, more dequantise into `scratch` for one matmul.
-    fn frozen_rows(&self, x: &Tensor, scratch: &Scratch) -> Result<Tensor> {
-        let rows = x.numel() as i64 / x.size().last().copied().unwrap_or(1).max(1);
-        if matches!(self.weight, FrozenWeight::Nf4(_)) && rows > SMALL_ROWS {
-            let w = self.dense_in(x.kind(), scratch)?;
-            let _p = scope(Part::Matmul);
-            return Ok(x.linear(&w, self.bias.as_ref()));
-        }
-        self.frozen(x)
-    }
-
     /// `x · Wᵀ` (+ LoRA) for rows `x` `[N, in]` outside autograd (`dropout`: `None`
     /// for evaluation), keeping what [`Self::backward`] needs: nothing of the frozen weight
     /// (it is dequantised again there), only the LoRA branch's `[N, r]` hidden rows.
@@ -151,7 +136,7 @@ impl QLinear {
         dropout: Option<MaskKey>,
         scratch: &Scratch,
     ) -> Result<(Tensor, Option<LoraSaved>)> {
-        let base = self.frozen_rows(x, scratch)?;
+        let base = self.frozen(x, Some(scratch))?;
         Ok(match &self.lora {
             Some(l) => {
                 let _p = scope(Part::Lora);

@@ -30,15 +30,6 @@ pub struct MemoryPlan {
 }
 
 impl MemoryPlan {
-    /// The estimate for the chosen mode.
-    pub fn peak_bytes(&self) -> u64 {
-        if self.recompute {
-            self.peak_recompute_bytes
-        } else {
-            self.peak_keep_bytes
-        }
-    }
-
     pub fn describe(&self) -> String {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         let mode = if self.recompute {
@@ -126,6 +117,11 @@ pub fn activation_bytes(
     let kept = layers * one_layer + transient;
     let recomputed = layers * n * h * e + one_layer + transient;
     (kept as u64, recomputed as u64)
+}
+
+/// Peak resident memory of this process (VmHWM), in bytes.
+pub fn peak_rss_bytes() -> u64 {
+    proc_kib("/proc/self/status", "VmHWM:")
 }
 
 /// Resident memory of this process now (VmRSS), in bytes.

@@ -9,12 +9,13 @@ mod setup;
 mod step;
 mod trainer;
 
+pub use memory::peak_rss_bytes;
 pub use setup::{
     encode_raw, load_model, load_split, load_with_adapter, model_options, prepare_task, scoring,
     sized_for, use_model_pad_token, Loaded,
 };
 pub use step::{micro_batches, MicroBatch};
-pub use trainer::{peak_rss_bytes, Trainer, EVAL_HEADER, METRICS_HEADER};
+pub use trainer::{Trainer, EVAL_HEADER, METRICS_HEADER};
 
 use crate::config::Config;
 use anyhow::Result;
@@ -59,8 +60,6 @@ pub struct Summary {
     pub world_size: usize,
     /// `gradient_checkpointing`'s decision and the peak memory it estimated.
     pub memory_plan: memory::MemoryPlan,
-    /// Whether each layer was recomputed in the backward (the decision above).
-    pub gradient_checkpointing: bool,
     /// The compute dtype `bnb_4bit_compute_dtype` resolved to (`float32`, `bfloat16`, `float16`).
     pub compute_dtype: String,
 }

@@ -1,6 +1,6 @@
 //! The named steps of a training run ([`super::train`] calls them in order): set up, evaluate
 //! the baseline, train a step, log it, checkpoint, end an epoch, finish.
-use super::memory::{self, MemoryPlan};
+use super::memory::{self, peak_rss_bytes, MemoryPlan};
 use super::progress::{Progress, StepReport};
 use super::setup::{encode_raw, load_model, load_split, prepare_task, scoring, sized_for, Loaded};
 use super::step::{accumulate_gradients, grad_norm, micro_batches};
@@ -11,6 +11,7 @@ use crate::data::batch::{epoch_batches, Encoded, Target};
 use crate::data::prompt;
 use crate::dist::Dist;
 use crate::eval::{self, EvalResult, Scoring};
+use crate::merge::dtype_config_name;
 use crate::metrics::CsvLog;
 use crate::model::classifier::LlamaClassifier;
 use crate::model::hf_config::peft_param_line;
@@ -141,19 +142,6 @@ fn install_signal_flag() -> Result<Arc<AtomicBool>> {
         signal_hook::flag::register(sig, flag.clone())?;
     }
     Ok(flag)
-}
-
-/// Peak resident memory of this process (VmHWM), in bytes.
-pub fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
 }
 
 impl<'a> Trainer<'a> {
@@ -705,13 +693,7 @@ impl<'a> Trainer<'a> {
             all_params: self.counts.1,
             world_size: self.world,
             memory_plan: self.memory,
-            gradient_checkpointing: self.memory.recompute,
-            compute_dtype: match self.cfg.compute_kind(self.device) {
-                Kind::BFloat16 => "bfloat16",
-                Kind::Half => "float16",
-                _ => "float32",
-            }
-            .into(),
+            compute_dtype: dtype_config_name(self.cfg.compute_kind(self.device)).into(),
         };
         if self.main {
             self.write_profile()?;
