@@ -62,22 +62,27 @@ for entry in "${TASKS[@]}"; do
     if [ -d "$d" ]; then data="$d"; break; fi
   done
   [ -n "$data" ] || { echo "glue: no $folder/ or $name/ in $GLUE_DIR, skipping $name"; continue; }
-  eval_split=validation
-  [ "$name" = mnli ] && eval_split=validation_matched
   run="$OUT/runs/$name"
   echo "glue: training $name from $data"
   # MRPC keeps the configured prompt (the reference's experiment); the others start with
   # none, since the named prompts ask about sentence pairs (FLAGS may still set one).
   prompt=()
   [ "$name" = mrpc ] || prompt=(--prompt none)
+  # Each task is scored on its own evaluation split(s): MNLI on matched and mismatched.
   "$BIN" train --task "$name" --model_dir "$MODEL_DIR" --data_dir "$data" \
-    --eval_split "$eval_split" --results_path "$run" "${prompt[@]}" "$@"
+    --results_path "$run" "${prompt[@]}" "$@"
   trained=$((trained + 1))
-  header=$(head -1 "$run/eval.csv"); last=$(tail -1 "$run/eval.csv")
-  IFS=, read -r -a keys <<< "$header"; IFS=, read -r -a vals <<< "$last"
-  cells=""
-  for ((i = 3; i < ${#keys[@]}; i++)); do cells="$cells ${keys[$i]} ${vals[$i]}"; done
-  printf '| %s | %s |%s |\n' "$name" "$eval_split" "$cells" >> "$results.tmp"
+  # eval.csv (epoch,split,loss,metric...): one results row per split of the last evaluation.
+  awk -F, -v task="$name" 'NR == 1 { for (i = 4; i <= NF; i++) key[i] = $i; next }
+    { epoch[NR] = $1; line[NR] = $0; last = $1 }
+    END {
+      for (r = 2; r <= NR; r++) {
+        if (epoch[r] != last) continue
+        n = split(line[r], v, ","); cells = ""
+        for (i = 4; i <= n; i++) cells = cells " " key[i] " " v[i]
+        printf "| %s | %s |%s |\n", task, v[2], cells
+      }
+    }' "$run/eval.csv" >> "$results.tmp"
   IFS=, read -r -a parts <<< "$files"
   for part in "${parts[@]}"; do
     split="${part%%:*}"; file="${part#*:}"

@@ -2,10 +2,11 @@
 //! ─► the task's metrics (and the loss where labels exist). Under data parallelism each rank
 //! scores its shard, the logits are gathered, and the padding duplicates are dropped, so
 //! every example counts exactly once.
-use crate::data::batch::{collate, epoch_batches, Encoded, Target};
+use crate::data::batch::{collate, epoch_batches, target_tensor, Encoded, Target};
 use crate::dist::{self, Dist};
 use crate::metrics;
 use crate::model::classifier::LlamaClassifier;
+use crate::model::loss::{self, LossWeights};
 use crate::task::{LabelSpec, ProblemType};
 use anyhow::{bail, ensure, Result};
 use tch::{Device, Kind, Tensor};
@@ -70,7 +71,14 @@ fn all_logits(
 }
 
 /// Metrics of `data` from its logits (rows in the same order).
-fn summarize(data: &[Encoded], logits: &Tensor, scoring: &Scoring) -> Result<EvalResult> {
+/// The loss is the one training minimises ([`loss::loss`], with the run's class weights), in
+/// f64 over the whole split.
+fn summarize(
+    data: &[Encoded],
+    logits: &Tensor,
+    scoring: &Scoring,
+    weights: &LossWeights,
+) -> Result<EvalResult> {
     let problem = scoring.spec.problem_type;
     let logits = logits.to_device(Device::Cpu);
     let lp = logits.log_softmax(-1, Kind::Double);
@@ -113,7 +121,10 @@ fn summarize(data: &[Encoded], logits: &Tensor, scoring: &Scoring) -> Result<Eva
     let Some(labels) = labels.filter(|l| !l.is_empty()) else {
         return Ok(out);
     };
-    let n = labels.len() as f64;
+    let refs: Vec<&Encoded> = data.iter().collect();
+    let targets = target_tensor(&refs)
+        .ok_or_else(|| anyhow::anyhow!("targets of mixed kinds in one split"))?;
+    out.loss = Some(loss::loss(&logits, &targets, problem, weights)?.double_value(&[]));
     let predictions = match problem {
         ProblemType::SingleLabel => {
             let gold: Vec<i64> = labels
@@ -121,12 +132,6 @@ fn summarize(data: &[Encoded], logits: &Tensor, scoring: &Scoring) -> Result<Eva
                 .map(|t| t.class())
                 .collect::<Option<_>>()
                 .ok_or_else(|| anyhow::anyhow!("a non-class target in a single-label split"))?;
-            let nll: f64 = gold
-                .iter()
-                .zip(&rows)
-                .map(|(&l, row)| -row.get(l as usize).copied().unwrap_or(f64::NEG_INFINITY))
-                .sum();
-            out.loss = Some(nll / n);
             metrics::Predictions::Classes {
                 pred: out.pred.clone(),
                 gold,
@@ -134,24 +139,12 @@ fn summarize(data: &[Encoded], logits: &Tensor, scoring: &Scoring) -> Result<Eva
         }
         ProblemType::MultiLabel => {
             let mut gold = Vec::new();
-            let mut bce = 0.0;
-            let mut terms = 0usize;
-            for (t, (row, z)) in labels
-                .iter()
-                .zip(rows.iter().zip(Vec::<Vec<f64>>::try_from(&logits)?))
-            {
+            for t in &labels {
                 let Target::Multi(hot) = t else {
                     bail!("a non-multi-hot target in a multi-label split");
                 };
-                for (&y, &x) in hot.iter().zip(&z) {
-                    // BCE with logits, stably: max(x,0) - x·y + log(1 + e^-|x|).
-                    bce += x.max(0.0) - x * y as f64 + (-x.abs()).exp().ln_1p();
-                    terms += 1;
-                }
-                let _ = row;
                 gold.push(hot.iter().map(|&y| y > 0.5).collect::<Vec<bool>>());
             }
-            out.loss = Some(bce / terms.max(1) as f64);
             metrics::Predictions::MultiHot {
                 pred: out
                     .probs
@@ -170,8 +163,6 @@ fn summarize(data: &[Encoded], logits: &Tensor, scoring: &Scoring) -> Result<Eva
                 gold.push(*v);
             }
             let pred: Vec<f64> = out.probs.iter().map(|r| r[0]).collect();
-            let se: f64 = pred.iter().zip(&gold).map(|(p, g)| (p - g).powi(2)).sum();
-            out.loss = Some(se / n);
             metrics::Predictions::Values { pred, gold }
         }
     };
@@ -214,7 +205,7 @@ pub fn evaluate(
             dist::unshard_tensors(&gathered, data.len())?
         }
     };
-    summarize(data, &lp, scoring)
+    summarize(data, &lp, scoring, model.loss_weights())
 }
 
 /// Fraction of the most frequent label: the accuracy a constant classifier gets.

@@ -282,3 +282,373 @@ fn num_classes_disagreeing_with_the_labels_is_refused() {
     let (labels, _) = qlora_cls::train::prepare_task(&flags("3")).expect("3 matches");
     assert_eq!(labels.spec.num_labels(), 3);
 }
+
+/// `make glue`'s script on a GLUE_DIR with three tasks in two layouts: MNLI in GLUE's own TSV
+/// files (scored on matched and mismatched in one run, with the diagnostic set), SST-2 in
+/// GLUE's TSV, STS-B in HF's parquet shards (hidden test labels -1). Every task present trains;
+/// the submission folder holds the server's file names, headers, test indices and label
+/// spellings; results.md a row per evaluation split.
+#[test]
+fn glue_script_trains_every_task_present_and_writes_the_submission() {
+    let tmp = common::tempdir();
+    let glue = tmp.path().join("glue");
+    let (train, dev, _) = qlora_cls::demo::demo_dataset();
+    let pairs: Vec<(String, String)> = train
+        .iter()
+        .chain(&dev)
+        .map(|e| (e.sentence1.clone(), e.sentence2.clone()))
+        .collect();
+    let mnli_names = ["entailment", "neutral", "contradiction"];
+    let write = |path: &std::path::Path, text: String| {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    };
+    // (file, rows, labelled): GLUE's MNLI columns, test files without the label columns.
+    let mnli = glue.join("MNLI");
+    let mut at = 0;
+    for (file, n, labelled) in [
+        ("train.tsv", 24, true),
+        ("dev_matched.tsv", 6, true),
+        ("dev_mismatched.tsv", 5, true),
+        ("test_matched.tsv", 4, false),
+        ("test_mismatched.tsv", 3, false),
+    ] {
+        let mut text = String::from(
+            "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t\
+             sentence1_parse\tsentence2_parse\tsentence1\tsentence2",
+        );
+        text.push_str(if labelled {
+            "\tlabel1\tgold_label\n"
+        } else {
+            "\n"
+        });
+        for i in 0..n {
+            let (a, b) = &pairs[at];
+            at += 1;
+            text.push_str(&format!(
+                "{}\t{i}\t{i}e\tslate\t( x )\t( y )\t(ROOT)\t(ROOT)\t{a}\t{b}",
+                100 + i
+            ));
+            if labelled {
+                let l = mnli_names[i % 3];
+                text.push_str(&format!("\t{l}\t{l}"));
+            }
+            text.push('\n');
+        }
+        write(&mnli.join(file), text);
+    }
+    let mut ax = String::from("index\tsentence1\tsentence2\n");
+    for i in 0..2 {
+        let (a, b) = &pairs[at + i];
+        ax.push_str(&format!("{i}\t{a}\t{b}\n"));
+    }
+    write(&glue.join("diagnostic/diagnostic.tsv"), ax);
+
+    let sst2 = glue.join("SST-2");
+    for (file, n, labelled) in [
+        ("train.tsv", 16, true),
+        ("dev.tsv", 4, true),
+        ("test.tsv", 3, false),
+    ] {
+        let mut text = String::from(if labelled {
+            "sentence\tlabel\n"
+        } else {
+            "index\tsentence\n"
+        });
+        for i in 0..n {
+            let s = &pairs[i + 40].0;
+            text.push_str(&if labelled {
+                format!("{s}\t{}\n", i % 2)
+            } else {
+                format!("{i}\t{s}\n")
+            });
+        }
+        write(&sst2.join(file), text);
+    }
+
+    // HF's glue/stsb: parquet shards named {split}-00000-of-00001.parquet.
+    let stsb = glue.join("stsb");
+    for (split, n) in [("train", 16), ("validation", 4), ("test", 3)] {
+        let rows: Vec<String> = (0..n)
+            .map(|i| {
+                let (a, b) = &pairs[i + 60];
+                let label = if split == "test" {
+                    -1.0
+                } else {
+                    (i % 6) as f64 * 0.9
+                };
+                serde_json::json!({"sentence1": a, "sentence2": b, "label": label, "idx": i})
+                    .to_string()
+            })
+            .collect();
+        let jsonl = tmp.path().join(format!("stsb-{split}.jsonl"));
+        write(&jsonl, rows.join("\n") + "\n");
+        std::fs::create_dir_all(&stsb).unwrap();
+        let dst = stsb.join(format!("{split}-00000-of-00001.parquet"));
+        common::oracle(
+            "tasks_oracle.py",
+            &["to_parquet", jsonl.to_str().unwrap(), dst.to_str().unwrap()],
+        );
+    }
+
+    let out = tmp.path().join("out");
+    let model = assets().join("model");
+    let cfg = common::root().join("configs/demo.yaml");
+    let run = std::process::Command::new("bash")
+        .arg(common::root().join("scripts/glue.sh"))
+        .args(["--bin", common::bin(), "--model_dir"])
+        .arg(&model)
+        .arg("--glue_dir")
+        .arg(&glue)
+        .arg("--out")
+        .arg(&out)
+        .arg("--")
+        .arg("--config")
+        .arg(&cfg)
+        .args([
+            "--max_steps",
+            "2",
+            "--batch_size",
+            "8",
+            "--log_every",
+            "1000",
+        ])
+        .output()
+        .expect("run scripts/glue.sh");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "glue.sh failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(stdout.contains("skipping cola"), "{stdout}");
+    assert!(stdout.contains("glue: 3 task(s)"), "{stdout}");
+
+    // The leaderboard's files: names, header, one row per test row, the indices of the test
+    // file, and each task's spelling of its labels.
+    let sub = out.join("submission");
+    let mut files: Vec<String> = std::fs::read_dir(&sub)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "AX.tsv",
+            "MNLI-m.tsv",
+            "MNLI-mm.tsv",
+            "SST-2.tsv",
+            "STS-B.tsv"
+        ]
+    );
+    let check = |file: &str, indices: Vec<String>, ok: &dyn Fn(&str) -> bool| {
+        let text = std::fs::read_to_string(sub.join(file)).unwrap();
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some("index\tprediction"), "{file}");
+        let rows: Vec<(String, String)> = lines
+            .map(|l| {
+                let (i, p) = l
+                    .split_once('\t')
+                    .unwrap_or_else(|| panic!("{file}: {l:?}"));
+                (i.to_string(), p.to_string())
+            })
+            .collect();
+        let got: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+        assert_eq!(got, indices, "{file}: the test file's indices");
+        for (_, p) in &rows {
+            assert!(ok(p), "{file}: prediction {p:?}");
+        }
+    };
+    let idx = |start: usize, n: usize| (start..start + n).map(|i| i.to_string()).collect();
+    let is_mnli = |p: &str| mnli_names.contains(&p);
+    check("MNLI-m.tsv", idx(100, 4), &is_mnli);
+    check("MNLI-mm.tsv", idx(100, 3), &is_mnli);
+    check("AX.tsv", idx(0, 2), &is_mnli);
+    check("SST-2.tsv", idx(0, 3), &|p| p == "0" || p == "1");
+    check("STS-B.tsv", idx(0, 3), &|p| {
+        p.parse::<f64>().is_ok_and(|v| (0.0..=5.0).contains(&v))
+    });
+
+    // MNLI is scored on both of its evaluation splits in one run: eval.csv, summary.json and
+    // results.md each carry both.
+    let evals = common::csv_rows(&out.join("runs/mnli/eval.csv"));
+    let splits: Vec<(&str, &str)> = evals[1..]
+        .iter()
+        .map(|r| (r[0].as_str(), r[1].as_str()))
+        .collect();
+    assert_eq!(
+        splits,
+        [
+            ("0", "validation_matched"),
+            ("0", "validation_mismatched"),
+            ("1", "validation_matched"),
+            ("1", "validation_mismatched"),
+        ],
+        "{evals:?}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("runs/mnli/summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["eval_examples"], 11, "{summary}");
+    let fe = &summary["final_eval"];
+    assert_eq!(fe["examples"], 6, "{summary}");
+    assert_eq!(
+        fe["splits"]["validation_matched"]["examples"], 6,
+        "{summary}"
+    );
+    assert_eq!(
+        fe["splits"]["validation_mismatched"]["examples"], 5,
+        "{summary}"
+    );
+    assert_eq!(
+        fe["accuracy"],
+        fe["splits"]["validation_matched"]["accuracy"]
+    );
+    let results = std::fs::read_to_string(out.join("results.md")).unwrap();
+    for row in [
+        "| mnli | validation_matched | accuracy ",
+        "| mnli | validation_mismatched | accuracy ",
+        "| sst2 | validation | accuracy ",
+        "| stsb | validation | pearson ",
+    ] {
+        assert!(
+            results.contains(row),
+            "results.md lacks {row:?}:\n{results}"
+        );
+    }
+    assert_eq!(results.lines().count(), 2 + 4, "{results}");
+}
+
+/// `class_weights: balanced` through the binary: the weights are sklearn's
+/// `compute_class_weight("balanced")` of the training labels, and eval.csv's loss is torch's
+/// `CrossEntropyLoss(weight=)` of the same predictions (training and evaluation weigh alike).
+#[test]
+fn balanced_class_weights_weigh_training_and_evaluation_loss() {
+    // The topic data thinned to an imbalance: every `profit` row, every 2nd `sales`, every
+    // 4th `shares`.
+    let tmp = common::tempdir();
+    let data = tmp.path().join("topic");
+    std::fs::create_dir_all(&data).unwrap();
+    let src = assets().join("tasks/topic");
+    std::fs::copy(src.join("validation.csv"), data.join("validation.csv")).unwrap();
+    let text = std::fs::read_to_string(src.join("train.csv")).unwrap();
+    let mut seen = std::collections::HashMap::new();
+    let kept: Vec<&str> = text
+        .lines()
+        .enumerate()
+        .filter(|(i, line)| {
+            let topic = line.rsplit(',').next().unwrap_or("");
+            let n = seen.entry(topic.to_string()).or_insert(0usize);
+            *n += 1;
+            *i == 0 || topic == "profit" || (topic == "sales" && *n % 2 == 0) || *n % 4 == 0
+        })
+        .map(|(_, line)| line)
+        .collect();
+    std::fs::write(data.join("train.csv"), kept.join("\n") + "\n").unwrap();
+    let run_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("tasks-runs")
+        .join("topic-weighted");
+    let _ = std::fs::remove_dir_all(&run_dir);
+    let model = assets().join("model");
+    let cfg = common::root().join("configs/demo.yaml");
+    let common_flags = [
+        "--model_dir",
+        model.to_str().unwrap(),
+        "--data_dir",
+        data.to_str().unwrap(),
+    ];
+    let out = common::run_ok(
+        &[
+            &[
+                "train",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--results_path",
+                run_dir.to_str().unwrap(),
+                "--task",
+                "custom",
+                "--text_columns",
+                "headline",
+                "--label_column",
+                "topic",
+                "--prompt",
+                "",
+                "--class_weights",
+                "balanced",
+                "--max_steps",
+                "6",
+                "--eval_batch_size",
+                "64",
+                "--log_every",
+                "1000",
+            ][..],
+            &common_flags[..],
+        ]
+        .concat(),
+    );
+    assert!(
+        out.contains("class weights (training and evaluation loss): ["),
+        "{out}"
+    );
+    let tmp = common::tempdir();
+    let pred = tmp.path().join("pred.csv");
+    common::run_ok(
+        &[
+            &[
+                "predict",
+                "--adapter",
+                run_dir.join("adapter").to_str().unwrap(),
+                "--split",
+                "validation",
+                "--out",
+                pred.to_str().unwrap(),
+            ][..],
+            &common_flags[..],
+        ]
+        .concat(),
+    );
+    let oracle = common::oracle(
+        "tasks_oracle.py",
+        &[
+            "weighted_ce",
+            pred.to_str().unwrap(),
+            data.join("validation.csv").to_str().unwrap(),
+            data.join("train.csv").to_str().unwrap(),
+            "topic",
+            "profit,sales,shares",
+        ],
+    );
+    let oracle: serde_json::Value = serde_json::from_str(oracle.trim()).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run_dir.join("summary.json")).unwrap()).unwrap();
+    let ours: Vec<f64> = summary["class_weights"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{summary}"))
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let theirs: Vec<f64> = oracle["weights"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(ours.len(), 3);
+    for (a, b) in ours.iter().zip(&theirs) {
+        assert!(
+            (a - b).abs() < 1e-12,
+            "class weights {ours:?} vs sklearn {theirs:?}"
+        );
+    }
+    // Imbalanced enough that weighting moves the loss well past the tolerance below.
+    assert!(ours.iter().any(|w| (w - 1.0).abs() > 0.5), "{ours:?}");
+    let evals = common::csv_rows(&run_dir.join("eval.csv"));
+    let last: f64 = evals.last().unwrap()[2].parse().unwrap();
+    let want = oracle["loss"].as_f64().unwrap();
+    // predict's probabilities carry 6 decimals.
+    assert!(
+        (last - want).abs() < 1e-4 * want.max(1.0),
+        "eval.csv loss {last} vs torch's weighted cross-entropy on predict's probabilities {want}"
+    );
+}

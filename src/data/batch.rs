@@ -283,7 +283,7 @@ pub fn collate(items: &[&Encoded], pad_id: i64) -> Batch {
 }
 
 /// The targets of `items` as one tensor, when all have one of the same kind.
-fn target_tensor(items: &[&Encoded]) -> Option<Tensor> {
+pub fn target_tensor(items: &[&Encoded]) -> Option<Tensor> {
     let targets: Vec<&Target> = items
         .iter()
         .map(|e| e.label.as_ref())

@@ -270,6 +270,11 @@ impl LlamaClassifier {
         );
     }
 
+    /// The class weights [`Self::set_loss`] set (evaluation reports the same loss).
+    pub fn loss_weights(&self) -> &LossWeights {
+        &self.loss_kind.1
+    }
+
     fn loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         loss::loss(logits, labels, self.loss_kind.0, &self.loss_kind.1)
     }

@@ -77,7 +77,8 @@ pub struct Trainer<'a> {
     scoring: Scoring,
     pad: i64,
     train_set: Vec<Encoded>,
-    eval_set: Vec<Encoded>,
+    /// The evaluation splits (MNLI's matched and mismatched), the first chooses the best adapter.
+    eval_sets: Vec<(String, Vec<Encoded>)>,
     params: Vec<Tensor>,
     optimizer: Box<dyn Optimizer>,
     steps_per_epoch: usize,
@@ -91,7 +92,8 @@ pub struct Trainer<'a> {
     stop: Arc<AtomicBool>,
     progress: Progress,
     baseline: Option<serde_json::Value>,
-    last_eval: Option<EvalResult>,
+    /// The latest evaluation, one result per evaluation split.
+    last_eval: Option<Vec<EvalResult>>,
     unevaluated_steps: bool,
     start: Instant,
     session_start: Instant,
@@ -176,8 +178,21 @@ impl<'a> Trainer<'a> {
             Some(raw) => encode_raw(&labels, &encoder, raw)?,
             None => load_split(cfg, &labels, &encoder, &cfg.train_splits, true)?,
         };
-        let eval_set = load_split(cfg, &labels, &encoder, &cfg.eval_split, true)?;
+        let eval_sets = eval_splits(cfg, &labels)
+            .into_iter()
+            .map(|split| {
+                let set = load_split(cfg, &labels, &encoder, &split, true)?;
+                Ok((split, set))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let weights = class_weights(cfg, &labels.spec, &train_set)?;
+        if let (true, Some(w)) = (main, &weights) {
+            let kind = match labels.spec.problem_type {
+                ProblemType::MultiLabel => "pos_weight",
+                _ => "class weights",
+            };
+            println!("{kind} (training and evaluation loss): {w:?}");
+        }
         model.set_loss(labels.spec.problem_type, weights);
         let counts = model.param_counts();
         if main {
@@ -186,8 +201,12 @@ impl<'a> Trainer<'a> {
                 "data: {} training examples ({}), {} evaluation examples ({}), prompt {:?}; device {:?} x {world} rank(s), compute {:?}",
                 train_set.len(),
                 cfg.train_splits,
-                eval_set.len(),
-                cfg.eval_split,
+                eval_sets.iter().map(|(_, s)| s.len()).sum::<usize>(),
+                eval_sets
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 prompt::resolve_prompt(&cfg.prompt)?,
                 device,
                 cfg.compute_kind(device)
@@ -242,7 +261,7 @@ impl<'a> Trainer<'a> {
             scoring,
             pad,
             train_set,
-            eval_set,
+            eval_sets,
             params,
             optimizer,
             steps_per_epoch,
@@ -370,31 +389,68 @@ impl<'a> Trainer<'a> {
         self.st.step >= self.total_steps
     }
 
-    /// The model on the evaluation split (sharded over the ranks).
-    fn evaluate(&self) -> Result<EvalResult> {
-        eval::evaluate(
-            &self.model,
-            &self.eval_set,
-            &self.scoring,
-            self.cfg.eval_batch_size,
-            self.pad,
-            self.device,
-            self.dist.as_ref(),
-        )
+    /// The model on each evaluation split (sharded over the ranks).
+    fn evaluate(&self) -> Result<Vec<EvalResult>> {
+        self.eval_sets
+            .iter()
+            .map(|(_, set)| {
+                eval::evaluate(
+                    &self.model,
+                    set,
+                    &self.scoring,
+                    self.cfg.eval_batch_size,
+                    self.pad,
+                    self.device,
+                    self.dist.as_ref(),
+                )
+            })
+            .collect()
     }
 
-    fn log_eval(&mut self, epoch: usize, r: &EvalResult) -> Result<()> {
+    /// eval.csv gets one row per evaluation split; the console one line per split, `what`
+    /// saying when ("epoch 2", "step 40").
+    fn log_eval(&mut self, epoch: usize, what: &str, rs: &[EvalResult]) -> Result<()> {
+        let lines: Vec<String> = self
+            .eval_sets
+            .iter()
+            .zip(rs)
+            .map(|((split, set), r)| {
+                let majority =
+                    if epoch == 0 && self.labels.spec.problem_type == ProblemType::SingleLabel {
+                        format!(" (majority class {:.4})", eval::majority_fraction(set))
+                    } else {
+                        String::new()
+                    };
+                format!(
+                    "{what}: {split} {}{majority}",
+                    metrics_text(&self.scoring, r)
+                )
+            })
+            .collect();
+        say!(self, "{}", lines.join("\n"));
         if let Some((_, evals)) = &mut self.logs {
-            let mut row = vec![
-                epoch.to_string(),
-                self.cfg.eval_split.clone(),
-                opt_fmt(r.loss),
-            ];
-            row.extend(self.scoring.metrics.iter().map(|k| opt_fmt(r.metric(k))));
-            evals.row(&row);
+            for ((split, _), r) in self.eval_sets.iter().zip(rs) {
+                let mut row = vec![epoch.to_string(), split.clone(), opt_fmt(r.loss)];
+                row.extend(self.scoring.metrics.iter().map(|k| opt_fmt(r.metric(k))));
+                evals.row(&row);
+            }
             evals.flush()?;
         }
         Ok(())
+    }
+
+    /// summary.json's view of an evaluation: the first split's result (the one the best
+    /// adapter is chosen by), with every split's under `splits` when there are several.
+    fn evals_json(&self, rs: &[EvalResult]) -> Option<serde_json::Value> {
+        let mut v = eval_json(rs.first()?);
+        if rs.len() > 1 {
+            let mut splits = serde_json::Map::new();
+            for ((split, _), r) in self.eval_sets.iter().zip(rs) {
+                splits.insert(split.clone(), eval_json(r));
+            }
+            v["splits"] = serde_json::Value::Object(splits);
+        }
+        Some(v)
     }
 
     /// The reference's evaluation before any training (a fresh run only).
@@ -402,17 +458,10 @@ impl<'a> Trainer<'a> {
         if !self.cfg.eval_before_training || self.resumed {
             return Ok(());
         }
-        let r = self.evaluate()?;
-        say!(
-            self,
-            "epoch 0 (before training): {} {} (majority class {:.4})",
-            self.cfg.eval_split,
-            metrics_text(&self.scoring, &r),
-            eval::majority_fraction(&self.eval_set)
-        );
-        self.log_eval(0, &r)?;
-        self.baseline = Some(eval_json(&r));
-        self.last_eval = Some(r);
+        let rs = self.evaluate()?;
+        self.log_eval(0, "epoch 0 (before training)", &rs)?;
+        self.baseline = self.evals_json(&rs);
+        self.last_eval = Some(rs);
         Ok(())
     }
 
@@ -612,26 +661,15 @@ impl<'a> Trainer<'a> {
 
     /// After an epoch: evaluate, log, save the adapter (and the best one), checkpoint.
     pub fn end_epoch(&mut self, epoch: usize) -> Result<()> {
-        let r = self.evaluate()?;
-        say!(
-            self,
-            "epoch {epoch}: {} {}",
-            self.cfg.eval_split,
-            metrics_text(&self.scoring, &r)
-        );
+        let rs = self.evaluate()?;
         self.unevaluated_steps = false;
-        // The best adapter by the task's main metric (`best_accuracy` keeps its value).
-        let main = r.metric(&self.scoring.metrics[0]);
-        let best = main.is_some_and(|m| self.st.best_accuracy.is_none_or(|b| m > b));
-        if best {
-            self.st.best_accuracy = main;
-        }
+        let best = self.is_best(&rs);
         self.st.epochs_done = epoch;
         self.st.batch_in_epoch = 0;
         if let Some((metrics, _)) = &self.logs {
             metrics.flush()?;
         }
-        self.log_eval(epoch, &r)?;
+        self.log_eval(epoch, &format!("epoch {epoch}"), &rs)?;
         if self.main {
             self.save_adapter("adapter")?;
             if best {
@@ -639,8 +677,19 @@ impl<'a> Trainer<'a> {
             }
             self.save_checkpoint()?;
         }
-        self.last_eval = Some(r);
+        self.last_eval = Some(rs);
         Ok(())
+    }
+
+    /// Whether `rs` beats the best evaluation so far by the task's main metric on the first
+    /// evaluation split, recording it if so (`best_accuracy` keeps the value under its old name).
+    fn is_best(&mut self, rs: &[EvalResult]) -> bool {
+        let main = rs.first().and_then(|r| r.metric(&self.scoring.metrics[0]));
+        let best = main.is_some_and(|m| self.st.best_accuracy.is_none_or(|b| m > b));
+        if best {
+            self.st.best_accuracy = main;
+        }
+        best
     }
 
     fn save_adapter(&self, name: &str) -> Result<()> {
@@ -653,28 +702,27 @@ impl<'a> Trainer<'a> {
     /// (`max_steps: 0` is the untrained baseline alone); then summary.json.
     pub fn finish(mut self) -> Result<Summary> {
         if self.unevaluated_steps {
-            let r = self.evaluate()?;
-            say!(
-                self,
-                "step {}: {} {}",
-                self.st.step,
-                self.cfg.eval_split,
-                metrics_text(&self.scoring, &r)
-            );
+            let rs = self.evaluate()?;
             if let Some((metrics, _)) = &self.logs {
                 metrics.flush()?;
             }
             let epoch = (self.st.step as f64 / self.steps_per_epoch as f64).ceil() as usize;
-            self.log_eval(epoch, &r)?;
+            self.log_eval(epoch, &format!("step {}", self.st.step), &rs)?;
+            // The weights a `max_steps` run ends with compete for best_adapter too, so a run
+            // shorter than an epoch still has one.
+            let best = self.is_best(&rs);
             if self.main {
                 self.save_adapter("adapter")?;
+                if best {
+                    self.save_adapter("best_adapter")?;
+                }
             }
-            self.last_eval = Some(r);
+            self.last_eval = Some(rs);
         }
         self.progress.close();
         let summary = Summary {
             baseline: self.baseline.take(),
-            final_eval: self.last_eval.as_ref().map(eval_json),
+            final_eval: self.last_eval.as_deref().and_then(|rs| self.evals_json(rs)),
             // TrainState keeps the main metric's best under its old name (checkpoints read it).
             best_accuracy: self
                 .st
@@ -684,7 +732,7 @@ impl<'a> Trainer<'a> {
             best_metric: self.st.best_accuracy,
             steps: self.st.step,
             train_examples: self.train_set.len(),
-            eval_examples: self.eval_set.len(),
+            eval_examples: self.eval_sets.iter().map(|(_, s)| s.len()).sum(),
             elapsed_s: self.start.elapsed().as_secs_f64(),
             peak_mem_bytes: peak_rss_bytes(),
             tokens_per_s: (self.st.tokens_seen - self.session_tokens) as f64
@@ -694,6 +742,10 @@ impl<'a> Trainer<'a> {
             world_size: self.world,
             memory_plan: self.memory,
             compute_dtype: dtype_config_name(self.cfg.compute_kind(self.device)).into(),
+            class_weights: match self.model.loss_weights() {
+                loss::LossWeights::PerClass(w) => Some(w.clone()),
+                loss::LossWeights::None => None,
+            },
         };
         if self.main {
             self.write_profile()?;
@@ -746,6 +798,29 @@ impl Trainer<'_> {
             shares.join(", ")
         );
         Ok(())
+    }
+}
+
+/// The splits evaluated every epoch: `eval_split`, a comma-separated list; left at its default
+/// (`validation`) for a GLUE task scored on other splits, the task's own (MNLI's
+/// `validation_matched,validation_mismatched`).
+pub fn eval_splits(cfg: &Config, labels: &TaskLabels) -> Vec<String> {
+    let given: Vec<String> = cfg
+        .eval_split
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    if given == ["validation"] {
+        if let Some(glue) = crate::task::glue(&labels.task.name) {
+            return glue.eval_splits.iter().map(|s| s.to_string()).collect();
+        }
+    }
+    if given.is_empty() {
+        vec!["validation".into()]
+    } else {
+        given
     }
 }
 

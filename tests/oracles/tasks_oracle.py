@@ -5,6 +5,10 @@ with scikit-learn / scipy against the gold labels of the data file.
   score PRED.csv GOLD_FILE PROBLEM_TYPE LABEL_COLUMN NAMES METRICS
       NAMES: the label names in id order, comma-joined (unused for regression)
       METRICS: the metric keys, comma-joined; prints {key: value} as JSON
+  weighted_ce PRED.csv GOLD_FILE TRAIN_FILE LABEL_COLUMN NAMES
+      sklearn's balanced class weights of TRAIN_FILE's labels, and torch's
+      CrossEntropyLoss(weight=) of predict's probabilities against the gold labels;
+      prints {"weights": [...], "loss": x} as JSON
 """
 import csv
 import json
@@ -78,6 +82,24 @@ def score(pred_path, gold_path, problem, column, names, metrics):
     print(json.dumps(out))
 
 
+def weighted_ce(pred_path, gold_path, train_path, column, names):
+    import torch
+    from sklearn.utils.class_weight import compute_class_weight
+
+    names = names.split(",")
+    train = [names.index(str(r[column])) for r in read_rows(train_path)]
+    weights = compute_class_weight("balanced", classes=np.arange(len(names)), y=train)
+    with open(pred_path, newline="") as f:
+        preds = list(csv.DictReader(f))
+    gold = [r[column] for r in read_rows(gold_path)]
+    y = torch.tensor([names.index(str(gold[int(p["index"])])) for p in preds])
+    probs = torch.tensor(
+        [[float(p[f"prob_{c}"]) for c in range(len(names))] for p in preds], dtype=torch.float64
+    )
+    loss = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float64))
+    print(json.dumps({"weights": weights.tolist(), "loss": loss(probs.log(), y).item()}))
+
+
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"to_parquet": to_parquet, "score": score}[cmd](*args)
+    {"to_parquet": to_parquet, "score": score, "weighted_ce": weighted_ce}[cmd](*args)
