@@ -17,13 +17,15 @@
 use crate::adapter;
 use crate::config::Config;
 use crate::data::batch::{collate, Encoded, TextEncoder};
-use crate::data::{formats, prompt};
+use crate::data::prompt;
 use crate::label_spec::{self, LabelSpec};
 use crate::model::checkpoint::{kind_of, Checkpoint, INDEX_FILE};
 use crate::model::classifier::LlamaClassifier;
+use crate::model::family::Family;
 use crate::quant::nf4::{self, Nf4Options, Nf4Tensor};
 use crate::quantize::{self, QuantizeOptions};
 use crate::runio;
+use crate::task::TaskLabels;
 use crate::train;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
@@ -427,26 +429,10 @@ fn classifier_config(
         .and_then(Value::as_str)
         .unwrap_or("llama")
         .to_string();
-    let arch = obj
-        .get("architectures")
-        .and_then(|a| a.get(0))
-        .and_then(Value::as_str)
-        .map(|a| {
-            let stem = a
-                .strip_suffix("ForCausalLM")
-                .or_else(|| a.strip_suffix("ForSequenceClassification"))
-                .or_else(|| a.strip_suffix("Model"))
-                .unwrap_or(a);
-            format!("{stem}ForSequenceClassification")
-        })
-        .unwrap_or_else(|| {
-            let mut c = model_type.chars();
-            let stem: String = c
-                .next()
-                .map(|f| f.to_uppercase().chain(c).collect())
-                .unwrap_or_default();
-            format!("{stem}ForSequenceClassification")
-        });
+    // The class the merged model is, whatever the base was saved as (a `ForCausalLM`, or
+    // Gemma 3's multimodal class for a `gemma3_text` config).
+    let arch =
+        Family::from_model_type(&path.display().to_string(), &model_type)?.sequence_classifier();
     obj.remove("quantization_config");
     obj.remove("torch_dtype");
     obj.insert("architectures".into(), json!([arch]));
@@ -603,26 +589,53 @@ pub fn merge(
     Ok(report)
 }
 
-/// Up to `n` rows for the drift sample: the configured data's split, or the demo's.
-fn sample_texts(cfg: &Config, opts: &MergeOptions) -> Result<(Vec<String>, String)> {
-    let text = prompt::resolve_prompt(&cfg.prompt)?;
-    let (rows, source) = match &cfg.data_dir {
-        Some(d) => (
-            formats::load_split(d, &opts.sample_split)?,
-            format!("{} ({} split)", d.display(), opts.sample_split),
-        ),
-        None => (
-            crate::demo::demo_dataset().1,
-            "the demo's validation texts (pass --data_dir for your own)".to_string(),
-        ),
+/// Up to `opts.sample` rows for the drift sample, rendered and encoded as the adapter's task
+/// trained on them: the configured data's split (any format the task reads), or the demo's
+/// validation texts.
+fn sample_rows(
+    cfg: &Config,
+    labels: &TaskLabels,
+    encoder: &TextEncoder,
+    opts: &MergeOptions,
+) -> Result<(Vec<Encoded>, String)> {
+    let (mut rows, source) = match &cfg.data_dir {
+        Some(d) => {
+            let data_cfg = Config {
+                task: labels.task.name.clone(),
+                ..cfg.clone()
+            };
+            (
+                train::load_split(&data_cfg, labels, encoder, &opts.sample_split, false)?,
+                format!("{} ({} split)", d.display(), opts.sample_split),
+            )
+        }
+        None => {
+            let text = prompt::resolve_prompt(&cfg.prompt)?;
+            let texts: Vec<String> = crate::demo::demo_dataset()
+                .1
+                .iter()
+                .take(opts.sample)
+                .map(|ex| prompt::render(&text, ex))
+                .collect();
+            let rows = encoder
+                .encode_many(texts)?
+                .into_iter()
+                .enumerate()
+                .map(|(i, ids)| Encoded {
+                    ids,
+                    label: None,
+                    idx: i as i64,
+                })
+                .collect();
+            (
+                rows,
+                "the demo's validation texts (pass --data_dir for your own)".to_string(),
+            )
+        }
     };
-    let texts: Vec<String> = rows
-        .iter()
-        .take(opts.sample)
-        .map(|ex| prompt::render(&text, ex))
-        .collect();
-    ensure!(!texts.is_empty(), "the drift sample from {source} is empty");
-    Ok((texts, source))
+    rows.truncate(opts.sample);
+    ensure!(!rows.is_empty(), "the drift sample from {source} is empty");
+    Ok((rows, source))
 }
 
 /// Logits `[n, labels]` of `model` on `ids`, in batches of 16.
@@ -640,20 +653,9 @@ fn logits_of(model: &LlamaClassifier, ids: &[Encoded], pad: i64, device: Device)
 }
 
 fn drift(cfg: &Config, adapter_dir: &Path, merged: &Path, opts: &MergeOptions) -> Result<Drift> {
-    let (unmerged, _) = train::load_with_adapter(cfg, adapter_dir)?;
-    let (texts, source) = sample_texts(cfg, opts)?;
+    let (unmerged, labels) = train::load_with_adapter(cfg, adapter_dir)?;
+    let (ids, source) = sample_rows(cfg, &labels, &unmerged.encoder, opts)?;
     let pad = unmerged.encoder.pad_id();
-    let ids: Vec<Encoded> = unmerged
-        .encoder
-        .encode_many(texts)?
-        .into_iter()
-        .enumerate()
-        .map(|(i, ids)| Encoded {
-            ids,
-            label: None,
-            idx: i as i64,
-        })
-        .collect();
     let before = logits_of(&unmerged.model, &ids, pad, unmerged.device)?;
     let mut mo = train::model_options(cfg, unmerged.device, pad);
     drop(unmerged);
@@ -662,7 +664,7 @@ fn drift(cfg: &Config, adapter_dir: &Path, merged: &Path, opts: &MergeOptions) -
     let model = LlamaClassifier::load(merged, &mo)
         .with_context(|| format!("cannot load the merged model {}", merged.display()))?;
     let after = logits_of(&model, &ids, pad, mo.device)?;
-    let problem = label_spec::label_spec(adapter_dir, before.size()[1] as usize)?.problem_type;
+    let problem = labels.spec.problem_type;
     let (sb, sa) = (
         label_spec::scores(&before, problem),
         label_spec::scores(&after, problem),

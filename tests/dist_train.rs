@@ -285,3 +285,121 @@ fn find_rank_pid(r: usize, run: &str) -> Option<u32> {
     }
     None
 }
+
+/// Another family's checkpoint (written by transformers, sized for the demo's tokenizer)
+/// through the binary: 2 Gloo ranks train the same adapter as 1 process with LoRA dropout on,
+/// a run stopped at `max_steps` and resumed ends where the uninterrupted one does, and
+/// `eval`/`predict` score the adapter. Gemma 2 (the family furthest from Llama: (1 + w)
+/// norms, GeGLU, soft-capping, alternating sliding windows) and Qwen2 (biased q/k/v).
+#[test]
+fn other_families_train_in_parallel_resume_and_predict() {
+    let tmp = common::tempdir();
+    let assets = small_demo(&tmp.path().join("assets"));
+    let vocab = {
+        let t: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(assets.join("model/tokenizer.json")).unwrap())
+                .unwrap();
+        t["model"]["vocab"].as_object().unwrap().len() + t["added_tokens"].as_array().unwrap().len()
+    };
+    for family in ["gemma2", "qwen2"] {
+        let dir = tmp.path().join(family);
+        let ckpt = dir.join("ckpt");
+        common::oracle(
+            "model_oracle.py",
+            &[
+                "family_ckpt",
+                family,
+                ckpt.to_str().unwrap(),
+                &vocab.to_string(),
+            ],
+        );
+        // The family's checkpoint with the demo's tokenizer and data.
+        let family_assets = dir.join("assets");
+        std::fs::create_dir_all(&family_assets).unwrap();
+        std::os::unix::fs::symlink(assets.join("data"), family_assets.join("data")).unwrap();
+        std::fs::create_dir_all(family_assets.join("model")).unwrap();
+        for f in std::fs::read_dir(&ckpt).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, family_assets.join("model").join(f.file_name().unwrap())).unwrap();
+        }
+        for f in ["tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(
+                assets.join("model").join(f),
+                family_assets.join("model").join(f),
+            )
+            .unwrap();
+        }
+        let base = ["--lora_dropout", "0.1", "--epochs", "1"];
+        let steps = |n: &'static str| [&base[..], &["--max_steps", n]].concat();
+        train_ranks(&family_assets, &dir.join("one"), 1, &steps("8"));
+        train_ranks(&family_assets, &dir.join("two"), 2, &steps("8"));
+        train_ranks(&family_assets, &dir.join("resumed"), 1, &steps("4"));
+        let resumed = [&steps("8")[..], &["--resume", "auto"]].concat();
+        train_ranks(&family_assets, &dir.join("resumed"), 1, &resumed);
+        let adapter = |name: &str| {
+            qlora_cls::adapter::read_safetensors(
+                &dir.join(name).join("adapter/adapter_model.safetensors"),
+            )
+            .unwrap()
+        };
+        let one = adapter("one");
+        let summary = std::fs::read_to_string(dir.join("one/summary.json")).unwrap();
+        assert!(summary.contains("\"steps\": 8"), "{family}: {summary}");
+        for name in ["two", "resumed"] {
+            let other = adapter(name);
+            assert_eq!(one.len(), other.len(), "{family} {name}");
+            let worst = one
+                .iter()
+                .map(|(k, t)| common::max_abs_diff(t, &other[k]))
+                .fold(0.0f64, f64::max);
+            eprintln!("{family}: {name} vs one process: max |Δw| = {worst:e}");
+            assert!(
+                worst < 1e-5,
+                "{family}: {name} vs one process: max |Δw| = {worst:e}"
+            );
+            let (e1, e2) = (eval_rows(&dir.join("one")), eval_rows(&dir.join(name)));
+            assert_eq!(
+                e1.last().map(|r| &r[3..]),
+                e2.last().map(|r| &r[3..]),
+                "{family} {name}"
+            );
+        }
+        // The steps trained: the adapter moved from its start.
+        let moved = one
+            .iter()
+            .filter(|(k, _)| k.contains("lora_B"))
+            .map(|(_, t)| common::max_abs(t))
+            .fold(0.0f64, f64::max);
+        assert!(moved > 1e-4, "{family}: LoRA B never moved ({moved:e})");
+
+        // eval and predict on the family's adapter need no family flags.
+        let flags = |cmd: &'static str, extra: &[String]| -> Vec<String> {
+            let mut v: Vec<String> = [cmd, "--adapter"].iter().map(|s| s.to_string()).collect();
+            v.push(dir.join("one/adapter").display().to_string());
+            for (k, p) in [("--model_dir", "model"), ("--data_dir", "data")] {
+                v.push(k.into());
+                v.push(family_assets.join(p).display().to_string());
+            }
+            v.extend(["--split".to_string(), "validation".to_string()]);
+            v.extend_from_slice(extra);
+            v
+        };
+        let refs = |v: &[String]| -> String {
+            common::run_ok(&v.iter().map(String::as_str).collect::<Vec<_>>())
+        };
+        let out = refs(&flags("eval", &[]));
+        let last = eval_rows(&dir.join("one")).pop().unwrap();
+        let acc: f64 = last[3].parse().unwrap();
+        assert!(
+            out.contains(&format!("accuracy {acc:.4}")),
+            "{family}: {out} vs {last:?}"
+        );
+        let pred = dir.join("pred.csv");
+        refs(&flags(
+            "predict",
+            &["--out".into(), pred.display().to_string()],
+        ));
+        let rows = common::csv_rows(&pred);
+        assert_eq!(rows.len(), 1 + 100, "{family}: predict rows");
+    }
+}

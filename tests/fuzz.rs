@@ -1,5 +1,6 @@
 //! Property-based fuzzing of everything that reads user input: the configuration (YAML file
-//! and command-line flags) and every data loader (GLUE TSV, MSR txt, CSV, JSONL, parquet).
+//! and command-line flags) and every data loader (GLUE TSV, MSR txt, CSV, JSONL, parquet), and
+//! the task readers with label inference (custom CSV/JSONL tasks, GLUE tasks' TSV layouts).
 //! Each target gets a fixed number of cases from a fixed seed (the same inputs on every run,
 //! whatever PROPTEST_* says), and must never panic: bad input is an `anyhow` error with a
 //! message that names where the problem is. The number of inputs tried is printed per
@@ -7,7 +8,9 @@
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PConfig, RngAlgorithm, RngSeed, TestCaseError, TestRunner};
 use qlora_cls::config::{self, Config, Override};
+use qlora_cls::data::examples;
 use qlora_cls::data::formats::{check_labels, load_split};
+use qlora_cls::task::Task;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -561,4 +564,156 @@ fn fuzz_parquet() {
         "  of which {} were decoder panics turned into errors",
         decoder_panics.load(Ordering::Relaxed)
     );
+}
+
+// ─── task readers (custom and GLUE tasks) ────────────────────────────────────────────────
+
+/// A task from `key value` flags, as the config would build it.
+fn task_of(flags: &[(&str, &str)]) -> Task {
+    let overrides: Vec<Override> = flags
+        .iter()
+        .map(|(k, v)| Override {
+            key: k.to_string(),
+            value: v.to_string(),
+        })
+        .collect();
+    let (cfg, _) = Config::load(None, &overrides).expect("config");
+    Task::from_config(&cfg).expect("task")
+}
+
+/// Writes `bytes` as `file` and reads the train split for `task`, then infers its labels and
+/// encodes the targets as training does: every refusal names the file.
+fn check_task_loader(
+    dir: &Path,
+    file: &str,
+    bytes: &[u8],
+    task: &Task,
+) -> Result<bool, TestCaseError> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join(file);
+    std::fs::write(&path, bytes).unwrap();
+    let name = path.display().to_string();
+    let examples = match examples::load_split(dir, task, "train", true) {
+        Ok(ex) => ex,
+        Err(e) => {
+            check_error(&e, &[&name])?;
+            return Ok(false);
+        }
+    };
+    prop_assert!(!examples.is_empty(), "an empty split was accepted");
+    let spec = match examples::infer_labels(task, &examples) {
+        Ok(spec) => spec,
+        Err(e) => {
+            check_error(&e, &[&name])?;
+            return Ok(false);
+        }
+    };
+    match examples::targets(&spec, task, &examples) {
+        Ok(t) => {
+            prop_assert_eq!(t.len(), examples.len());
+            Ok(true)
+        }
+        Err(e) => {
+            check_error(&e, &[&name])?;
+            Ok(false)
+        }
+    }
+}
+
+#[test]
+fn fuzz_custom_task_files() {
+    let dir = tempfile::tempdir().unwrap();
+    type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>);
+    let cases: [Case; 4] = [
+        (
+            // String labels, a renamed text column, quoting.
+            "train.csv",
+            "id,headline,topic\n1,Sales at Acme rose 3 percent.,sales\n\
+             2,\"Shares, of Hooli, fell.\",shares\n3,\"Profit \"\"jumped\"\".\",profit\n",
+            vec![("text_columns", "headline"), ("label_column", "topic")],
+        ),
+        (
+            // Multi-label as `|`-joined names in CSV.
+            "train.csv",
+            "text,tags\nSales and shares rose.,sales|shares\nProfit fell.,profit\nNothing.,\n",
+            vec![
+                ("text_columns", "text"),
+                ("label_column", "tags"),
+                ("problem_type", "multi_label_classification"),
+            ],
+        ),
+        (
+            // Lists of names in JSONL.
+            "train.jsonl",
+            "{\"text\": \"Sales rose.\", \"tags\": [\"sales\"]}\n\
+             {\"text\": \"Shares and profit fell.\", \"tags\": [\"shares\", \"profit\"]}\n",
+            vec![("text_columns", "text"), ("label_column", "tags")],
+        ),
+        (
+            // A float target, two text columns.
+            "train.jsonl",
+            "{\"a\": \"A man is dancing.\", \"b\": \"A man dances.\", \"score\": 4.5}\n\
+             {\"a\": \"A cat sat.\", \"b\": \"Stocks fell.\", \"score\": 0.25}\n",
+            vec![("text_columns", "a,b"), ("label_column", "score")],
+        ),
+    ];
+    for (i, (file, seed, flags)) in cases.into_iter().enumerate() {
+        let mut flags = flags;
+        flags.push(("task", "custom"));
+        let task = task_of(&flags);
+        // The seed itself loads.
+        let seed_dir = dir.path().join(format!("seed{i}"));
+        assert!(
+            check_task_loader(&seed_dir, file, seed.as_bytes(), &task).unwrap(),
+            "seed {i} ({file}) does not load"
+        );
+        let d = dir.path().join(format!("c{i}"));
+        fuzz(
+            &format!("custom task {file} #{i}"),
+            300,
+            20 + i as u64,
+            contents(seed.as_bytes().to_vec()),
+            |bytes| check_task_loader(&d, file, &bytes, &task),
+        );
+    }
+}
+
+#[test]
+fn fuzz_glue_task_tsv() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            // CoLA's train file has no header line.
+            "cola",
+            "gj04\t1\t\tOur friends won't buy this analysis.\ngj04\t0\t*\tThey drank the pub.\n",
+        ),
+        (
+            "mnli",
+            "index\tpromptID\tpairID\tgenre\tsentence1\tsentence2\tlabel1\tgold_label\n\
+             0\t1\t1e\tslate\tThe new rights are nice.\tEveryone likes them.\tneutral\tneutral\n\
+             1\t2\t2c\tfiction\tThis site has a list.\tThere is no list.\tcontradiction\tcontradiction\n",
+        ),
+        (
+            "stsb",
+            "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n\
+             0\tmain-captions\tMSRvid\t2012test\t0000\tnone\tnone\tA man is dancing.\tA man dances.\t5.000\n",
+        ),
+    ];
+    for (i, (name, seed)) in cases.into_iter().enumerate() {
+        let task = task_of(&[("task", name)]);
+        let seed_dir = dir.path().join(format!("seed{i}"));
+        assert!(
+            check_task_loader(&seed_dir, "train.tsv", seed.as_bytes(), &task).unwrap(),
+            "{name}: the seed does not load"
+        );
+        let d = dir.path().join(format!("g{i}"));
+        fuzz(
+            &format!("GLUE {name} TSV"),
+            300,
+            30 + i as u64,
+            contents(seed.as_bytes().to_vec()),
+            |bytes| check_task_loader(&d, "train.tsv", &bytes, &task),
+        );
+    }
 }

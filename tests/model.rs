@@ -740,6 +740,22 @@ fn family_matches_transformers_and_peft(family: &str) {
         }
     }
 
+    // bf16 compute against transformers in bf16 (the same tolerance as Llama's).
+    let mut o = opts(None, None, false);
+    o.compute_dtype = Kind::BFloat16;
+    let m = load_from(&root, "ckpt", &o, "score_bf16.safetensors");
+    for which in ["pad", "full"] {
+        let (ids, mask) = batch_in(&root, which);
+        let want = &expected[&format!("logits_bf16_{which}")];
+        let d = max_abs_diff(&m.forward(&ids, &mask), want);
+        let scale = max_abs(want);
+        eprintln!("{family} bf16/{which}: max |Δlogit| {d:e} (logits up to {scale:e})");
+        assert!(
+            d <= 2e-2 * scale,
+            "{family} bf16/{which}: max |Δlogit| {d:e}"
+        );
+    }
+
     let strings = |v: &serde_json::Value| -> Vec<String> {
         v.as_array()
             .expect("a list")
@@ -759,6 +775,26 @@ fn family_matches_transformers_and_peft(family: &str) {
     grads_match_peft(&m, &root, &f);
     for quant in [None, Some(Nf4Options::default())] {
         backward_matches_autograd(&root, "ckpt", quant, Kind::Float, 1e-5, &lora);
+    }
+    // An NF4 + LoRA training pass in bf16: finite, and the same with and without
+    // checkpointing.
+    let labels = read(&root.join("inputs.safetensors"))["labels_pad"].shallow_clone();
+    let (ids, mask) = batch_in(&root, "pad");
+    let mut g = Vec::new();
+    for gc in [false, true] {
+        let mut o = opts(Some(Nf4Options::default()), Some(lora.clone()), gc);
+        o.compute_dtype = Kind::BFloat16;
+        let m = load_from(&root, "ckpt", &o, adapter);
+        let (loss, _) = m.forward_backward(&ids, &mask, &labels).expect("bf16 step");
+        assert!(loss.is_finite(), "{family} bf16: loss {loss}");
+        g.push(grads(&m));
+    }
+    for ((name, a), (_, b)) in g[0].iter().zip(&g[1]) {
+        let d = max_abs_diff(a, b);
+        assert!(
+            d <= 1e-2 * max_abs(a).max(1e-3),
+            "{family} bf16 {name}: checkpointing changes the gradient by {d:e}"
+        );
     }
 
     // `qlora-cls quantize` writes the family's bitsandbytes checkpoint: every decoder
@@ -797,6 +833,12 @@ fn family_matches_transformers_and_peft(family: &str) {
         "{family}: our quantized checkpoint: max |Δlogit| {d:e}"
     );
 
+    // `qlora-cls merge` of PEFT's adapter (LoRA on every projection, the head) onto the
+    // family's checkpoint: transformers' AutoModelForSequenceClassification loads it with no
+    // missing or unexpected keys, as the family's class, and its fp32 logits equal our
+    // unmerged NF4 model's with the adapter.
+    merged_family_matches_unmerged(family, &root, &lora);
+
     // PEFT's parameter lines.
     let one = strings(&f["peft_line_tiny_targets"]);
     let (tr, all) = peft_param_counts(&cfg, NUM_LABELS, 8, &one);
@@ -817,6 +859,72 @@ fn family_matches_transformers_and_peft(family: &str) {
     );
     let line = stdout.lines().last().unwrap_or_default();
     assert_eq!(line, f["peft_line_default"].as_str().unwrap(), "{family}");
+}
+
+/// See [`family_matches_transformers_and_peft`]: the merge part.
+fn merged_family_matches_unmerged(family: &str, root: &Path, lora: &LoraConfig) {
+    let tmp = common::tempdir();
+    // The family fixtures carry no tokenizer (their config names the pad token): the merge
+    // copies the demo's tokenizer files, which it needs for nothing else here.
+    let demo = common::demo_assets(&tmp.path().join("demo"));
+    let merged = tmp.path().join("merged");
+    let ckpt = root.join("ckpt");
+    let adapter = root.join("peft_adapter");
+    let tok = demo.join("model");
+    let stdout = common::run_ok(&[
+        "merge",
+        "--model_dir",
+        ckpt.to_str().unwrap(),
+        "--tokenizer_dir",
+        tok.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+        "--dtype",
+        "float32",
+    ]);
+    assert!(stdout.contains("weights merged"), "{family}: {stdout}");
+    let (ids, mask) = batch_in(root, "pad");
+    let ids_file = tmp.path().join("ids.json");
+    let rows = |t: &Tensor| Vec::<Vec<i64>>::try_from(t).expect("ids");
+    std::fs::write(
+        &ids_file,
+        serde_json::json!({"input_ids": rows(&ids), "attention_mask": rows(&mask)}).to_string(),
+    )
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&common::oracle(
+        "merge_oracle.py",
+        &[
+            "logits_ids",
+            merged.to_str().unwrap(),
+            ids_file.to_str().unwrap(),
+        ],
+    ))
+    .expect("oracle JSON");
+    for k in ["missing", "unexpected", "mismatched"] {
+        assert_eq!(v[k], serde_json::json!([]), "{family}: {k}: {v}");
+    }
+    let class = v["class"].as_str().unwrap_or_default().to_string();
+    assert!(
+        class.ends_with("ForSequenceClassification") && v["architectures"][0] == class.as_str(),
+        "{family}: {v}"
+    );
+    let theirs: Vec<Vec<f64>> = serde_json::from_value(v["logits"].clone()).unwrap();
+    let theirs = Tensor::from_slice2(&theirs);
+    let ours = load_from(
+        root,
+        "ckpt",
+        &opts(Some(Nf4Options::default()), Some(lora.clone()), false),
+        "peft_adapter/adapter_model.safetensors",
+    )
+    .forward(&ids, &mask);
+    let d = max_abs_diff(&ours, &theirs);
+    eprintln!("{family}: merged (transformers) vs unmerged NF4 + LoRA (ours): max |Δlogit| {d:e}");
+    assert!(
+        d <= 1e-4,
+        "{family}: merged logits differ by {d:e}\n{ours}\n{theirs}"
+    );
 }
 
 #[test]

@@ -398,7 +398,24 @@ fn custom_labels_infer_the_problem_type_as_transformers_does() {
     );
     let err = format!("{:#}", infer_labels(&t, &ex).unwrap_err());
     assert!(err.contains("mixed label types"), "{err}");
-    let _ = t;
+    // A multi-label CSV row with no tags: an empty cell is the empty set when `problem_type`
+    // says multi-label (without it, a missing label: see the bad-input test).
+    let (t, ex) = custom(
+        &tmp.path().join("f"),
+        "train.csv",
+        "text,tags\nbig and red,big|red\nnothing,\nsmall,small\n",
+        &[
+            ("text_columns", "text"),
+            ("label_column", "tags"),
+            ("problem_type", "multi_label_classification"),
+        ],
+    );
+    let spec = infer_labels(&t, &ex).unwrap();
+    assert_eq!(spec.names, ["big", "red", "small"]);
+    assert_eq!(
+        targets(&spec, &t, &ex).unwrap()[1],
+        Some(Target::Multi(vec![0.0, 0.0, 0.0]))
+    );
 }
 
 /// The error of reading `file` (or inferring its labels), which must name `parts`.

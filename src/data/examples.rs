@@ -159,15 +159,13 @@ pub fn read_file(
             Some("idx".to_string()),
         ),
     };
-    // GLUE marks a hidden test label with -1 (HF) or leaves the column out (TSV).
-    let glue_task = glue(&task.name).is_some();
     extract(
         &table,
         &text_cols,
         &label_col,
         idx_col.as_deref(),
         require_labels,
-        glue_task,
+        task,
         first_row,
     )
 }
@@ -203,9 +201,12 @@ fn extract(
     label_col: &str,
     idx_col: Option<&str>,
     require_labels: bool,
-    glue_task: bool,
+    task: &Task,
     first_row: i64,
 ) -> Result<Vec<TaskExample>> {
+    // GLUE marks a hidden test label with -1 (HF) or leaves the column out (TSV).
+    let glue_task = glue(&task.name).is_some();
+    let multi_label = task.problem_type == Some(ProblemType::MultiLabel);
     for c in text_cols {
         if !table.columns.contains(c) {
             return Err(missing_column(table, c, "text"));
@@ -240,6 +241,14 @@ fn extract(
             }
         };
         let label = label.filter(|l| !(glue_task && *l == RawLabel::Int(-1)));
+        // In CSV/TSV a multi-label row with no tags is an empty cell: with `problem_type`
+        // saying multi-label, that is the empty set, not a missing label.
+        let label = match (label, row.cells.get(label_col)) {
+            (None, Some(Cell::Str(_))) if textual && multi_label => {
+                Some(RawLabel::List(Vec::new()))
+            }
+            (l, _) => l,
+        };
         if require_labels && label.is_none() {
             bail!("{at}: column '{label_col}': no label");
         }
@@ -369,14 +378,24 @@ pub fn infer_labels(task: &Task, train: &[TaskExample]) -> Result<LabelSpec> {
             s.into_iter().collect()
         }
     };
+    // The file(s) the labels came from, for the errors about them all.
+    let files: BTreeSet<&str> = train
+        .iter()
+        .map(|e| {
+            e.where_
+                .rsplit_once(':')
+                .map_or(e.where_.as_str(), |(f, _)| f)
+        })
+        .collect();
+    let source = files.into_iter().collect::<Vec<_>>().join(", ");
     if problem == ProblemType::SingleLabel && names.len() < 2 {
         bail!(
-            "column '{col}': a single-label task needs at least 2 labels, found {:?}",
+            "{source}: column '{col}': a single-label task needs at least 2 labels, found {:?}",
             names
         );
     }
     if problem == ProblemType::MultiLabel && names.is_empty() {
-        bail!("column '{col}': a multi-label task needs at least 1 label name");
+        bail!("{source}: column '{col}': a multi-label task needs at least 1 label name");
     }
     let spec = LabelSpec {
         problem_type: problem,

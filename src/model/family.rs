@@ -38,6 +38,20 @@ impl Family {
         }
     }
 
+    /// transformers' sequence-classification class for the family (what a merged checkpoint's
+    /// `architectures` names; Gemma 3's text-only model has its own).
+    pub fn sequence_classifier(self) -> &'static str {
+        match self {
+            Family::Llama => "LlamaForSequenceClassification",
+            Family::Mistral => "MistralForSequenceClassification",
+            Family::Qwen2 => "Qwen2ForSequenceClassification",
+            Family::Qwen3 => "Qwen3ForSequenceClassification",
+            Family::Phi3 => "Phi3ForSequenceClassification",
+            Family::Gemma2 => "Gemma2ForSequenceClassification",
+            Family::Gemma3Text => "Gemma3TextForSequenceClassification",
+        }
+    }
+
     pub fn from_model_type(origin: &str, model_type: &str) -> Result<Family> {
         match Family::ALL
             .into_iter()

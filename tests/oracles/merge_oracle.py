@@ -1,10 +1,12 @@
 """Loads a merged checkpoint the way a user would, with transformers alone.
 
     merge_oracle.py logits MODEL_DIR TEXTS.json
+    merge_oracle.py logits_ids MODEL_DIR IDS.json
 
 prints JSON: the loading report (missing / unexpected / mismatched keys), the config fields a
 classifier needs, and the fp32 logits of the texts, tokenized by the checkpoint's own
-tokenizer and padded as a batch (so the pad token must be set).
+tokenizer and padded as a batch (so the pad token must be set); or of the token ids given
+({"input_ids": [[...]], "attention_mask": [[...]]}, for checkpoints without a tokenizer).
 """
 import json
 import sys
@@ -41,7 +43,26 @@ def logits(model_dir, texts_path):
     }))
 
 
+def logits_ids(model_dir, ids_path):
+    batch = {k: torch.tensor(v) for k, v in json.load(open(ids_path)).items()}
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, output_loading_info=True, dtype=torch.float32
+    )
+    model.eval()
+    with torch.no_grad():
+        out = model(**batch).logits
+    print(json.dumps({
+        "missing": sorted(info["missing_keys"]),
+        "unexpected": sorted(info["unexpected_keys"]),
+        "mismatched": [str(m) for m in info["mismatched_keys"]],
+        "architectures": model.config.architectures,
+        "class": type(model).__name__,
+        "num_labels": model.config.num_labels,
+        "logits": out.tolist(),
+    }))
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[1] != "logits":
+    if len(sys.argv) != 4 or sys.argv[1] not in ("logits", "logits_ids"):
         sys.exit(__doc__)
-    logits(sys.argv[2], sys.argv[3])
+    {"logits": logits, "logits_ids": logits_ids}[sys.argv[1]](sys.argv[2], sys.argv[3])

@@ -3,12 +3,16 @@ bitsandbytes compute on them.
 
 usage: model_oracle.py fixtures OUT_DIR
        model_oracle.py family FAMILY OUT_DIR
+       model_oracle.py family_ckpt FAMILY OUT_DIR VOCAB
+
+`family_ckpt` writes only the tiny random checkpoint of `family` (as `family` does, with a
+vocabulary of VOCAB tokens so that a real tokenizer fits it) into OUT_DIR.
 
 `family` (mistral, qwen2, qwen3, phi3, gemma2, gemma3_text) writes under OUT_DIR a tiny random
 checkpoint of that family (`ckpt/`, written by `<Family>ForCausalLM`; every sequence of the
 inputs is longer than its small `sliding_window`), `bnb/` (it in bitsandbytes 4-bit), and
-inputs/score/expected/peft_adapter/peft_grads/facts as below, computed with
-`<Family>ForSequenceClassification`, plus `default/config.json` (the family's default
+inputs/score/expected/peft_adapter/peft_grads/facts as below (expected with
+logits_bf16_{pad,full} too, from score_bf16), computed with `<Family>ForSequenceClassification`, plus `default/config.json` (the family's default
 transformers config) and facts.peft_line_default, PEFT's line for it (r 8, PEFT's default
 targets; `qkv_proj` for phi3, which PEFT has no default for).
 
@@ -322,6 +326,17 @@ def default_peft_line(family, out):
     return peft_line(get_peft_model(m, lc))
 
 
+def family_ckpt(family, out, vocab):
+    cfg_cls, lm_cls, _, kw = family_classes(family)
+    gen = torch.Generator().manual_seed(2025)
+    cfg = cfg_cls(**{**COMMON, "vocab_size": vocab}, **kw)
+    torch.manual_seed(0)
+    lm = lm_cls(cfg)
+    randomize(lm, gen)
+    lm.save_pretrained(out)
+    print("ok")
+
+
 def family_fixtures(family, out):
     from peft import LoraConfig, get_peft_model
 
@@ -343,6 +358,14 @@ def family_fixtures(family, out):
     facts["attn_implementation"] = m.config._attn_implementation
     for which in ["pad", "full"]:
         expected[f"logits_{which}"] = logits(m, inputs, which)
+
+    # bf16 end to end (the score head rounded to bf16 so both sides hold the same values).
+    score16 = score.to(torch.bfloat16)
+    save_file({"base_model.model.score.weight": score16.float()},
+              os.path.join(out, "score_bf16.safetensors"))
+    mb = seq_cls(ckpt, score16, dtype=torch.bfloat16, cls=cls)
+    for which in ["pad", "full"]:
+        expected[f"logits_bf16_{which}"] = logits(mb, inputs, which).float()
 
     m4 = seq_cls(ckpt, score, cls=cls, quantization_config=bnb_config(), device_map="cpu")
     no_avx512_repack(m4)
@@ -371,5 +394,7 @@ if __name__ == "__main__":
         fixtures(sys.argv[2])
     elif len(sys.argv) == 4 and sys.argv[1] == "family":
         family_fixtures(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) == 5 and sys.argv[1] == "family_ckpt":
+        family_ckpt(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:
         sys.exit(__doc__)
