@@ -644,7 +644,8 @@ def serve_row(binary, table, raw):
             print(f"  FAILED: {e}", flush=True)
         res[c] = r
         o, f = r.get("ours") or {}, r.get("reference") or {}
-        note = (f"{n} requests of one MRPC pair; ours: NF4 + LoRA, dynamic batching; "
+        note = (f"{n} requests of one MRPC pair; ours: serve's defaults on the NF4 base + adapter (weights "
+                "dequantised once, LoRA folded in fp32), dynamic batching; "
                 "reference: pipeline on the merged fp32 checkpoint, one batch of C at a time")
         table.append(dict(row=5, metric=f"Serve /predict, {c} client(s): requests/s", unit="req/s",
                           ours=o.get("rps"), ref=f.get("rps"), better="higher", note=note if c == SERVE_CLIENTS[0] else ""))

@@ -103,7 +103,9 @@ enum Cmd {
     /// /metrics, and a page at /). Options: --adapter DIR (required), --host (127.0.0.1),
     /// --port (8080; 0 picks a free one), --max_batch_tokens (16384), --max_batch_requests
     /// (64), --max_wait_ms (2), --max_queue (2048 inputs, then 429), --max_client_batch_size
-    /// (64), --max_input_length (max_length or the model's positions), --config FILE, config
+    /// (64), --max_input_length (max_length or the model's positions), --dense_weights
+    /// (auto: dequantise the NF4 weights once when that takes at most half the free memory;
+    /// true, false), --config FILE, config
     /// flags (model_dir, prompt, device, ... as the adapter was trained).
     #[command(after_help = CONFIG_HELP)]
     Serve {
@@ -555,6 +557,7 @@ fn serve_cmd(flags: &[String]) -> Result<()> {
         "max_queue",
         "max_client_batch_size",
         "max_input_length",
+        "dense_weights",
     ];
     let args = Args::parse(flags, &keys)?;
     let cfg = args.config()?;
@@ -580,6 +583,12 @@ fn serve_cmd(flags: &[String]) -> Result<()> {
         max_input_length: match args.own.get("max_input_length") {
             None => None,
             Some(_) => Some(num(&args, "max_input_length", 0usize)?),
+        },
+        dense_weights: match args.own.get("dense_weights").map(String::as_str) {
+            None | Some("auto") => None,
+            Some("true") => Some(true),
+            Some("false") => Some(false),
+            Some(v) => anyhow::bail!("--dense_weights {v:?}: expected auto, true or false"),
         },
     };
     serve::serve(&cfg, &adapter, &opts)

@@ -200,10 +200,21 @@ fn assert_close(got: &[f64], want: &[f64], what: &str) {
     }
 }
 
+/// With the frozen weights dequantised once (the default here: the tiny model fits) and kept
+/// in NF4 (dequantised per batch as `predict` does), the same answers.
 #[test]
 fn predict_endpoint_equals_predict_for_texts_pairs_and_batches() {
+    for (flags, frozen) in [
+        (&[] as &[&str], "dense"),
+        (&["--dense_weights", "false"], "nf4"),
+    ] {
+        predict_endpoint_equals_predict(flags, frozen);
+    }
+}
+
+fn predict_endpoint_equals_predict(flags: &[&str], frozen: &str) {
     let want = predict_csv();
-    let server = Server::start(&[]);
+    let server = Server::start(flags);
     let f = fixture();
     for (i, (a, b)) in f.rows.iter().enumerate() {
         let single = if b.is_empty() {
@@ -238,6 +249,7 @@ fn predict_endpoint_equals_predict_for_texts_pairs_and_batches() {
     let info: Value = serde_json::from_str(&info).unwrap();
     assert_eq!(info["labels"], json!(["LABEL_0", "LABEL_1"]));
     assert_eq!(info["problem_type"], "single_label_classification");
+    assert_eq!(info["frozen_weights"], frozen, "{info}");
     assert_eq!(info["model_type"]["classifier"]["id2label"]["1"], "LABEL_1");
     for key in [
         "model_dtype",

@@ -433,6 +433,30 @@ impl LlamaClassifier {
     }
 
     /// PEFT-style (trainable, all) counts, as `peft_param_counts`.
+    /// Bytes the frozen NF4 weights would take dequantised to the compute dtype.
+    pub fn dense_frozen_bytes(&mut self) -> u64 {
+        let kind = self.opts.compute_dtype;
+        self.model
+            .layers
+            .iter_mut()
+            .flat_map(|l| l.linears_mut())
+            .map(|l| l.dense_bytes(kind))
+            .sum()
+    }
+
+    /// For inference only (the model cannot train afterwards): dequantises every frozen NF4
+    /// weight once, to the compute dtype, and in fp32 folds each LoRA pair into its weight
+    /// ([`crate::quant::qlinear::QLinear::densify`]); the logits move by float rounding only.
+    pub fn densify_frozen(&mut self) -> Result<()> {
+        let kind = self.opts.compute_dtype;
+        for layer in &mut self.model.layers {
+            for l in layer.linears_mut() {
+                l.densify(kind)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn param_counts(&self) -> (u64, u64) {
         match &self.opts.lora {
             Some(l) => {

@@ -607,6 +607,19 @@ impl DecoderLayer {
         Ok(&h + maybe_norm(&self.mlp_post_norm, m))
     }
 
+    /// Every frozen linear of the layer.
+    pub fn linears_mut(&mut self) -> Vec<&mut QLinear> {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        a.qkv
+            .linears
+            .iter_mut()
+            .map(|(_, l, _)| l)
+            .chain(std::iter::once(&mut a.o_proj))
+            .chain(m.gate_up.linears.iter_mut().map(|(_, l, _)| l))
+            .chain(std::iter::once(&mut m.down_proj))
+            .collect()
+    }
+
     /// The LoRA adapters of this layer with their module paths (`self_attn.q_proj`, ...).
     pub fn adapters(&self) -> Vec<(String, &LoraAdapter)> {
         let a = &self.self_attn;

@@ -93,6 +93,34 @@ impl QLinear {
         })
     }
 
+    /// Bytes a dense copy of an NF4 weight would take in `kind` (0 for a dense weight).
+    pub fn dense_bytes(&self, kind: Kind) -> u64 {
+        match &self.weight {
+            FrozenWeight::Dense(_) => 0,
+            FrozenWeight::Nf4(q) => {
+                (q.shape[0] * q.shape[1]) as u64 * kind.elt_size_in_bytes() as u64
+            }
+        }
+    }
+
+    /// For inference only: replaces an NF4 weight by its dequantisation in `kind` (the very
+    /// values every pass would dequantise, computed once), and in fp32 folds the LoRA pair in
+    /// (`W + s·B·A`, as `merge` does; in 16 bits the pair stays apart, since rounding the sum
+    /// to 16 bits would erase small updates).
+    pub fn densify(&mut self, kind: Kind) -> Result<()> {
+        if let FrozenWeight::Nf4(q) = &self.weight {
+            self.weight = FrozenWeight::Dense(nf4::dequantize(q, kind)?);
+        }
+        if kind == Kind::Float {
+            if let (FrozenWeight::Dense(w), Some(l)) = (&self.weight, &self.lora) {
+                let folded = tch::no_grad(|| w + l.b.mm(&l.a) * l.scale);
+                self.weight = FrozenWeight::Dense(folded);
+                self.lora = None;
+            }
+        }
+        Ok(())
+    }
+
     /// `x · Wᵀ + b` without LoRA. A few rows outside autograd take the fused NF4 kernel;
     /// more dequantise the weight, into `scratch` when given (the training pass), else into
     /// a fresh tensor that autograd may keep (the padded reference forward).

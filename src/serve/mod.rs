@@ -48,6 +48,9 @@ pub struct ServeOptions {
     /// Longest input in tokens (prompt and special tokens included); longer ones are refused
     /// unless the request sets `truncate`.
     pub max_input_length: Option<usize>,
+    /// Dequantise the frozen NF4 weights once at start (`Some(true)`), never (`Some(false)`),
+    /// or when the dense copy fits half the free memory (`None`, the default).
+    pub dense_weights: Option<bool>,
 }
 
 impl Default for ServeOptions {
@@ -61,6 +64,7 @@ impl Default for ServeOptions {
             max_queue: 2048,
             max_client_batch_size: 64,
             max_input_length: None,
+            dense_weights: None,
         }
     }
 }
@@ -83,6 +87,51 @@ struct AppState {
 
 const PAGE: &str = include_str!("page.html");
 
+/// The frozen weights a server multiplies with: NF4 dequantised per batch (as training and
+/// `predict` do; a batch of a few hundred tokens then spends much of its time dequantising)
+/// or dequantised once at start (with the LoRA pairs folded in when computing in fp32), when
+/// asked or (`auto`) when the dense copy takes at most half of the memory still free.
+/// Returns "dense" or "nf4" for `/info`.
+fn dense_weights(
+    model: &mut crate::model::classifier::LlamaClassifier,
+    device: tch::Device,
+    wanted: Option<bool>,
+) -> Result<&'static str> {
+    let bytes = model.dense_frozen_bytes();
+    if bytes == 0 {
+        // Already dense (`load_in_4bit: false`): only the LoRA pairs to fold in fp32.
+        model.densify_frozen()?;
+        return Ok("dense");
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let dense = match wanted {
+        Some(w) => w,
+        None => {
+            let (_, free) = train::memory::device_memory(device)?;
+            let fits = bytes <= free / 2;
+            if !fits {
+                println!(
+                    "frozen weights: kept in NF4 (dense, {:.2} GiB, would take over half of the {:.2} GiB free; \
+                     --dense_weights true forces it)",
+                    gib(bytes),
+                    gib(free)
+                );
+            }
+            fits
+        }
+    };
+    if !dense {
+        return Ok("nf4");
+    }
+    model.densify_frozen()?;
+    println!(
+        "frozen weights: dequantised once to {:?}, LoRA folded in when fp32 ({:.2} GiB; --dense_weights false keeps NF4)",
+        model.opts.compute_dtype,
+        gib(bytes)
+    );
+    Ok("dense")
+}
+
 /// Loads the model with its adapter and serves it until SIGTERM / Ctrl-C.
 pub fn serve(cfg: &Config, adapter: &Path, opts: &ServeOptions) -> Result<()> {
     let mut cfg = cfg.clone();
@@ -91,10 +140,11 @@ pub fn serve(cfg: &Config, adapter: &Path, opts: &ServeOptions) -> Result<()> {
     let (loaded, trained) = train::load_with_adapter(&cfg, adapter)?;
     let task = trained.task;
     let train::Loaded {
-        model,
+        mut model,
         encoder,
         device,
     } = loaded;
+    let frozen_weights = dense_weights(&mut model, device, opts.dense_weights)?;
     let max_input_length = opts
         .max_input_length
         .or(configured_max)
@@ -130,6 +180,7 @@ pub fn serve(cfg: &Config, adapter: &Path, opts: &ServeOptions) -> Result<()> {
         "prompt": prompt_text,
         "device": format!("{device:?}"),
         "quantized": model.opts.quant.is_some(),
+        "frozen_weights": frozen_weights,
         "max_batch_tokens": limits.max_batch_tokens,
         "max_batch_requests": limits.max_batch_requests,
         "max_wait_ms": opts.max_wait_ms,

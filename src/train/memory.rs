@@ -167,7 +167,7 @@ fn cuda_memory(index: usize) -> Result<(u64, u64)> {
 }
 
 /// (what the process holds now, what it may still take) on `device`.
-fn device_memory(device: Device) -> Result<(u64, u64)> {
+pub fn device_memory(device: Device) -> Result<(u64, u64)> {
     Ok(match device {
         Device::Cuda(i) => cuda_memory(i)?,
         _ => (rss_bytes(), available_ram_bytes()),
