@@ -964,12 +964,19 @@ fn unsupported_family_features_are_refused_by_key() {
         "model_type": "phi3", "hidden_size": 64, "intermediate_size": 96,
         "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 128
     });
-    let cases: [(&str, serde_json::Value, &str); 5] = [
+    let cases: [(&str, serde_json::Value, &str); 6] = [
         ("model_type", serde_json::json!("falcon"), "`model_type`"),
         (
             "rope_scaling",
-            serde_json::json!({"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}),
+            serde_json::json!({"type": "yarn", "factor": 4.0}),
             "`rope_type`",
+        ),
+        (
+            // head_dim 16 needs 8 factors.
+            "rope_scaling",
+            serde_json::json!({"type": "longrope", "short_factor": [1.0], "long_factor": [1.0],
+                               "original_max_position_embeddings": 8}),
+            "`short_factor`",
         ),
         (
             "partial_rotary_factor",

@@ -22,6 +22,15 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: i64,
     },
+    /// Phi-3's LongRoPE (transformers' `_compute_longrope_parameters`): per-frequency
+    /// `short_factor`s, or `long_factor`s for a batch longer than
+    /// `original_max_position_embeddings`; cos and sin scaled by `attention_factor`.
+    LongRope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        original_max_position_embeddings: i64,
+        attention_factor: f64,
+    },
 }
 
 /// A bitsandbytes 4-bit `quantization_config`, when the checkpoint carries one.
@@ -247,6 +256,25 @@ impl LlamaConfig {
         } else {
             (parse_rope(&r, max_position_embeddings)?, None)
         };
+        if let RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            ..
+        } = &rope_scaling
+        {
+            for (key, f) in [("short_factor", short_factor), ("long_factor", long_factor)] {
+                if f.len() as i64 != head_dim / 2 {
+                    bail!(
+                        "{origin}: key `{key}` has {} factors; LongRoPE needs head_dim / 2 = {}",
+                        f.len(),
+                        head_dim / 2
+                    );
+                }
+                if f.iter().any(|v| !v.is_finite() || *v <= 0.0) {
+                    bail!("{origin}: key `{key}` must hold positive numbers");
+                }
+            }
+        }
         let switches = parse_switches(&r, family, activation, head_dim, num_hidden_layers)?;
 
         let quantization = match r.present("quantization_config") {
@@ -380,7 +408,15 @@ fn parse_rope(r: &Reader, max_pos: i64) -> Result<(f64, RopeScaling)> {
     };
     let obj = r.obj[key].as_object().expect("checked above");
     let sub_origin = format!("{origin} ({key})");
-    rope_dict(obj, &sub_origin, top_theta.unwrap_or(10_000.0), max_pos)
+    // Phi-3's files keep `original_max_position_embeddings` at the top level.
+    let top_original = r.opt_int("original_max_position_embeddings")?;
+    rope_dict(
+        obj,
+        &sub_origin,
+        top_theta.unwrap_or(10_000.0),
+        max_pos,
+        top_original,
+    )
 }
 
 /// Gemma 3's two rotary settings, (global, local): transformers 5 writes `rope_parameters`
@@ -406,15 +442,16 @@ fn parse_gemma3_rope(r: &Reader, max_pos: i64) -> Result<((f64, RopeScaling), (f
     let part = |layer: &str, theta: f64| -> Result<(f64, RopeScaling)> {
         let sub_origin = format!("{origin} (rope_parameters.{layer})");
         match nested.and_then(|m| m.get(layer)).filter(|v| !v.is_null()) {
-            Some(Value::Object(d)) => rope_dict(d, &sub_origin, theta, max_pos),
+            Some(Value::Object(d)) => rope_dict(d, &sub_origin, theta, max_pos, None),
             Some(v) => bail!("{sub_origin}: not an object: {v}"),
             None if layer == "full_attention" && scaling.is_some() => rope_dict(
                 scaling.expect("checked"),
                 &format!("{origin} (rope_scaling)"),
                 theta,
                 max_pos,
+                None,
             ),
-            None => rope_dict(&empty, &sub_origin, theta, max_pos),
+            None => rope_dict(&empty, &sub_origin, theta, max_pos, None),
         }
     };
     Ok((
@@ -423,12 +460,14 @@ fn parse_gemma3_rope(r: &Reader, max_pos: i64) -> Result<((f64, RopeScaling), (f
     ))
 }
 
-/// One rotary dict (`rope_type`, `rope_theta`, the type's own keys).
+/// One rotary dict (`rope_type`, `rope_theta`, the type's own keys); `top_original`: the
+/// config's top-level `original_max_position_embeddings`, if any.
 fn rope_dict(
     obj: &Map<String, Value>,
     sub_origin: &str,
     default_theta: f64,
     max_pos: i64,
+    top_original: Option<i64>,
 ) -> Result<(f64, RopeScaling)> {
     let d = Reader {
         obj,
@@ -461,9 +500,50 @@ fn rope_dict(
                 .opt_int("original_max_position_embeddings")?
                 .unwrap_or(max_pos),
         },
+        "longrope" => {
+            let factors = |k: &str| -> Result<Vec<f64>> {
+                match d.present(k) {
+                    Some(Value::Array(v)) => v
+                        .iter()
+                        .map(|x| {
+                            x.as_f64().ok_or_else(|| {
+                                anyhow!("{sub_origin}: key `{k}` holds {x}, not a number")
+                            })
+                        })
+                        .collect(),
+                    Some(v) => bail!("{sub_origin}: key `{k}` is not a list of numbers: {v}"),
+                    None => bail!("{sub_origin}: key `{k}` is missing for rope_type longrope"),
+                }
+            };
+            let original = match d.opt_int("original_max_position_embeddings")?.or(top_original) {
+                Some(o) if o > 1 => o,
+                Some(o) => bail!(
+                    "{sub_origin}: key `original_max_position_embeddings` must be above 1, got {o}"
+                ),
+                None => bail!(
+                    "{sub_origin}: key `original_max_position_embeddings` is missing for rope_type longrope"
+                ),
+            };
+            // As transformers: the ratio of the context lengths unless `factor` is given, and
+            // the paper's attention factor unless `attention_factor` is.
+            let factor = d
+                .opt_f64("factor")?
+                .unwrap_or(max_pos as f64 / original as f64);
+            let attention_factor = match d.opt_f64("attention_factor")? {
+                Some(a) => a,
+                None if factor <= 1.0 => 1.0,
+                None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+            };
+            RopeScaling::LongRope {
+                short_factor: factors("short_factor")?,
+                long_factor: factors("long_factor")?,
+                original_max_position_embeddings: original,
+                attention_factor,
+            }
+        }
         other => {
             bail!(
-                "{sub_origin}: key `rope_type` {other:?} is not supported (default, linear, llama3)"
+                "{sub_origin}: key `rope_type` {other:?} is not supported (default, linear, llama3, longrope)"
             )
         }
     };

@@ -31,6 +31,10 @@ pub fn inv_freq_of(theta: f64, scaling: &RopeScaling, dim: i64) -> Tensor {
     match *scaling {
         RopeScaling::Default => inv,
         RopeScaling::Linear { factor } => inv / factor,
+        // The short factors: what a batch within the original context uses.
+        RopeScaling::LongRope {
+            ref short_factor, ..
+        } => longrope_inv_freq(theta, short_factor, dim),
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,
@@ -57,17 +61,69 @@ pub fn inv_freq_of(theta: f64, scaling: &RopeScaling, dim: i64) -> Tensor {
     }
 }
 
-/// cos and sin `[T, head_dim]` for positions `0..seq_len`, in `kind`.
-pub fn rope_tables(
-    inv_freq: &Tensor,
-    seq_len: i64,
-    kind: Kind,
-    device: Device,
-) -> (Tensor, Tensor) {
-    let pos = Tensor::arange(seq_len, (Kind::Int64, device)).to_kind(Kind::Float);
-    let freqs = pos.unsqueeze(-1) * inv_freq.to_device(device).unsqueeze(0);
-    let emb = Tensor::cat(&[&freqs, &freqs], -1);
-    (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
+/// LongRoPE's `1 / (factors · θ^(2i/d))`, op for op as `_compute_longrope_parameters`.
+fn longrope_inv_freq(theta: f64, factors: &[f64], dim: i64) -> Tensor {
+    let exponent = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu))
+        .to_kind(Kind::Float)
+        / dim as f64;
+    let ext = Tensor::from_slice(factors).to_kind(Kind::Float);
+    (ext * Tensor::pow_scalar(theta, &exponent)).reciprocal()
+}
+
+/// One rotary table's frequencies: the ones every batch uses, or (LongRoPE) another set for
+/// batches longer than the original context, and the factor cos and sin are scaled by.
+#[derive(Debug)]
+pub struct RopeTable {
+    pub inv_freq: Tensor,
+    /// (original context length, frequencies for batches longer than it).
+    pub long: Option<(i64, Tensor)>,
+    pub attention_scaling: f64,
+}
+
+impl RopeTable {
+    pub fn new(theta: f64, scaling: &RopeScaling, dim: i64) -> Self {
+        let (long, attention_scaling) = match scaling {
+            RopeScaling::LongRope {
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor,
+                ..
+            } => (
+                Some((
+                    *original_max_position_embeddings,
+                    longrope_inv_freq(theta, long_factor, dim),
+                )),
+                *attention_factor,
+            ),
+            _ => (None, 1.0),
+        };
+        RopeTable {
+            inv_freq: inv_freq_of(theta, scaling, dim),
+            long,
+            attention_scaling,
+        }
+    }
+
+    /// cos and sin `[T, head_dim]` for positions `0..seq_len`, in `kind`. LongRoPE picks its
+    /// set by the batch's length as transformers' `longrope_frequency_update` does (the
+    /// largest position + 1, i.e. the padded length).
+    pub fn tables(&self, seq_len: i64, kind: Kind, device: Device) -> (Tensor, Tensor) {
+        let inv_freq = match &self.long {
+            Some((original, long)) if seq_len > *original => long,
+            _ => &self.inv_freq,
+        };
+        let pos = Tensor::arange(seq_len, (Kind::Int64, device)).to_kind(Kind::Float);
+        let freqs = pos.unsqueeze(-1) * inv_freq.to_device(device).unsqueeze(0);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        let (cos, sin) = (emb.cos(), emb.sin());
+        if self.attention_scaling == 1.0 {
+            return (cos.to_kind(kind), sin.to_kind(kind));
+        }
+        (
+            (cos * self.attention_scaling).to_kind(kind),
+            (sin * self.attention_scaling).to_kind(kind),
+        )
+    }
 }
 
 pub fn rotate_half(x: &Tensor) -> Tensor {
@@ -142,7 +198,7 @@ impl RmsNorm {
 /// (0: every layer's, 1: Gemma 3's sliding layers') and the sliding windows in use.
 #[derive(Debug)]
 pub struct ContextSpec {
-    pub inv_freqs: Vec<Tensor>,
+    pub ropes: Vec<RopeTable>,
     pub windows: Vec<i64>,
 }
 
@@ -169,9 +225,9 @@ impl LayerContext {
         let device = attention_mask.device();
         let t = attention_mask.size()[1];
         let ropes = spec
-            .inv_freqs
+            .ropes
             .iter()
-            .map(|f| rope_tables(f, t, kind, device))
+            .map(|r| r.tables(t, kind, device))
             .collect();
         let padding = attention_mask.to_kind(Kind::Bool);
         let all_visible = padding.all().int64_value(&[]) != 0;
@@ -665,9 +721,13 @@ impl LlamaModel {
             .enumerate()
             .map(|(i, lw)| build_layer(cfg, i, lw, lora, device))
             .collect::<Result<_>>()?;
-        let mut inv_freqs = vec![inv_freq(cfg)];
+        let mut ropes = vec![RopeTable::new(
+            cfg.rope_theta,
+            &cfg.rope_scaling,
+            cfg.head_dim,
+        )];
         if let Some((theta, scaling)) = &cfg.local_rope {
-            inv_freqs.push(inv_freq_of(*theta, scaling, cfg.head_dim));
+            ropes.push(RopeTable::new(*theta, scaling, cfg.head_dim));
         }
         Ok(LlamaModel {
             embed_tokens: weights.embed_tokens,
@@ -675,7 +735,7 @@ impl LlamaModel {
             layers,
             norm: RmsNorm::new(weights.norm, cfg.rms_norm_eps, sw.gemma_norm),
             spec: ContextSpec {
-                inv_freqs,
+                ropes,
                 windows: sw.windows(),
             },
         })

@@ -281,9 +281,16 @@ def family_classes(family):
                 dict(num_hidden_layers=3, head_dim=32, use_sliding_window=True,
                      sliding_window=WINDOW, max_window_layers=2, rope_theta=1000000.0))
     if family == "phi3":
+        # LongRoPE as Phi-3-128k has it, with an original context (11) between the two batches'
+        # lengths (10 and 12): the full batch takes the short factors, the padded one the long.
+        half = COMMON["hidden_size"] // COMMON["num_attention_heads"] // 2
         return (tf.Phi3Config, tf.Phi3ForCausalLM, tf.Phi3ForSequenceClassification,
-                dict(num_hidden_layers=2, sliding_window=WINDOW, rope_theta=10000.0,
-                     original_max_position_embeddings=256))
+                dict(num_hidden_layers=2, sliding_window=WINDOW,
+                     original_max_position_embeddings=11,
+                     rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                      "short_factor": [1.0 + 0.25 * i for i in range(half)],
+                                      "long_factor": [1.5 + 0.75 * i for i in range(half)],
+                                      "original_max_position_embeddings": 11}))
     if family == "gemma2":
         # A small soft-cap so that it bites; query_pre_attn_scalar != head_dim.
         return (tf.Gemma2Config, tf.Gemma2ForCausalLM, tf.Gemma2ForSequenceClassification,

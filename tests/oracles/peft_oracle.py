@@ -80,6 +80,13 @@ def tiny_config(family="llama"):
         for k in ("head_dim", "query_pre_attn_scalar"):
             if k in kw:
                 kw[k] = 64
+        rope = kw.get("rope_parameters")
+        if rope and rope.get("rope_type") == "longrope":
+            # One factor per frequency of this config's head_dim (512 / 8 heads = 64).
+            half = 512 // 8 // 2
+            kw["rope_parameters"] = dict(
+                rope, short_factor=[1.0 + 0.05 * i for i in range(half)],
+                long_factor=[1.5 + 0.1 * i for i in range(half)])
         return cfg_cls(
             vocab_size=128, hidden_size=512, intermediate_size=256, num_attention_heads=8,
             num_key_value_heads=4, max_position_embeddings=128, rms_norm_eps=1e-5,
