@@ -39,7 +39,9 @@ enum Cmd {
     },
     /// The task's metrics of a trained adapter on a split (the reference's eval.py).
     /// Options: --adapter DIR (required), --split S (default test) or --input FILE,
-    /// --config FILE, config flags. The task and labels come with the adapter.
+    /// --dense_weights auto|true|false (auto: dequantise the NF4 weights once, LoRA folded in
+    /// fp32, when that takes at most half the free memory), --config FILE, config flags. The
+    /// task and labels come with the adapter.
     #[command(after_help = CONFIG_HELP)]
     Eval {
         #[arg(
@@ -51,7 +53,8 @@ enum Cmd {
     },
     /// Predictions for any split or file, labelled or not, as CSV (index,prediction,prob_0,...).
     /// Options: --adapter DIR and --out FILE (required), --split S (default test) or
-    /// --input FILE (CSV, TSV, JSONL, parquet), --config FILE, config flags.
+    /// --input FILE (CSV, TSV, JSONL, parquet), --dense_weights (as `eval`), --config FILE,
+    /// config flags.
     #[command(after_help = CONFIG_HELP)]
     Predict {
         #[arg(
@@ -190,6 +193,16 @@ struct Scored {
     metrics: Vec<String>,
 }
 
+/// `--dense_weights auto|true|false` (`serve`, `eval`, `predict`): `None` for auto.
+fn dense_weights_flag(args: &Args) -> Result<Option<bool>> {
+    Ok(match args.own.get("dense_weights").map(String::as_str) {
+        None | Some("auto") => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(v) => anyhow::bail!("--dense_weights {v:?}: expected auto, true or false"),
+    })
+}
+
 /// `eval` and `predict`: the model with `--adapter` loaded (its task and labels with it),
 /// scored on `--input FILE` or `--split` (default test). `require_labels`: `eval`.
 fn score_split(args: &Args, require_labels: bool) -> Result<Scored> {
@@ -200,7 +213,8 @@ fn score_split(args: &Args, require_labels: bool) -> Result<Scored> {
         .get("split")
         .cloned()
         .unwrap_or_else(|| "test".into());
-    let (loaded, labels) = train::load_with_adapter(&cfg, &adapter)?;
+    let (mut loaded, labels) = train::load_with_adapter(&cfg, &adapter)?;
+    train::for_inference(&mut loaded.model, loaded.device, dense_weights_flag(args)?)?;
     let (split, data) = match args.own.get("input") {
         Some(file) => {
             let path = PathBuf::from(file);
@@ -316,7 +330,7 @@ fn run() -> Result<()> {
             train::train(&cfg)?;
         }
         Cmd::Eval { flags } => {
-            let args = Args::parse(&flags, &["adapter", "split", "input"])?;
+            let args = Args::parse(&flags, &["adapter", "split", "input", "dense_weights"])?;
             let s = score_split(&args, true)?;
             if s.r.metrics.is_empty() {
                 anyhow::bail!("split `{}` has no labels: use `predict`", s.split);
@@ -339,7 +353,10 @@ fn run() -> Result<()> {
             println!("wrote {}", out.display());
         }
         Cmd::Predict { flags } => {
-            let args = Args::parse(&flags, &["adapter", "split", "out", "input"])?;
+            let args = Args::parse(
+                &flags,
+                &["adapter", "split", "out", "input", "dense_weights"],
+            )?;
             let out = PathBuf::from(args.required("out")?);
             let s = score_split(&args, false)?;
             runio::write_text(&out, &predictions_csv(&s.labels.spec, &s.r))?;
@@ -584,12 +601,7 @@ fn serve_cmd(flags: &[String]) -> Result<()> {
             None => None,
             Some(_) => Some(num(&args, "max_input_length", 0usize)?),
         },
-        dense_weights: match args.own.get("dense_weights").map(String::as_str) {
-            None | Some("auto") => None,
-            Some("true") => Some(true),
-            Some("false") => Some(false),
-            Some(v) => anyhow::bail!("--dense_weights {v:?}: expected auto, true or false"),
-        },
+        dense_weights: dense_weights_flag(&args)?,
     };
     serve::serve(&cfg, &adapter, &opts)
 }

@@ -87,51 +87,6 @@ struct AppState {
 
 const PAGE: &str = include_str!("page.html");
 
-/// The frozen weights a server multiplies with: NF4 dequantised per batch (as training and
-/// `predict` do; a batch of a few hundred tokens then spends much of its time dequantising)
-/// or dequantised once at start (with the LoRA pairs folded in when computing in fp32), when
-/// asked or (`auto`) when the dense copy takes at most half of the memory still free.
-/// Returns "dense" or "nf4" for `/info`.
-fn dense_weights(
-    model: &mut crate::model::classifier::LlamaClassifier,
-    device: tch::Device,
-    wanted: Option<bool>,
-) -> Result<&'static str> {
-    let bytes = model.dense_frozen_bytes();
-    if bytes == 0 {
-        // Already dense (`load_in_4bit: false`): only the LoRA pairs to fold in fp32.
-        model.densify_frozen()?;
-        return Ok("dense");
-    }
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    let dense = match wanted {
-        Some(w) => w,
-        None => {
-            let (_, free) = train::memory::device_memory(device)?;
-            let fits = bytes <= free / 2;
-            if !fits {
-                println!(
-                    "frozen weights: kept in NF4 (dense, {:.2} GiB, would take over half of the {:.2} GiB free; \
-                     --dense_weights true forces it)",
-                    gib(bytes),
-                    gib(free)
-                );
-            }
-            fits
-        }
-    };
-    if !dense {
-        return Ok("nf4");
-    }
-    model.densify_frozen()?;
-    println!(
-        "frozen weights: dequantised once to {:?}, LoRA folded in when fp32 ({:.2} GiB; --dense_weights false keeps NF4)",
-        model.opts.compute_dtype,
-        gib(bytes)
-    );
-    Ok("dense")
-}
-
 /// Loads the model with its adapter and serves it until SIGTERM / Ctrl-C.
 pub fn serve(cfg: &Config, adapter: &Path, opts: &ServeOptions) -> Result<()> {
     let mut cfg = cfg.clone();
@@ -144,7 +99,7 @@ pub fn serve(cfg: &Config, adapter: &Path, opts: &ServeOptions) -> Result<()> {
         encoder,
         device,
     } = loaded;
-    let frozen_weights = dense_weights(&mut model, device, opts.dense_weights)?;
+    let frozen_weights = train::for_inference(&mut model, device, opts.dense_weights)?;
     let max_input_length = opts
         .max_input_length
         .or(configured_max)

@@ -11,8 +11,8 @@ mod trainer;
 
 pub use memory::peak_rss_bytes;
 pub use setup::{
-    encode_raw, load_model, load_split, load_with_adapter, model_options, prepare_task, scoring,
-    sized_for, use_model_pad_token, Loaded,
+    encode_raw, for_inference, load_model, load_split, load_with_adapter, model_options,
+    prepare_task, scoring, sized_for, use_model_pad_token, Loaded,
 };
 pub use step::{micro_batches, MicroBatch};
 pub use trainer::{Trainer, EVAL_HEADER, METRICS_HEADER};

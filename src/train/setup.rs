@@ -179,6 +179,51 @@ fn load_mrpc_split(cfg: &Config, encoder: &TextEncoder, split: &str) -> Result<V
     encode_examples(encoder, &examples, &text)
 }
 
+/// The frozen weights `serve`, `eval` and `predict` multiply with: NF4 dequantised per batch
+/// (as training does; a batch of a few hundred tokens then spends much of its time
+/// dequantising) or dequantised once (with the LoRA pairs folded in when computing in fp32),
+/// when asked (`Some(true)`) or, by default, when the dense copy takes at most half of the
+/// memory still free. Returns "dense" or "nf4" (`/info`'s `frozen_weights`).
+pub fn for_inference(
+    model: &mut LlamaClassifier,
+    device: Device,
+    wanted: Option<bool>,
+) -> Result<&'static str> {
+    let bytes = model.dense_frozen_bytes();
+    if bytes == 0 {
+        // Already dense (`load_in_4bit: false`): only the LoRA pairs to fold in fp32.
+        model.densify_frozen()?;
+        return Ok("dense");
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let dense = match wanted {
+        Some(w) => w,
+        None => {
+            let (_, free) = super::memory::device_memory(device)?;
+            let fits = bytes <= free / 2;
+            if !fits {
+                println!(
+                    "frozen weights: kept in NF4 (dense, {:.2} GiB, would take over half of the {:.2} GiB free; \
+                     --dense_weights true forces it)",
+                    gib(bytes),
+                    gib(free)
+                );
+            }
+            fits
+        }
+    };
+    if !dense {
+        return Ok("nf4");
+    }
+    model.densify_frozen()?;
+    println!(
+        "frozen weights: dequantised once to {:?}, LoRA folded in when fp32 ({:.2} GiB; --dense_weights false keeps NF4)",
+        model.opts.compute_dtype,
+        gib(bytes)
+    );
+    Ok("dense")
+}
+
 /// `qlora-cls eval`/`predict`: the model with a trained adapter loaded, and the task and
 /// labels saved with it (MRPC's for an adapter saved before labels travelled with it).
 pub fn load_with_adapter(cfg: &Config, adapter_dir: &Path) -> Result<(Loaded, TaskLabels)> {
