@@ -192,7 +192,9 @@ pub fn for_inference(
     let bytes = model.dense_frozen_bytes();
     if bytes == 0 {
         // Already dense (`load_in_4bit: false`): only the LoRA pairs to fold in fp32.
-        model.densify_frozen()?;
+        if wanted != Some(false) {
+            model.densify_frozen()?;
+        }
         return Ok("dense");
     }
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
