@@ -99,6 +99,17 @@ impl LoraAdapter {
     }
 }
 
+/// `W + scale·B·A` in fp32: a LoRA pair folded into its frozen weight (`merge`, and
+/// inference with dense weights). `w` must already be fp32.
+pub fn fold(w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Tensor {
+    tch::no_grad(|| {
+        w + b
+            .to_kind(Kind::Float)
+            .matmul(&a.to_kind(Kind::Float))
+            .g_mul_scalar(scale)
+    })
+}
+
 /// What [`LoraAdapter::backward`] needs from one [`LoraAdapter::forward_saved`].
 #[derive(Debug)]
 pub struct LoraSaved {

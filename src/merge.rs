@@ -320,10 +320,7 @@ impl Merger<'_> {
         let w = match &p.lora {
             Some(m) => {
                 let (a, b) = &self.adapter.pairs[m];
-                w + b
-                    .to_kind(Kind::Float)
-                    .matmul(&a.to_kind(Kind::Float))
-                    .g_mul_scalar(self.adapter.scale)
+                crate::lora::fold(&w, a, b, self.adapter.scale)
             }
             None => w,
         };

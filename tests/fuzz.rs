@@ -5,6 +5,7 @@
 //! whatever PROPTEST_* says), and must never panic: bad input is an `anyhow` error with a
 //! message that names where the problem is. The number of inputs tried is printed per
 //! target (`cargo test --test fuzz -- --nocapture`).
+mod common;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PConfig, RngAlgorithm, RngSeed, TestCaseError, TestRunner};
 use qlora_cls::config::{self, Config, Override};
@@ -568,19 +569,6 @@ fn fuzz_parquet() {
 
 // ─── task readers (custom and GLUE tasks) ────────────────────────────────────────────────
 
-/// A task from `key value` flags, as the config would build it.
-fn task_of(flags: &[(&str, &str)]) -> Task {
-    let overrides: Vec<Override> = flags
-        .iter()
-        .map(|(k, v)| Override {
-            key: k.to_string(),
-            value: v.to_string(),
-        })
-        .collect();
-    let (cfg, _) = Config::load(None, &overrides).expect("config");
-    Task::from_config(&cfg).expect("task")
-}
-
 /// Writes `bytes` as `file` and reads the train split for `task`, then infers its labels and
 /// encodes the targets as training does: every refusal names the file.
 fn check_task_loader(
@@ -661,7 +649,7 @@ fn fuzz_custom_task_files() {
     for (i, (file, seed, flags)) in cases.into_iter().enumerate() {
         let mut flags = flags;
         flags.push(("task", "custom"));
-        let task = task_of(&flags);
+        let task = common::task(&flags);
         // The seed itself loads.
         let seed_dir = dir.path().join(format!("seed{i}"));
         assert!(
@@ -701,7 +689,7 @@ fn fuzz_glue_task_tsv() {
         ),
     ];
     for (i, (name, seed)) in cases.into_iter().enumerate() {
-        let task = task_of(&[("task", name)]);
+        let task = common::task(&[("task", name)]);
         let seed_dir = dir.path().join(format!("seed{i}"));
         assert!(
             check_task_loader(&seed_dir, "train.tsv", seed.as_bytes(), &task).unwrap(),

@@ -2,23 +2,11 @@
 //! own TSV and the HF `glue/<task>` parquet) to the same examples; custom tasks' label types
 //! and inference; the bad-input errors, each naming the file, the row and the column.
 mod common;
-use qlora_cls::config::{Config, Override};
+use common::task;
 use qlora_cls::data::batch::Target;
 use qlora_cls::data::examples::{infer_labels, load_split, targets, TaskExample};
 use qlora_cls::task::{LabelSpec, ProblemType, Task};
 use std::path::Path;
-
-fn task(flags: &[(&str, &str)]) -> Task {
-    let overrides: Vec<Override> = flags
-        .iter()
-        .map(|(k, v)| Override {
-            key: k.to_string(),
-            value: v.to_string(),
-        })
-        .collect();
-    let (cfg, _) = Config::load(None, &overrides).expect("config");
-    Task::from_config(&cfg).expect("task")
-}
 
 fn write(path: &Path, text: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();

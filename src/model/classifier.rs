@@ -434,13 +434,13 @@ impl LlamaClassifier {
 
     /// PEFT-style (trainable, all) counts, as `peft_param_counts`.
     /// Bytes the frozen NF4 weights would take dequantised to the compute dtype.
-    pub fn dense_frozen_bytes(&mut self) -> u64 {
+    pub fn dense_frozen_bytes(&self) -> u64 {
         let kind = self.opts.compute_dtype;
         self.model
             .layers
-            .iter_mut()
-            .flat_map(|l| l.linears_mut())
-            .map(|l| l.dense_bytes(kind))
+            .iter()
+            .flat_map(|l| l.linears())
+            .map(|(_, l)| l.dense_bytes(kind))
             .sum()
     }
 

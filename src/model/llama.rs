@@ -24,10 +24,7 @@ pub fn inv_freq(cfg: &LlamaConfig) -> Tensor {
 /// `compute_default_rope_parameters` / `_compute_llama3_parameters` /
 /// `_compute_linear_scaling_rope_parameters` so the values agree bitwise.
 pub fn inv_freq_of(theta: f64, scaling: &RopeScaling, dim: i64) -> Tensor {
-    let exponent = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu))
-        .to_kind(Kind::Float)
-        / dim as f64;
-    let inv = Tensor::pow_scalar(theta, &exponent).reciprocal();
+    let inv = theta_powers(theta, dim).reciprocal();
     match *scaling {
         RopeScaling::Default => inv,
         RopeScaling::Linear { factor } => inv / factor,
@@ -61,13 +58,18 @@ pub fn inv_freq_of(theta: f64, scaling: &RopeScaling, dim: i64) -> Tensor {
     }
 }
 
-/// LongRoPE's `1 / (factors · θ^(2i/d))`, op for op as `_compute_longrope_parameters`.
-fn longrope_inv_freq(theta: f64, factors: &[f64], dim: i64) -> Tensor {
+/// `θ^(2i/d)` for `i < d/2`, in fp32, as transformers computes it (`base ** (arange / dim)`).
+fn theta_powers(theta: f64, dim: i64) -> Tensor {
     let exponent = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu))
         .to_kind(Kind::Float)
         / dim as f64;
+    Tensor::pow_scalar(theta, &exponent)
+}
+
+/// LongRoPE's `1 / (factors · θ^(2i/d))`, op for op as `_compute_longrope_parameters`.
+fn longrope_inv_freq(theta: f64, factors: &[f64], dim: i64) -> Tensor {
     let ext = Tensor::from_slice(factors).to_kind(Kind::Float);
-    (ext * Tensor::pow_scalar(theta, &exponent)).reciprocal()
+    (ext * theta_powers(theta, dim)).reciprocal()
 }
 
 /// One rotary table's frequencies: the ones every batch uses, or (LongRoPE) another set for
@@ -663,7 +665,7 @@ impl DecoderLayer {
         Ok(&h + maybe_norm(&self.mlp_post_norm, m))
     }
 
-    /// Every frozen linear of the layer.
+    /// [`Self::linears`], mutably.
     pub fn linears_mut(&mut self) -> Vec<&mut QLinear> {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
         a.qkv
@@ -678,19 +680,22 @@ impl DecoderLayer {
 
     /// The LoRA adapters of this layer with their module paths (`self_attn.q_proj`, ...).
     pub fn adapters(&self) -> Vec<(String, &LoraAdapter)> {
-        let a = &self.self_attn;
-        let m = &self.mlp;
-        let mods: Vec<(&str, &QLinear)> = a
-            .qkv
+        self.linears()
+            .into_iter()
+            .filter_map(|(n, l)| l.lora.as_ref().map(|a| (n.to_string(), a)))
+            .collect()
+    }
+
+    /// Every linear of the layer with its module path (`self_attn.q_proj`, ...).
+    pub fn linears(&self) -> Vec<(&'static str, &QLinear)> {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        a.qkv
             .linears
             .iter()
             .map(|(n, l, _)| (*n, l))
             .chain([("self_attn.o_proj", &a.o_proj)])
             .chain(m.gate_up.linears.iter().map(|(n, l, _)| (*n, l)))
             .chain([("mlp.down_proj", &m.down_proj)])
-            .collect();
-        mods.into_iter()
-            .filter_map(|(n, l)| l.lora.as_ref().map(|a| (n.to_string(), a)))
             .collect()
     }
 }

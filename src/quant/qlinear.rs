@@ -113,8 +113,7 @@ impl QLinear {
         }
         if kind == Kind::Float {
             if let (FrozenWeight::Dense(w), Some(l)) = (&self.weight, &self.lora) {
-                let folded = tch::no_grad(|| w + l.b.mm(&l.a) * l.scale);
-                self.weight = FrozenWeight::Dense(folded);
+                self.weight = FrozenWeight::Dense(crate::lora::fold(w, &l.a, &l.b, l.scale));
                 self.lora = None;
             }
         }

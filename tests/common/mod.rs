@@ -152,6 +152,19 @@ pub fn config_from(flags: &[&str]) -> qlora_cls::config::Config {
         .0
 }
 
+/// The task `key value` config pairs describe, as `train` would build it.
+pub fn task(flags: &[(&str, &str)]) -> qlora_cls::task::Task {
+    let overrides: Vec<qlora_cls::config::Override> = flags
+        .iter()
+        .map(|(k, v)| qlora_cls::config::Override {
+            key: k.to_string(),
+            value: v.to_string(),
+        })
+        .collect();
+    let (cfg, _) = qlora_cls::config::Config::load(None, &overrides).expect("config");
+    qlora_cls::task::Task::from_config(&cfg).expect("task")
+}
+
 /// Writes a PEFT adapter folder for the model of `cfg` whose LoRA pairs and head are random
 /// and non-zero (N(0, 0.05²), fixed seed), so that merging it changes every targeted weight
 /// the way a trained adapter does.
