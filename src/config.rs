@@ -95,13 +95,16 @@ pub struct Config {
 }
 
 /// `gradient_checkpointing`: `auto` keeps each layer's activations when the estimated peak
-/// fits `max_memory` and recomputes each layer in the backward otherwise; `true` always
-/// recomputes (the reference's setting), `false` always keeps.
+/// fits `max_memory`, else recomputes as few layers in the backward as make it fit (all of
+/// them as the last resort); `true` always recomputes every layer (the reference's
+/// setting), `false` always keeps; a number `n` recomputes the first `n` decoder layers and
+/// keeps the rest (torchtune's selective checkpointing by layer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Checkpointing {
     Auto,
     Recompute,
     Keep,
+    Layers(usize),
 }
 
 impl Serialize for Checkpointing {
@@ -110,6 +113,7 @@ impl Serialize for Checkpointing {
             Checkpointing::Auto => s.serialize_str("auto"),
             Checkpointing::Recompute => s.serialize_bool(true),
             Checkpointing::Keep => s.serialize_bool(false),
+            Checkpointing::Layers(n) => s.serialize_u64(*n as u64),
         }
     }
 }
@@ -122,8 +126,12 @@ impl<'de> Deserialize<'de> for Checkpointing {
             Value::String(s) if s == "auto" => Ok(Checkpointing::Auto),
             Value::String(s) if s == "true" => Ok(Checkpointing::Recompute),
             Value::String(s) if s == "false" => Ok(Checkpointing::Keep),
+            Value::Number(n) if n.is_u64() => n
+                .as_u64()
+                .map(|k| Checkpointing::Layers(k as usize))
+                .ok_or_else(|| serde::de::Error::custom("a layer count must fit 64 bits")),
             other => Err(serde::de::Error::custom(format!(
-                "expected auto, true or false, got {other:?}"
+                "expected auto, true, false or a number of layers to recompute, got {other:?}"
             ))),
         }
     }
@@ -764,5 +772,31 @@ mod tests {
             ]
         );
         assert!(parse_flags(&["oops".to_string()]).is_err());
+    }
+
+    #[test]
+    fn checkpointing_spellings_round_trip() {
+        let flag = |v: &str| {
+            let o = parse_flags(&["--gradient_checkpointing".to_string(), v.to_string()])
+                .expect("flag");
+            Config::load(None, &o).map(|(c, _)| c.gradient_checkpointing)
+        };
+        assert_eq!(flag("auto").unwrap(), Checkpointing::Auto);
+        assert_eq!(flag("true").unwrap(), Checkpointing::Recompute);
+        assert_eq!(flag("false").unwrap(), Checkpointing::Keep);
+        assert_eq!(flag("12").unwrap(), Checkpointing::Layers(12));
+        let e = format!("{:#}", flag("-3").unwrap_err());
+        assert!(e.contains("gradient_checkpointing"), "{e}");
+        // A run folder's config.json reads back as it was written.
+        for c in [
+            Checkpointing::Auto,
+            Checkpointing::Recompute,
+            Checkpointing::Keep,
+            Checkpointing::Layers(7),
+        ] {
+            let text = serde_json::to_string(&c).unwrap();
+            let back: Checkpointing = serde_yaml::from_str(&text).unwrap();
+            assert_eq!(back, c, "{text}");
+        }
     }
 }

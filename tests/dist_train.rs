@@ -176,6 +176,91 @@ fn ranks_and_accumulation_equal_one_process_with_dropout() {
     );
 }
 
+/// Which layers the backward recomputes changes nothing but memory and time: keeping every
+/// layer, recomputing the first (`gradient_checkpointing: 1`), every layer (`true`), and what
+/// `auto` picks under a budget nothing fits (all layers but the last) train the same adapter
+/// with LoRA dropout 0.1; summary.json says what each run did.
+#[test]
+fn checkpointing_by_layer_trains_the_same_adapter() {
+    let tmp = common::tempdir();
+    let assets = small_demo(&tmp.path().join("assets"));
+    let runs = [
+        ("kept", vec!["--gradient_checkpointing", "false"]),
+        ("first-layer", vec!["--gradient_checkpointing", "1"]),
+        ("all", vec!["--gradient_checkpointing", "true"]),
+        ("auto-no-room", vec!["--max_memory", "1"]),
+    ];
+    let plan = |name: &str| -> serde_json::Value {
+        let text = std::fs::read_to_string(tmp.path().join(name).join("summary.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["memory_plan"].clone()
+    };
+    for (name, flags) in &runs {
+        let mut extra = vec!["--max_steps", "6", "--lora_dropout", "0.1"];
+        extra.extend(flags);
+        train_ranks(&assets, &tmp.path().join(name), 1, &extra);
+    }
+    let layers = plan("kept")["layers"].as_u64().unwrap();
+    assert!(layers > 1, "the demo model needs a kept layer: {layers}");
+    for (name, recomputed, auto) in [
+        ("kept", 0, false),
+        ("first-layer", 1, false),
+        ("all", layers, false),
+        ("auto-no-room", layers - 1, true),
+    ] {
+        let p = plan(name);
+        assert_eq!(
+            p["recompute_layers"].as_u64(),
+            Some(recomputed),
+            "{name}: {p}"
+        );
+        assert_eq!(p["auto"].as_bool(), Some(auto), "{name}: {p}");
+        let peak = p["peak_bytes"].as_u64().unwrap();
+        let (keep, all) = (
+            p["peak_keep_bytes"].as_u64().unwrap(),
+            p["peak_recompute_bytes"].as_u64().unwrap(),
+        );
+        assert!(
+            peak <= keep && (recomputed == 0 || peak < keep),
+            "{name}: {p}"
+        );
+        // All but the last layer recomputed peaks below every layer recomputed.
+        assert!(recomputed != layers - 1 || peak < all, "{name}: {p}");
+    }
+    let adapter = |name: &str| {
+        qlora_cls::adapter::read_safetensors(
+            &tmp.path()
+                .join(name)
+                .join("adapter/adapter_model.safetensors"),
+        )
+        .unwrap()
+    };
+    let kept = adapter("kept");
+    for (name, _) in &runs[1..] {
+        let other = adapter(name);
+        let worst = kept
+            .iter()
+            .map(|(k, t)| common::max_abs_diff(t, &other[k]))
+            .fold(0.0f64, f64::max);
+        eprintln!("{name} vs kept: max |Δw| = {worst:e}");
+        assert!(worst < 1e-6, "{name} vs kept: max |Δw| = {worst:e}");
+    }
+    // More layers than the model has is refused, naming the key.
+    let out = Command::new(common::bin())
+        .args(train_args(
+            &assets,
+            &tmp.path().join("too-many"),
+            &["--max_steps", "1", "--gradient_checkpointing", "99"],
+        ))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "99 layers accepted: {err}");
+    assert!(
+        err.contains("gradient_checkpointing") && err.contains("99"),
+        "{err}"
+    );
+}
+
 #[test]
 fn killing_a_rank_stops_the_others_naming_it() {
     let tmp = common::tempdir();

@@ -247,7 +247,7 @@ fn nf4_merge_reports_its_drift() {
             lora: None,
             num_labels: 2,
             pad_token_id: pad,
-            gradient_checkpointing: false,
+            recompute_layers: 0,
             seed: 0,
         },
     )

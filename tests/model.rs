@@ -4,7 +4,7 @@ mod common;
 use common::{max_abs, max_abs_diff};
 
 use qlora_cls::lora::LoraConfig;
-use qlora_cls::model::classifier::{LlamaClassifier, ModelOptions};
+use qlora_cls::model::classifier::{LlamaClassifier, ModelOptions, RECOMPUTE_ALL};
 use qlora_cls::model::hf_config::{peft_param_counts, peft_param_line, LlamaConfig, RopeScaling};
 use qlora_cls::model::llama::inv_freq;
 use qlora_cls::quant::nf4::Nf4Options;
@@ -42,7 +42,7 @@ fn opts(quant: Option<Nf4Options>, lora: Option<LoraConfig>, gc: bool) -> ModelO
         lora,
         num_labels: NUM_LABELS,
         pad_token_id: PAD,
-        gradient_checkpointing: gc,
+        recompute_layers: if gc { RECOMPUTE_ALL } else { 0 },
         seed: 7,
     }
 }
@@ -311,19 +311,36 @@ fn checkpointing_reproduces_dropout_masks() {
     let adapter = "peft_adapter/adapter_model.safetensors";
     let a = load_with("gqa", &opts(None, Some(lora_all(0.3)), false), adapter);
     let b = load_with("gqa", &opts(None, Some(lora_all(0.3)), true), adapter);
+    // Selective by layer: the first layer recomputed, the others kept.
+    let mut first_only = opts(None, Some(lora_all(0.3)), false);
+    first_only.recompute_layers = 1;
+    let c = load_with("gqa", &first_only, adapter);
+    assert!(
+        c.config.num_hidden_layers > 1,
+        "the fixture needs a kept layer"
+    );
     let nodrop = load_with("gqa", &opts(None, Some(lora_all(0.0)), false), adapter);
     let (la, _) = a.forward_backward(&ids, &mask, &labels).expect("plain");
     let (lb, _) = b
         .forward_backward(&ids, &mask, &labels)
         .expect("checkpointed");
+    let (lc, _) = c
+        .forward_backward(&ids, &mask, &labels)
+        .expect("first layer checkpointed");
     let (ln, _) = nodrop
         .forward_backward(&ids, &mask, &labels)
         .expect("no dropout");
     assert_eq!(la.to_bits(), lb.to_bits());
+    assert_eq!(la.to_bits(), lc.to_bits());
     assert!((la - ln).abs() > 1e-6, "dropout had no effect");
-    for ((name, x), (_, y)) in grads(&a).iter().zip(grads(&b)) {
+    for (((name, x), (_, y)), (_, z)) in grads(&a).iter().zip(grads(&b)).zip(grads(&c)) {
         let d = max_abs_diff(x, &y);
         assert!(d <= 1e-6, "{name}: checkpointed gradient differs by {d:e}");
+        let d = max_abs_diff(x, &z);
+        assert!(
+            d <= 1e-6,
+            "{name}: gradient with layer 0 checkpointed differs by {d:e}"
+        );
     }
     // Evaluation is deterministic and dropout-free.
     let e1 = a.forward(&ids, &mask);

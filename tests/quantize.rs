@@ -123,7 +123,7 @@ fn load_opts() -> ModelOptions {
         lora: None,
         num_labels: NUM_LABELS,
         pad_token_id: PAD,
-        gradient_checkpointing: false,
+        recompute_layers: 0,
         seed: 11,
     }
 }

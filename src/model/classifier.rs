@@ -23,7 +23,10 @@ pub struct ModelOptions {
     pub lora: Option<LoraConfig>,
     pub num_labels: i64,
     pub pad_token_id: i64,
-    pub gradient_checkpointing: bool,
+    /// Gradient checkpointing by layer: the first `recompute_layers` decoder layers keep
+    /// only their input and are recomputed in the backward, the others keep their
+    /// activations ([`RECOMPUTE_ALL`]: every layer, the reference's setting; 0: none).
+    pub recompute_layers: usize,
     pub seed: u64,
 }
 
@@ -42,6 +45,9 @@ impl BatchPart {
         loss_weight: 1.0,
     };
 }
+
+/// `recompute_layers` for recomputing every decoder layer, whatever the model's depth.
+pub const RECOMPUTE_ALL: usize = usize::MAX;
 
 pub const SCORE_KEY: &str = "base_model.model.score.weight";
 
@@ -300,11 +306,12 @@ impl LlamaClassifier {
     /// hand-written backward of [`crate::model::backward`]. The part's mean loss is
     /// scaled by `part.loss_weight` before the backward, so the parts' gradients add up to the
     /// global batch's mean; dropout masks are keyed by each example's place in the global
-    /// batch, so they do not depend on how it was split. Without gradient checkpointing each
-    /// layer keeps its activations; with it, only its input, and the backward recomputes one
-    /// layer at a time (drawing the same dropout masks). `dropout_step` is the optimizer step
-    /// the masks belong to. Returns (the part's unweighted mean loss as a detached scalar on
-    /// the device, detached logits): reading it back is the caller's one sync per step.
+    /// batch, so they do not depend on how it was split. A layer that keeps its activations
+    /// saves them in the forward; one of the first `opts.recompute_layers` saves only its
+    /// input, and the backward recomputes it (drawing the same dropout masks), one layer at
+    /// a time. `dropout_step` is the optimizer step the masks belong to. Returns (the part's
+    /// unweighted mean loss as a detached scalar on the device, detached logits): reading it
+    /// back is the caller's one sync per step.
     pub fn forward_backward_part(
         &self,
         input_ids: &Tensor,
@@ -327,22 +334,23 @@ impl LlamaClassifier {
             rows.key_dropout(part.first_example)?;
         }
         let train_layers = self.opts.lora.is_some();
-        let checkpointing = self.opts.gradient_checkpointing;
+        let recompute = |i: usize| i < self.opts.recompute_layers;
         let mut h = {
             let _p = scope(Part::Elementwise);
             tch::no_grad(|| rows.gather(&self.model.embed(&ids)))
         };
+        // Per layer: its input if it is recomputed, else what its backward needs.
         let mut inputs = Vec::new();
         let mut saved = Vec::new();
         let seed = |i: usize| seeds.as_ref().map(|s| s[i]);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let (next, s) = layer
-                .forward_rows(&h, &rows, seed(i), train_layers && !checkpointing)
+                .forward_rows(&h, &rows, seed(i), train_layers && !recompute(i))
                 .with_context(|| format!("decoder layer {i}"))?;
-            if train_layers && checkpointing {
-                inputs.push(h);
+            if train_layers {
+                inputs.push(recompute(i).then_some(h));
+                saved.push(s);
             }
-            saved.extend(s);
             h = next;
         }
         let head = scope(Part::HeadLoss);
@@ -360,16 +368,16 @@ impl LlamaClassifier {
         let mut grad_out = last.grad();
         drop(last);
         for (i, layer) in self.model.layers.iter().enumerate().rev() {
-            let s = if checkpointing {
-                let x = inputs.pop().expect("one input per layer");
-                layer
-                    .forward_rows(&x, &rows, seed(i), true)
-                    .with_context(|| format!("recomputing decoder layer {i}"))?
-                    .1
-            } else {
-                saved.pop()
+            let s = match (inputs.pop().flatten(), saved.pop().flatten()) {
+                (Some(x), _) => {
+                    layer
+                        .forward_rows(&x, &rows, seed(i), true)
+                        .with_context(|| format!("recomputing decoder layer {i}"))?
+                        .1
+                }
+                (None, s) => s,
             }
-            .expect("a saved forward per layer");
+            .expect("a saved forward or an input per layer");
             // The embeddings are frozen: layer 0's input needs no gradient.
             if let Some(g) = layer
                 .backward(s, &rows, &grad_out, i > 0)

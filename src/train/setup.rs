@@ -7,7 +7,7 @@ use crate::data::examples::{self, TaskExample};
 use crate::data::{formats, prompt};
 use crate::eval::Scoring;
 use crate::lora::LoraConfig;
-use crate::model::classifier::{LlamaClassifier, ModelOptions};
+use crate::model::classifier::{LlamaClassifier, ModelOptions, RECOMPUTE_ALL};
 use crate::model::hf_config::LlamaConfig;
 use crate::quant::nf4::Nf4Options;
 use crate::task::{LabelSpec, Task, TaskLabels};
@@ -39,7 +39,11 @@ pub fn model_options(cfg: &Config, device: Device, pad_id: i64) -> ModelOptions 
         num_labels: cfg.num_classes,
         pad_token_id: pad_id,
         // `auto` is decided by the trainer once the data is known (`train::memory`).
-        gradient_checkpointing: cfg.gradient_checkpointing != Checkpointing::Keep,
+        recompute_layers: match cfg.gradient_checkpointing {
+            Checkpointing::Keep => 0,
+            Checkpointing::Layers(n) => n,
+            Checkpointing::Auto | Checkpointing::Recompute => RECOMPUTE_ALL,
+        },
         seed: cfg.seed,
     }
 }

@@ -218,7 +218,7 @@ impl<'a> Trainer<'a> {
             .div_ceil(world)
             .div_ceil(cfg.gradient_accumulation_steps);
         let memory = memory::plan(cfg, &model.config, counts.0, &train_set, micro, device)?;
-        model.opts.gradient_checkpointing = memory.recompute;
+        model.opts.recompute_layers = memory.recompute_layers;
         if main {
             println!("{}", memory.describe());
         }
