@@ -140,3 +140,58 @@ fn small_batches_without_a_graph_use_the_fused_kernel_and_agree() {
         );
     }
 }
+
+/// bf16 products on a CPU without bf16 matrix instructions are multiplied in fp32 and
+/// rounded once (`qlinear::gemm_kind`); torch's bf16 GEMM accumulates in fp32 and rounds
+/// once too, so the two differ by at most one bf16 rounding (where the two fp32 summation
+/// orders land on either side of a rounding boundary) plus, for a product that nearly
+/// cancels, the fp32 sums' own error (γ_K·Σ|x||w| for each, K = 576 terms).
+#[test]
+fn bf16_products_multiplied_in_fp32_round_like_torchs_bf16_gemm() {
+    use qlora_cls::quant::qlinear::{linear_in, mm_in};
+    tch::manual_seed(3);
+    let x = Tensor::randn([96, 576], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+    let w = (Tensor::randn([1536, 576], (Kind::Float, Device::Cpu)) * 0.05).to_kind(Kind::BFloat16);
+    let dy = Tensor::randn([96, 1536], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+    let w32 = w.to_kind(Kind::Float);
+    let abs = |t: &Tensor| t.to_kind(Kind::Float).abs();
+    for (name, ours, torch, magnitude, k) in [
+        (
+            "x·wᵀ",
+            linear_in(&x, &w32, None),
+            x.linear(&w, None::<Tensor>),
+            abs(&x).mm(&abs(&w).tr()),
+            576,
+        ),
+        (
+            "dy·w",
+            mm_in(&dy, &w32),
+            dy.mm(&w),
+            abs(&dy).mm(&abs(&w)),
+            1536,
+        ),
+    ] {
+        assert_eq!(ours.kind(), Kind::BFloat16, "{name}");
+        let (a, b) = (ours.to_kind(Kind::Float), torch.to_kind(Kind::Float));
+        let gamma = k as f64 * 2f64.powi(-24);
+        let bound = b.abs() * 2f64.powi(-7) + magnitude * (2.0 * gamma);
+        let over = ((&a - &b).abs() - bound).max().double_value(&[]);
+        let same = a
+            .eq_tensor(&b)
+            .to_kind(Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[]);
+        eprintln!(
+            "{name}: {:.3}% of the products bit-equal to torch's bf16 GEMM",
+            100.0 * same
+        );
+        assert!(
+            over <= 0.0,
+            "{name}: a product differs from torch's beyond one rounding"
+        );
+        assert!(
+            same > 0.99,
+            "{name}: only {same} of the products agree bit for bit"
+        );
+    }
+}

@@ -10,7 +10,9 @@ use crate::model::family::{Activation, Switches};
 use crate::model::hf_config::{LlamaConfig, RopeScaling};
 use crate::profile::{scope, Part};
 use crate::quant::nf4::{self, Nf4Tensor};
-use crate::quant::qlinear::{few_rows, FrozenWeight, QLinear, Scratch};
+use crate::quant::qlinear::{
+    few_rows, gemm_kind, linear_in, mm_in, FrozenWeight, QLinear, Scratch,
+};
 use anyhow::{anyhow, Result};
 use std::f64::consts::PI;
 use tch::{Device, Kind, Tensor};
@@ -374,12 +376,11 @@ impl Projections {
         scratch: &Scratch,
     ) -> Result<(Vec<Tensor>, Vec<Option<LoraSaved>>)> {
         if let Some(parts) = self.stackable().filter(|_| !few_rows(x)) {
-            let w = self.stacked_weight(&parts, x.kind(), scratch)?;
+            let w = self.stacked_weight(&parts, gemm_kind(x.kind(), x.device()), scratch)?;
             let bias = &self.stacked_bias;
             let bases = {
                 let _p = scope(Part::Matmul);
-                x.linear(&w, bias.as_ref())
-                    .split_with_sizes(self.widths.as_slice(), -1)
+                linear_in(x, &w, bias.as_ref()).split_with_sizes(self.widths.as_slice(), -1)
             };
             let mut outs = Vec::with_capacity(bases.len());
             let mut saved = Vec::with_capacity(bases.len());
@@ -435,10 +436,11 @@ impl Projections {
                 .backward(saved[0].as_ref(), x, &dy, scratch);
         }
         if let Some(parts) = self.stackable() {
-            let w = self.stacked_weight(&parts, dys[0].kind(), scratch)?;
+            let w =
+                self.stacked_weight(&parts, gemm_kind(dys[0].kind(), dys[0].device()), scratch)?;
             let mut dx = {
                 let _p = scope(Part::Matmul);
-                Tensor::cat(dys, -1).mm(&w)
+                mm_in(&Tensor::cat(dys, -1), &w)
             };
             drop(w);
             self.lora_backward(saved, x, dys, Some(&mut dx))?;

@@ -17,6 +17,39 @@ pub fn few_rows(x: &Tensor) -> bool {
     rows <= SMALL_ROWS
 }
 
+/// The type the frozen matmuls multiply in, for activations of `kind` on `device`. bf16 on
+/// a CPU without bf16 matrix instructions multiplies in fp32 (operands widened, the product
+/// rounded to bf16 once): torch's own bf16 GEMM there also accumulates in fp32 and rounds
+/// once (`tests/qlinear.rs` holds the two within a bf16 rounding), at a seventh of fp32's
+/// speed (bench row 6).
+pub fn gemm_kind(kind: Kind, device: Device) -> Kind {
+    if kind == Kind::BFloat16 && device == Device::Cpu && !crate::config::cpu_has_bf16_matmul() {
+        Kind::Float
+    } else {
+        kind
+    }
+}
+
+/// `x · wᵀ (+ b)` multiplied in `w`'s type, returned in `x`'s.
+pub fn linear_in(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
+    let k = w.kind();
+    if x.kind() == k {
+        return x.linear(w, b);
+    }
+    x.to_kind(k)
+        .linear(w, b.map(|b| b.to_kind(k)).as_ref())
+        .to_kind(x.kind())
+}
+
+/// `dy · w` multiplied in `w`'s type, returned in `dy`'s.
+pub fn mm_in(dy: &Tensor, w: &Tensor) -> Tensor {
+    let k = w.kind();
+    if dy.kind() == k {
+        return dy.mm(w);
+    }
+    dy.to_kind(k).mm(w).to_kind(dy.kind())
+}
+
 #[derive(Debug)]
 pub enum FrozenWeight {
     /// `[out, in]` in the compute dtype.
@@ -135,15 +168,18 @@ impl QLinear {
                 });
             }
         }
-        let w = self.dense_in(x.kind(), scratch.unwrap_or(&Scratch::default()))?;
+        let kind = gemm_kind(x.kind(), x.device());
+        let w = self.dense_in(kind, scratch.unwrap_or(&Scratch::default()))?;
         let _p = scope(Part::Matmul);
-        Ok(x.linear(&w, b))
+        Ok(linear_in(x, &w, b))
     }
 
-    /// The frozen weight `[out, in]` in `kind`: a dense weight as it is, an NF4 weight
-    /// dequantised into `scratch` (valid until the scratch's next use).
+    /// The frozen weight `[out, in]` in `kind`: a dense weight as it is (converted if it is
+    /// held in another type), an NF4 weight dequantised into `scratch` (valid until the
+    /// scratch's next use).
     pub fn dense_in(&self, kind: Kind, scratch: &Scratch) -> Result<Tensor> {
         Ok(match &self.weight {
+            FrozenWeight::Dense(w) if w.kind() != kind => w.to_kind(kind),
             FrozenWeight::Dense(w) => w.shallow_clone(),
             FrozenWeight::Nf4(q) => {
                 let _p = scope(Part::Dequantize);
@@ -184,10 +220,10 @@ impl QLinear {
         dy: &Tensor,
         scratch: &Scratch,
     ) -> Result<Tensor> {
-        let w = self.dense_in(dy.kind(), scratch)?;
+        let w = self.dense_in(gemm_kind(dy.kind(), dy.device()), scratch)?;
         let dx = {
             let _p = scope(Part::Matmul);
-            dy.mm(&w)
+            mm_in(dy, &w)
         };
         drop(w);
         Ok(match (&self.lora, saved) {
