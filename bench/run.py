@@ -22,7 +22,8 @@ same torch thread count; medians over the repetitions. Knobs (environment variab
   BENCH_SERVE_CLIENTS=1,8,64  BENCH_8B=0 (1 adds row 4, writes ~16 GB under bench/cache)  BENCH_8B_REF=1 (row 4's
   reference load, ~10+ minutes on 2 cores)  BENCH_ROWS=1,2,3 (which rows)
   BENCH_TRAIN_VARIANTS (row 3's runs)  BENCH_GEMM_M=512  BENCH_SCALING=128x8,512x8,2048x8,128x1,128x32
-  BENCH_SCALING_WARMUP=1  BENCH_SCALING_STEPS=1  BENCH_SCALING_REPS=1  BENCH_INFER_ROWS=408  BENCH_INFER_REPS
+  BENCH_SCALING_WARMUP=1  BENCH_SCALING_STEPS=1  BENCH_SCALING_REPS=1  BENCH_SCALING_CAPPED=2048x8
+  BENCH_INFER_ROWS=408  BENCH_INFER_REPS
   BENCH_NO_BUILD=1 (use the binaries already built)  BENCH_CARGO_ARGS (extra cargo flags)
   BENCH_BIN_DIR (take qlora-cls and bench_kernels from this folder; no build)
 Outputs: the table on stdout and bench/results/{summary,kernels,train}.csv, raw JSON and
@@ -75,6 +76,9 @@ SCALING = [tuple(int(v) for v in x.strip().lower().split("x")) for x in
 SCALING_WARMUP = env_int("BENCH_SCALING_WARMUP", 1)
 SCALING_STEPS = env_int("BENCH_SCALING_STEPS", 1)
 SCALING_REPS = env_int("BENCH_SCALING_REPS", 1)
+# Row 7 points where ours also runs with `--max_memory` set to the reference's measured peak.
+SCALING_CAPPED = {x.strip().lower() for x in os.environ.get("BENCH_SCALING_CAPPED", "2048x8").split(",")
+                  if x.strip()}
 # Row 8: MRPC dev rows scored (408 = all of them) and repetitions.
 INFER_ROWS = env_int("BENCH_INFER_ROWS", 408)
 INFER_REPS = env_int("BENCH_INFER_REPS", REPS)
@@ -299,8 +303,22 @@ def ours_train_argv(binary, model, data, results, max_steps, extra=(), dtype="fl
 
 
 def ours_run_mode(summary):
-    """(gradient checkpointing, compute dtype) the run used, as its summary.json reports them."""
-    return bool(summary["memory_plan"]["recompute"]), str(summary["compute_dtype"])
+    """(the fraction of decoder layers recomputed in the backward, compute dtype) the run used,
+    as its summary.json reports them (0: activations kept, 1: every layer recomputed)."""
+    plan = summary["memory_plan"]
+    if plan.get("layers"):
+        recomputed = min(plan["recompute_layers"], plan["layers"]) / plan["layers"]
+    else:
+        recomputed = float(bool(plan["recompute"]))
+    return recomputed, str(summary["compute_dtype"])
+
+
+def ours_peak_estimate(summary):
+    """gradient_checkpointing's estimate of the run's peak, for the plan it chose."""
+    plan = summary["memory_plan"]
+    if "peak_bytes" in plan:
+        return plan["peak_bytes"]
+    return plan["peak_recompute_bytes" if plan["recompute"] else "peak_keep_bytes"]
 
 
 def ours_train_once(binary, name, argv, run_dir, warmup, steps):
@@ -331,8 +349,7 @@ def ours_train_once(binary, name, argv, run_dir, warmup, steps):
         wall_s=secs,
         gradient_checkpointing=gc,
         compute_dtype=dtype,
-        # gradient_checkpointing auto's estimate of this run's peak, for the chosen mode.
-        peak_estimate_bytes=summary["memory_plan"]["peak_recompute_bytes" if gc else "peak_keep_bytes"],
+        peak_estimate_bytes=ours_peak_estimate(summary),
     )
 
 
@@ -686,7 +703,9 @@ def train_flops_per_token(shape, gc, seq, r=8, targets=("q_proj", "v_proj"), cla
     p_lora = L * sum(r * (proj[t][0] + proj[t][1]) for t in targets)
     attn = L * 4 * seq * q
     head = 2 * h * classes
-    fwd = 2 if gc else 1  # forward passes of the decoder layers (recomputation: two)
+    # Forward passes of the decoder layers: one, plus the recomputed share of the layers
+    # (gc: the fraction of layers recomputed, or a bool for all or none).
+    fwd = 1 + float(gc)
     total = fwd * 2 * p_linear + 2 * p_linear
     total += fwd * 2 * p_lora + 4 * p_lora
     total += fwd * attn + 2 * attn
@@ -749,7 +768,9 @@ def gemm_row(bench_kernels, table, raw):
         (fo, flo), (fr, flr) = frac(ours), frac(ref)
         if fo is None and (fr is None or ours not in v):
             continue
-        recompute = "recompute counted" if v.get(ours, {}).get("gradient_checkpointing") else "no recompute"
+        share = float(v.get(ours, {}).get("gradient_checkpointing") or 0)
+        recompute = ("no recompute" if share == 0 else "recompute counted" if share == 1
+                     else f"recompute of {share:.0%} of the layers counted")
         table.append(dict(row=6, metric=f"  ours / ref training at % of matmul peak, {label}", unit="%",
                           ours=fo, ref=fr, better="higher",
                           note=(f"training FLOPs/token ours {fmt(flo and flo / 1e6)} M ({recompute}), "
@@ -808,6 +829,20 @@ def scaling_row(binary, bench_kernels, table, raw):
                     ("--max_length", seq, "--compute_dtype", "float32")))
             except (Failed, OSError, KeyError, ValueError) as e:
                 print(f"  FAILED: {e}", flush=True)
+        if f"{seq}x{batch}" in SCALING_CAPPED and got["reference"]:
+            # The same memory as the reference: `gradient_checkpointing: auto` recomputes as
+            # few layers as keep the estimate under it.
+            cap = round(med([r["peak_rss_bytes"] for r in got["reference"]]))
+            got["ours_capped"] = []
+            for rep in range(1, SCALING_REPS + 1):
+                tag = f"{seq}x{batch}-capped-{rep}"
+                try:
+                    run_dir = RESULTS / "runs" / f"scaling-ours-{tag}"
+                    argv = ours_train_argv(binary, model, data, run_dir, w + st,
+                                           ("--max_length", seq, "--max_memory", cap), batch=batch)
+                    got["ours_capped"].append(ours_train_once(binary, f"scaling-ours-{tag}", argv, run_dir, w, st))
+                except (Failed, OSError, KeyError, ValueError) as e:
+                    print(f"  FAILED: {e}", flush=True)
         res[f"{seq}x{batch}"] = got
         m = {}
         for who, rs in got.items():
@@ -834,6 +869,18 @@ def scaling_row(binary, bench_kernels, table, raw):
         table.append(dict(row=7, metric="  peak resident memory (VmHWM)", unit="GiB",
                           ours=div(o.get("peak_rss_bytes"), GiB), ref=div(f.get("peak_rss_bytes"), GiB),
                           better="lower"))
+        capped = got.get("ours_capped")
+        if capped:
+            c = {k: med([r[k] for r in capped]) for k in ("tokens_per_s", "peak_rss_bytes", "peak_estimate_bytes",
+                                                          "gradient_checkpointing")}
+            share = c["gradient_checkpointing"]
+            table.append(dict(row=7, metric=f"  ours with max_memory = the reference's peak, seq {seq}",
+                              unit="tokens/s", ours=c["tokens_per_s"], ref=f.get("tokens_per_s"), better="higher",
+                              note=(f"auto recomputed {share:.0%} of the layers; estimated peak "
+                                    f"{c['peak_estimate_bytes'] / GiB:.2f} GiB, measured {c['peak_rss_bytes'] / GiB:.2f}")))
+            table.append(dict(row=7, metric="    peak resident memory (VmHWM)", unit="GiB",
+                              ours=div(c["peak_rss_bytes"], GiB), ref=div(f.get("peak_rss_bytes"), GiB),
+                              better="lower"))
     raw["scaling"] = res
     if not points:
         raise Failed("row 7: no scaling measurement succeeded")
