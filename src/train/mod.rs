@@ -62,6 +62,9 @@ pub struct Summary {
     pub memory_plan: memory::MemoryPlan,
     /// The compute dtype `bnb_4bit_compute_dtype` resolved to (`float32`, `bfloat16`, `float16`).
     pub compute_dtype: String,
+    /// The type the frozen matmuls multiply in (`qlinear::gemm_kind`): the compute dtype, or
+    /// `float32` for bf16 on a CPU without bf16 matrix instructions.
+    pub matmul_dtype: String,
     /// The loss weights `class_weights` resolved to (`balanced` computed from the training
     /// labels): cross-entropy `weight` or multi-label `pos_weight`.
     pub class_weights: Option<Vec<f64>>,

@@ -742,6 +742,11 @@ impl<'a> Trainer<'a> {
             world_size: self.world,
             memory_plan: self.memory,
             compute_dtype: dtype_config_name(self.cfg.compute_kind(self.device)).into(),
+            matmul_dtype: dtype_config_name(crate::quant::qlinear::gemm_kind(
+                self.cfg.compute_kind(self.device),
+                self.device,
+            ))
+            .into(),
             class_weights: match self.model.loss_weights() {
                 loss::LossWeights::PerClass(w) => Some(w.clone()),
                 loss::LossWeights::None => None,
