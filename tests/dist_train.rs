@@ -61,6 +61,12 @@ fn eval_rows(run: &Path) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// The trainable tensors a run in `run` saved (its adapter).
+fn adapter_of(run: &Path) -> std::collections::HashMap<String, tch::Tensor> {
+    qlora_cls::adapter::read_safetensors(&run.join("adapter/adapter_model.safetensors"))
+        .unwrap_or_else(|e| panic!("{}: {e:#}", run.display()))
+}
+
 /// Trains the demo with `world` Gloo ranks (1: a single process) and the given extra flags;
 /// panics with the ranks' output on failure.
 fn train_ranks(assets: &Path, run: &Path, world: usize, extra: &[&str]) {
@@ -124,14 +130,7 @@ fn ranks_and_accumulation_equal_one_process_with_dropout() {
         extra.extend(["--gradient_accumulation_steps", acc]);
         train_ranks(&assets, &tmp.path().join(name), world, &extra);
     }
-    let adapter = |name: &str| {
-        qlora_cls::adapter::read_safetensors(
-            &tmp.path()
-                .join(name)
-                .join("adapter/adapter_model.safetensors"),
-        )
-        .unwrap()
-    };
+    let adapter = |name: &str| adapter_of(&tmp.path().join(name));
     let one = adapter("one");
     let e1 = eval_rows(&tmp.path().join("one"));
     assert_eq!(e1.len(), 2, "baseline and epoch 1: {e1:?}");
@@ -226,14 +225,7 @@ fn checkpointing_by_layer_trains_the_same_adapter() {
         // All but the last layer recomputed peaks below every layer recomputed.
         assert!(recomputed != layers - 1 || peak < all, "{name}: {p}");
     }
-    let adapter = |name: &str| {
-        qlora_cls::adapter::read_safetensors(
-            &tmp.path()
-                .join(name)
-                .join("adapter/adapter_model.safetensors"),
-        )
-        .unwrap()
-    };
+    let adapter = |name: &str| adapter_of(&tmp.path().join(name));
     let kept = adapter("kept");
     for (name, _) in &runs[1..] {
         let other = adapter(name);
@@ -421,12 +413,7 @@ fn other_families_train_in_parallel_resume_and_predict() {
         train_ranks(&family_assets, &dir.join("resumed"), 1, &steps("4"));
         let resumed = [&steps("8")[..], &["--resume", "auto"]].concat();
         train_ranks(&family_assets, &dir.join("resumed"), 1, &resumed);
-        let adapter = |name: &str| {
-            qlora_cls::adapter::read_safetensors(
-                &dir.join(name).join("adapter/adapter_model.safetensors"),
-            )
-            .unwrap()
-        };
+        let adapter = |name: &str| adapter_of(&dir.join(name));
         let one = adapter("one");
         let summary = std::fs::read_to_string(dir.join("one/summary.json")).unwrap();
         assert!(summary.contains("\"steps\": 8"), "{family}: {summary}");
