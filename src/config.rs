@@ -126,10 +126,9 @@ impl<'de> Deserialize<'de> for Checkpointing {
             Value::String(s) if s == "auto" => Ok(Checkpointing::Auto),
             Value::String(s) if s == "true" => Ok(Checkpointing::Recompute),
             Value::String(s) if s == "false" => Ok(Checkpointing::Keep),
-            Value::Number(n) if n.is_u64() => n
-                .as_u64()
-                .map(|k| Checkpointing::Layers(k as usize))
-                .ok_or_else(|| serde::de::Error::custom("a layer count must fit 64 bits")),
+            Value::Number(n) if n.is_u64() => Ok(Checkpointing::Layers(
+                n.as_u64().map_or(usize::MAX, |k| k as usize),
+            )),
             other => Err(serde::de::Error::custom(format!(
                 "expected auto, true, false or a number of layers to recompute, got {other:?}"
             ))),

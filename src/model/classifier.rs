@@ -3,7 +3,7 @@
 //! rightmost token that is not `pad_token_id`, transformers' rule.
 use crate::dropout::mix;
 use crate::lora::LoraConfig;
-use crate::model::backward::Rows;
+use crate::model::backward::{LayerSaved, Rows};
 use crate::model::checkpoint::{self, LoadOptions};
 use crate::model::hf_config::{peft_param_counts, LlamaConfig};
 use crate::model::llama::{LayerContext, LlamaModel};
@@ -48,6 +48,15 @@ impl BatchPart {
 
 /// `recompute_layers` for recomputing every decoder layer, whatever the model's depth.
 pub const RECOMPUTE_ALL: usize = usize::MAX;
+
+/// What a decoder layer's forward leaves for its backward: its saved activations, or only its
+/// input when the backward recomputes it. One per layer for one step, so the variants' sizes
+/// do not matter.
+#[allow(clippy::large_enum_variant)]
+enum Kept {
+    Saved(LayerSaved),
+    Input(Tensor),
+}
 
 pub const SCORE_KEY: &str = "base_model.model.score.weight";
 
@@ -339,17 +348,17 @@ impl LlamaClassifier {
             let _p = scope(Part::Elementwise);
             tch::no_grad(|| rows.gather(&self.model.embed(&ids)))
         };
-        // Per layer: its input if it is recomputed, else what its backward needs.
-        let mut inputs = Vec::new();
-        let mut saved = Vec::new();
+        let mut kept = Vec::new();
         let seed = |i: usize| seeds.as_ref().map(|s| s[i]);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let (next, s) = layer
                 .forward_rows(&h, &rows, seed(i), train_layers && !recompute(i))
                 .with_context(|| format!("decoder layer {i}"))?;
             if train_layers {
-                inputs.push(recompute(i).then_some(h));
-                saved.push(s);
+                kept.push(match s {
+                    Some(s) => Kept::Saved(s),
+                    None => Kept::Input(h),
+                });
             }
             h = next;
         }
@@ -368,16 +377,15 @@ impl LlamaClassifier {
         let mut grad_out = last.grad();
         drop(last);
         for (i, layer) in self.model.layers.iter().enumerate().rev() {
-            let s = match (inputs.pop().flatten(), saved.pop().flatten()) {
-                (Some(x), _) => {
-                    layer
-                        .forward_rows(&x, &rows, seed(i), true)
-                        .with_context(|| format!("recomputing decoder layer {i}"))?
-                        .1
-                }
-                (None, s) => s,
-            }
-            .expect("a saved forward or an input per layer");
+            let s = match kept.pop() {
+                Some(Kept::Saved(s)) => s,
+                Some(Kept::Input(x)) => layer
+                    .forward_rows(&x, &rows, seed(i), true)
+                    .with_context(|| format!("recomputing decoder layer {i}"))?
+                    .1
+                    .context("a recomputed layer saves its forward")?,
+                None => bail!("decoder layer {i} kept nothing for its backward"),
+            };
             // The embeddings are frozen: layer 0's input needs no gradient.
             if let Some(g) = layer
                 .backward(s, &rows, &grad_out, i > 0)
