@@ -53,7 +53,16 @@ fn load_in_transformers(dir: &Path, texts_file: &Path) -> Value {
 
 fn check_merge(model_dir: &Path, work: &Path, extra: &[&str]) -> Value {
     let adapter = work.join("adapter");
-    let mut flags = vec!["--model_dir", s(model_dir), "--lora_dropout", "0"];
+    // Both sides in fp32 on every CPU (`auto` would be bf16 on one with AVX512-BF16), so the
+    // merge is held to fp32's tolerance.
+    let mut flags = vec![
+        "--model_dir",
+        s(model_dir),
+        "--lora_dropout",
+        "0",
+        "--bnb_4bit_compute_dtype",
+        "float32",
+    ];
     flags.extend_from_slice(extra);
     let cfg = config_from(&flags);
     random_adapter(&cfg, &adapter);
@@ -178,7 +187,15 @@ fn nf4_merge_reports_its_drift() {
     let demo = demo_assets(&d.path().join("demo"));
     let model = demo.join("model");
     let adapter = d.path().join("adapter");
-    let cfg = config_from(&["--model_dir", s(&model), "--lora_dropout", "0"]);
+    let pin = ["--bnb_4bit_compute_dtype", "float32"];
+    let cfg = config_from(&[
+        "--model_dir",
+        s(&model),
+        "--lora_dropout",
+        "0",
+        pin[0],
+        pin[1],
+    ]);
     random_adapter(&cfg, &adapter);
     let out = d.path().join("merged-nf4");
     let stdout = run_ok(&[
@@ -197,6 +214,8 @@ fn nf4_merge_reports_its_drift() {
         s(&model),
         "--data_dir",
         s(&demo.join("data")),
+        pin[0],
+        pin[1],
     ]);
     assert!(
         stdout.contains("nf4 drift") && stdout.contains("40 rows"),

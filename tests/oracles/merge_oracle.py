@@ -3,6 +3,8 @@
     merge_oracle.py logits MODEL_DIR TEXTS.json
     merge_oracle.py logits_ids MODEL_DIR IDS.json
 
+A 4-bit checkpoint computes as `bnb_reference.pin_fp32` says (fp32, any CPU).
+
 prints JSON: the loading report (missing / unexpected / mismatched keys), the config fields a
 classifier needs, and the fp32 logits of the texts, tokenized by the checkpoint's own
 tokenizer and padded as a batch (so the pad token must be set); or of the token ids given
@@ -14,12 +16,15 @@ import sys
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from bnb_reference import pin_fp32
+
 
 def logits(model_dir, texts_path):
     texts = json.load(open(texts_path))
     model, info = AutoModelForSequenceClassification.from_pretrained(
         model_dir, output_loading_info=True, dtype=torch.float32
     )
+    pin_fp32(model)  # a 4-bit checkpoint: bitsandbytes' portable math in fp32, any CPU
     model.eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     batch = tok(texts, padding=True, return_tensors="pt")
@@ -48,6 +53,7 @@ def logits_ids(model_dir, ids_path):
     model, info = AutoModelForSequenceClassification.from_pretrained(
         model_dir, output_loading_info=True, dtype=torch.float32
     )
+    pin_fp32(model)  # a 4-bit checkpoint: bitsandbytes' portable math in fp32, any CPU
     model.eval()
     with torch.no_grad():
         out = model(**batch).logits

@@ -38,6 +38,8 @@ import sys
 import torch
 from safetensors.torch import load_file, save_file
 
+from bnb_reference import pin_fp32
+
 PAD = 2
 NUM_LABELS = 3
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -173,17 +175,6 @@ def peft_gradients(base, targets, gen, inputs, out, expected, facts):
     expected["logits_peft_pad"] = res.logits.detach().float().contiguous()
 
 
-def no_avx512_repack(model):
-    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for inference and
-    multiplies in bf16; everywhere else (CUDA included) it dequantises and multiplies in the
-    compute dtype. The reference is the latter."""
-    import bitsandbytes as bnb
-
-    for mod in model.modules():
-        if isinstance(mod, bnb.nn.Linear4bit):
-            mod.support_avx512bf16_for_cpu = False
-
-
 def fixtures(out):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -234,7 +225,7 @@ def fixtures(out):
 
     # bitsandbytes 4-bit NF4 (double quant), fp32 compute.
     m4 = seq_cls(os.path.join(out, "gqa"), score, quantization_config=bnb_config(), device_map="cpu")
-    no_avx512_repack(m4)
+    pin_fp32(m4)
     import bitsandbytes as bnb
 
     for which in ["pad", "full"]:
@@ -375,7 +366,7 @@ def family_fixtures(family, out):
         expected[f"logits_bf16_{which}"] = logits(mb, inputs, which).float()
 
     m4 = seq_cls(ckpt, score, cls=cls, quantization_config=bnb_config(), device_map="cpu")
-    no_avx512_repack(m4)
+    pin_fp32(m4)
     for which in ["pad", "full"]:
         expected[f"logits_nf4_{which}"] = logits(m4, inputs, which)
     m4.save_pretrained(os.path.join(out, "bnb"))

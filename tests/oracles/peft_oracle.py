@@ -40,6 +40,7 @@ import warnings
 import torch
 from safetensors.torch import load_file, save_file
 
+from bnb_reference import pin_fp32
 from model_oracle import bnb_config, family_classes, peft_key, peft_line, randomize
 
 PAD = 2
@@ -156,13 +157,8 @@ def base_model(out, nf4):
     torch.manual_seed(0)
     m = seq_cls.from_pretrained(os.path.join(out, "base"), **kw)
     if nf4:
-        import bitsandbytes as bnb
-
-        # As in model_oracle: the reference dequantises and multiplies in fp32 (CUDA's path),
-        # not bitsandbytes' AVX512-BF16 inference repacking.
-        for mod in m.modules():
-            if isinstance(mod, bnb.nn.Linear4bit):
-                mod.support_avx512bf16_for_cpu = False
+        # bitsandbytes' portable dequantisation + an fp32 matmul, as on CUDA, on every CPU.
+        pin_fp32(m)
     return m
 
 

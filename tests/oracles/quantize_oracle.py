@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from bnb_reference import pin_fp32
+
 PAD = 0
 NUM_LABELS = 2
 
@@ -26,20 +28,6 @@ def bnb_config():
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.float32)
-
-
-def no_avx512_repack(model):
-    # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for inference and multiplies
-    # in bf16; everywhere else (CUDA included) it dequantises and multiplies in the compute
-    # dtype. The reference is the latter.
-    import bitsandbytes as bnb
-
-    n = 0
-    for mod in model.modules():
-        if isinstance(mod, bnb.nn.Linear4bit):
-            mod.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
 
 
 def make(d):
@@ -131,8 +119,8 @@ def check(d, out):
         orig, quantization_config=bnb_config(), device_map="cpu", output_loading_info=True)
     res["causal_info"] = loading_info(info)
     res["causal_info_ref"] = loading_info(info_t)
-    res["linear4bit_modules"] = no_avx512_repack(ours)
-    no_avx512_repack(theirs)
+    res["linear4bit_modules"] = pin_fp32(ours)
+    pin_fp32(theirs)
     res["ours_is_4bit"] = bool(getattr(ours, "is_loaded_in_4bit", False)
                                or getattr(ours, "is_quantized", False))
     res["ours_compute_dtype"] = str(ours.config.quantization_config.bnb_4bit_compute_dtype)
@@ -148,7 +136,7 @@ def check(d, out):
             path, num_labels=NUM_LABELS, device_map="cpu", output_loading_info=True, **kw)
         with torch.no_grad():
             m.score.weight.copy_(inputs["score"].to(m.score.weight.dtype))
-        no_avx512_repack(m)
+        pin_fp32(m)
         m.eval()
         return m, loading_info(inf)
 
