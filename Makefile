@@ -53,9 +53,18 @@ build: setup
 demo-assets: build
 	$(BIN) demo-assets --out $(DEMO_DIR)
 
+# The tests whose numerics depend on the bf16 detection (QLORA_CPU_BF16: compute dtype
+# `auto`, bf16 GEMMs native or in fp32): run again with the other setting, so a machine
+# without AVX512-BF16 checks the path of one with it, and the reverse.
+PARITY_TESTS := --lib --test model --test qlinear --test nf4 --test quantize --test merge --test serve
+CPU_BF16 := $(shell grep -qwE 'avx512_bf16|amx_bf16|bf16' /proc/cpuinfo 2>/dev/null && echo 1 || echo 0)
+
 test: setup
 	cargo build --release
 	cargo test --release --lib --bins --tests -- --test-threads=2
+	@detected=$${QLORA_CPU_BF16:-$(CPU_BF16)}; other=$$((1 - detected)); \
+	echo "== the parity tests again with QLORA_CPU_BF16=$$other (this run: $$detected)"; \
+	QLORA_CPU_BF16=$$other cargo test --release $(PARITY_TESTS) -- --test-threads=2
 
 # Every GLUE task present in GLUE_DIR (GLUE's folders or HF's glue/<task> layout), trained
 # with CONFIG's recipe; writes $(OUT)/glue/submission/ (the leaderboard's TSVs) and

@@ -24,11 +24,12 @@ fn python(venv: &Path) -> PathBuf {
     }
 }
 
-fn torch_paths(py: &Path) -> (PathBuf, Vec<PathBuf>) {
+/// The torch wheel's version line (`2.11.0+cu130 13.0`), its lib folder and include paths.
+fn torch_paths(py: &Path) -> (String, PathBuf, Vec<PathBuf>) {
     let out = Command::new(py)
         .args([
             "-c",
-            "import os, torch\nfrom torch.utils import cpp_extension as c\nprint(os.path.join(os.path.dirname(torch.__file__), 'lib'))\nfor p in c.include_paths(): print(p)",
+            "import os, torch\nfrom torch.utils import cpp_extension as c\nprint(torch.__version__, torch.version.cuda)\nprint(os.path.join(os.path.dirname(torch.__file__), 'lib'))\nfor p in c.include_paths(): print(p)",
         ])
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}; run `make setup` first", py.display()));
@@ -40,9 +41,10 @@ fn torch_paths(py: &Path) -> (PathBuf, Vec<PathBuf>) {
         );
     }
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let mut lines = text.lines().map(PathBuf::from);
-    let lib = lines.next().expect("torch lib dir");
-    (lib, lines.collect())
+    let mut lines = text.lines();
+    let version = lines.next().expect("torch version").to_string();
+    let lib = PathBuf::from(lines.next().expect("torch lib dir"));
+    (version, lib, lines.map(PathBuf::from).collect())
 }
 
 fn find_nvcc(venv: &Path) -> Option<PathBuf> {
@@ -64,6 +66,14 @@ fn find_nvcc(venv: &Path) -> Option<PathBuf> {
     None
 }
 
+/// What nvcc compiles `kernels/*.cu` for: A100 and H100/H200 machine code, and PTX for newer
+/// GPUs to JIT.
+const CUDA_TARGETS: [(&str, &str); 3] = [
+    ("compute_80", "sm_80"),
+    ("compute_90", "sm_90"),
+    ("compute_90", "compute_90"),
+];
+
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
@@ -75,7 +85,9 @@ fn main() {
     println!("cargo:rustc-check-cfg=cfg(qlora_cuda)");
 
     let py = python(&venv);
-    let (torch_lib, torch_includes) = torch_paths(&py);
+    let (torch_version, torch_lib, torch_includes) = torch_paths(&py);
+    // `qlora-cls doctor` reports what the binary was built against.
+    println!("cargo:rustc-env=QLORA_BUILD_TORCH={torch_version}");
     println!("cargo:rustc-link-search=native={}", torch_lib.display());
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", torch_lib.display());
 
@@ -111,11 +123,21 @@ fn main() {
                 }
             }
         }
+        // kernels/stream.cpp asks libtorch for its current CUDA stream (libc10_cuda).
+        let c10_cuda = torch_lib.join("libc10_cuda.so").exists();
+        if c10_cuda {
+            b.define("QLORA_HAVE_C10_CUDA", None);
+        }
         for f in &cpp {
             b.file(f);
         }
         b.compile("qlora_kernels_cpu");
         println!("cargo:rustc-link-lib=gomp");
+        if c10_cuda {
+            println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+            println!("cargo:rustc-link-arg=-lc10_cuda");
+            println!("cargo:rustc-link-arg=-Wl,--as-needed");
+        }
     }
 
     // CUDA kernels.
@@ -134,11 +156,12 @@ fn main() {
         let mut objs = Vec::new();
         for f in &cu {
             let obj = out_dir.join(format!("{}.o", f.file_stem().unwrap().to_string_lossy()));
-            let status = Command::new(&nvcc)
-                .args(["-c", "-O3", "-std=c++17", "--expt-relaxed-constexpr"])
-                .args(["-gencode", "arch=compute_80,code=sm_80"])
-                .args(["-gencode", "arch=compute_90,code=sm_90"])
-                .args(["-gencode", "arch=compute_90,code=compute_90"])
+            let mut cmd = Command::new(&nvcc);
+            cmd.args(["-c", "-O3", "-std=c++17", "--expt-relaxed-constexpr"]);
+            for (arch, code) in CUDA_TARGETS {
+                cmd.args(["-gencode", &format!("arch={arch},code={code}")]);
+            }
+            let status = cmd
                 .args(["-Xcompiler", "-fPIC"])
                 .arg("-I")
                 .arg(manifest.join("kernels"))
@@ -172,6 +195,8 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", cudart_dir.display());
         println!("cargo:rustc-link-lib=dylib:+verbatim=libcudart.so.13");
         println!("cargo:rustc-cfg=qlora_cuda");
+        let codes: Vec<&str> = CUDA_TARGETS.iter().map(|t| t.1).collect();
+        println!("cargo:rustc-env=QLORA_BUILD_CUDA_ARCHS={}", codes.join(","));
     }
 
     // tch links libtorch_cuda with --as-needed and the linker drops it, since nothing

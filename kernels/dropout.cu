@@ -1,5 +1,7 @@
 // CUDA twin of dropout_cpu.cpp: the same mask and one IEEE multiplication per element.
 #include <cuda_runtime.h>
+
+#include "launch.cuh"
 #include <stdint.h>
 
 #include "dropout.h"
@@ -37,7 +39,7 @@ extern "C" int qlora_dropout_cuda(const float* x, float* y, int64_t rows, int64_
     if (blocks > 65535 * 8) blocks = 65535 * 8;  // the grid-stride loop covers the rest
     dropout_kernel<<<(unsigned)blocks, threads, 0, (cudaStream_t)stream>>>(
         x, y, n, width, row_keys, seed, threshold, scale);
-    err = cudaGetLastError();
+    err = qlora_after_launch();
     if (prev != device) {
         const cudaError_t err2 = cudaSetDevice(prev);
         if (err == cudaSuccess) err = err2;

@@ -3,6 +3,8 @@
 // cannot contract or approximate anything; the fmas are exactly where the CPU twin has them.
 // The 8-bit update runs one CUDA block per 256-element quantization block.
 #include <cuda_runtime.h>
+
+#include "launch.cuh"
 #include <stdint.h>
 
 #include "optim8bit.h"
@@ -167,7 +169,7 @@ int32_t on_device(int32_t device, F launch) {
         if (err != cudaSuccess) return static_cast<int32_t>(err);
     }
     launch();
-    err = cudaGetLastError();
+    err = qlora_after_launch();
     if (prev != device) {
         const cudaError_t e2 = cudaSetDevice(prev);
         if (err == cudaSuccess) err = e2;

@@ -660,17 +660,12 @@ impl Config {
             .context("no data_dir: set `data_dir` in the config or pass --data_dir DIR")
     }
 
-    pub fn device(&self) -> tch::Device {
-        match self.device.as_str() {
-            "cpu" => tch::Device::Cpu,
-            "cuda" => tch::Device::Cuda(0),
-            "auto" => tch::Device::cuda_if_available(),
-            d => d
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(tch::Device::Cuda)
-                .unwrap_or(tch::Device::Cpu),
-        }
+    /// The device of a single-process run for the `device` setting (a rank of a
+    /// distributed run takes [`crate::dist::Dist::device_for`]): `auto` is the first GPU
+    /// only when this build has CUDA kernels and libtorch sees one, else the CPU; `cuda` and
+    /// `cuda:N` without a usable GPU are an error naming the key.
+    pub fn device(&self) -> Result<tch::Device> {
+        crate::dist::rank_device(&self.device, 0, 1, crate::dist::usable_gpus())
     }
 
     /// The compute dtype; `auto` is bf16 on a GPU and on a CPU with bf16 matmul

@@ -318,8 +318,12 @@ impl Dist {
 
     /// The device this rank computes on for the `device` setting (see [`rank_device`]).
     pub fn device_for(&self, setting: &str) -> Result<Device> {
-        let gpus = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
-        rank_device(setting, self.local_rank, self.local_world_size, gpus)
+        rank_device(
+            setting,
+            self.local_rank,
+            self.local_world_size,
+            usable_gpus(),
+        )
     }
 
     /// Collectives this rank has started so far (one per bucket for the bucketed calls).
@@ -459,6 +463,44 @@ impl Dist {
         })
     }
 
+    /// Refuses, on every rank with the same message, a run whose NCCL ranks share a GPU
+    /// (NCCL's own error is a cryptic "duplicate GPU" that may name the peer): the ranks'
+    /// device UUIDs are gathered over Gloo and compared. Runs with CUDA tensors on Gloo
+    /// (`QLORA_DIST_CUDA_BACKEND=gloo`) or on the CPU may share.
+    pub fn check_one_gpu_per_rank(&self, device: Device) -> Result<()> {
+        let Device::Cuda(index) = device else {
+            return Ok(());
+        };
+        if !nccl_compiled() || std::env::var("QLORA_DIST_CUDA_BACKEND").as_deref() == Ok("gloo") {
+            return Ok(());
+        }
+        let mine = crate::cuda::device_info(index)?;
+        let gathered = self
+            .all_gather(&Tensor::from_slice(&mine.uuid))
+            .context("gathering the ranks' GPU UUIDs")?;
+        let uuids = gathered
+            .iter()
+            .map(|t| {
+                let v: Vec<u8> = Vec::try_from(t)?;
+                <[u8; 16]>::try_from(v.as_slice()).context("a GPU UUID is not 16 bytes")
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if let Some((a, b)) = shared_gpu(&uuids) {
+            let uuid = crate::cuda::DeviceInfo {
+                uuid: uuids[a],
+                ..mine
+            }
+            .uuid_string();
+            bail!(
+                "ranks {a} and {b} would both run NCCL on the GPU {uuid}; NCCL cannot put two \
+                 ranks on one GPU. Start at most one rank per GPU (CUDA_VISIBLE_DEVICES, \
+                 --nproc), or set QLORA_DIST_CUDA_BACKEND=gloo to run CUDA tensors through \
+                 Gloo (slower, but ranks may share a GPU)"
+            );
+        }
+        Ok(())
+    }
+
     /// Waits until every rank has reached the barrier (on Gloo, whatever the device).
     pub fn barrier(&self) -> Result<()> {
         // SAFETY: live group.
@@ -470,6 +512,31 @@ impl Drop for Dist {
     fn drop(&mut self) {
         // SAFETY: the group was created by qd_init and is destroyed exactly once.
         unsafe { qd_destroy(self.group.as_ptr()) }
+    }
+}
+
+/// The first two ranks (in rank order) whose GPU UUIDs are equal.
+pub fn shared_gpu(uuids: &[[u8; 16]]) -> Option<(usize, usize)> {
+    (0..uuids.len()).find_map(|b| (0..b).find(|&a| uuids[a] == uuids[b]).map(|a| (a, b)))
+}
+
+/// GPUs this process can compute on: those libtorch sees, when this build has the CUDA
+/// kernels every NF4, optimizer and dropout op needs; none otherwise (so `device: auto`
+/// picks the CPU in a build without nvcc instead of failing at the first NF4 op).
+pub fn usable_gpus() -> usize {
+    if cfg!(qlora_cuda) {
+        usize::try_from(tch::Cuda::device_count()).unwrap_or(0)
+    } else {
+        0
+    }
+}
+
+/// Why [`usable_gpus`] is 0, for messages.
+pub fn no_gpu_reason() -> &'static str {
+    if cfg!(qlora_cuda) {
+        "libtorch sees no CUDA device (no GPU, no driver, or CUDA_VISIBLE_DEVICES hides them)"
+    } else {
+        "this build has no CUDA kernels (nvcc was not found at build time, or QLORA_NO_CUDA=1)"
     }
 }
 
@@ -501,7 +568,7 @@ pub fn rank_device(
         "auto" if gpus == 0 => Ok(Device::Cpu),
         "auto" => own_gpu(),
         "cuda" if gpus == 0 => {
-            bail!("key `device`: `cuda` asked for, but libtorch sees no CUDA device")
+            bail!("key `device`: `cuda` asked for, but {}", no_gpu_reason())
         }
         "cuda" => own_gpu(),
         other => {
@@ -516,6 +583,14 @@ pub fn rank_device(
                     "key `device`: `{other}` would put all {local_world} ranks of this node on one GPU; \
                      use `cuda` or `auto` (each rank then takes cuda:LOCAL_RANK)"
                 );
+            }
+            if n >= gpus {
+                let why = if gpus == 0 {
+                    no_gpu_reason().to_string()
+                } else {
+                    format!("this node shows {gpus} CUDA device(s)")
+                };
+                bail!("key `device`: `{other}` asked for, but {why}");
             }
             Ok(Device::Cuda(n))
         }
@@ -661,6 +736,18 @@ mod tests {
         );
         // One rank per node (multi-node): a fixed GPU is fine.
         assert_eq!(rank_device("cuda:1", 0, 1, 4).unwrap(), Device::Cuda(1));
+        assert_eq!(shared_gpu(&[[1; 16], [2; 16], [3; 16]]), None);
+        assert_eq!(
+            shared_gpu(&[[1; 16], [2; 16], [2; 16], [1; 16]]),
+            Some((1, 2))
+        );
+        let e = format!("{:#}", rank_device("cuda:2", 0, 1, 2).unwrap_err());
+        assert!(
+            e.contains("`device`") && e.contains("2 CUDA device(s)"),
+            "{e}"
+        );
+        let e = format!("{:#}", rank_device("cuda:0", 0, 1, 0).unwrap_err());
+        assert!(e.contains("`device`") && e.contains(no_gpu_reason()), "{e}");
         assert!(rank_device("tpu", 0, 1, 4).is_err());
     }
 }

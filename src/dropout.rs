@@ -105,8 +105,8 @@ impl Dropout {
             },
             #[cfg(qlora_cuda)]
             Device::Cuda(d) => {
-                // SAFETY: as above, on CUDA device d; the legacy default stream orders the
-                // kernel with torch's work.
+                // SAFETY: as above, on CUDA device d; libtorch's current stream orders the
+                // kernel with torch's work on x and y.
                 unsafe {
                     ffi::qlora_dropout_cuda(
                         xp,
@@ -118,7 +118,7 @@ impl Dropout {
                         threshold,
                         scale,
                         d as i32,
-                        std::ptr::null_mut(),
+                        crate::cuda::current_stream(d),
                     )
                 }
             }
@@ -126,7 +126,12 @@ impl Dropout {
             Device::Cuda(_) => bail!("tensor is on CUDA but this build has no CUDA kernels"),
             other => bail!("dropout runs on CPU or CUDA tensors, not on {other:?}"),
         };
-        ensure!(status == 0, "dropout kernel failed (status {status})");
+        ensure!(
+            status == 0,
+            "the LoRA dropout kernel failed on {:?}: {} (status {status})",
+            x.device(),
+            crate::cuda::error_name(status)
+        );
         Ok(y)
     }
 }

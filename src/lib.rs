@@ -6,10 +6,12 @@
 //! `resume`, `metrics`, `plot`).
 pub mod adapter;
 pub mod config;
+pub mod cuda;
 pub mod data;
 pub mod demo;
 pub mod demo_tasks;
 pub mod dist;
+pub mod doctor;
 pub mod dropout;
 pub mod eval;
 pub mod label_spec;

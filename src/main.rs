@@ -119,6 +119,16 @@ enum Cmd {
         )]
         flags: Vec<String>,
     },
+    /// Checks what this binary can do on this machine, one line per item: what was compiled
+    /// in (CUDA kernels and their archs, NCCL, Gloo), libtorch, each device, each kernel's
+    /// self-check, a one-rank all-reduce per backend, and one training step of the demo's
+    /// tiny model per device. Exits 0 only when every check passes; otherwise non-zero,
+    /// naming the first failure. `--device auto` (every usable device), `cpu`, `cuda` (every
+    /// GPU; none is a failure) or `cuda:N`.
+    Doctor {
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
     /// Writes the embedded demo: a tiny Llama checkpoint, its tokenizer and a synthetic
     /// paraphrase data set in GLUE TSV layout.
     DemoAssets {
@@ -399,6 +409,16 @@ fn run() -> Result<()> {
         Cmd::Quantize { flags } => quantize_cmd(&flags)?,
         Cmd::Merge { flags } => merge_cmd(&flags)?,
         Cmd::Serve { flags } => serve_cmd(&flags)?,
+        Cmd::Doctor { device } => {
+            let work =
+                std::env::temp_dir().join(format!("qlora-cls-doctor-{}", std::process::id()));
+            let report = qlora_cls::doctor::run(&device, &work);
+            let _ = std::fs::remove_dir_all(&work);
+            match report.first_failure() {
+                Some(item) => anyhow::bail!("doctor: `{}` failed: {}", item.name, item.detail),
+                None => println!("doctor: every check passed"),
+            }
+        }
         Cmd::DemoAssets { out } => {
             demo::write_demo_assets(&out)?;
             println!("wrote the demo model and data to {}", out.display());

@@ -253,7 +253,12 @@ fn bptr(t: &Tensor) -> *mut u8 {
 
 #[cfg(qlora_cuda)]
 fn cuda_result(code: i32, what: &str) -> Result<()> {
-    ensure!(code == 0, "CUDA {what} kernel failed (cudaError {code})");
+    ensure!(
+        code == 0,
+        "CUDA kernel `{what}` failed: {} (cudaError {code}; CUDA_LAUNCH_BLOCKING=1 reports a \
+         fault at the kernel that made it)",
+        crate::cuda::error_name(code)
+    );
     Ok(())
 }
 
@@ -302,10 +307,10 @@ fn run_update(flavor: Flavor, p: &Tensor, g: &Tensor, state: &State, s: Scalars)
         }
         #[cfg(qlora_cuda)]
         Device::Cuda(dev) => {
+            let stream = crate::cuda::current_stream(dev);
             let dev = dev as i32;
-            let stream = std::ptr::null_mut();
             // SAFETY: as above, with device pointers on CUDA device `dev`; the kernels run on
-            // the legacy default stream, ordered with torch's work on it.
+            // libtorch's current stream, ordered with torch's work on these tensors.
             let code = unsafe {
                 match (state, flavor) {
                     (

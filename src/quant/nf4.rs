@@ -319,7 +319,7 @@ unsafe fn k_nf4_quantize(
             packed,
             absmax,
             d,
-            std::ptr::null_mut(),
+            crate::cuda::current_stream(d as usize),
         ),
     }
 }
@@ -344,7 +344,7 @@ unsafe fn k_nf4_dequantize(
             out,
             out_dtype,
             d,
-            std::ptr::null_mut(),
+            crate::cuda::current_stream(d as usize),
         ),
     }
 }
@@ -372,7 +372,7 @@ unsafe fn k_q8_quantize(
             q,
             absmax,
             d,
-            std::ptr::null_mut(),
+            crate::cuda::current_stream(d as usize),
         ),
     }
 }
@@ -400,7 +400,7 @@ unsafe fn k_q8_dequantize(
             blocksize,
             out,
             d,
-            std::ptr::null_mut(),
+            crate::cuda::current_stream(d as usize),
         ),
     }
 }
@@ -434,7 +434,7 @@ unsafe fn k_nf4_matmul_small(
             n_out,
             y,
             d,
-            std::ptr::null_mut(),
+            crate::cuda::current_stream(d as usize),
         ),
     }
 }

@@ -57,6 +57,11 @@ impl Batcher {
             .name("forward".into())
             .spawn(move || {
                 let _g = tch::no_grad_guard();
+                // This thread runs every forward: it computes on the model's device (set
+                // once here; the kernels never switch).
+                if let Err(e) = crate::cuda::set_device(device) {
+                    eprintln!("serve: {e:#}");
+                }
                 let mut pending: Option<Item> = None;
                 loop {
                     let first = match pending.take() {

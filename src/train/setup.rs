@@ -60,6 +60,8 @@ pub fn use_model_pad_token(model_dir: &Path, encoder: &mut TextEncoder) -> Resul
 
 /// Loads the tokenizer and the (quantized) model with fresh LoRA adapters and head.
 pub fn load_model(cfg: &Config, device: Device) -> Result<Loaded> {
+    // The loading thread's device, once: kernels then launch without switching devices.
+    crate::cuda::set_device(device)?;
     let mut encoder = TextEncoder::from_dir(cfg.tokenizer_dir()?, cfg.max_length)?;
     let model_dir = cfg.model_dir()?;
     use_model_pad_token(model_dir, &mut encoder)?;
@@ -246,7 +248,7 @@ pub fn load_with_adapter(cfg: &Config, adapter_dir: &Path) -> Result<(Loaded, Ta
         },
     };
     let cfg = sized_for(&cfg, &labels.spec);
-    let mut loaded = load_model(&cfg, cfg.device())?;
+    let mut loaded = load_model(&cfg, cfg.device()?)?;
     let weights_path = adapter_dir.join(adapter::WEIGHTS_FILE);
     let weights = adapter::read_safetensors(&weights_path)?;
     loaded

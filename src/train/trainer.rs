@@ -158,8 +158,12 @@ impl<'a> Trainer<'a> {
         let main = rank == 0;
         let device = match &dist {
             Some(d) => d.device_for(&cfg.device)?,
-            None => cfg.device(),
+            None => cfg.device()?,
         };
+        crate::cuda::set_device(device)?;
+        if let Some(d) = &dist {
+            d.check_one_gpu_per_rank(device)?;
+        }
         let run = cfg.results_path.clone();
         if main {
             write_run_config(cfg)?;
