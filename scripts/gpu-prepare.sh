@@ -3,8 +3,15 @@
 # cargo: builds here (CUDA kernels are compiled by build.rs whenever nvcc is found) and copies
 # what the check needs into .gpu/ (git-ignored, like .whl/):
 #   .gpu/bin/         qlora-cls, bench_kernels and the test executables (nf4, optim, model,
-#                     dist), stripped
-#   .gpu/lib/         shared libraries they need that are neither torch's nor the C library's
+#                     dist), stripped; cuobjdump (the preflight's sm_90 check) when the venv
+#                     has one
+#   .gpu/lib/         shared libraries they need that are neither torch's, the pip CUDA
+#                     runtime's nor the system's (the C library, libstdc++, libgcc_s: the GPU
+#                     machine's own must win, or its python and nvidia-smi break)
+#   .gpu/fixtures/    the oracle fixtures the CUDA tests need, recorded here through
+#                     `scripts/gpu-check.sh --record-fixtures` (our transformers/peft/
+#                     bitsandbytes; the GPU machine's differ), replayed there
+#   .gpu/target_tmpdir the CARGO_TARGET_TMPDIR baked into the test executables
 #   .gpu/site/        bitsandbytes 0.50.2 (the reference stack's missing piece there), pruned
 #                     to its CPU and CUDA 13.0 libraries
 #   .gpu/shared/      the MRPC files (../shared does not travel to the device machine)
@@ -51,6 +58,7 @@ for line in sys.stdin:
 ' "$GPU/bin"
 strip "$GPU"/bin/* 2>/dev/null || true
 echo "$ROOT" >"$GPU/manifest_dir"
+echo "$TARGET/tmp" >"$GPU/target_tmpdir"
 # The libtorch these executables were linked against: gpu-check.sh refuses another one.
 "$PY" -c 'import torch; print(torch.__version__.split("+")[0], torch.version.cuda)' >"$GPU/torch_version"
 echo "  built against torch $(cat "$GPU/torch_version")"
@@ -62,10 +70,23 @@ for exe in "$GPU"/bin/*; do
 done | sort -u | while read -r lib; do
   case "$lib" in
     "$torch_lib"/*|*/nvidia/*) ;;               # torch's own and the pip CUDA runtime: there too
-    */libc.so*|*/libm.so*|*/libdl.so*|*/libpthread.so*|*/librt.so*|*/ld-linux*) ;;
+    */libc.so*|*/libm.so*|*/libdl.so*|*/libpthread.so*|*/librt.so*|*/libutil.so*|*/ld-linux*) ;;
+    */libstdc++.so*|*/libgcc_s.so*|*/libgomp.so*) ;;  # the system's (or torch's) there
     *) cp -L "$lib" "$GPU/lib/" && echo "  $lib" ;;
   esac
 done
+
+# cuobjdump (a static executable) for the preflight's `--list-elf` sm_90 check: the pip nvcc
+# package or triton carries one; the GPU machine may have none.
+cuobjdump=$(command -v cuobjdump || find "$VENV/lib" -path '*/bin/cuobjdump' -type f 2>/dev/null | head -1)
+if [[ -n $cuobjdump ]]; then
+  cp "$cuobjdump" "$GPU/bin/cuobjdump" && echo "  cuobjdump from $cuobjdump"
+else
+  echo "  note: no cuobjdump here (nvidia-cuda-nvcc); gpu-check.sh will skip the sm_90 check"
+fi
+
+echo "== oracle fixtures for the CUDA tests (recorded by running their CPU twins here)"
+GPU_FIXTURES_DIR="$GPU/fixtures" bash scripts/gpu-check.sh --record-fixtures
 
 cp "$SHARED/data/mrpc/train.tsv" "$SHARED/data/mrpc/dev.tsv" "$GPU/shared/data/mrpc/"
 
@@ -84,3 +105,7 @@ fi
 
 echo "== .gpu/ is $(du -sh "$GPU" | cut -f1) (the device machine takes 64 MiB in all)"
 du -sh "$GPU"/* | sed 's/^/  /'
+kib=$(du -sk "$GPU" | cut -f1)
+if ((kib > 62 * 1024)); then
+  echo "warning: .gpu is over 62 MiB: with the working tree it may not fit the 64 MiB that travels" >&2
+fi
