@@ -65,6 +65,9 @@ test: setup
 	@detected=$${QLORA_CPU_BF16:-$(CPU_BF16)}; other=$$((1 - detected)); \
 	echo "== the parity tests again with QLORA_CPU_BF16=$$other (this run: $$detected)"; \
 	QLORA_CPU_BF16=$$other cargo test --release $(PARITY_TESTS) -- --test-threads=2
+	# The GPU check's own script, every step in order, CUDA-only steps skipped: a scripting
+	# mistake shows here, not in a GPU machine's short window.
+	bash scripts/gpu-check.sh --cpu
 
 # Every GLUE task present in GLUE_DIR (GLUE's folders or HF's glue/<task> layout), trained
 # with CONFIG's recipe; writes $(OUT)/glue/submission/ (the leaderboard's TSVs) and
