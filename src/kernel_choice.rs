@@ -132,7 +132,7 @@ impl Check {
                 self.shape
             ),
             None => format!(
-                "kernel self-check FAILED: {} {} max |Δ| {:e} > tol {:e}; using the torch twin for this run",
+                "kernel self-check FAILED: {} {} max |Δ| {:.3e} > tol {:.3e}; using the torch twin for this run",
                 kernel.name(),
                 self.shape,
                 self.max_abs_diff,
@@ -257,7 +257,7 @@ pub fn start_line(device: Device) -> String {
                     c.check_ms
                 ),
                 Some(c) => format!(
-                    "{} {} (check FAILED, max |Δ| {:e} > tol {:e})",
+                    "{} {} (check FAILED, max |Δ| {:.3e} > tol {:.3e})",
                     k.name(),
                     imp.name(),
                     c.max_abs_diff,

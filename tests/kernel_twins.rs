@@ -190,7 +190,11 @@ fn q8_quantize_and_dequantize_twins_equal_the_kernels() {
 /// Parameters of the 8-bit path (a partial last block) and of the 32-bit one, with
 /// gradients; the 8-bit one's gradient has an inf and a NaN in its last block.
 fn optimizer_problem() -> (Vec<Tensor>, Vec<Vec<Tensor>>) {
-    let params = vec![randn(4096 + 300, 1, 1.0, CPU), randn(100, 2, 1.0, CPU)];
+    // 2-D like the LoRA matrices: the states are flat, the parameter and gradient are not.
+    let params = vec![
+        randn(4096 + 300, 1, 1.0, CPU).reshape([157, 28]),
+        randn(100, 2, 1.0, CPU).reshape([4, 25]),
+    ];
     let grads = (0..3u64)
         .map(|s| {
             let g0 = randn(4096 + 300, 10 + s, 0.1, CPU);
@@ -198,7 +202,10 @@ fn optimizer_problem() -> (Vec<Tensor>, Vec<Vec<Tensor>>) {
                 let _ = g0.narrow(0, 4200, 1).fill_(f64::INFINITY);
                 let _ = g0.narrow(0, 4300, 1).fill_(f64::NAN);
             }
-            vec![g0, randn(100, 20 + s, 0.1, CPU)]
+            vec![
+                g0.reshape([157, 28]),
+                randn(100, 20 + s, 0.1, CPU).reshape([4, 25]),
+            ]
         })
         .collect();
     (params, grads)

@@ -85,11 +85,13 @@ pub(crate) fn bnb8(
 pub(crate) fn bnb32(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: &Scalars) -> Result<()> {
     let _guard = tch::no_grad_guard();
     let device = p.device();
+    let pf = p.reshape([-1]);
+    let g = &g.reshape([-1]);
     let mn = exact_f32::fma(g, &scalar(s.omb1, device), &(m * f64::from(s.beta1)));
     let vn = second_moment(g, v, s);
     let den = exact_f32::sqrt(&vn) + f64::from(s.eps);
     let u = &mn / den;
-    let p_new = exact_f32::fma(&u, &scalar(s.step_size, device), &decayed(p, s));
+    let p_new = exact_f32::fma(&u, &scalar(s.step_size, device), &decayed(&pf, s));
     write(p, &p_new, "the parameter")?;
     write(m, &mn, "m")?;
     write(v, &vn, "v")
@@ -99,6 +101,8 @@ pub(crate) fn bnb32(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: &Scalars)
 pub(crate) fn torch32(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: &Scalars) -> Result<()> {
     let _guard = tch::no_grad_guard();
     let device = p.device();
+    let pf = p.reshape([-1]);
+    let g = &g.reshape([-1]);
     let w = s.omb1;
     let d = g - m;
     // torch's lerp: weight < 0.5 ? fma(w, end - self, self) : fma(w - 1, end - self, end).
@@ -108,7 +112,7 @@ pub(crate) fn torch32(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: &Scalar
         exact_f32::fma(&scalar(w - 1.0, device), &d, g)
     };
     let vn = second_moment(g, v, s);
-    let p_new = bnb8_or_torch_param(p, &mn, &vn, s);
+    let p_new = bnb8_or_torch_param(&pf, &mn, &vn, s);
     write(p, &p_new, "the parameter")?;
     write(m, &mn, "m")?;
     write(v, &vn, "v")
