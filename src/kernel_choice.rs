@@ -181,11 +181,7 @@ pub fn mode() -> Mode {
 
 /// Whether this build has the hand-written kernel family for `device`.
 pub fn custom_available(device: Device) -> bool {
-    match device {
-        Device::Cpu => true,
-        Device::Cuda(_) => cfg!(qlora_cuda),
-        _ => false,
-    }
+    device == Device::Cpu || (cfg!(qlora_cuda) && device.is_cuda())
 }
 
 /// The implementation `kernel` runs on `device`. In `auto` mode the first call for a

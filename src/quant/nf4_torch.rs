@@ -186,7 +186,7 @@ pub fn matmul_small(x: &Tensor, q: &Nf4Tensor) -> Result<Tensor> {
         for r in 0..rounds {
             let round = prod.select(2, r);
             for t in 0..RUN {
-                acc = acc + round.select(3, t);
+                acc += round.select(3, t);
             }
         }
         let mut off = LANES / 2;
