@@ -87,6 +87,9 @@ pub struct Config {
     pub on_nonfinite: String,
     // Runtime
     pub device: String,
+    /// `auto` (custom kernels, each checked against its torch twin on first use), `custom`
+    /// or `torch` (libtorch-op twins only); see `kernel_choice`.
+    pub kernels: String,
     /// Seconds a collective may wait for the other ranks before the run stops, naming the lost rank.
     pub dist_timeout_s: u64,
     pub log_every: usize,
@@ -227,6 +230,7 @@ impl Default for Config {
             resume: None,
             on_nonfinite: "stop".into(),
             device: "auto".into(),
+            kernels: "auto".into(),
             dist_timeout_s: 300,
             log_every: 10,
             profile: false,
@@ -515,6 +519,9 @@ impl Config {
                 "on_nonfinite",
                 format!("`{}` is not one of stop, skip", self.on_nonfinite),
             )?;
+        }
+        if let Err(e) = crate::kernel_choice::Mode::parse(&self.kernels) {
+            err("kernels", format!("{e:#}"))?;
         }
         if self.dist_timeout_s == 0 {
             err("dist_timeout_s", "must be at least 1".into())?;

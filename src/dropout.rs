@@ -6,6 +6,7 @@
 //! tensor: one process, N ranks, any padding and gradient accumulation draw the same masks. Torch's own dropout draws a Bernoulli
 //! sample per element from a locked generator, serially on the CPU; it was a tenth of a
 //! training step there.
+use crate::kernel_choice::{self, Impl, Kernel};
 use anyhow::{bail, ensure, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -82,6 +83,19 @@ impl Dropout {
     }
 
     fn run(&self, x: &Tensor, rows: i64, width: i64, keys: Option<&Tensor>) -> Result<Tensor> {
+        let imp = kernel_choice::choose(Kernel::Dropout, x.device());
+        self.run_with(x, rows, width, keys, imp)
+    }
+
+    /// The mask applied to `x` seen as `rows` × `width`, by the given implementation.
+    pub fn run_with(
+        &self,
+        x: &Tensor,
+        rows: i64,
+        width: i64,
+        keys: Option<&Tensor>,
+        imp: Impl,
+    ) -> Result<Tensor> {
         ensure!(
             (0.0..1.0).contains(&self.p),
             "dropout probability must be in [0, 1), got {}",
@@ -93,10 +107,19 @@ impl Dropout {
             x.kind()
         );
         let x = x.contiguous();
+        ensure!(
+            rows * width == x.numel() as i64,
+            "dropout: {rows} rows of {width} do not cover {} elements",
+            x.numel()
+        );
+        let (seed, threshold, scale) = (self.seed, self.threshold(), self.scale());
+        if imp == Impl::Torch {
+            let y = crate::dropout_torch::apply(&x, rows, width, keys, seed, threshold, scale)?;
+            return Ok(y.view_as(&x));
+        }
         let y = x.empty_like();
         let (xp, yp) = (x.data_ptr() as *const f32, y.data_ptr() as *mut f32);
         let kp = keys.map_or(std::ptr::null(), |k| k.data_ptr() as *const i64);
-        let (seed, threshold, scale) = (self.seed, self.threshold(), self.scale());
         let status = match x.device() {
             // SAFETY: x and y are contiguous fp32 tensors of rows·width elements on the CPU,
             // keys (when given) a contiguous int64 tensor of `rows` entries there.
@@ -132,6 +155,7 @@ impl Dropout {
             x.device(),
             crate::cuda::error_name(status)
         );
+        kernel_choice::inject_fault(Kernel::Dropout, &y);
         Ok(y)
     }
 }

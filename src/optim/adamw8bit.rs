@@ -23,6 +23,8 @@
 //! Kernels: `kernels/optim8bit_cpu.cpp` (OpenMP) and its CUDA twin `kernels/optim8bit.cu`,
 //! picked by the parameter's device. Updates are written in place through raw pointers into
 //! the (contiguous, fp32) parameter tensors, outside autograd.
+use super::adamw_torch;
+use crate::kernel_choice::{self, Impl, Kernel};
 use anyhow::{bail, ensure, Context, Result};
 use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor};
@@ -64,16 +66,16 @@ pub trait Optimizer {
 /// Per-step scalars handed to the kernels (layout of `QloraAdamScalars` in optim8bit.h).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-struct Scalars {
-    beta1: f32,
-    omb1: f32,
-    beta2: f32,
-    omb2: f32,
-    eps: f32,
-    correction2: f32,
-    decay: f32,
-    step_size: f32,
-    apply_decay: i32,
+pub(crate) struct Scalars {
+    pub(crate) beta1: f32,
+    pub(crate) omb1: f32,
+    pub(crate) beta2: f32,
+    pub(crate) omb2: f32,
+    pub(crate) eps: f32,
+    pub(crate) correction2: f32,
+    pub(crate) decay: f32,
+    pub(crate) step_size: f32,
+    pub(crate) apply_decay: i32,
 }
 
 mod ffi {
@@ -267,8 +269,35 @@ fn no_cuda() -> Result<()> {
     bail!("parameter is on CUDA but this build has no CUDA kernels (built with QLORA_NO_CUDA=1)")
 }
 
-/// Runs one update of `p` (contiguous fp32) with gradient `g` (contiguous fp32, same device).
-fn run_update(flavor: Flavor, p: &Tensor, g: &Tensor, state: &State, s: Scalars) -> Result<()> {
+/// Runs one update of `p` (contiguous fp32) with gradient `g` (contiguous fp32, same device)
+/// by the given implementation.
+fn run_update(
+    flavor: Flavor,
+    p: &Tensor,
+    g: &Tensor,
+    state: &State,
+    s: Scalars,
+    imp: Impl,
+) -> Result<()> {
+    if imp == Impl::Torch {
+        return match (state, flavor) {
+            (
+                State::Eight {
+                    q1,
+                    q2,
+                    absmax1,
+                    absmax2,
+                    ..
+                },
+                _,
+            ) => adamw_torch::bnb8(p, g, q1, q2, absmax1, absmax2, &s),
+            (State::Full { m, v, .. }, Flavor::Bnb8) => adamw_torch::bnb32(p, g, m, v, &s),
+            (State::Full { m, v, .. }, Flavor::Torch) => adamw_torch::torch32(p, g, m, v, &s),
+        };
+    }
+    if matches!(state, State::Eight { .. }) {
+        tables_ok()?;
+    }
     let n = p.numel() as i64;
     match p.device() {
         Device::Cpu => {
@@ -303,6 +332,7 @@ fn run_update(flavor: Flavor, p: &Tensor, g: &Tensor, state: &State, s: Scalars)
                     }
                 }
             }
+            kernel_choice::inject_fault(Kernel::AdamwStep, p);
             Ok(())
         }
         #[cfg(qlora_cuda)]
@@ -453,7 +483,8 @@ impl Core {
         }
     }
 
-    fn step(&mut self, lr: f64) -> Result<()> {
+    /// One update; `imp` forces an implementation, `None` lets `kernel_choice` pick.
+    fn step(&mut self, lr: f64, imp: Option<Impl>) -> Result<()> {
         ensure!(lr.is_finite() && lr >= 0.0, "invalid learning rate {lr}");
         let _no_grad = tch::no_grad_guard();
         for i in 0..self.params.len() {
@@ -491,9 +522,6 @@ impl Core {
                 self.states[i] = Some(fresh);
             }
             let state = self.states[i].as_mut().expect("state was just created");
-            if matches!(state, State::Eight { .. }) {
-                tables_ok()?;
-            }
             let step = match state {
                 State::Eight { step, .. } | State::Full { step, .. } => {
                     *step += 1;
@@ -507,7 +535,8 @@ impl Core {
                 lr,
                 step,
             );
-            run_update(self.flavor, p, &g, state, s)
+            let imp = imp.unwrap_or_else(|| kernel_choice::choose(Kernel::AdamwStep, p.device()));
+            run_update(self.flavor, p, &g, state, s, imp)
                 .with_context(|| format!("updating parameter {i}"))?;
         }
         self.steps += 1;
@@ -684,11 +713,16 @@ impl AdamW8bit {
     pub fn dequantized_states(&self, i: usize) -> (Tensor, Tensor) {
         self.core.states_f32(i)
     }
+
+    /// [`Optimizer::step`] by the given implementation (kernel or torch twin).
+    pub fn step_with(&mut self, lr: f64, imp: Impl) -> Result<()> {
+        self.core.step(lr, Some(imp))
+    }
 }
 
 impl Optimizer for AdamW8bit {
     fn step(&mut self, lr: f64) -> Result<()> {
-        self.core.step(lr)
+        self.core.step(lr, None)
     }
     fn zero_grad(&mut self) {
         self.core.zero_grad()
@@ -712,11 +746,21 @@ impl AdamW32 {
             core: Core::new(params, cfg, Flavor::Torch),
         }
     }
+
+    /// [`Optimizer::step`] by the given implementation (kernel or torch twin).
+    pub fn step_with(&mut self, lr: f64, imp: Impl) -> Result<()> {
+        self.core.step(lr, Some(imp))
+    }
+
+    /// (m, v) of parameter `i` as f32 CPU tensors (see [`AdamW8bit::dequantized_states`]).
+    pub fn states(&self, i: usize) -> (Tensor, Tensor) {
+        self.core.states_f32(i)
+    }
 }
 
 impl Optimizer for AdamW32 {
     fn step(&mut self, lr: f64) -> Result<()> {
-        self.core.step(lr)
+        self.core.step(lr, None)
     }
     fn zero_grad(&mut self) {
         self.core.zero_grad()
@@ -727,4 +771,50 @@ impl Optimizer for AdamW32 {
     fn load_state_tensors(&mut self, get: &dyn Fn(&str) -> Option<Tensor>) -> Result<()> {
         self.core.load_state_tensors(get)
     }
+}
+
+/// The self-check problem of the update kernels (`kernel_check`): two steps of each flavour
+/// (bitsandbytes 8-bit with a partial last block, bitsandbytes 32-bit, torch) from random
+/// states on `device`, by `imp`; returns every updated tensor.
+pub(crate) fn check_problem(device: Device, imp: Impl) -> Result<Vec<Tensor>> {
+    use crate::kernel_check::{rand_codes, randn};
+    let cfg = AdamWConfig::default();
+    let n8 = MIN_8BIT_SIZE + 300;
+    let p = randn(n8, 1, 1.0, device);
+    let q1 = rand_codes(n8, 2, device);
+    let q2 = rand_codes(n8, 3, device);
+    let absmax1 = randn(blocks(n8), 4, 0.01, device).abs();
+    let absmax2 = randn(blocks(n8), 5, 1e-4, device).abs();
+    let eight = State::Eight {
+        q1: q1.shallow_clone(),
+        q2: q2.shallow_clone(),
+        absmax1: absmax1.shallow_clone(),
+        absmax2: absmax2.shallow_clone(),
+        step: 0,
+    };
+    let n32 = 777;
+    let mut out = Vec::new();
+    for step in 1..=2 {
+        let g = randn(n8, 10 + step as u64, 0.1, device);
+        let s = scalars(Flavor::Bnb8, true, &cfg, 1e-3, step);
+        run_update(Flavor::Bnb8, &p, &g, &eight, s, imp)?;
+    }
+    out.extend([p, q1, q2, absmax1, absmax2]);
+    for flavor in [Flavor::Bnb8, Flavor::Torch] {
+        let p = randn(n32, 20, 1.0, device);
+        let m = randn(n32, 21, 0.01, device);
+        let v = randn(n32, 22, 1e-3, device).square();
+        let full = State::Full {
+            m: m.shallow_clone(),
+            v: v.shallow_clone(),
+            step: 0,
+        };
+        for step in 1..=2 {
+            let g = randn(n32, 30 + step as u64, 0.1, device);
+            let s = scalars(flavor, false, &cfg, 1e-3, step);
+            run_update(flavor, &p, &g, &full, s, imp)?;
+        }
+        out.extend([p, m, v]);
+    }
+    Ok(out)
 }

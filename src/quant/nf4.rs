@@ -11,6 +11,8 @@
 //! The kernels live in `kernels/nf4_cpu.cpp` and `kernels/nf4.cu` (ABI in `kernels/nf4.h`);
 //! `docs/nf4.md` lists the numerical rules and the one known bitsandbytes quirk we do not
 //! reproduce.
+use super::nf4_torch;
+use crate::kernel_choice::{self, Impl, Kernel};
 use anyhow::{bail, ensure, Context, Result};
 use std::os::raw::{c_int, c_void};
 use tch::{Device, Kind, Tensor};
@@ -501,6 +503,17 @@ fn u8_ptr(t: &Tensor) -> *mut u8 {
 /// double_quant, quant_type="nf4")` on its CPU backend. f64 input is first rounded to f32
 /// (bitsandbytes refuses f64).
 pub fn quantize(w: &Tensor, opts: &Nf4Options) -> Result<Nf4Tensor> {
+    let nf4 = kernel_choice::choose(Kernel::Nf4Quantize, w.device());
+    let q8 = kernel_choice::choose(Kernel::Q8Quantize, w.device());
+    quantize_by(w, opts, nf4, q8)
+}
+
+/// [`quantize`] by the given implementation (the nested absmax too).
+pub fn quantize_with(w: &Tensor, opts: &Nf4Options, imp: Impl) -> Result<Nf4Tensor> {
+    quantize_by(w, opts, imp, imp)
+}
+
+fn quantize_by(w: &Tensor, opts: &Nf4Options, nf4: Impl, q8: Impl) -> Result<Nf4Tensor> {
     check_blocksize(opts.blocksize)?;
     let kind = w.kind();
     ensure!(
@@ -509,9 +522,31 @@ pub fn quantize(w: &Tensor, opts: &Nf4Options) -> Result<Nf4Tensor> {
     );
     let n = w.numel() as i64;
     ensure!(n > 0, "cannot NF4-quantize an empty tensor");
+    let _guard = tch::no_grad_guard();
+    let (packed, absmax) = match nf4 {
+        Impl::Custom => quantize_custom(w, opts)?,
+        Impl::Torch => nf4_torch::quantize(w, opts)?,
+    };
+    let absmax = if opts.double_quant {
+        nest_absmax(&absmax, q8)?
+    } else {
+        Absmax::Plain(absmax)
+    };
+    Ok(Nf4Tensor {
+        packed,
+        absmax,
+        shape: w.size(),
+        dtype: kind,
+        blocksize: opts.blocksize,
+    })
+}
+
+/// The CPU/CUDA kernel's (packed, absmax) of a float tensor checked by [`quantize_with`].
+fn quantize_custom(w: &Tensor, opts: &Nf4Options) -> Result<(Tensor, Tensor)> {
+    let kind = w.kind();
+    let n = w.numel() as i64;
     let device = w.device();
     let b = backend(device)?;
-    let _guard = tch::no_grad_guard();
     let x = if kind == Kind::Double {
         w.detach().to_kind(Kind::Float)
     } else {
@@ -537,23 +572,13 @@ pub fn quantize(w: &Tensor, opts: &Nf4Options) -> Result<Nf4Tensor> {
         )
     };
     check_status(status, b, "nf4_quantize")?;
-    let absmax = if opts.double_quant {
-        nest_absmax(&absmax, b)?
-    } else {
-        Absmax::Plain(absmax)
-    };
-    Ok(Nf4Tensor {
-        packed,
-        absmax,
-        shape: w.size(),
-        dtype: kind,
-        blocksize: opts.blocksize,
-    })
+    kernel_choice::inject_fault(Kernel::Nf4Quantize, &absmax);
+    Ok((packed, absmax))
 }
 
 /// bitsandbytes' double quantization: `offset = absmax.mean()`, then
 /// `quantize_blockwise(absmax - offset, blocksize=256)` with the dynamic map.
-fn nest_absmax(absmax: &Tensor, b: Backend) -> Result<Absmax> {
+fn nest_absmax(absmax: &Tensor, imp: Impl) -> Result<Absmax> {
     let device = absmax.device();
     // torch's mean (its summation order, its threading) is what bitsandbytes uses; running it
     // on the CPU for CUDA tensors too keeps CUDA and CPU results identical.
@@ -562,29 +587,8 @@ fn nest_absmax(absmax: &Tensor, b: Backend) -> Result<Absmax> {
         .f_mean(None::<Kind>)
         .and_then(|m| m.f_double_value(&[]))
         .context("mean of the NF4 absmax")? as f32;
-    let n_blocks = absmax.numel() as i64;
     let code = Tensor::from_slice(&DYNAMIC_MAP).to_device(device);
-    let quant = Tensor::empty([n_blocks], (Kind::Uint8, device));
-    let nested_absmax = Tensor::empty(
-        [div_ceil(n_blocks, NESTED_BLOCKSIZE)],
-        (Kind::Float, device),
-    );
-    // SAFETY: code has 256 f32, absmax n_blocks f32, quant n_blocks bytes, nested_absmax
-    // ceil(n_blocks/256) f32; all fresh or checked contiguous buffers on `device`.
-    expect_buffer(absmax, Kind::Float, n_blocks, device, "absmax")?;
-    let status = unsafe {
-        k_q8_quantize(
-            b,
-            f32_ptr(&code),
-            f32_ptr(absmax),
-            offset,
-            n_blocks,
-            NESTED_BLOCKSIZE,
-            u8_ptr(&quant),
-            f32_ptr(&nested_absmax),
-        )
-    };
-    check_status(status, b, "q8_quantize")?;
+    let (quant, nested_absmax) = q8_quantize_with(absmax, &code, offset, NESTED_BLOCKSIZE, imp)?;
     Ok(Absmax::Nested {
         quant,
         offset,
@@ -597,6 +601,15 @@ fn nest_absmax(absmax: &Tensor, b: Backend) -> Result<Absmax> {
 /// Dequantizes to a new tensor of `kind` and shape `q.shape`, on `q`'s device; equal bit for
 /// bit to bitsandbytes' `dequantize_4bit` (code × absmax in f32, one rounding to `kind`).
 pub fn dequantize(q: &Nf4Tensor, kind: Kind) -> Result<Tensor> {
+    dequantize_with(
+        q,
+        kind,
+        kernel_choice::choose(Kernel::Nf4Dequantize, q.device()),
+    )
+}
+
+/// [`dequantize`] by the given implementation.
+pub fn dequantize_with(q: &Nf4Tensor, kind: Kind, imp: Impl) -> Result<Tensor> {
     ensure!(
         is_float(kind),
         "NF4 dequantization produces a float tensor, not {kind:?}"
@@ -607,7 +620,7 @@ pub fn dequantize(q: &Nf4Tensor, kind: Kind) -> Result<Tensor> {
         kind
     };
     let mut out = Tensor::empty(q.shape.as_slice(), (direct, q.device()));
-    dequantize_into(q, &mut out)?;
+    dequantize_into_with(q, &mut out, imp)?;
     Ok(if kind == Kind::Double {
         out.to_kind(Kind::Double)
     } else {
@@ -618,7 +631,19 @@ pub fn dequantize(q: &Nf4Tensor, kind: Kind) -> Result<Tensor> {
 /// Dequantizes into `out` (same number of elements as the weight, any float kind and shape,
 /// on `q`'s device). A contiguous f32/bf16/f16 `out` is written in place without temporaries.
 pub fn dequantize_into(q: &Nf4Tensor, out: &mut Tensor) -> Result<()> {
-    let b = q.validate()?;
+    let imp = kernel_choice::choose(Kernel::Nf4Dequantize, q.device());
+    dequantize_into_with(q, out, imp)
+}
+
+/// [`dequantize_into`] by the given implementation.
+pub fn dequantize_into_with(q: &Nf4Tensor, out: &mut Tensor, imp: Impl) -> Result<()> {
+    let b = match imp {
+        Impl::Custom => Some(q.validate()?),
+        Impl::Torch => {
+            q.validate_layout()?;
+            None
+        }
+    };
     let n = q.numel();
     ensure!(
         out.numel() as i64 == n,
@@ -637,8 +662,16 @@ pub fn dequantize_into(q: &Nf4Tensor, out: &mut Tensor) -> Result<()> {
         is_float(kind),
         "dequantize_into: output must be a float tensor, got {kind:?}"
     );
-    match kernel_dtype(kind) {
-        Some(dtype) if out.is_contiguous() => {
+    match (b, kernel_dtype(kind)) {
+        (None, _) => {
+            q.scales_layout()?;
+            let _guard = tch::no_grad_guard();
+            let twin = nf4_torch::dequantize(q, kind);
+            out.f_copy_(&twin.view(out.size().as_slice()))
+                .context("dequantize_into: copying into the output")?;
+            Ok(())
+        }
+        (Some(b), Some(dtype)) if out.is_contiguous() => {
             let scales = q.scales()?;
             // SAFETY: q.validate/q.scales checked packed and the scale buffers; out is a
             // contiguous buffer of n elements of `dtype` on the same device.
@@ -653,11 +686,13 @@ pub fn dequantize_into(q: &Nf4Tensor, out: &mut Tensor) -> Result<()> {
                     dtype,
                 )
             };
-            check_status(status, b, "nf4_dequantize")
+            check_status(status, b, "nf4_dequantize")?;
+            kernel_choice::inject_fault(Kernel::Nf4Dequantize, out);
+            Ok(())
         }
-        _ => {
+        (Some(_), _) => {
             let direct = kernel_dtype(kind).map_or(Kind::Float, |_| kind);
-            let tmp = dequantize(q, direct)?;
+            let tmp = dequantize_with(q, direct, Impl::Custom)?;
             let _guard = tch::no_grad_guard();
             out.f_copy_(&tmp.view(out.size().as_slice()))
                 .context("dequantize_into: copying into the output")?;
@@ -673,7 +708,16 @@ pub fn dequantize_into(q: &Nf4Tensor, out: &mut Tensor) -> Result<()> {
 /// f32 in a fixed order (identical on CPU and CUDA), and the sum is rounded once.
 /// No autograd: the result does not require grad.
 pub fn matmul_small(x: &Tensor, q: &Nf4Tensor) -> Result<Tensor> {
-    let b = q.validate()?;
+    matmul_small_with(
+        x,
+        q,
+        kernel_choice::choose(Kernel::Nf4MatmulSmall, q.device()),
+    )
+}
+
+/// [`matmul_small`] by the given implementation.
+pub fn matmul_small_with(x: &Tensor, q: &Nf4Tensor, imp: Impl) -> Result<Tensor> {
+    q.validate_layout()?;
     ensure!(
         q.shape.len() == 2,
         "matmul_small needs a 2-D weight [out, in], got shape {:?}",
@@ -701,6 +745,16 @@ pub fn matmul_small(x: &Tensor, q: &Nf4Tensor) -> Result<Tensor> {
     let m = x.numel() as i64 / k.max(1);
     let mut y_shape = x_shape[..x_shape.len() - 1].to_vec();
     y_shape.push(n_out);
+    if imp == Impl::Torch {
+        q.scales_layout()?;
+        let y = if m == 0 || n_out == 0 {
+            Tensor::empty(y_shape.as_slice(), (x.kind(), device))
+        } else {
+            nf4_torch::matmul_small(&x.reshape([m, k]), q)?.reshape(y_shape.as_slice())
+        };
+        return Ok(y);
+    }
+    let b = q.validate()?;
     let y = Tensor::empty(y_shape.as_slice(), (x.kind(), device));
     if m == 0 || n_out == 0 {
         return Ok(y);
@@ -724,6 +778,7 @@ pub fn matmul_small(x: &Tensor, q: &Nf4Tensor) -> Result<Tensor> {
         )
     };
     check_status(status, b, "nf4_matmul_small")?;
+    kernel_choice::inject_fault(Kernel::Nf4MatmulSmall, &y);
     Ok(y)
 }
 
@@ -735,6 +790,19 @@ pub fn quantize_blockwise_8bit(
     code: &Tensor,
     blocksize: i64,
 ) -> Result<(Tensor, Tensor)> {
+    let imp = kernel_choice::choose(Kernel::Q8Quantize, x.device());
+    q8_quantize_with(x, code, 0.0, blocksize, imp)
+}
+
+/// Blockwise 8-bit quantization of `x - sub` by the given implementation; codes shaped like
+/// `x`.
+pub fn q8_quantize_with(
+    x: &Tensor,
+    code: &Tensor,
+    sub: f32,
+    blocksize: i64,
+    imp: Impl,
+) -> Result<(Tensor, Tensor)> {
     ensure!(
         blocksize > 0,
         "blockwise 8-bit quantization needs a positive blocksize"
@@ -745,7 +813,6 @@ pub fn quantize_blockwise_8bit(
         x.kind()
     );
     let device = x.device();
-    let b = backend(device)?;
     let n = x.numel() as i64;
     ensure!(n > 0, "cannot quantize an empty tensor");
     let code = code.to_device(device).contiguous();
@@ -756,6 +823,11 @@ pub fn quantize_blockwise_8bit(
         "the 8-bit code must be sorted ascending"
     );
     let x = x.detach().contiguous();
+    if imp == Impl::Torch {
+        let (q, absmax) = nf4_torch::q8_quantize(&x, &code, sub, blocksize);
+        return Ok((q.reshape(x.size().as_slice()), absmax));
+    }
+    let b = backend(device)?;
     let q = Tensor::empty(x.size().as_slice(), (Kind::Uint8, device));
     let absmax = Tensor::empty([div_ceil(n, blocksize)], (Kind::Float, device));
     // SAFETY: code 256 f32, x n f32, q n bytes, absmax ceil(n/blocksize) f32, contiguous, on
@@ -765,7 +837,7 @@ pub fn quantize_blockwise_8bit(
             b,
             f32_ptr(&code),
             f32_ptr(&x),
-            0.0,
+            sub,
             n,
             blocksize,
             u8_ptr(&q),
@@ -773,6 +845,7 @@ pub fn quantize_blockwise_8bit(
         )
     };
     check_status(status, b, "q8_quantize")?;
+    kernel_choice::inject_fault(Kernel::Q8Quantize, &q);
     Ok((q, absmax))
 }
 
@@ -783,20 +856,22 @@ pub fn dequantize_blockwise_8bit(
     code: &Tensor,
     blocksize: i64,
 ) -> Result<Tensor> {
-    dequantize_blockwise_8bit_add(q, absmax, code, blocksize, -0.0)
+    let imp = kernel_choice::choose(Kernel::Q8Dequantize, q.device());
+    q8_dequantize_with(q, absmax, code, blocksize, -0.0, imp)
 }
 
-/// `fl(fl(code[q] * absmax[block]) + add)`; `add = -0.0` is the exact identity.
-fn dequantize_blockwise_8bit_add(
+/// `fl(fl(code[q] * absmax[block]) + add)` by the given implementation; `add = -0.0` is the
+/// exact identity.
+pub fn q8_dequantize_with(
     q: &Tensor,
     absmax: &Tensor,
     code: &Tensor,
     blocksize: i64,
     add: f32,
+    imp: Impl,
 ) -> Result<Tensor> {
     ensure!(blocksize > 0, "blockwise 8-bit needs a positive blocksize");
     let device = q.device();
-    let b = backend(device)?;
     let n = q.numel() as i64;
     let q = q.contiguous();
     let absmax = absmax.to_device(device).to_kind(Kind::Float).contiguous();
@@ -810,6 +885,10 @@ fn dequantize_blockwise_8bit_add(
         "absmax",
     )?;
     expect_buffer(&code, Kind::Float, 256, device, "8-bit code")?;
+    if imp == Impl::Torch {
+        return Ok(nf4_torch::q8_dequantize(&q, &absmax, &code, blocksize, add));
+    }
+    let b = backend(device)?;
     let out = Tensor::empty(q.size().as_slice(), (Kind::Float, device));
     if n == 0 {
         return Ok(out);
@@ -828,6 +907,7 @@ fn dequantize_blockwise_8bit_add(
         )
     };
     check_status(status, b, "q8_dequantize")?;
+    kernel_choice::inject_fault(Kernel::Q8Dequantize, &out);
     Ok(out)
 }
 
@@ -958,18 +1038,25 @@ impl Nf4Tensor {
                 nested_absmax,
                 nested_code,
                 nested_blocksize,
-            } => dequantize_blockwise_8bit_add(
+            } => q8_dequantize_with(
                 quant,
                 nested_absmax,
                 nested_code,
                 *nested_blocksize,
                 *offset,
+                kernel_choice::choose(Kernel::Q8Dequantize, quant.device()),
             ),
         }
     }
 
     /// Checks the invariants the kernels rely on; returns the backend of the weight's device.
     fn validate(&self) -> Result<Backend> {
+        self.validate_layout()?;
+        backend(self.device())
+    }
+
+    /// The shape and packed-buffer invariants every implementation relies on.
+    fn validate_layout(&self) -> Result<()> {
         check_blocksize(self.blocksize)?;
         let n = self.numel();
         ensure!(
@@ -985,7 +1072,12 @@ impl Nf4Tensor {
             device,
             "NF4 packed weight",
         )?;
-        backend(device)
+        Ok(())
+    }
+
+    /// The scale buffers' invariants (what [`Nf4Tensor::scales`] checks, without pointers).
+    fn scales_layout(&self) -> Result<()> {
+        self.scales().map(|_| ())
     }
 
     /// The kernels' view of the scales; pointers stay valid while `self` lives.

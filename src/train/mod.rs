@@ -68,6 +68,9 @@ pub struct Summary {
     /// The loss weights `class_weights` resolved to (`balanced` computed from the training
     /// labels): cross-entropy `weight` or multi-label `pos_weight`.
     pub class_weights: Option<Vec<f64>>,
+    /// Per custom kernel: the implementation it ran (`custom` or `torch` twin) and its
+    /// self-check (`kernel_choice::summary_json`).
+    pub kernels: serde_json::Value,
 }
 
 /// What to do about an error the user can act on, if we recognise it.

@@ -11,6 +11,7 @@ use crate::data::batch::{epoch_batches, Encoded, Target};
 use crate::data::prompt;
 use crate::dist::Dist;
 use crate::eval::{self, EvalResult, Scoring};
+use crate::kernel_choice;
 use crate::merge::dtype_config_name;
 use crate::metrics::CsvLog;
 use crate::model::classifier::LlamaClassifier;
@@ -168,6 +169,9 @@ impl<'a> Trainer<'a> {
         if main {
             write_run_config(cfg)?;
         }
+        // Before the model loads: its quantization already runs kernels.
+        kernel_choice::set_mode(kernel_choice::Mode::parse(&cfg.kernels).context("kernels")?);
+        kernel_choice::prepare(device);
         let resume_from = resume::resolve(&run, cfg.resume.as_deref().unwrap_or(""))?;
 
         let (labels, raw_train) = prepare_task(cfg)?;
@@ -215,6 +219,7 @@ impl<'a> Trainer<'a> {
                 device,
                 cfg.compute_kind(device)
             );
+            println!("{}", kernel_choice::start_line(device));
         }
 
         let micro = cfg
@@ -755,6 +760,7 @@ impl<'a> Trainer<'a> {
                 loss::LossWeights::PerClass(w) => Some(w.clone()),
                 loss::LossWeights::None => None,
             },
+            kernels: kernel_choice::summary_json(self.device),
         };
         if self.main {
             self.write_profile()?;
