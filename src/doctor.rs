@@ -97,6 +97,9 @@ pub fn run(setting: &str, work: &std::path::Path) -> Report {
     for &d in &devices {
         describe(&mut r, d);
     }
+    for &d in &devices {
+        kernels(&mut r, d);
+    }
     all_reduce(&mut r, &devices);
     let assets = work.join("demo-assets");
     let written = crate::demo::write_demo_assets(&assets);
@@ -207,6 +210,49 @@ fn describe(r: &mut Report, d: Device) {
                 "device cpu",
                 Status::Ok,
                 format!("{threads} threads, {bf16}"),
+            );
+        }
+    }
+}
+
+/// Each custom kernel against its torch twin on `d` (the self-check `kernels: auto` runs at a
+/// run's first use; on CUDA the NF4 dequantize check includes a 14336 x 4096 weight), with
+/// both implementations' times.
+fn kernels(r: &mut Report, d: Device) {
+    use crate::kernel_choice::Kernel;
+    if !crate::kernel_choice::custom_available(d) {
+        r.push(
+            format!("kernels on {}", device_name(d)),
+            Status::Absent,
+            "no custom kernels for this device: every kernel runs as its torch twin",
+        );
+        return;
+    }
+    for k in Kernel::ALL {
+        let c = crate::kernel_check::run(k, d);
+        let name = format!("kernel {} on {}", k.name(), device_name(d));
+        let times = format!(
+            "custom {:.2} ms, torch twin {:.2} ms",
+            c.custom_ms, c.torch_ms
+        );
+        if c.passed() {
+            r.push(
+                name,
+                Status::Ok,
+                format!(
+                    "{}: max |Δ| {:.1e} <= tol {:.1e}; {times}",
+                    c.shape, c.max_abs_diff, c.tol
+                ),
+            );
+        } else {
+            r.push(
+                name,
+                Status::Fail,
+                format!(
+                    "{}; runs fall back to the twin (`kernels: torch` pins it): report the kernel, \
+                     shape and Δ",
+                    c.failure_line(k)
+                ),
             );
         }
     }

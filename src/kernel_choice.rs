@@ -159,15 +159,17 @@ fn choices() -> std::sync::MutexGuard<'static, Vec<Entry>> {
     CHOICES.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Sets the mode for the rest of the process (decisions already taken are dropped).
+/// Sets the mode for the rest of the process (a change drops the decisions already taken).
 pub fn set_mode(mode: Mode) {
     let code = match mode {
         Mode::Auto => 1,
         Mode::Custom => 2,
         Mode::Torch => 3,
     };
-    MODE.store(code, Ordering::SeqCst);
-    choices().clear();
+    // The same mode again (train, then the model loader) keeps the checks already run.
+    if MODE.swap(code, Ordering::SeqCst) != code {
+        choices().clear();
+    }
 }
 
 /// The mode in effect; `auto` until [`set_mode`] says otherwise.

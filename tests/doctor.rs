@@ -27,6 +27,9 @@ fn doctor_passes_here_and_lists_every_item() {
         "libtorch: built against torch/CUDA 2.11.0",
         "device cpu:",
         "all-reduce (Gloo, cpu): one rank",
+        "kernel nf4_dequantize on cpu:",
+        "kernel adamw_step on cpu:",
+        "kernel dropout on cpu:",
         "training step on cpu: 1 step + evaluation",
         "doctor: every check passed",
     ] {

@@ -62,6 +62,10 @@ pub fn use_model_pad_token(model_dir: &Path, encoder: &mut TextEncoder) -> Resul
 pub fn load_model(cfg: &Config, device: Device) -> Result<Loaded> {
     // The loading thread's device, once: kernels then launch without switching devices.
     crate::cuda::set_device(device)?;
+    // `kernels` for every command that loads a model (eval, predict, serve, merge, train).
+    crate::kernel_choice::set_mode(
+        crate::kernel_choice::Mode::parse(&cfg.kernels).context("key `kernels`")?,
+    );
     let mut encoder = TextEncoder::from_dir(cfg.tokenizer_dir()?, cfg.max_length)?;
     let model_dir = cfg.model_dir()?;
     use_model_pad_token(model_dir, &mut encoder)?;
