@@ -355,7 +355,14 @@ extern "C" int qlora_nf4_dequantize_cuda(const uint8_t* packed, QloraNf4Scales s
         return QLORA_NF4_EINVAL;
     }
     if (n == 0) return QLORA_NF4_OK;
-    const bool wide = blocksize % 8 == 0 && reinterpret_cast<uintptr_t>(packed) % 4 == 0 &&
+    // QLORA_NF4_DEQUANT_SCALAR=1 keeps the one-byte-per-thread kernel, so that the GPU check
+    // can measure what the wide one gains.
+    static const bool force_scalar = [] {
+        const char* v = getenv("QLORA_NF4_DEQUANT_SCALAR");
+        return v != nullptr && v[0] == '1';
+    }();
+    const bool wide = !force_scalar && blocksize % 8 == 0 &&
+                      reinterpret_cast<uintptr_t>(packed) % 4 == 0 &&
                       reinterpret_cast<uintptr_t>(out) % 16 == 0;
     if (wide) {
         return on_device(device, [&] {

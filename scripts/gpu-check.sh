@@ -547,6 +547,21 @@ step_kernels() {
   ours "$KBIN" adamw "${adamw[@]}" >"$WORK/adamw-ours.json" || return
   tail -1 "$WORK/nf4-ours.json" | cut -c1-300
   FIG=$(report_py --figure kernels_ours)
+  if [[ $MODE == gpu ]]; then
+    # What the 8-wide NF4 dequantize gains over the one-byte-per-thread kernel.
+    QLORA_NF4_DEQUANT_SCALAR=1 ours "$KBIN" nf4 "${nf4[@]}" >"$WORK/nf4-scalar.json" || return
+    local gain
+    gain=$("$PY" - "$WORK/nf4-ours.json" "$WORK/nf4-scalar.json" <<'EOF'
+import json, statistics, sys
+w, s = (statistics.median(json.loads(open(p).read().splitlines()[-1])["dequantize_s"]) for p in sys.argv[1:])
+print(f"8-wide dequantize {w * 1e6:.0f} us vs scalar {s * 1e6:.0f} us ({s / w:.2f}x)")
+EOF
+) || return
+    echo "$gain"
+    FIG="$FIG; $gain"
+  else
+    echo "8-wide vs scalar NF4 dequantize: skipped: --cpu (a CUDA kernel choice)"
+  fi
 }
 
 step_kernels_ref() {
