@@ -60,7 +60,8 @@ PARITY_TESTS := --lib --test model --test qlinear --test nf4 --test quantize --t
 CPU_BF16 := $(shell grep -qwE 'avx512_bf16|amx_bf16|bf16' /proc/cpuinfo 2>/dev/null && echo 1 || echo 0)
 
 test: setup
-	cargo build --release
+	# The binary and bench_kernels (gpu-check --cpu runs it).
+	cargo build --release --bins --examples
 	cargo test --release --lib --bins --tests -- --test-threads=2
 	@detected=$${QLORA_CPU_BF16:-$(CPU_BF16)}; other=$$((1 - detected)); \
 	echo "== the parity tests again with QLORA_CPU_BF16=$$other (this run: $$detected)"; \
