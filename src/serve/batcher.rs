@@ -91,9 +91,7 @@ impl Batcher {
                         longest = l;
                         batch.push(next);
                     }
-                    let n = batch.len();
-                    run(&model, device, pad_id, batch, longest, &metrics);
-                    q.fetch_sub(n, Ordering::SeqCst);
+                    run(&model, device, pad_id, batch, longest, &metrics, &q);
                 }
             })
             .expect("spawn the forward thread");
@@ -184,6 +182,7 @@ fn run(
     batch: Vec<Item>,
     longest: usize,
     metrics: &Metrics,
+    queued: &AtomicUsize,
 ) {
     let start = Instant::now();
     let waited: Vec<f64> = batch
@@ -221,6 +220,9 @@ fn run(
                 .unwrap_or_default()
         )),
     };
+    // The batch leaves the queue before its answers go out: a client that sends its next
+    // request on receiving one must find the room it left.
+    queued.fetch_sub(batch.len(), Ordering::SeqCst);
     match result {
         Ok(rows) => {
             for (item, row) in batch.into_iter().zip(rows) {
