@@ -194,8 +194,8 @@ pub fn choose(kernel: Kernel, device: Device) -> Impl {
         Mode::Custom => Impl::Custom,
         Mode::Auto if !custom_available(device) => Impl::Torch,
         Mode::Auto => {
-            if let Some(e) = find(kernel, device) {
-                return e.imp;
+            if let Some(imp) = chosen(kernel, device) {
+                return imp;
             }
             // The check runs without the lock: it calls the kernels, which ask here again
             // only through their explicit implementation.
@@ -224,6 +224,15 @@ pub fn choose(kernel: Kernel, device: Device) -> Impl {
             imp
         }
     }
+}
+
+/// The decision taken for (kernel, device), without copying its check: this runs on every
+/// kernel call of every training step.
+fn chosen(kernel: Kernel, device: Device) -> Option<Impl> {
+    choices()
+        .iter()
+        .find(|e| e.kernel == kernel && e.device == device)
+        .map(|e| e.imp)
 }
 
 fn find(kernel: Kernel, device: Device) -> Option<Entry> {
