@@ -2,8 +2,9 @@
 //! key names (the `score` head included, as `modules_to_save` saves it), so that
 //! `PeftModel.from_pretrained(base, dir)` loads what we train and we load what PEFT trains.
 use crate::config::Config;
+use crate::labels::{LabelSpec, ProblemType};
 use crate::runio;
-use crate::task::{LabelSpec, ProblemType, Task, TaskLabels};
+use crate::task::{Task, TaskLabels};
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::json;
@@ -20,25 +21,13 @@ pub const LABELS_FILE: &str = "labels.json";
 /// spelling of a transformers model config, and the task's columns and template.
 pub fn write_labels(dir: &Path, labels: &TaskLabels) -> Result<()> {
     let spec = &labels.spec;
-    let id2label: serde_json::Map<String, serde_json::Value> = spec
-        .names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (i.to_string(), json!(n)))
-        .collect();
-    let label2id: serde_json::Map<String, serde_json::Value> = spec
-        .names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.clone(), json!(i)))
-        .collect();
     runio::write_json(
         &dir.join(LABELS_FILE),
         &json!({
             "problem_type": spec.problem_type.as_str(),
             "num_labels": spec.num_labels(),
-            "id2label": id2label,
-            "label2id": label2id,
+            "id2label": spec.id2label(),
+            "label2id": spec.label2id(),
             "task": labels.task,
         }),
     )
@@ -76,6 +65,23 @@ pub fn read_labels(dir: &Path) -> Result<Option<TaskLabels>> {
         },
         task,
     }))
+}
+
+/// The labels of the adapter in `adapter_dir` whose head has `num_labels` outputs: its
+/// `labels.json`, else (an adapter saved before labels travelled with it) transformers'
+/// defaults, `LABEL_i` and single-label classification.
+pub fn labels_for(adapter_dir: &Path, num_labels: usize) -> Result<LabelSpec> {
+    let Some(saved) = read_labels(adapter_dir)? else {
+        return Ok(LabelSpec::transformers_default(num_labels));
+    };
+    if saved.spec.names.len() != num_labels {
+        bail!(
+            "{}: id2label names {} labels, the head has {num_labels}",
+            adapter_dir.join(LABELS_FILE).display(),
+            saved.spec.names.len()
+        );
+    }
+    Ok(saved.spec)
 }
 
 /// PEFT's LoraConfig fields for this run (what `lora_config.json` and the adapter hold).
@@ -226,4 +232,36 @@ pub fn read_meta(dir: &Path) -> Result<AdapterMeta> {
         lora_alpha,
         target_modules,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_then_labels_json() {
+        let d = tempfile::tempdir().unwrap();
+        let s = labels_for(d.path(), 3).unwrap();
+        assert_eq!(s.names, ["LABEL_0", "LABEL_1", "LABEL_2"]);
+        assert_eq!(s.problem_type, ProblemType::SingleLabel);
+        let saved = crate::task::TaskLabels {
+            task: crate::config::Config::default().to_task().unwrap(),
+            spec: LabelSpec {
+                problem_type: ProblemType::MultiLabel,
+                names: vec!["no".into(), "yes".into()],
+            },
+        };
+        write_labels(d.path(), &saved).unwrap();
+        let s = labels_for(d.path(), 2).unwrap();
+        assert_eq!(s.names, ["no", "yes"]);
+        assert_eq!(s.problem_type, ProblemType::MultiLabel);
+        assert_eq!(s.config_fields()["label2id"]["yes"], 1);
+        let e = labels_for(d.path(), 3).unwrap_err().to_string();
+        assert!(e.contains("labels.json") && e.contains("2 labels"), "{e}");
+        let path = d.path().join(LABELS_FILE);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace("multi_label_classification", "ranking")).unwrap();
+        let e = format!("{:#}", labels_for(d.path(), 2).unwrap_err());
+        assert!(e.contains("problem_type") && e.contains("ranking"), "{e}");
+    }
 }

@@ -144,9 +144,9 @@ impl<'de> Deserialize<'de> for Checkpointing {
 pub struct MemorySize(pub u64);
 
 impl MemorySize {
-    /// `quantize::parse_size`'s units (`--max_shard_size` takes the same spellings).
+    /// `units::parse_size`'s units (`--max_shard_size` takes the same spellings).
     pub fn parse(text: &str) -> std::result::Result<Self, String> {
-        crate::quantize::parse_size(text)
+        crate::units::parse_size(text)
             .map(MemorySize)
             .map_err(|e| format!("{e:#}"))
     }
@@ -249,33 +249,8 @@ pub fn keys() -> Vec<String> {
     }
 }
 
-/// Levenshtein distance, for "did you mean" hints.
-pub fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != *cb);
-            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
-}
-
-/// The candidate nearest to `word`, when it is close enough to be a plausible typo.
-pub fn nearest<'a, I: IntoIterator<Item = &'a str>>(word: &str, candidates: I) -> Option<&'a str> {
-    candidates
-        .into_iter()
-        .map(|c| (edit_distance(word, c), c))
-        .filter(|(d, c)| *d <= 3.max(c.len() / 3))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, c)| c)
-}
-
 fn hint(word: &str, candidates: &[String]) -> String {
-    match nearest(word, candidates.iter().map(String::as_str)) {
+    match crate::suggest::nearest(word, candidates.iter().map(String::as_str)) {
         Some(n) => format!(" (did you mean `{n}`?)"),
         None => String::new(),
     }
@@ -584,7 +559,7 @@ impl Config {
             )?;
         }
         if let Some(p) = &self.problem_type {
-            if let Err(e) = crate::task::ProblemType::parse(p) {
+            if let Err(e) = crate::labels::ProblemType::parse(p) {
                 err("problem_type", format!("{e:#}"))?;
             }
         }
@@ -602,7 +577,7 @@ impl Config {
         if let Err(e) = crate::data::prompt::resolve_prompt(&self.prompt) {
             err("prompt", format!("{e:#}"))?;
         }
-        if let Err(e) = crate::task::Task::from_config(self) {
+        if let Err(e) = self.to_task() {
             let msg = format!("{e:#}");
             // The key the message is about (the task's own keys before `task`).
             let key = ["template", "problem_type", "text_columns"]
@@ -666,13 +641,26 @@ impl Config {
             .as_deref()
             .context("no data_dir: set `data_dir` in the config or pass --data_dir DIR")
     }
+    /// The task these keys describe.
+    pub fn to_task(&self) -> Result<crate::task::Task> {
+        crate::task::Task::from_keys(&crate::task::TaskKeys {
+            task: &self.task,
+            text_columns: &self.text_columns,
+            label_column: &self.label_column,
+            labels: self.labels.as_deref(),
+            problem_type: self.problem_type.as_deref(),
+            prompt: &self.prompt,
+            template: self.template.as_deref(),
+            metric_for_best_model: self.metric_for_best_model.as_deref(),
+        })
+    }
 
     /// The device of a single-process run for the `device` setting (a rank of a
     /// distributed run takes [`crate::dist::Dist::device_for`]): `auto` is the first GPU
     /// only when this build has CUDA kernels and libtorch sees one, else the CPU; `cuda` and
     /// `cuda:N` without a usable GPU are an error naming the key.
     pub fn device(&self) -> Result<tch::Device> {
-        crate::dist::rank_device(&self.device, 0, 1, crate::dist::usable_gpus())
+        crate::dist::rank_device(&self.device, 0, 1, crate::hardware::usable_gpus())
     }
 
     /// The compute dtype; `auto` is bf16 on a GPU and on a CPU with bf16 matmul
@@ -683,37 +671,10 @@ impl Config {
             "bfloat16" => tch::Kind::BFloat16,
             "float16" => tch::Kind::Half,
             "float32" => tch::Kind::Float,
-            _ if device.is_cuda() || cpu_has_bf16_matmul() => tch::Kind::BFloat16,
+            _ if device.is_cuda() || crate::hardware::cpu_has_bf16_matmul() => tch::Kind::BFloat16,
             _ => tch::Kind::Float,
         }
     }
-}
-
-/// Whether this CPU multiplies bf16 natively, from the kernel's feature flags
-/// (`/proc/cpuinfo`); `QLORA_CPU_BF16=0/1` overrides (e.g. for a container that hides them).
-pub fn cpu_has_bf16_matmul() -> bool {
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| match std::env::var("QLORA_CPU_BF16").as_deref() {
-        Ok("1") => true,
-        Ok("0") => false,
-        _ => std::fs::read_to_string("/proc/cpuinfo")
-            .map(|text| cpuinfo_has_bf16(&text))
-            .unwrap_or(false),
-    })
-}
-
-fn cpuinfo_has_bf16(cpuinfo: &str) -> bool {
-    cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("flags") || l.starts_with("Features"))
-        .take(1)
-        .flat_map(|l| {
-            l.split_once(':')
-                .map(|x| x.1)
-                .unwrap_or("")
-                .split_whitespace()
-        })
-        .any(|f| matches!(f, "avx512_bf16" | "amx_bf16" | "bf16"))
 }
 
 /// The decoder family of `model_dir/config.json`, when it names one we know; LoRA's default
@@ -729,28 +690,6 @@ fn model_family(model_dir: &Path) -> Option<Family> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bf16_flags() {
-        assert!(cpuinfo_has_bf16(
-            "processor: 0\nflags\t: fpu avx2 avx512f avx512_bf16 amx_tile\n"
-        ));
-        assert!(cpuinfo_has_bf16("Features\t: fp asimd bf16 i8mm\n"));
-        assert!(!cpuinfo_has_bf16("flags\t: fpu avx avx2 fma\n"));
-        assert!(!cpuinfo_has_bf16(""));
-    }
-
-    #[test]
-    fn distance_and_nearest() {
-        assert_eq!(edit_distance("perfekt", "perfect"), 1);
-        assert_eq!(edit_distance("", "none"), 4);
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
-        assert_eq!(
-            nearest("lora_alpah", ["lora_alpha", "lr"]),
-            Some("lora_alpha")
-        );
-        assert_eq!(nearest("zzzzzzzz", ["lr", "r"]), None);
-    }
 
     #[test]
     fn flags_in_both_spellings() {

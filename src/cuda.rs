@@ -91,7 +91,7 @@ pub fn set_device(device: tch::Device) -> Result<()> {
         Ok(())
     }
     #[cfg(not(qlora_cuda))]
-    bail!("cuda:{i}: {}", crate::dist::no_gpu_reason())
+    bail!("cuda:{i}: {}", crate::hardware::no_gpu_reason())
 }
 
 /// What the runtime says about CUDA device `index`.
@@ -132,7 +132,7 @@ pub fn device_info(index: usize) -> Result<DeviceInfo> {
         })
     }
     #[cfg(not(qlora_cuda))]
-    bail!("cuda:{index}: {}", crate::dist::no_gpu_reason())
+    bail!("cuda:{index}: {}", crate::hardware::no_gpu_reason())
 }
 
 #[cfg(test)]

@@ -322,7 +322,7 @@ impl Dist {
             setting,
             self.local_rank,
             self.local_world_size,
-            usable_gpus(),
+            crate::hardware::usable_gpus(),
         )
     }
 
@@ -520,26 +520,6 @@ pub fn shared_gpu(uuids: &[[u8; 16]]) -> Option<(usize, usize)> {
     (0..uuids.len()).find_map(|b| (0..b).find(|&a| uuids[a] == uuids[b]).map(|a| (a, b)))
 }
 
-/// GPUs this process can compute on: those libtorch sees, when this build has the CUDA
-/// kernels every NF4, optimizer and dropout op needs; none otherwise (so `device: auto`
-/// picks the CPU in a build without nvcc instead of failing at the first NF4 op).
-pub fn usable_gpus() -> usize {
-    if cfg!(qlora_cuda) {
-        usize::try_from(tch::Cuda::device_count()).unwrap_or(0)
-    } else {
-        0
-    }
-}
-
-/// Why [`usable_gpus`] is 0, for messages.
-pub fn no_gpu_reason() -> &'static str {
-    if cfg!(qlora_cuda) {
-        "libtorch sees no CUDA device (no GPU, no driver, or CUDA_VISIBLE_DEVICES hides them)"
-    } else {
-        "this build has no CUDA kernels (nvcc was not found at build time, or QLORA_NO_CUDA=1)"
-    }
-}
-
 /// The device of the rank with local rank `local_rank` among `local_world` ranks on a node
 /// that shows `gpus` CUDA devices, for the `device` setting: `auto` and `cuda` take
 /// `cuda:LOCAL_RANK` (torchrun's convention; a node that shows each rank one GPU of its own,
@@ -568,7 +548,10 @@ pub fn rank_device(
         "auto" if gpus == 0 => Ok(Device::Cpu),
         "auto" => own_gpu(),
         "cuda" if gpus == 0 => {
-            bail!("key `device`: `cuda` asked for, but {}", no_gpu_reason())
+            bail!(
+                "key `device`: `cuda` asked for, but {}",
+                crate::hardware::no_gpu_reason()
+            )
         }
         "cuda" => own_gpu(),
         other => {
@@ -586,7 +569,7 @@ pub fn rank_device(
             }
             if n >= gpus {
                 let why = if gpus == 0 {
-                    no_gpu_reason().to_string()
+                    crate::hardware::no_gpu_reason().to_string()
                 } else {
                     format!("this node shows {gpus} CUDA device(s)")
                 };
@@ -747,7 +730,10 @@ mod tests {
             "{e}"
         );
         let e = format!("{:#}", rank_device("cuda:0", 0, 1, 0).unwrap_err());
-        assert!(e.contains("`device`") && e.contains(no_gpu_reason()), "{e}");
+        assert!(
+            e.contains("`device`") && e.contains(crate::hardware::no_gpu_reason()),
+            "{e}"
+        );
         assert!(rank_device("tpu", 0, 1, 4).is_err());
     }
 }

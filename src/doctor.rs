@@ -67,7 +67,7 @@ impl Report {
 /// Which devices to check: `auto` every usable one (the CPU and each GPU), `cpu`, `cuda`
 /// (every GPU; none is a failure) or `cuda:N`.
 pub fn devices(setting: &str) -> Result<Vec<Device>> {
-    let gpus = dist::usable_gpus();
+    let gpus = crate::hardware::usable_gpus();
     Ok(match setting {
         "auto" => std::iter::once(Device::Cpu)
             .chain((0..gpus).map(Device::Cuda))
@@ -75,7 +75,7 @@ pub fn devices(setting: &str) -> Result<Vec<Device>> {
         "cpu" => vec![Device::Cpu],
         "cuda" if gpus == 0 => bail!(
             "--device cuda: {}; run `qlora-cls doctor` without --device to check the CPU",
-            dist::no_gpu_reason()
+            crate::hardware::no_gpu_reason()
         ),
         "cuda" => (0..gpus).map(Device::Cuda).collect(),
         other => vec![dist::rank_device(other, 0, 1, gpus)?],
@@ -201,7 +201,7 @@ fn describe(r: &mut Report, d: Device) {
         ),
         _ => {
             let threads = tch::get_num_threads();
-            let bf16 = if crate::config::cpu_has_bf16_matmul() {
+            let bf16 = if crate::hardware::cpu_has_bf16_matmul() {
                 "bf16 matmul instructions: yes (compute dtype auto = bf16)"
             } else {
                 "bf16 matmul instructions: no (compute dtype auto = fp32)"
@@ -229,7 +229,7 @@ fn kernels(r: &mut Report, d: Device) {
         return;
     }
     for k in Kernel::ALL {
-        let c = crate::kernel_check::run(k, d);
+        let c = crate::kernels::check(k, d);
         let name = format!("kernel {} on {}", k.name(), device_name(d));
         let times = format!(
             "custom {:.2} ms, torch twin {:.2} ms",
@@ -359,11 +359,11 @@ mod tests {
         assert_eq!(devices("cpu").unwrap(), vec![Device::Cpu]);
         let auto = devices("auto").unwrap();
         assert_eq!(auto[0], Device::Cpu);
-        assert_eq!(auto.len(), 1 + dist::usable_gpus());
-        if dist::usable_gpus() == 0 {
+        assert_eq!(auto.len(), 1 + crate::hardware::usable_gpus());
+        if crate::hardware::usable_gpus() == 0 {
             let e = format!("{:#}", devices("cuda").unwrap_err());
             assert!(
-                e.contains("--device cuda") && e.contains(dist::no_gpu_reason()),
+                e.contains("--device cuda") && e.contains(crate::hardware::no_gpu_reason()),
                 "{e}"
             );
             assert!(devices("cuda:0").is_err());

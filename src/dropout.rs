@@ -83,7 +83,7 @@ impl Dropout {
     }
 
     fn run(&self, x: &Tensor, rows: i64, width: i64, keys: Option<&Tensor>) -> Result<Tensor> {
-        let imp = kernel_choice::choose(Kernel::Dropout, x.device());
+        let imp = kernel_choice::choose(Kernel::Dropout, x.device(), check);
         self.run_with(x, rows, width, keys, imp)
     }
 
@@ -203,13 +203,30 @@ pub fn row_key(example: i64, position: i64) -> i64 {
     example * MAX_POSITIONS + position
 }
 
-/// splitmix64: seeds for the dropout calls of one step, layer and projection.
-pub fn mix(a: u64, b: u64) -> u64 {
-    let mut z = a ^ b.wrapping_mul(0xD1B5_4A32_D192_ED03);
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+/// The self-check of the dropout kernel: row keys past 2^32 and a flat call.
+pub fn check(device: Device) -> crate::kernel_choice::Check {
+    use crate::kernel_check::randn;
+    crate::kernel_check::run(
+        device,
+        vec![(
+            "[5, 77] row keys past 2^32 + [1000] flat".into(),
+            Box::new(move |imp| {
+                let x = randn(5 * 77, 9, 1.0, device).reshape([5, 77]);
+                let keys = Tensor::from_slice(&[0, 3, (1i64 << 33) + 5, row_key(7, 9), 1])
+                    .to_device(device);
+                let d = Dropout {
+                    p: 0.1,
+                    seed: 0x1234_5678_9abc,
+                };
+                let flat = randn(1000, 10, 1.0, device);
+                let d2 = Dropout { p: 0.3, seed: 77 };
+                Ok(vec![
+                    d.run_with(&x, 5, 77, Some(&keys), imp)?,
+                    d2.run_with(&flat, 1, 1000, None, imp)?,
+                ])
+            }),
+        )],
+    )
 }
 
 #[cfg(test)]

@@ -2,12 +2,14 @@
 //! ─► the task's metrics (and the loss where labels exist). Under data parallelism each rank
 //! scores its shard, the logits are gathered, and the padding duplicates are dropped, so
 //! every example counts exactly once.
-use crate::data::batch::{collate, epoch_batches, target_tensor, Encoded, Target};
+use crate::data::batch::{collate, epoch_batches, target_tensor, Encoded};
 use crate::dist::{self, Dist};
+use crate::labels::Target;
+use crate::labels::{LabelSpec, ProblemType};
 use crate::metrics;
 use crate::model::classifier::LlamaClassifier;
 use crate::model::loss::{self, LossWeights};
-use crate::task::{LabelSpec, ProblemType};
+use crate::task::TaskLabels;
 use anyhow::{bail, ensure, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -44,6 +46,18 @@ impl Scoring {
             spec: LabelSpec::mrpc(num_classes),
             metrics: vec!["accuracy".into(), "f1".into()],
         }
+    }
+
+    /// How a run scores a task's evaluation split: MRPC as the reference does unless
+    /// `metric_for_best_model` names another metric, else the task's metrics.
+    pub fn for_task(labels: &TaskLabels, metric_for_best_model: Option<&str>) -> Result<Scoring> {
+        if labels.task.is_classic_mrpc() && metric_for_best_model.is_none() {
+            return Ok(Scoring::mrpc(labels.spec.num_labels()));
+        }
+        Ok(Scoring {
+            spec: labels.spec.clone(),
+            metrics: labels.task.metrics_for(&labels.spec)?,
+        })
     }
 }
 

@@ -74,7 +74,7 @@ mod tests {
         let mut s = seed;
         let mut out = Vec::with_capacity(n + 8);
         for _ in 0..n {
-            s = crate::dropout::mix(s, 1);
+            s = crate::splitmix::mix(s, 1);
             let exp = ((s >> 40) % 60) as i32 - 30;
             let mant = 1.0 + (s & 0xff_ffff) as f32 / 16_777_216.0;
             let sign = if s >> 63 == 1 { -1.0 } else { 1.0 };

@@ -1,12 +1,10 @@
-//! The self-check of one custom kernel on one device (`kernel_choice`, mode `auto`): the
-//! kernel and its torch twin run the same small random problem there, and every output is
-//! compared. Inputs come from a fixed-seed generator of our own, so a check never touches
-//! torch's random state (a run's LoRA initialisation must not depend on the checks).
-//! On a CUDA device the NF4 dequantize check adds one 8B-shaped weight (14336 × 4096,
-//! double-quantized), the shape whose size the kernel's indexing must survive.
-use crate::dropout::{row_key, Dropout};
-use crate::kernel_choice::{Check, Impl, Kernel};
-use crate::quant::nf4::{self, Nf4Options, Nf4Tensor, DYNAMIC_MAP};
+//! How a custom kernel is checked against its torch twin (`kernel_choice`, mode `auto`): both
+//! run the same small random problems on one device, and every output is compared. Each
+//! kernel's module states its own problems (`nf4::check_quantize`, `dropout::check`, ...);
+//! this runner knows none of them. Inputs come from a fixed-seed generator of our own, so a
+//! check never touches torch's random state (a run's LoRA initialisation must not depend on
+//! the checks).
+use crate::kernel_choice::{Check, Impl};
 use anyhow::Result;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -19,7 +17,7 @@ pub const TOLERANCE: f64 = 0.0;
 pub fn randn(n: i64, seed: u64, scale: f64, device: Device) -> Tensor {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5EED;
     let mut uniform = || {
-        state = crate::dropout::mix(state, 0x1234_5678);
+        state = crate::splitmix::mix(state, 0x1234_5678);
         ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     };
     let v: Vec<f32> = (0..n)
@@ -34,7 +32,7 @@ pub fn randn(n: i64, seed: u64, scale: f64, device: Device) -> Tensor {
 /// `n` pseudo-random u8 codes on `device`.
 pub fn rand_codes(n: i64, seed: u64, device: Device) -> Tensor {
     let v: Vec<u8> = (0..n as u64)
-        .map(|i| (crate::dropout::mix(seed, i) >> 56) as u8)
+        .map(|i| (crate::splitmix::mix(seed, i) >> 56) as u8)
         .collect();
     Tensor::from_slice(&v).to_device(device)
 }
@@ -61,7 +59,8 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .double_value(&[])
 }
 
-type Problem = Box<dyn Fn(Impl) -> Result<Vec<Tensor>>>;
+/// One check problem: its outputs by the given implementation.
+pub type Problem = Box<dyn Fn(Impl) -> Result<Vec<Tensor>>>;
 
 fn sync(device: Device) {
     if let Device::Cuda(i) = device {
@@ -69,8 +68,8 @@ fn sync(device: Device) {
     }
 }
 
-/// Runs the self-check of `kernel` on `device`.
-pub fn run(kernel: Kernel, device: Device) -> Check {
+/// Runs `problems` (shape label, problem) by both implementations on `device`.
+pub fn run(device: Device, problems: Vec<(String, Problem)>) -> Check {
     let _guard = tch::no_grad_guard();
     let start = Instant::now();
     let mut check = Check {
@@ -83,7 +82,7 @@ pub fn run(kernel: Kernel, device: Device) -> Check {
         torch_ms: 0.0,
     };
     let mut shapes = Vec::new();
-    for (shape, problem) in problems(kernel, device) {
+    for (shape, problem) in problems {
         shapes.push(shape);
         let t0 = Instant::now();
         let custom = problem(Impl::Custom);
@@ -115,134 +114,4 @@ pub fn run(kernel: Kernel, device: Device) -> Check {
     check.shape = shapes.join(" + ");
     check.check_ms = start.elapsed().as_secs_f64() * 1e3;
     check
-}
-
-fn nf4_weight(
-    rows: i64,
-    cols: i64,
-    blocksize: i64,
-    seed: u64,
-    device: Device,
-) -> Result<Nf4Tensor> {
-    let w = randn(rows * cols, seed, 1.0, device).reshape([rows, cols]);
-    let opts = Nf4Options {
-        blocksize,
-        double_quant: true,
-    };
-    // Built by the twins, which run everywhere: the problem is the same for both sides.
-    nf4::quantize_with(&w, &opts, Impl::Torch)
-}
-
-fn problems(kernel: Kernel, device: Device) -> Vec<(String, Problem)> {
-    let mut out: Vec<(String, Problem)> = Vec::new();
-    match kernel {
-        Kernel::Nf4Quantize => {
-            // An odd element count with a partial last block; f32 and bf16 input.
-            out.push((
-                "[33, 70] f32+bf16 bs64".into(),
-                Box::new(move |imp| {
-                    let w = randn(33 * 70, 1, 1.0, device).reshape([33, 70]);
-                    let opts = Nf4Options {
-                        blocksize: 64,
-                        double_quant: false,
-                    };
-                    let mut outs = Vec::new();
-                    for w in [w.shallow_clone(), w.to_kind(Kind::BFloat16)] {
-                        let q = nf4::quantize_with(&w, &opts, imp)?;
-                        outs.push(q.packed.shallow_clone());
-                        outs.push(q.absmax_f32()?);
-                    }
-                    Ok(outs)
-                }),
-            ));
-        }
-        Kernel::Nf4Dequantize => {
-            let q = nf4_weight(33, 70, 64, 2, device);
-            out.push((
-                "[33, 70] bs64 dq -> f32+bf16".into(),
-                Box::new(move |imp| {
-                    let q = q.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
-                    Ok(vec![
-                        nf4::dequantize_with(q, Kind::Float, imp)?,
-                        nf4::dequantize_with(q, Kind::BFloat16, imp)?,
-                    ])
-                }),
-            ));
-            if device.is_cuda() {
-                let q = nf4_weight(14336, 4096, 64, 3, device);
-                out.push((
-                    "[14336, 4096] bs64 dq -> bf16".into(),
-                    Box::new(move |imp| {
-                        let q = q.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
-                        Ok(vec![nf4::dequantize_with(q, Kind::BFloat16, imp)?])
-                    }),
-                ));
-            }
-        }
-        Kernel::Nf4MatmulSmall => {
-            let q = nf4_weight(37, 200, 64, 4, device);
-            out.push((
-                "x [3, 200] f32+bf16 . W [37, 200] bs64 dq".into(),
-                Box::new(move |imp| {
-                    let q = q.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
-                    let x = randn(3 * 200, 5, 1.0, device).reshape([3, 200]);
-                    Ok(vec![
-                        nf4::matmul_small_with(&x, q, imp)?,
-                        nf4::matmul_small_with(&x.to_kind(Kind::BFloat16), q, imp)?,
-                    ])
-                }),
-            ));
-        }
-        Kernel::Q8Quantize => {
-            out.push((
-                "[1000] bs256 sub 0.1".into(),
-                Box::new(move |imp| {
-                    let x = randn(1000, 6, 1.0, device);
-                    let code = Tensor::from_slice(&DYNAMIC_MAP).to_device(device);
-                    let (q, absmax) = nf4::q8_quantize_with(&x, &code, 0.1, 256, imp)?;
-                    Ok(vec![q, absmax])
-                }),
-            ));
-        }
-        Kernel::Q8Dequantize => {
-            out.push((
-                "[1000] bs256 add 0.3".into(),
-                Box::new(move |imp| {
-                    let q = rand_codes(1000, 7, device);
-                    let absmax = randn(4, 8, 1.0, device).abs();
-                    let code = Tensor::from_slice(&DYNAMIC_MAP).to_device(device);
-                    Ok(vec![nf4::q8_dequantize_with(
-                        &q, &absmax, &code, 256, 0.3, imp,
-                    )?])
-                }),
-            ));
-        }
-        Kernel::AdamwStep => {
-            out.push((
-                "[4396] 8-bit + [777] bnb 32-bit + [777] torch, 2 steps".into(),
-                Box::new(move |imp| crate::optim::adamw8bit::check_problem(device, imp)),
-            ));
-        }
-        Kernel::Dropout => {
-            out.push((
-                "[5, 77] row keys past 2^32 + [1000] flat".into(),
-                Box::new(move |imp| {
-                    let x = randn(5 * 77, 9, 1.0, device).reshape([5, 77]);
-                    let keys = Tensor::from_slice(&[0, 3, (1i64 << 33) + 5, row_key(7, 9), 1])
-                        .to_device(device);
-                    let d = Dropout {
-                        p: 0.1,
-                        seed: 0x1234_5678_9abc,
-                    };
-                    let flat = randn(1000, 10, 1.0, device);
-                    let d2 = Dropout { p: 0.3, seed: 77 };
-                    Ok(vec![
-                        d.run_with(&x, 5, 77, Some(&keys), imp)?,
-                        d2.run_with(&flat, 1, 1000, None, imp)?,
-                    ])
-                }),
-            ));
-        }
-    }
-    out
 }

@@ -14,7 +14,6 @@
 //! kernel's output (every call, self-check included), so a test can prove on the CPU that a
 //! failing check is caught, named, and that the twin then takes over.
 use anyhow::{bail, Result};
-use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, OnceLock};
 use tch::{Device, Tensor};
@@ -187,8 +186,10 @@ pub fn custom_available(device: Device) -> bool {
 }
 
 /// The implementation `kernel` runs on `device`. In `auto` mode the first call for a
-/// (kernel, device) pair runs the self-check (and prints the line of a failure).
-pub fn choose(kernel: Kernel, device: Device) -> Impl {
+/// (kernel, device) pair runs `check`, the kernel's self-check against its twin (and prints
+/// the line of a failure). Each kernel's module passes its own check, so this registry
+/// needs to know none of them.
+pub fn choose(kernel: Kernel, device: Device, check: fn(Device) -> Check) -> Impl {
     match mode() {
         Mode::Torch => Impl::Torch,
         Mode::Custom => Impl::Custom,
@@ -199,7 +200,7 @@ pub fn choose(kernel: Kernel, device: Device) -> Impl {
             }
             // The check runs without the lock: it calls the kernels, which ask here again
             // only through their explicit implementation.
-            let check = crate::kernel_check::run(kernel, device);
+            let check = check(device);
             if !check.passed() {
                 eprintln!("{}", check.failure_line(kernel));
             }
@@ -235,83 +236,12 @@ fn chosen(kernel: Kernel, device: Device) -> Option<Impl> {
         .map(|e| e.imp)
 }
 
-fn find(kernel: Kernel, device: Device) -> Option<Entry> {
+/// The self-check behind the decision for (kernel, device), when one ran.
+pub fn check_of(kernel: Kernel, device: Device) -> Option<Check> {
     choices()
         .iter()
         .find(|e| e.kernel == kernel && e.device == device)
-        .cloned()
-}
-
-/// Decides every kernel for `device` now (in `auto` mode: runs all self-checks), so the
-/// start line can report them.
-pub fn prepare(device: Device) {
-    for k in Kernel::ALL {
-        choose(k, device);
-    }
-}
-
-/// One line for the start of a run: mode and each kernel's implementation and check.
-pub fn start_line(device: Device) -> String {
-    let parts: Vec<String> = Kernel::ALL
-        .into_iter()
-        .map(|k| {
-            let imp = choose(k, device);
-            match find(k, device).and_then(|e| e.check) {
-                Some(c) if c.passed() => format!(
-                    "{} {} (check passed in {:.1} ms)",
-                    k.name(),
-                    imp.name(),
-                    c.check_ms
-                ),
-                Some(c) => format!(
-                    "{} {} (check FAILED, max |Δ| {:.3e} > tol {:.3e})",
-                    k.name(),
-                    imp.name(),
-                    c.max_abs_diff,
-                    c.tol
-                ),
-                None => format!("{} {}", k.name(), imp.name()),
-            }
-        })
-        .collect();
-    format!(
-        "kernels: {} on {device:?}: {}",
-        mode().name(),
-        parts.join(", ")
-    )
-}
-
-/// summary.json's `kernels`: the mode, and per kernel its implementation and check.
-pub fn summary_json(device: Device) -> Value {
-    let mut out = serde_json::Map::new();
-    out.insert("mode".into(), json!(mode().name()));
-    for k in Kernel::ALL {
-        let imp = choose(k, device);
-        let v = match find(k, device).and_then(|e| e.check) {
-            Some(c) => json!({
-                "impl": imp.name(),
-                "check": if c.passed() { "passed" } else { "failed" },
-                "shape": c.shape,
-                "max_abs_diff": finite_or_null(c.max_abs_diff),
-                "tol": c.tol,
-                "error": c.error,
-                "check_ms": c.check_ms,
-                "custom_ms": c.custom_ms,
-                "torch_ms": c.torch_ms,
-            }),
-            None => json!({"impl": imp.name(), "check": "not run"}),
-        };
-        out.insert(k.name().into(), v);
-    }
-    Value::Object(out)
-}
-
-fn finite_or_null(v: f64) -> Value {
-    if v.is_finite() {
-        json!(v)
-    } else {
-        Value::Null
-    }
+        .and_then(|e| e.check.clone())
 }
 
 /// The kernel the fault switch names, if any (read once).

@@ -3,9 +3,10 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use qlora_cls::config::{self, Config, Override};
 use qlora_cls::data::examples;
+use qlora_cls::labels::{LabelSpec, ProblemType};
 use qlora_cls::model::hf_config::{peft_param_counts, peft_param_line, LlamaConfig};
-use qlora_cls::task::{LabelSpec, ProblemType, TaskLabels};
-use qlora_cls::{demo, eval, plot, runio, train};
+use qlora_cls::task::TaskLabels;
+use qlora_cls::{demo, eval, loader, plot, runio, splits, train};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -223,8 +224,8 @@ fn score_split(args: &Args, require_labels: bool) -> Result<Scored> {
         .get("split")
         .cloned()
         .unwrap_or_else(|| "test".into());
-    let (mut loaded, labels) = train::load_with_adapter(&cfg, &adapter)?;
-    train::for_inference(&mut loaded.model, loaded.device, dense_weights_flag(args)?)?;
+    let (mut loaded, labels) = loader::load_with_adapter(&cfg, &adapter)?;
+    loader::for_inference(&mut loaded.model, loaded.device, dense_weights_flag(args)?)?;
     let (split, data) = match args.own.get("input") {
         Some(file) => {
             let path = PathBuf::from(file);
@@ -235,7 +236,7 @@ fn score_split(args: &Args, require_labels: bool) -> Result<Scored> {
             let name = path
                 .file_stem()
                 .map_or("input".into(), |s| s.to_string_lossy().into_owned());
-            (name, train::encode_raw(&labels, &loaded.encoder, &raw)?)
+            (name, splits::encode_raw(&labels, &loaded.encoder, &raw)?)
         }
         None => {
             let data_cfg = Config {
@@ -244,11 +245,11 @@ fn score_split(args: &Args, require_labels: bool) -> Result<Scored> {
             };
             (
                 split.clone(),
-                train::load_split(&data_cfg, &labels, &loaded.encoder, &split, require_labels)?,
+                splits::load_split(&data_cfg, &labels, &loaded.encoder, &split, require_labels)?,
             )
         }
     };
-    let scoring = train::scoring(&labels, &cfg)?;
+    let scoring = eval::Scoring::for_task(&labels, cfg.metric_for_best_model.as_deref())?;
     let started = std::time::Instant::now();
     let r = eval::evaluate(
         &loaded.model,
@@ -484,7 +485,7 @@ fn quantize_cmd(flags: &[String]) -> Result<()> {
         opts.quant_storage = v.clone();
     }
     if let Some(v) = args.own.get("max_shard_size") {
-        opts.max_shard_bytes = quantize::parse_size(v)?;
+        opts.max_shard_bytes = qlora_cls::units::parse_size(v)?;
     }
     opts.force = flag("force")?.unwrap_or(false);
     let model_dir = PathBuf::from(args.required("model_dir")?);
@@ -527,10 +528,12 @@ fn merge_cmd(flags: &[String]) -> Result<()> {
         Some(q) => anyhow::bail!("--quantize {q:?}: expected nf4 (or none)"),
     };
     let opts = MergeOptions {
-        dtype: merge::parse_dtype(args.own.get("dtype").map_or("bfloat16", String::as_str))?,
+        dtype: qlora_cls::model::hf_config::parse_dtype(
+            args.own.get("dtype").map_or("bfloat16", String::as_str),
+        )?,
         quantize_nf4,
         max_shard_bytes: match args.own.get("max_shard_size") {
-            Some(v) => qlora_cls::quantize::parse_size(v)?,
+            Some(v) => qlora_cls::units::parse_size(v)?,
             None => qlora_cls::quantize::DEFAULT_MAX_SHARD_BYTES,
         },
         force: match args.own.get("force") {

@@ -18,15 +18,16 @@ use crate::adapter;
 use crate::config::Config;
 use crate::data::batch::{collate, Encoded, TextEncoder};
 use crate::data::prompt;
-use crate::label_spec::{self, LabelSpec};
+use crate::labels::{self, LabelSpec};
 use crate::model::checkpoint::{kind_of, Checkpoint, INDEX_FILE};
 use crate::model::classifier::LlamaClassifier;
 use crate::model::family::Family;
+use crate::model::hf_config::dtype_config_name;
 use crate::quant::nf4::{self, Nf4Options, Nf4Tensor};
 use crate::quantize::{self, QuantizeOptions};
 use crate::runio;
 use crate::task::TaskLabels;
-use crate::train;
+use crate::{loader, splits};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -387,25 +388,6 @@ fn runio_tmp(path: &Path) -> PathBuf {
     ))
 }
 
-/// transformers' name of a float kind (`config.dtype`).
-pub fn dtype_config_name(k: Kind) -> &'static str {
-    match k {
-        Kind::BFloat16 => "bfloat16",
-        Kind::Half => "float16",
-        _ => "float32",
-    }
-}
-
-/// `--dtype` → kind.
-pub fn parse_dtype(s: &str) -> Result<Kind> {
-    Ok(match s {
-        "bfloat16" | "bf16" => Kind::BFloat16,
-        "float16" | "fp16" => Kind::Half,
-        "float32" | "fp32" => Kind::Float,
-        _ => bail!("--dtype {s:?}: expected bfloat16, float16 or float32"),
-    })
-}
-
 /// The base's config.json turned into the classifier's.
 fn classifier_config(
     model_dir: &Path,
@@ -482,7 +464,7 @@ fn write_merged(
 ) -> Result<MergeReport> {
     let model_dir = cfg.model_dir()?;
     let mut encoder = TextEncoder::from_dir(cfg.tokenizer_dir()?, None)?;
-    crate::train::use_model_pad_token(model_dir, &mut encoder)?;
+    crate::loader::use_model_pad_token(model_dir, &mut encoder)?;
     let merger = Merger {
         ck: Checkpoint::open(model_dir)?,
         adapter: read_adapter(adapter_dir)?,
@@ -505,7 +487,7 @@ fn write_merged(
                 model_dir.display()
             )
         })?;
-    let labels = label_spec::label_spec(adapter_dir, num_labels as usize)?;
+    let labels = crate::adapter::labels_for(adapter_dir, num_labels as usize)?;
     report.merged = plan.iter().filter(|p| p.lora.is_some()).count();
     report.copied = plan.len() - report.merged;
     let shards = quantize::cut_shards(&plan, Planned::bytes, opts.max_shard_bytes);
@@ -602,7 +584,7 @@ fn sample_rows(
                 ..cfg.clone()
             };
             (
-                train::load_split(&data_cfg, labels, encoder, &opts.sample_split, false)?,
+                splits::load_split(&data_cfg, labels, encoder, &opts.sample_split, false)?,
                 format!("{} ({} split)", d.display(), opts.sample_split),
             )
         }
@@ -650,11 +632,11 @@ fn logits_of(model: &LlamaClassifier, ids: &[Encoded], pad: i64, device: Device)
 }
 
 fn drift(cfg: &Config, adapter_dir: &Path, merged: &Path, opts: &MergeOptions) -> Result<Drift> {
-    let (unmerged, labels) = train::load_with_adapter(cfg, adapter_dir)?;
+    let (unmerged, labels) = loader::load_with_adapter(cfg, adapter_dir)?;
     let (ids, source) = sample_rows(cfg, &labels, &unmerged.encoder, opts)?;
     let pad = unmerged.encoder.pad_id();
     let before = logits_of(&unmerged.model, &ids, pad, unmerged.device)?;
-    let mut mo = train::model_options(cfg, unmerged.device, pad);
+    let mut mo = loader::model_options(cfg, unmerged.device, pad);
     drop(unmerged);
     mo.lora = None;
     mo.num_labels = before.size()[1];
@@ -663,8 +645,8 @@ fn drift(cfg: &Config, adapter_dir: &Path, merged: &Path, opts: &MergeOptions) -
     let after = logits_of(&model, &ids, pad, mo.device)?;
     let problem = labels.spec.problem_type;
     let (sb, sa) = (
-        label_spec::scores(&before, problem),
-        label_spec::scores(&after, problem),
+        labels::scores(&before, problem),
+        labels::scores(&after, problem),
     );
     let d = (&sb - &sa).abs();
     let agree = sb

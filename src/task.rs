@@ -1,11 +1,10 @@
 //! What a run classifies: the GLUE suite by name, or `task: custom` described by its config
 //! keys (text columns, label column, label names, template, problem type, metrics). The
-//! label side that travels with a trained adapter is [`LabelSpec`].
-use crate::config::Config;
+//! label side that travels with a trained adapter is [`TaskLabels`].
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-pub use crate::model::loss::ProblemType;
+use crate::labels::{LabelSpec, ProblemType};
 
 /// `problem_type` in transformers' spelling, in saved files.
 mod problem_serde {
@@ -274,15 +273,24 @@ pub fn unknown_placeholders(template: &str, columns: &[String]) -> Vec<String> {
     out
 }
 
+/// The config keys a task is described by (`Config::to_task` fills them in).
+#[derive(Debug, Clone, Copy)]
+pub struct TaskKeys<'a> {
+    pub task: &'a str,
+    pub text_columns: &'a [String],
+    pub label_column: &'a str,
+    pub labels: Option<&'a [String]>,
+    pub problem_type: Option<&'a str>,
+    pub prompt: &'a str,
+    pub template: Option<&'a str>,
+    pub metric_for_best_model: Option<&'a str>,
+}
+
 impl Task {
-    /// The task of a configuration (checked by `Config::validate`).
-    pub fn from_config(cfg: &Config) -> Result<Task> {
-        let problem_type = cfg
-            .problem_type
-            .as_deref()
-            .map(ProblemType::parse)
-            .transpose()?;
-        let mut task = if let Some(g) = glue(&cfg.task) {
+    /// The task the config keys describe (checked by `Config::validate`).
+    pub fn from_keys(cfg: &TaskKeys) -> Result<Task> {
+        let problem_type = cfg.problem_type.map(ProblemType::parse).transpose()?;
+        let mut task = if let Some(g) = glue(cfg.task) {
             Task {
                 name: g.name.into(),
                 text_columns: g.columns.iter().map(|s| s.to_string()).collect(),
@@ -303,9 +311,9 @@ impl Task {
             }
             Task {
                 name: "custom".into(),
-                text_columns: cfg.text_columns.clone(),
-                label_column: cfg.label_column.clone(),
-                labels: cfg.labels.clone(),
+                text_columns: cfg.text_columns.to_vec(),
+                label_column: cfg.label_column.to_string(),
+                labels: cfg.labels.map(<[String]>::to_vec),
                 problem_type,
                 template: String::new(),
                 prompt: String::new(),
@@ -325,11 +333,10 @@ impl Task {
                 task.problem_type.map_or("?", ProblemType::as_str)
             );
         }
-        task.prompt = crate::data::prompt::resolve_prompt(&cfg.prompt)?;
+        task.prompt = crate::data::prompt::resolve_prompt(cfg.prompt)?;
         task.template = cfg
             .template
-            .clone()
-            .unwrap_or_else(|| default_template(&task.text_columns));
+            .map_or_else(|| default_template(&task.text_columns), str::to_string);
         let unknown = unknown_placeholders(&task.template, &task.text_columns);
         if !unknown.is_empty() {
             bail!(
@@ -343,9 +350,9 @@ impl Task {
                 task.text_columns.join(", ")
             );
         }
-        if let Some(m) = &cfg.metric_for_best_model {
+        if let Some(m) = cfg.metric_for_best_model {
             task.metrics.retain(|k| k != m);
-            task.metrics.insert(0, m.clone());
+            task.metrics.insert(0, m.to_string());
         }
         Ok(task)
     }
@@ -376,36 +383,6 @@ impl Task {
             }
         }
         Ok(m)
-    }
-}
-
-/// The label side of a trained adapter: problem type and label names in id order (one name,
-/// `LABEL_0`, for regression), with the task's columns and template so `eval`/`predict` need
-/// no task flags. Saved as [`crate::adapter::LABELS_FILE`] beside PEFT's files.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LabelSpec {
-    pub problem_type: ProblemType,
-    pub names: Vec<String>,
-}
-
-impl LabelSpec {
-    pub fn num_labels(&self) -> usize {
-        self.names.len()
-    }
-
-    /// The id of a label name.
-    pub fn id_of(&self, name: &str) -> Option<usize> {
-        self.names.iter().position(|n| n == name)
-    }
-
-    /// MRPC's labels as the reference trains them: ids named by themselves, so `predict`
-    /// writes 0 and 1 as before (and as GLUE's server expects).
-    pub fn mrpc(num_classes: usize) -> LabelSpec {
-        let names = (0..num_classes).map(|i| i.to_string()).collect();
-        LabelSpec {
-            problem_type: ProblemType::SingleLabel,
-            names,
-        }
     }
 }
 

@@ -634,7 +634,7 @@ fn pad_token_is_the_models_own_else_eos() {
     let model = assets.join("model");
     let cfg = common::config_from(&["--model_dir", model.to_str().unwrap()]);
     let eos = {
-        let l = qlora_cls::train::load_model(&cfg, tch::Device::Cpu).expect("load");
+        let l = qlora_cls::loader::load_model(&cfg, tch::Device::Cpu).expect("load");
         let eos = l
             .encoder
             .token_to_id(l.encoder.eos_token())
@@ -649,14 +649,14 @@ fn pad_token_is_the_models_own_else_eos() {
     let pad = if eos == 3 { 4 } else { 3 };
     v["pad_token_id"] = serde_json::json!(pad);
     std::fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
-    let l = qlora_cls::train::load_model(&cfg, tch::Device::Cpu).expect("load");
+    let l = qlora_cls::loader::load_model(&cfg, tch::Device::Cpu).expect("load");
     assert_eq!(l.encoder.pad_id(), pad);
     assert_eq!(l.model.opts.pad_token_id, pad);
     v["pad_token_id"] = serde_json::json!(1 << 30);
     std::fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
     let err = format!(
         "{:#}",
-        qlora_cls::train::load_model(&cfg, tch::Device::Cpu)
+        qlora_cls::loader::load_model(&cfg, tch::Device::Cpu)
             .err()
             .expect("a pad id outside the vocabulary is refused")
     );

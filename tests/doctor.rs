@@ -39,7 +39,7 @@ fn doctor_passes_here_and_lists_every_item() {
         );
     }
     assert!(!stdout.contains("FAIL"), "{stdout}");
-    if qlora_cls::dist::usable_gpus() == 0 {
+    if qlora_cls::hardware::usable_gpus() == 0 {
         // No GPU: the CUDA parts are reported, none fails the run.
         assert!(!stdout.contains("device cuda:"), "{stdout}");
     } else {
@@ -49,7 +49,7 @@ fn doctor_passes_here_and_lists_every_item() {
 
 #[test]
 fn doctor_on_a_missing_gpu_fails_clearly() {
-    if qlora_cls::dist::usable_gpus() > 0 {
+    if qlora_cls::hardware::usable_gpus() > 0 {
         eprintln!("skipped: this machine has a usable GPU");
         return;
     }
@@ -63,7 +63,7 @@ fn doctor_on_a_missing_gpu_fails_clearly() {
             "{stderr}"
         );
         assert!(
-            stderr.contains(qlora_cls::dist::no_gpu_reason()),
+            stderr.contains(qlora_cls::hardware::no_gpu_reason()),
             "{stderr}"
         );
         assert!(stdout.contains("[ FAIL ] devices"), "{stdout}");

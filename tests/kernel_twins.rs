@@ -4,7 +4,7 @@
 mod common;
 
 use qlora_cls::dropout::{row_key, Dropout};
-use qlora_cls::kernel_check::{self, max_abs_diff, rand_codes, randn};
+use qlora_cls::kernel_check::{max_abs_diff, rand_codes, randn};
 use qlora_cls::kernel_choice::{Impl, Kernel};
 use qlora_cls::optim::adamw8bit::{AdamW32, AdamW8bit, AdamWConfig};
 use qlora_cls::quant::nf4::{self, Absmax, Nf4Options, Nf4Tensor, DYNAMIC_MAP};
@@ -293,7 +293,7 @@ fn dropout_twin_equals_the_kernel() {
 #[test]
 fn every_cpu_self_check_passes_with_zero_difference() {
     for k in Kernel::ALL {
-        let c = kernel_check::run(k, CPU);
+        let c = qlora_cls::kernels::check(k, CPU);
         assert!(c.passed(), "{}: {c:?}", k.name());
         assert_eq!(c.max_abs_diff, 0.0, "{}: {c:?}", k.name());
         assert!(!c.shape.is_empty(), "{}: no problem ran", k.name());

@@ -68,8 +68,8 @@ fn check_merge(model_dir: &Path, work: &Path, extra: &[&str]) -> Value {
     random_adapter(&cfg, &adapter);
     // Named labels travel with the adapter (labels.json, as `train` writes it).
     let labels = qlora_cls::task::TaskLabels {
-        task: qlora_cls::task::Task::from_config(&cfg).expect("task"),
-        spec: qlora_cls::task::LabelSpec {
+        task: cfg.to_task().expect("task"),
+        spec: qlora_cls::labels::LabelSpec {
             problem_type: qlora_cls::model::loss::ProblemType::SingleLabel,
             names: vec!["different".into(), "paraphrase".into()],
         },

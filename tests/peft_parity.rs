@@ -9,11 +9,11 @@ use qlora_cls::adapter;
 use qlora_cls::config::{Checkpointing, Config};
 use qlora_cls::data::batch::Encoded;
 use qlora_cls::eval;
+use qlora_cls::loader;
 use qlora_cls::model::classifier::LlamaClassifier;
 use qlora_cls::model::hf_config::peft_param_line;
 use qlora_cls::optim::adamw8bit::{dynamic_map, AdamW8bit, AdamWConfig, Optimizer, MIN_8BIT_SIZE};
 use qlora_cls::optim::schedule::{linear_warmup_multiplier, warmup_steps};
-use qlora_cls::train;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -173,7 +173,7 @@ impl Ours {
     fn new_in(root: &Path, nf4: bool) -> Ours {
         let f = facts_in(root);
         let cfg = config_in(root, nf4);
-        let opts = train::model_options(&cfg, Device::Cpu, f.pad);
+        let opts = loader::model_options(&cfg, Device::Cpu, f.pad);
         let mut model = LlamaClassifier::load(&root.join("base"), &opts)
             .unwrap_or_else(|e| panic!("load: {e:#}"));
         let init = read(&root.join("init.safetensors"));
@@ -722,7 +722,7 @@ fn our_trainer_loads_peft_adapters_in(root: &Path) {
         let cfg = config_in(root, nf4);
         let dir = root.join(format!("peft_adapter_{tag}"));
         let (loaded, _) =
-            train::load_with_adapter(&cfg, &dir).unwrap_or_else(|e| panic!("{tag}: {e:#}"));
+            loader::load_with_adapter(&cfg, &dir).unwrap_or_else(|e| panic!("{tag}: {e:#}"));
         assert_eq!(
             loaded.encoder.pad_id(),
             facts_in(root).pad,
@@ -800,7 +800,7 @@ fn trainable_parameter_line_matches_peft_4bit() {
     let cfg = config(true);
     let m = LlamaClassifier::load(
         &fixtures().join("base"),
-        &train::model_options(&cfg, Device::Cpu, f.pad),
+        &loader::model_options(&cfg, Device::Cpu, f.pad),
     )
     .expect("load");
     let (t, a) = m.param_counts();
@@ -822,7 +822,7 @@ fn family_trains_like_peft(family: &str) {
     let f = facts_in(&root);
     let m = LlamaClassifier::load(
         &root.join("base"),
-        &train::model_options(&config_in(&root, true), Device::Cpu, f.pad),
+        &loader::model_options(&config_in(&root, true), Device::Cpu, f.pad),
     )
     .expect("load");
     let (t, a) = m.param_counts();

@@ -3,9 +3,10 @@
 //! and inference; the bad-input errors, each naming the file, the row and the column.
 mod common;
 use common::task;
-use qlora_cls::data::batch::Target;
 use qlora_cls::data::examples::{infer_labels, load_split, targets, TaskExample};
-use qlora_cls::task::{LabelSpec, ProblemType, Task};
+use qlora_cls::labels::Target;
+use qlora_cls::labels::{LabelSpec, ProblemType};
+use qlora_cls::task::Task;
 use std::path::Path;
 
 fn write(path: &Path, text: &str) {

@@ -271,7 +271,7 @@ fn num_classes_disagreeing_with_the_labels_is_refused() {
             n,
         ])
     };
-    let err = match qlora_cls::train::prepare_task(&flags("5")) {
+    let err = match qlora_cls::splits::prepare_task(&flags("5")) {
         Ok(_) => panic!("5 classes for 3 labels is refused"),
         Err(e) => format!("{e:#}"),
     };
@@ -279,7 +279,7 @@ fn num_classes_disagreeing_with_the_labels_is_refused() {
         err.contains("num_classes") && err.contains("profit, sales, shares"),
         "{err}"
     );
-    let (labels, _) = qlora_cls::train::prepare_task(&flags("3")).expect("3 matches");
+    let (labels, _) = qlora_cls::splits::prepare_task(&flags("3")).expect("3 matches");
     assert_eq!(labels.spec.num_labels(), 3);
 }
 

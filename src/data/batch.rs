@@ -2,6 +2,7 @@
 //! batches in an epoch.
 use super::formats::Example;
 use super::prompt::render;
+use crate::labels::Target;
 use anyhow::{anyhow, bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -167,32 +168,6 @@ fn find_eos(dir: &Path, tokenizer: &Tokenizer) -> Result<String> {
                 KNOWN_EOS_NAMES.join(", ")
             )
         })
-}
-
-/// What the model is trained to output for one example.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Target {
-    /// Single-label: a class id.
-    Class(i64),
-    /// Multi-label: one 0/1 per label.
-    Multi(Vec<f32>),
-    /// Regression: the value.
-    Value(f64),
-}
-
-impl Target {
-    pub fn class(&self) -> Option<i64> {
-        match self {
-            Target::Class(c) => Some(*c),
-            _ => None,
-        }
-    }
-}
-
-impl From<i64> for Target {
-    fn from(c: i64) -> Self {
-        Target::Class(c)
-    }
 }
 
 /// One tokenised example.

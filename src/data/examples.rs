@@ -2,9 +2,9 @@
 //! picked, its labels turned into targets by a [`LabelSpec`] (inferred from the training
 //! labels as transformers infers `problem_type`: floats → regression, lists → multi-label,
 //! else single-label). Errors name the file, the line or row, and the column.
-use super::batch::Target;
 use super::table::{self, Cell, Format, Table};
-use crate::task::{glue, GlueTsv, LabelSpec, ProblemType, Task};
+use crate::labels::{LabelSpec, ProblemType, Target};
+use crate::task::{glue, GlueTsv, Task};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -33,7 +33,7 @@ pub fn resolve_prompt(name_or_text: &str) -> Result<String> {
     let lower = key.to_lowercase();
     let nearest = PROMPTS
         .iter()
-        .map(|(n, _)| (crate::config::edit_distance(&lower, n), *n))
+        .map(|(n, _)| (crate::suggest::edit_distance(&lower, n), *n))
         .min()
         .map(|(_, n)| n)
         .unwrap_or("none");

@@ -10,11 +10,12 @@
 //! `batch × longest`. Attention alone scatters them back to the padded `[B, heads, T, d]`
 //! layout, where padded keys are masked as before. A padded position never influences a real
 //! one, so the real rows equal those of the padded computation.
-use crate::dropout::{mix, MaskKey, MAX_POSITIONS};
+use crate::dropout::{MaskKey, MAX_POSITIONS};
 use crate::lora::LoraSaved;
 use crate::model::llama::{rotate_half, ContextSpec, DecoderLayer, LayerContext, RmsNorm};
 use crate::profile::{scope, Part};
 use crate::quant::qlinear::Scratch;
+use crate::splitmix::mix;
 use anyhow::{Context, Result};
 use std::cell::OnceCell;
 use tch::{Device, Kind, Tensor};

@@ -1,7 +1,6 @@
 //! `<Family>ForSequenceClassification` under PEFT: frozen (NF4 or dense) decoder, LoRA adapters,
 //! and a trainable fp32 `score` head (PEFT's `modules_to_save`). Logits are read at the
 //! rightmost token that is not `pad_token_id`, transformers' rule.
-use crate::dropout::mix;
 use crate::lora::LoraConfig;
 use crate::model::backward::{LayerSaved, Rows};
 use crate::model::checkpoint::{self, LoadOptions};
@@ -10,6 +9,7 @@ use crate::model::llama::{LayerContext, LlamaModel};
 use crate::model::loss::{self, LossWeights, ProblemType};
 use crate::profile::{scope, Part};
 use crate::quant::nf4::Nf4Options;
+use crate::splitmix::mix;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};

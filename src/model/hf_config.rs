@@ -728,3 +728,21 @@ fn thousands(v: u64) -> String {
     }
     out
 }
+/// transformers' name of a float kind (`config.dtype`).
+pub fn dtype_config_name(k: tch::Kind) -> &'static str {
+    match k {
+        tch::Kind::BFloat16 => "bfloat16",
+        tch::Kind::Half => "float16",
+        _ => "float32",
+    }
+}
+
+/// `--dtype` → kind.
+pub fn parse_dtype(s: &str) -> anyhow::Result<tch::Kind> {
+    Ok(match s {
+        "bfloat16" | "bf16" => tch::Kind::BFloat16,
+        "float16" | "fp16" => tch::Kind::Half,
+        "float32" | "fp32" => tch::Kind::Float,
+        _ => anyhow::bail!("--dtype {s:?}: expected bfloat16, float16 or float32"),
+    })
+}

@@ -24,13 +24,12 @@
 //! picked by the parameter's device. Updates are written in place through raw pointers into
 //! the (contiguous, fp32) parameter tensors, outside autograd.
 use super::adamw_torch;
+use super::ffi::{c as ffi, tables_ok, Scalars};
+pub use super::ffi::{dynamic_map, BLOCK};
 use crate::kernel_choice::{self, Impl, Kernel};
 use anyhow::{bail, ensure, Context, Result};
-use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor};
 
-/// Quantization block of the 8-bit states.
-pub const BLOCK: i64 = 256;
 /// bitsandbytes' `min_8bit_size`: smaller tensors keep 32-bit states.
 pub const MIN_8BIT_SIZE: i64 = 4096;
 
@@ -61,118 +60,6 @@ pub trait Optimizer {
         &mut self,
         get: &dyn Fn(&str) -> Option<tch::Tensor>,
     ) -> anyhow::Result<()>;
-}
-
-/// Per-step scalars handed to the kernels (layout of `QloraAdamScalars` in optim8bit.h).
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Scalars {
-    pub(crate) beta1: f32,
-    pub(crate) omb1: f32,
-    pub(crate) beta2: f32,
-    pub(crate) omb2: f32,
-    pub(crate) eps: f32,
-    pub(crate) correction2: f32,
-    pub(crate) decay: f32,
-    pub(crate) step_size: f32,
-    pub(crate) apply_decay: i32,
-}
-
-mod ffi {
-    use super::Scalars;
-    extern "C" {
-        pub fn qlora_adam_bnb8_cpu(
-            p: *mut f32,
-            g: *const f32,
-            q1: *mut u8,
-            q2: *mut u8,
-            absmax1: *mut f32,
-            absmax2: *mut f32,
-            n: i64,
-            s: Scalars,
-        );
-        pub fn qlora_adam_bnb32_cpu(
-            p: *mut f32,
-            g: *const f32,
-            m: *mut f32,
-            v: *mut f32,
-            n: i64,
-            s: Scalars,
-        );
-        pub fn qlora_adam_torch32_cpu(
-            p: *mut f32,
-            g: *const f32,
-            m: *mut f32,
-            v: *mut f32,
-            n: i64,
-            s: Scalars,
-        );
-        pub fn qlora_dequant_dynamic_cpu(
-            q: *const u8,
-            absmax: *const f32,
-            is_signed: i32,
-            n: i64,
-            out: *mut f32,
-        );
-        pub fn qlora_dynamic_code(is_signed: i32, out256: *mut f32);
-        pub fn qlora_optim8bit_selfcheck() -> i32;
-    }
-    #[cfg(qlora_cuda)]
-    extern "C" {
-        pub fn qlora_adam_bnb8_cuda(
-            p: *mut f32,
-            g: *const f32,
-            q1: *mut u8,
-            q2: *mut u8,
-            absmax1: *mut f32,
-            absmax2: *mut f32,
-            n: i64,
-            s: Scalars,
-            device: i32,
-            stream: *mut std::ffi::c_void,
-        ) -> i32;
-        pub fn qlora_adam_bnb32_cuda(
-            p: *mut f32,
-            g: *const f32,
-            m: *mut f32,
-            v: *mut f32,
-            n: i64,
-            s: Scalars,
-            device: i32,
-            stream: *mut std::ffi::c_void,
-        ) -> i32;
-        pub fn qlora_adam_torch32_cuda(
-            p: *mut f32,
-            g: *const f32,
-            m: *mut f32,
-            v: *mut f32,
-            n: i64,
-            s: Scalars,
-            device: i32,
-            stream: *mut std::ffi::c_void,
-        ) -> i32;
-    }
-}
-
-/// bitsandbytes' `create_dynamic_map(signed)`: the 256 codes of the 8-bit state maps.
-pub fn dynamic_map(signed: bool) -> [f32; 256] {
-    let mut out = [0f32; 256];
-    // SAFETY: the kernel writes exactly 256 floats.
-    unsafe { ffi::qlora_dynamic_code(signed as i32, out.as_mut_ptr()) };
-    out
-}
-
-/// The compiled code tables must agree with the lookup the kernels derive from them; checked
-/// once per process before the first 8-bit update.
-fn tables_ok() -> Result<()> {
-    static CHECK: OnceLock<i32> = OnceLock::new();
-    // SAFETY: no arguments; reads only the kernel's constant tables.
-    let code = *CHECK.get_or_init(|| unsafe { ffi::qlora_optim8bit_selfcheck() });
-    ensure!(
-        code == 0,
-        "8-bit optimizer kernel tables are inconsistent (self-check code {code})"
-    );
-    Ok(())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -535,7 +422,8 @@ impl Core {
                 lr,
                 step,
             );
-            let imp = imp.unwrap_or_else(|| kernel_choice::choose(Kernel::AdamwStep, p.device()));
+            let imp =
+                imp.unwrap_or_else(|| kernel_choice::choose(Kernel::AdamwStep, p.device(), check));
             run_update(self.flavor, p, &g, state, s, imp)
                 .with_context(|| format!("updating parameter {i}"))?;
         }
@@ -771,6 +659,17 @@ impl Optimizer for AdamW32 {
     fn load_state_tensors(&mut self, get: &dyn Fn(&str) -> Option<Tensor>) -> Result<()> {
         self.core.load_state_tensors(get)
     }
+}
+
+/// The self-check of the update kernels.
+pub fn check(device: Device) -> crate::kernel_choice::Check {
+    crate::kernel_check::run(
+        device,
+        vec![(
+            "[4396] 8-bit + [777] bnb 32-bit + [777] torch, 2 steps".into(),
+            Box::new(move |imp| check_problem(device, imp)),
+        )],
+    )
 }
 
 /// The self-check problem of the update kernels (`kernel_check`): two steps of each flavour

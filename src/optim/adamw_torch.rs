@@ -2,7 +2,7 @@
 //! operations in the same order (`kernels/optim8bit.h` lists them) with libtorch tensor ops,
 //! the kernels' `fma` and IEEE square root rebuilt exactly by [`crate::exact_f32`]. Updates
 //! are written back in place, as the kernels do.
-use super::adamw8bit::{dynamic_map, Scalars, BLOCK};
+use super::ffi::{dynamic_map, Scalars, BLOCK};
 use crate::exact_f32;
 use crate::quant::nf4_torch;
 use anyhow::{Context, Result};

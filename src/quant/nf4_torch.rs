@@ -2,7 +2,7 @@
 //! f32 operations in the same order, written with libtorch tensor ops only (nibble shifts,
 //! code-table lookups, multiplies), so they run on any device libtorch supports and equal
 //! the kernels bit for bit. `kernel_choice` decides which of the two runs.
-use super::nf4::{Absmax, Nf4Options, Nf4Tensor, NF4_CODE};
+use super::format::{Absmax, Nf4Options, Nf4Tensor, NF4_CODE};
 use crate::exact_f32;
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};

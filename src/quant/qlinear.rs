@@ -23,7 +23,7 @@ pub fn few_rows(x: &Tensor) -> bool {
 /// once (`tests/qlinear.rs` holds the two within a bf16 rounding), at a seventh of fp32's
 /// speed (bench row 6).
 pub fn gemm_kind(kind: Kind, device: Device) -> Kind {
-    if kind == Kind::BFloat16 && device == Device::Cpu && !crate::config::cpu_has_bf16_matmul() {
+    if kind == Kind::BFloat16 && device == Device::Cpu && !crate::hardware::cpu_has_bf16_matmul() {
         Kind::Float
     } else {
         kind

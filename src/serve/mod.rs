@@ -15,9 +15,9 @@ use crate::config::Config;
 use crate::data::batch::TextEncoder;
 use crate::data::formats::Example;
 use crate::data::prompt;
-use crate::label_spec::{self, LabelSpec, ProblemType};
+use crate::labels::{self, LabelSpec, ProblemType};
+use crate::loader;
 use crate::task::Task;
-use crate::train;
 use anyhow::{Context, Result};
 use api::{ApiError, Input};
 use axum::body::Bytes;
@@ -92,14 +92,14 @@ pub fn serve(cfg: &Config, adapter: &Path, opts: &ServeOptions) -> Result<()> {
     let mut cfg = cfg.clone();
     // Requests choose between refusing and truncating; the encoder must not cut silently.
     let configured_max = cfg.max_length.take();
-    let (loaded, trained) = train::load_with_adapter(&cfg, adapter)?;
+    let (loaded, trained) = loader::load_with_adapter(&cfg, adapter)?;
     let task = trained.task;
-    let train::Loaded {
+    let loader::Loaded {
         mut model,
         encoder,
         device,
     } = loaded;
-    let frozen_weights = train::for_inference(&mut model, device, opts.dense_weights)?;
+    let frozen_weights = loader::for_inference(&mut model, device, opts.dense_weights)?;
     let max_input_length = opts
         .max_input_length
         .or(configured_max)
@@ -108,7 +108,7 @@ pub fn serve(cfg: &Config, adapter: &Path, opts: &ServeOptions) -> Result<()> {
     let mut truncating = TextEncoder::from_dir(tokenizer_dir, Some(max_input_length))?;
     truncating.set_pad_id(encoder.pad_id());
     let num_labels = model.opts.num_labels as usize;
-    let labels = label_spec::label_spec(adapter, num_labels)?;
+    let labels = crate::adapter::labels_for(adapter, num_labels)?;
     // The prompt the adapter was trained with (an adapter from before labels.json: the
     // configuration's).
     let prompt_text = if task.prompt.is_empty() {
@@ -126,10 +126,10 @@ pub fn serve(cfg: &Config, adapter: &Path, opts: &ServeOptions) -> Result<()> {
     let info = json!({
         "model_id": cfg.model_dir()?.display().to_string(),
         "adapter": adapter.display().to_string(),
-        "model_dtype": crate::merge::dtype_config_name(model.opts.compute_dtype),
+        "model_dtype": crate::model::hf_config::dtype_config_name(model.opts.compute_dtype),
         "model_type": {"classifier": label_spec_fields(&labels)},
         "problem_type": labels.problem_type.as_str(),
-        "labels": labels.id2label,
+        "labels": labels.names,
         "pair_inputs": task.text_columns.len() == 2,
         "template": task.template,
         "prompt": prompt_text,
@@ -328,7 +328,7 @@ async fn predict_inner(s: &AppState, body: &[u8]) -> Result<(Value, usize), ApiE
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Backend", format!("{e}"))
             })?
         };
-        answers.push(api::ranked(&s.labels.id2label, &scores));
+        answers.push(api::ranked(&s.labels.names, &scores));
     }
     let v = if req.single {
         answers.into_iter().next().unwrap_or(Value::Null)
@@ -339,5 +339,5 @@ async fn predict_inner(s: &AppState, body: &[u8]) -> Result<(Value, usize), ApiE
 }
 
 fn score_row(logits: &[f64], problem: ProblemType) -> Result<Vec<f64>, tch::TchError> {
-    Vec::<f64>::try_from(&label_spec::scores(&batcher::row_tensor(logits), problem).view([-1]))
+    Vec::<f64>::try_from(&labels::scores(&batcher::row_tensor(logits), problem).view([-1]))
 }

@@ -13,6 +13,7 @@
 //! backward (a dequantised weight, the MLP's gradients, attention's padded tensors).
 use crate::config::{Checkpointing, Config};
 use crate::data::batch::Encoded;
+use crate::hardware::device_memory;
 use crate::model::hf_config::LlamaConfig;
 use anyhow::{bail, Result};
 use tch::{Device, Kind};
@@ -169,61 +170,6 @@ impl Activations {
         let most = self.layers.saturating_sub(1);
         (0..=most).find(|&k| self.bytes(k) <= room).unwrap_or(most)
     }
-}
-
-/// Peak resident memory of this process (VmHWM), in bytes.
-pub fn peak_rss_bytes() -> u64 {
-    proc_kib("/proc/self/status", "VmHWM:")
-}
-
-/// Resident memory of this process now (VmRSS), in bytes.
-pub fn rss_bytes() -> u64 {
-    proc_kib("/proc/self/status", "VmRSS:")
-}
-
-/// Memory the kernel could give this process without swapping (MemAvailable), in bytes.
-pub fn available_ram_bytes() -> u64 {
-    proc_kib("/proc/meminfo", "MemAvailable:")
-}
-
-fn proc_kib(file: &str, key: &str) -> u64 {
-    std::fs::read_to_string(file)
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
-/// (used, free) bytes of a CUDA device.
-#[cfg(qlora_cuda)]
-fn cuda_memory(index: usize) -> Result<(u64, u64)> {
-    extern "C" {
-        fn qlora_cuda_mem_get_info(device: i32, free: *mut usize, total: *mut usize) -> i32;
-    }
-    let (mut free, mut total) = (0usize, 0usize);
-    // SAFETY: both out-pointers are valid for the call; the function only writes them.
-    let rc = unsafe { qlora_cuda_mem_get_info(index as i32, &mut free, &mut total) };
-    if rc != 0 {
-        bail!("cannot read the memory of cuda:{index} (CUDA error {rc})");
-    }
-    Ok(((total - free) as u64, free as u64))
-}
-
-#[cfg(not(qlora_cuda))]
-fn cuda_memory(index: usize) -> Result<(u64, u64)> {
-    bail!("cannot read the memory of cuda:{index}: built without CUDA")
-}
-
-/// (what the process holds now, what it may still take) on `device`.
-pub fn device_memory(device: Device) -> Result<(u64, u64)> {
-    Ok(match device {
-        Device::Cuda(i) => cuda_memory(i)?,
-        _ => (rss_bytes(), available_ram_bytes()),
-    })
 }
 
 /// Decides `gradient_checkpointing` for a run whose model is loaded and whose training set

@@ -5,15 +5,9 @@
 //! `src/train/step.rs`.
 pub mod memory;
 mod progress;
-mod setup;
 mod step;
 mod trainer;
 
-pub use memory::peak_rss_bytes;
-pub use setup::{
-    encode_raw, for_inference, load_model, load_split, load_with_adapter, model_options,
-    prepare_task, scoring, sized_for, use_model_pad_token, Loaded,
-};
 pub use step::{micro_batches, MicroBatch};
 pub use trainer::{Trainer, EVAL_HEADER, METRICS_HEADER};
 
@@ -69,7 +63,7 @@ pub struct Summary {
     /// labels): cross-entropy `weight` or multi-label `pos_weight`.
     pub class_weights: Option<Vec<f64>>,
     /// Per custom kernel: the implementation it ran (`custom` or `torch` twin) and its
-    /// self-check (`kernel_choice::summary_json`).
+    /// self-check (`kernels::summary_json`).
     pub kernels: serde_json::Value,
 }
 

@@ -1,20 +1,23 @@
 //! The named steps of a training run ([`super::train`] calls them in order): set up, evaluate
 //! the baseline, train a step, log it, checkpoint, end an epoch, finish.
-use super::memory::{self, peak_rss_bytes, MemoryPlan};
+use super::memory::{self, MemoryPlan};
 use super::progress::{Progress, StepReport};
-use super::setup::{encode_raw, load_model, load_split, prepare_task, scoring, sized_for, Loaded};
 use super::step::{accumulate_gradients, grad_norm, micro_batches};
 use super::{Interrupted, Summary};
 use crate::adapter;
 use crate::config::{ClassWeights, Config};
-use crate::data::batch::{epoch_batches, Encoded, Target};
+use crate::data::batch::{epoch_batches, Encoded};
 use crate::data::prompt;
 use crate::dist::Dist;
 use crate::eval::{self, EvalResult, Scoring};
+use crate::hardware::peak_rss_bytes;
 use crate::kernel_choice;
-use crate::merge::dtype_config_name;
+use crate::labels::Target;
+use crate::labels::{LabelSpec, ProblemType};
+use crate::loader::{load_model, sized_for, Loaded};
 use crate::metrics::CsvLog;
 use crate::model::classifier::LlamaClassifier;
+use crate::model::hf_config::dtype_config_name;
 use crate::model::hf_config::peft_param_line;
 use crate::model::loss;
 use crate::optim::adamw8bit::{AdamW32, AdamW8bit, AdamWConfig, Optimizer};
@@ -22,7 +25,8 @@ use crate::optim::schedule;
 use crate::profile::{self, Part};
 use crate::resume::{self, TrainState};
 use crate::runio;
-use crate::task::{LabelSpec, ProblemType, TaskLabels};
+use crate::splits::{encode_raw, load_split, prepare_task};
+use crate::task::TaskLabels;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -171,11 +175,11 @@ impl<'a> Trainer<'a> {
         }
         // Before the model loads: its quantization already runs kernels.
         kernel_choice::set_mode(kernel_choice::Mode::parse(&cfg.kernels).context("kernels")?);
-        kernel_choice::prepare(device);
+        crate::kernels::prepare(device);
         let resume_from = resume::resolve(&run, cfg.resume.as_deref().unwrap_or(""))?;
 
         let (labels, raw_train) = prepare_task(cfg)?;
-        let scoring = scoring(&labels, cfg)?;
+        let scoring = Scoring::for_task(&labels, cfg.metric_for_best_model.as_deref())?;
         let Loaded {
             mut model,
             encoder,
@@ -219,7 +223,7 @@ impl<'a> Trainer<'a> {
                 device,
                 cfg.compute_kind(device)
             );
-            println!("{}", kernel_choice::start_line(device));
+            println!("{}", crate::kernels::start_line(device));
         }
 
         let micro = cfg
@@ -760,7 +764,7 @@ impl<'a> Trainer<'a> {
                 loss::LossWeights::PerClass(w) => Some(w.clone()),
                 loss::LossWeights::None => None,
             },
-            kernels: kernel_choice::summary_json(self.device),
+            kernels: crate::kernels::summary_json(self.device),
         };
         if self.main {
             self.write_profile()?;

@@ -162,14 +162,14 @@ pub fn task(flags: &[(&str, &str)]) -> qlora_cls::task::Task {
         })
         .collect();
     let (cfg, _) = qlora_cls::config::Config::load(None, &overrides).expect("config");
-    qlora_cls::task::Task::from_config(&cfg).expect("task")
+    cfg.to_task().expect("task")
 }
 
 /// Writes a PEFT adapter folder for the model of `cfg` whose LoRA pairs and head are random
 /// and non-zero (N(0, 0.05²), fixed seed), so that merging it changes every targeted weight
 /// the way a trained adapter does.
 pub fn random_adapter(cfg: &qlora_cls::config::Config, out: &Path) {
-    let loaded = qlora_cls::train::load_model(cfg, tch::Device::Cpu).expect("load the model");
+    let loaded = qlora_cls::loader::load_model(cfg, tch::Device::Cpu).expect("load the model");
     tch::manual_seed(7);
     let params = loaded.model.trainable_parameters();
     tch::no_grad(|| {
@@ -200,7 +200,8 @@ pub fn adapter_logits(
     texts: &[String],
 ) -> tch::Tensor {
     use qlora_cls::data::batch::{collate, Encoded};
-    let (loaded, _) = qlora_cls::train::load_with_adapter(cfg, adapter).expect("load with adapter");
+    let (loaded, _) =
+        qlora_cls::loader::load_with_adapter(cfg, adapter).expect("load with adapter");
     let enc: Vec<Encoded> = loaded
         .encoder
         .encode_many(texts.to_vec())

@@ -1,16 +1,16 @@
-//! What a run loads before it trains: the tokenizer, the (quantized) model with fresh or
-//! trained adapters, and the tokenised splits.
+//! One place that loads a model for use, as transformers' `from_pretrained` does: the
+//! tokenizer, the checkpoint (quantized to NF4 on the way in), fresh or trained LoRA adapters
+//! and head, and, for a trained adapter, the task and labels saved with it. `train`, `eval`,
+//! `predict`, `merge` and `serve` all load through here.
 use crate::adapter;
 use crate::config::{Checkpointing, Config};
-use crate::data::batch::{encode_examples, encode_task_examples, Encoded, TextEncoder};
-use crate::data::examples::{self, TaskExample};
-use crate::data::{formats, prompt};
-use crate::eval::Scoring;
+use crate::data::batch::TextEncoder;
+use crate::labels::LabelSpec;
 use crate::lora::LoraConfig;
 use crate::model::classifier::{LlamaClassifier, ModelOptions, RECOMPUTE_ALL};
 use crate::model::hf_config::LlamaConfig;
 use crate::quant::nf4::Nf4Options;
-use crate::task::{LabelSpec, Task, TaskLabels};
+use crate::task::TaskLabels;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use tch::Device;
@@ -95,98 +95,11 @@ pub fn load_model(cfg: &Config, device: Device) -> Result<Loaded> {
     })
 }
 
-/// The task of `cfg` with its label side, and (for tasks read through the generic path) the
-/// training examples the labels were inferred from.
-pub fn prepare_task(cfg: &Config) -> Result<(TaskLabels, Option<Vec<TaskExample>>)> {
-    let task = Task::from_config(cfg)?;
-    if task.is_classic_mrpc() {
-        let spec = LabelSpec::mrpc(cfg.num_classes as usize);
-        return Ok((TaskLabels { task, spec }, None));
-    }
-    let train = examples::load_split(cfg.data_dir()?, &task, &cfg.train_splits, true)?;
-    let spec = examples::infer_labels(&task, &train)?;
-    // The head is sized by the labels; a `num_classes` other than the default that
-    // disagrees with them is a mistake to name, not a value to ignore.
-    let default = Config::default().num_classes;
-    if cfg.num_classes != default && cfg.num_classes != spec.num_labels() as i64 {
-        bail!(
-            "key `num_classes`: {} does not match task {}'s {} label(s) ({}); drop the key (the labels size the head) or fix the data",
-            cfg.num_classes,
-            task.name,
-            spec.num_labels(),
-            spec.names.join(", ")
-        );
-    }
-    Ok((TaskLabels { task, spec }, Some(train)))
-}
-
 /// `cfg` with the head sized for `spec` (one output for regression).
 pub fn sized_for(cfg: &Config, spec: &LabelSpec) -> Config {
     let mut c = cfg.clone();
     c.num_classes = spec.num_labels() as i64;
     c
-}
-
-/// How a run scores its evaluation split.
-pub fn scoring(labels: &TaskLabels, cfg: &Config) -> Result<Scoring> {
-    if labels.task.is_classic_mrpc() && cfg.metric_for_best_model.is_none() {
-        return Ok(Scoring::mrpc(labels.spec.num_labels()));
-    }
-    Ok(Scoring {
-        spec: labels.spec.clone(),
-        metrics: labels.task.metrics_for(&labels.spec)?,
-    })
-}
-
-/// Reads a split, checks its labels, renders the prompt and tokenises. `require_labels`:
-/// training and evaluation splits must be labelled; prediction reads unlabelled rows too.
-pub fn load_split(
-    cfg: &Config,
-    labels: &TaskLabels,
-    encoder: &TextEncoder,
-    split: &str,
-    require_labels: bool,
-) -> Result<Vec<Encoded>> {
-    if labels.task.is_classic_mrpc() {
-        return load_mrpc_split(cfg, encoder, split);
-    }
-    let raw = examples::load_split(cfg.data_dir()?, &labels.task, split, require_labels)?;
-    encode_raw(labels, encoder, &raw)
-}
-
-/// Encodes a task's examples with their targets (the prompt is the task's own).
-pub fn encode_raw(
-    labels: &TaskLabels,
-    encoder: &TextEncoder,
-    raw: &[TaskExample],
-) -> Result<Vec<Encoded>> {
-    let targets = examples::targets(&labels.spec, &labels.task, raw)?;
-    encode_task_examples(encoder, &labels.task, &labels.task.prompt, raw, targets)
-}
-
-/// MRPC through its original reader: checks its labels against num_classes.
-fn load_mrpc_split(cfg: &Config, encoder: &TextEncoder, split: &str) -> Result<Vec<Encoded>> {
-    let dir = cfg.data_dir()?;
-    let examples = formats::load_split(dir, split)?;
-    // Name the file(s) the labels came from, so the user knows which one to fix.
-    let files: Vec<String> = split
-        .split('+')
-        .filter_map(|part| formats::locate_split(dir, part).ok())
-        .flat_map(|(_, files)| files)
-        .map(|f| f.display().to_string())
-        .collect();
-    let source = if files.is_empty() {
-        dir.display().to_string()
-    } else {
-        files.join(", ")
-    };
-    formats::check_labels(
-        &examples,
-        cfg.num_classes as usize,
-        &format!("{source} ({split} split)"),
-    )?;
-    let text = prompt::resolve_prompt(&cfg.prompt)?;
-    encode_examples(encoder, &examples, &text)
 }
 
 /// The frozen weights `serve`, `eval` and `predict` multiply with: NF4 dequantised per batch
@@ -211,7 +124,7 @@ pub fn for_inference(
     let dense = match wanted {
         Some(w) => w,
         None => {
-            let (_, free) = super::memory::device_memory(device)?;
+            let (_, free) = crate::hardware::device_memory(device)?;
             let fits = bytes <= free / 2;
             if !fits {
                 println!(
@@ -247,7 +160,7 @@ pub fn load_with_adapter(cfg: &Config, adapter_dir: &Path) -> Result<(Loaded, Ta
     let labels = match adapter::read_labels(adapter_dir)? {
         Some(l) => l,
         None => TaskLabels {
-            task: Task::from_config(&cfg)?,
+            task: cfg.to_task()?,
             spec: LabelSpec::mrpc(cfg.num_classes as usize),
         },
     };
