@@ -91,6 +91,8 @@ const LAYERS: &[(&str, &[&str])] = &[
             "train",
             "train::memory",
             "train::progress",
+            "train::report",
+            "train::start",
             "train::step",
             "train::trainer",
             "merge",
@@ -294,7 +296,10 @@ fn every_module_has_a_layer() {
     );
     let names: BTreeSet<&str> = mods.iter().map(|m| m.name.as_str()).collect();
     let stale: Vec<&&str> = placed.iter().filter(|p| !names.contains(*p)).collect();
-    assert!(stale.is_empty(), "layers name modules that are gone: {stale:?}");
+    assert!(
+        stale.is_empty(),
+        "layers name modules that are gone: {stale:?}"
+    );
 }
 
 #[test]
@@ -318,7 +323,11 @@ fn imports_only_point_down() {
             }
         }
     }
-    assert!(upward.is_empty(), "imports that point up a layer:\n{}", upward.join("\n"));
+    assert!(
+        upward.is_empty(),
+        "imports that point up a layer:\n{}",
+        upward.join("\n")
+    );
 }
 
 #[test]

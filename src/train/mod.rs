@@ -3,8 +3,20 @@
 //! log; then evaluate and save. Each named step is a method of [`Trainer`]
 //! (`src/train/trainer.rs`); the gradient of one step (ranks, gradient accumulation) is
 //! `src/train/step.rs`.
+/// Prints on the main rank only (the others stay quiet, as accelerate's main process does).
+macro_rules! say {
+    ($t:expr, $($arg:tt)*) => {
+        if $t.main {
+            $t.progress.close();
+            println!($($arg)*);
+        }
+    };
+}
+
 pub mod memory;
 mod progress;
+mod report;
+mod start;
 mod step;
 mod trainer;
 

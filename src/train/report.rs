@@ -1,0 +1,162 @@
+//! What a run says about itself: evaluations on the console and in eval.csv, summary.json's
+//! view of them, the best adapter's choice, and profile.csv.
+use super::trainer::Trainer;
+use crate::eval::{self, EvalResult, Scoring};
+use crate::labels::ProblemType;
+use crate::profile::Part;
+use crate::runio;
+use anyhow::Result;
+use serde_json::json;
+pub(super) fn opt_fmt(v: Option<f64>) -> String {
+    v.map_or(String::new(), |x| format!("{x:.6}"))
+}
+
+pub(super) fn eval_json(r: &EvalResult) -> serde_json::Value {
+    let mut v = json!({"loss": r.loss, "examples": r.pred.len()});
+    for (k, m) in &r.metrics {
+        v[k.as_str()] = json!(m);
+    }
+    v
+}
+
+/// "accuracy 0.812500 f1 0.870000 loss 0.421000": the metrics of a result, then its loss.
+pub(super) fn metrics_text(scoring: &Scoring, r: &EvalResult) -> String {
+    let mut parts: Vec<String> = scoring
+        .metrics
+        .iter()
+        .map(|k| format!("{k} {}", opt_fmt(r.metric(k))))
+        .collect();
+    parts.push(format!("loss {}", opt_fmt(r.loss)));
+    parts.join(" ")
+}
+
+impl Trainer<'_> {
+    /// The model on each evaluation split (sharded over the ranks).
+    pub(super) fn evaluate(&self) -> Result<Vec<EvalResult>> {
+        self.eval_sets
+            .iter()
+            .map(|(_, set)| {
+                eval::evaluate(
+                    &self.model,
+                    set,
+                    &self.scoring,
+                    self.cfg.eval_batch_size,
+                    self.pad,
+                    self.device,
+                    self.dist.as_ref(),
+                )
+            })
+            .collect()
+    }
+
+    /// eval.csv gets one row per evaluation split; the console one line per split, `what`
+    /// saying when ("epoch 2", "step 40").
+    pub(super) fn log_eval(&mut self, epoch: usize, what: &str, rs: &[EvalResult]) -> Result<()> {
+        let lines: Vec<String> = self
+            .eval_sets
+            .iter()
+            .zip(rs)
+            .map(|((split, set), r)| {
+                let majority =
+                    if epoch == 0 && self.labels.spec.problem_type == ProblemType::SingleLabel {
+                        format!(" (majority class {:.4})", eval::majority_fraction(set))
+                    } else {
+                        String::new()
+                    };
+                format!(
+                    "{what}: {split} {}{majority}",
+                    metrics_text(&self.scoring, r)
+                )
+            })
+            .collect();
+        say!(self, "{}", lines.join("\n"));
+        if let Some((_, evals)) = &mut self.logs {
+            for ((split, _), r) in self.eval_sets.iter().zip(rs) {
+                let mut row = vec![epoch.to_string(), split.clone(), opt_fmt(r.loss)];
+                row.extend(self.scoring.metrics.iter().map(|k| opt_fmt(r.metric(k))));
+                evals.row(&row);
+            }
+            evals.flush()?;
+        }
+        Ok(())
+    }
+
+    /// summary.json's view of an evaluation: the first split's result (the one the best
+    /// adapter is chosen by), with every split's under `splits` when there are several.
+    pub(super) fn evals_json(&self, rs: &[EvalResult]) -> Option<serde_json::Value> {
+        let mut v = eval_json(rs.first()?);
+        if rs.len() > 1 {
+            let mut splits = serde_json::Map::new();
+            for ((split, _), r) in self.eval_sets.iter().zip(rs) {
+                splits.insert(split.clone(), eval_json(r));
+            }
+            v["splits"] = serde_json::Value::Object(splits);
+        }
+        Some(v)
+    }
+
+    /// The reference's evaluation before any training (a fresh run only).
+    pub fn evaluate_baseline(&mut self) -> Result<()> {
+        if !self.cfg.eval_before_training || self.resumed {
+            return Ok(());
+        }
+        let rs = self.evaluate()?;
+        self.log_eval(0, "epoch 0 (before training)", &rs)?;
+        self.baseline = self.evals_json(&rs);
+        self.last_eval = Some(rs);
+        Ok(())
+    }
+
+    /// Whether `rs` beats the best evaluation so far by the task's main metric on the first
+    /// evaluation split, recording it if so (`best_accuracy` keeps the value under its old name).
+    pub(super) fn is_best(&mut self, rs: &[EvalResult]) -> bool {
+        let main = rs.first().and_then(|r| r.metric(&self.scoring.metrics[0]));
+        let best = main.is_some_and(|m| self.st.best_accuracy.is_none_or(|b| m > b));
+        if best {
+            self.st.best_accuracy = main;
+        }
+        best
+    }
+}
+
+impl Trainer<'_> {
+    /// `profile.csv` (one row per step of this session: seconds per part) and a line saying
+    /// where the time went, when `profile` is on.
+    pub(super) fn write_profile(&mut self) -> Result<()> {
+        if self.profiled.is_empty() {
+            return Ok(());
+        }
+        let mut text = String::from("step,tokens,total_s");
+        for p in Part::ALL {
+            text.push(',');
+            text.push_str(p.name());
+            text.push_str("_s");
+        }
+        text.push('\n');
+        let mut sums = vec![0.0; Part::ALL.len()];
+        for (step, tokens, parts) in &self.profiled {
+            let total: f64 = parts.iter().sum();
+            text.push_str(&format!("{step},{tokens},{total:.6}"));
+            for (i, s) in parts.iter().enumerate() {
+                text.push_str(&format!(",{s:.6}"));
+                sums[i] += s;
+            }
+            text.push('\n');
+        }
+        runio::write_text(&self.run.join("profile.csv"), &text)?;
+        let total: f64 = sums.iter().sum::<f64>().max(1e-12);
+        let shares: Vec<String> = Part::ALL
+            .iter()
+            .zip(&sums)
+            .filter(|(_, s)| **s > 0.0)
+            .map(|(p, s)| format!("{} {:.1}%", p.name(), 100.0 * s / total))
+            .collect();
+        say!(
+            self,
+            "profile over {} steps ({total:.1} s): {}",
+            self.profiled.len(),
+            shares.join(", ")
+        );
+        Ok(())
+    }
+}
