@@ -21,6 +21,9 @@
 //! Atomicity: the output folder is assembled under a temporary sibling name (each file itself
 //! written to a temporary name, synced and renamed) and renamed into place at the end, so an
 //! interrupted run leaves no half-written checkpoint at `out`.
+//!
+//! Why one file: one command that reads top to bottom (plan the shards, quantize tensor by
+//! tensor, write, record transformers' `quantization_config`), as the reference does it.
 use crate::model::checkpoint::{Checkpoint, INDEX_FILE, SINGLE_FILE};
 use crate::model::hf_config::{LlamaConfig, FUSED_LINEARS, SEPARATE_LINEARS};
 use crate::quant::nf4::{self, Nf4Options, BLOCKSIZES, NESTED_BLOCKSIZE};

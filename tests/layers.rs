@@ -351,3 +351,72 @@ fn the_reader_sees_imports() {
     assert!(edges["loader"].contains("adapter"), "{:?}", edges["loader"]);
     assert!(edges["quant::nf4"].contains("quant::format"));
 }
+
+#[test]
+fn every_file_says_what_it_owns_and_long_files_say_why() {
+    // Each module opens with a `//!` comment; one over ~700 lines gives its reason there.
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut stack = vec![src];
+    let mut problems = Vec::new();
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read src/") {
+            let path = entry.expect("dir entry").path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if path.extension().and_then(|e| e.to_str()) != Some("rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("read a source file");
+            let opening: Vec<&str> = text.lines().take_while(|l| l.starts_with("//!")).collect();
+            if opening.is_empty() {
+                problems.push(format!("{}: no opening `//!` comment", path.display()));
+            }
+            let lines = text.lines().count();
+            if lines > 720 && !opening.iter().any(|l| l.contains("Why one file")) {
+                problems.push(format!(
+                    "{}: {lines} lines and no \"Why one file\" in its opening comment",
+                    path.display()
+                ));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn the_architecture_picture_matches_the_layers() {
+    // docs/architecture.md's ```text block: a layer name, then its modules (continuation lines
+    // are indented); highest layer first.
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/architecture.md"))
+            .expect("docs/architecture.md");
+    let block = doc
+        .split("```text\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a ```text block in docs/architecture.md");
+    let mut drawn: Vec<(String, Vec<String>)> = Vec::new();
+    for line in block.lines().filter(|l| !l.trim().is_empty()) {
+        let mut words = line.split_whitespace().map(str::to_string);
+        if line.starts_with(' ') {
+            let last = drawn
+                .last_mut()
+                .expect("a layer line before its continuation");
+            last.1.extend(words);
+        } else {
+            let name = words.next().expect("a layer name");
+            drawn.push((name, words.collect()));
+        }
+    }
+    drawn.reverse();
+    let want: Vec<(String, Vec<String>)> = LAYERS
+        .iter()
+        .map(|(n, m)| (n.to_string(), m.iter().map(|s| s.to_string()).collect()))
+        .collect();
+    assert_eq!(
+        drawn, want,
+        "redraw docs/architecture.md's layers from tests/layers.rs"
+    );
+}

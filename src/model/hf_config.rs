@@ -2,6 +2,9 @@
 //! Qwen3, Phi-3, Gemma 2 and Gemma 3 (text) and as transformers 5 writes it
 //! (`rope_parameters` holding `rope_theta`/`rope_type`), plus PEFT's parameter count line.
 //! What a family changes is read into [`Switches`] (see `family.rs`).
+//!
+//! Why one file: eleven families' spellings of the same fields (and transformers 5's) are read
+//! into one struct; splitting by family would repeat the struct's reader in each.
 use crate::model::family::{layer_types, Activation, Family, Switches};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{Map, Value};

@@ -3,6 +3,10 @@
 //! rotate-half (Llama 3.1 and linear scaling; Gemma 3's local table), grouped-query attention
 //! through `scaled_dot_product_attention` (or eager, for Gemma 2's soft-capping), sliding
 //! windows, SwiGLU or GeGLU MLP. The family's switches pick the pieces; there is one decoder.
+//!
+//! Why one file: the decoder reads top to bottom as transformers' modeling file does (candle's
+//! `llama.rs` is the model to imitate); every op says which transformers function it mirrors,
+//! and splitting attention from the MLP would scatter the family switches each op reads.
 use crate::dropout::MaskKey;
 use crate::lora::{LoraAdapter, LoraConfig, LoraSaved};
 use crate::model::checkpoint::{BaseWeights, LayerWeights};

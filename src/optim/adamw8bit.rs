@@ -23,6 +23,9 @@
 //! Kernels: `kernels/optim8bit_cpu.cpp` (OpenMP) and its CUDA twin `kernels/optim8bit.cu`,
 //! picked by the parameter's device. Updates are written in place through raw pointers into
 //! the (contiguous, fp32) parameter tensors, outside autograd.
+//!
+//! Why one file: both optimizers share the state layout, the checkpoint form and the kernel
+//! dispatch that make a resumed run bit-identical; the C ABI is `optim/ffi.rs`.
 use super::adamw_torch;
 use super::ffi::{c as ffi, tables_ok, Scalars};
 pub use super::ffi::{dynamic_map, BLOCK};
