@@ -112,7 +112,8 @@ struct Module {
     folder_only: bool,
 }
 
-fn modules(src: &Path) -> Vec<Module> {
+/// Every `.rs` file below `src`.
+fn rust_files(src: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![src.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -120,35 +121,41 @@ fn modules(src: &Path) -> Vec<Module> {
             let path = entry.expect("dir entry").path();
             if path.is_dir() {
                 stack.push(path);
-                continue;
+            } else if path.extension().and_then(|e| e.to_str()) == Some("rs") {
+                out.push(path);
             }
-            if path.extension().and_then(|e| e.to_str()) != Some("rs") {
-                continue;
-            }
-            let rel = path.strip_prefix(src).expect("under src/");
-            let mut parts: Vec<String> = rel
-                .iter()
-                .map(|p| p.to_string_lossy().trim_end_matches(".rs").to_string())
-                .collect();
-            if parts.last().map(String::as_str) == Some("mod") {
-                parts.pop();
-            }
-            let name = parts.join("::");
-            if name == "lib" || name == "main" {
-                continue;
-            }
-            let text = std::fs::read_to_string(&path).expect("read a source file");
-            let code = without_tests_and_comments(&text);
-            let folder_only = code
-                .lines()
-                .map(str::trim)
-                .all(|l| l.is_empty() || (l.starts_with("pub mod ") || l.starts_with("mod ")));
-            out.push(Module {
-                name,
-                code,
-                folder_only,
-            });
         }
+    }
+    out.sort();
+    out
+}
+
+fn modules(src: &Path) -> Vec<Module> {
+    let mut out = Vec::new();
+    for path in rust_files(src) {
+        let rel = path.strip_prefix(src).expect("under src/");
+        let mut parts: Vec<String> = rel
+            .iter()
+            .map(|p| p.to_string_lossy().trim_end_matches(".rs").to_string())
+            .collect();
+        if parts.last().map(String::as_str) == Some("mod") {
+            parts.pop();
+        }
+        let name = parts.join("::");
+        if name == "lib" || name == "main" {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("read a source file");
+        let code = without_tests_and_comments(&text);
+        let folder_only = code
+            .lines()
+            .map(str::trim)
+            .all(|l| l.is_empty() || (l.starts_with("pub mod ") || l.starts_with("mod ")));
+        out.push(Module {
+            name,
+            code,
+            folder_only,
+        });
     }
     out
 }
@@ -356,30 +363,19 @@ fn the_reader_sees_imports() {
 fn every_file_says_what_it_owns_and_long_files_say_why() {
     // Each module opens with a `//!` comment; one over ~700 lines gives its reason there.
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut stack = vec![src];
     let mut problems = Vec::new();
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).expect("read src/") {
-            let path = entry.expect("dir entry").path();
-            if path.is_dir() {
-                stack.push(path);
-                continue;
-            }
-            if path.extension().and_then(|e| e.to_str()) != Some("rs") {
-                continue;
-            }
-            let text = std::fs::read_to_string(&path).expect("read a source file");
-            let opening: Vec<&str> = text.lines().take_while(|l| l.starts_with("//!")).collect();
-            if opening.is_empty() {
-                problems.push(format!("{}: no opening `//!` comment", path.display()));
-            }
-            let lines = text.lines().count();
-            if lines > 720 && !opening.iter().any(|l| l.contains("Why one file")) {
-                problems.push(format!(
-                    "{}: {lines} lines and no \"Why one file\" in its opening comment",
-                    path.display()
-                ));
-            }
+    for path in rust_files(&src) {
+        let text = std::fs::read_to_string(&path).expect("read a source file");
+        let opening: Vec<&str> = text.lines().take_while(|l| l.starts_with("//!")).collect();
+        if opening.is_empty() {
+            problems.push(format!("{}: no opening `//!` comment", path.display()));
+        }
+        let lines = text.lines().count();
+        if lines > 720 && !opening.iter().any(|l| l.contains("Why one file")) {
+            problems.push(format!(
+                "{}: {lines} lines and no \"Why one file\" in its opening comment",
+                path.display()
+            ));
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
