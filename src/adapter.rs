@@ -99,7 +99,7 @@ pub fn lora_config_json(cfg: &Config) -> serde_json::Value {
         "fan_in_fan_out": false,
         "inference_mode": true,
         "init_lora_weights": true,
-        "use_rslora": false,
+        "use_rslora": cfg.use_rslora,
         "use_dora": false,
         "layers_to_transform": null,
         "layers_pattern": null,
@@ -197,8 +197,91 @@ pub struct AdapterMeta {
     pub r: i64,
     pub lora_alpha: f64,
     pub target_modules: Vec<String>,
+    pub use_rslora: bool,
 }
 
+/// What we do with each key of PEFT's `LoraConfig` (peft 0.21.2's `to_dict()`, every key).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum KeyUse {
+    /// Read into [`AdapterMeta`] (`r`, `lora_alpha`, `target_modules`, `use_rslora`).
+    Read,
+    /// Says nothing about the weights to load (bookkeeping, training-only, runtime).
+    Ignored,
+    /// Changes what the adapter computes; only PEFT's "off" value (null, false, `{}`, `[]`,
+    /// or the value given) is supported, anything else is refused by name.
+    OnlyOff(&'static str),
+}
+
+const LORA_CONFIG_KEYS: &[(&str, KeyUse)] = &[
+    ("r", KeyUse::Read),
+    ("lora_alpha", KeyUse::Read),
+    ("target_modules", KeyUse::Read),
+    ("use_rslora", KeyUse::Read),
+    ("peft_type", KeyUse::Ignored), // checked to be LORA below
+    ("task_type", KeyUse::Ignored), // checked to be SEQ_CLS (or unset) below
+    ("auto_mapping", KeyUse::Ignored),
+    ("peft_version", KeyUse::Ignored),
+    ("base_model_name_or_path", KeyUse::Ignored),
+    ("revision", KeyUse::Ignored),
+    ("inference_mode", KeyUse::Ignored),
+    ("lora_dropout", KeyUse::Ignored),      // training only
+    ("megatron_core", KeyUse::Ignored),     // a module name, used only with megatron_config
+    ("qalora_group_size", KeyUse::Ignored), // used only with use_qalora
+    ("runtime_config", KeyUse::Ignored),    // written by earlier PEFT releases
+    ("init_lora_weights", KeyUse::Ignored), // checked below: base-changing inits refused
+    ("modules_to_save", KeyUse::Ignored),   // checked below: the head only
+    ("exclude_modules", KeyUse::OnlyOff("null")),
+    ("fan_in_fan_out", KeyUse::OnlyOff("false")),
+    ("bias", KeyUse::OnlyOff("\"none\"")),
+    ("layers_to_transform", KeyUse::OnlyOff("null (every layer)")),
+    ("layers_pattern", KeyUse::OnlyOff("null")),
+    (
+        "rank_pattern",
+        KeyUse::OnlyOff("{} (one r for every module)"),
+    ),
+    (
+        "alpha_pattern",
+        KeyUse::OnlyOff("{} (one lora_alpha for every module)"),
+    ),
+    ("megatron_config", KeyUse::OnlyOff("null")),
+    ("trainable_token_indices", KeyUse::OnlyOff("null")),
+    ("loftq_config", KeyUse::OnlyOff("{}")),
+    ("eva_config", KeyUse::OnlyOff("null")),
+    ("corda_config", KeyUse::OnlyOff("null")),
+    ("lora_ga_config", KeyUse::OnlyOff("null")),
+    (
+        "use_dora",
+        KeyUse::OnlyOff("false (DoRA is not implemented)"),
+    ),
+    ("velora_config", KeyUse::OnlyOff("null")),
+    ("alora_invocation_tokens", KeyUse::OnlyOff("null")),
+    ("use_qalora", KeyUse::OnlyOff("false")),
+    ("monteclora_config", KeyUse::OnlyOff("null")),
+    ("layer_replication", KeyUse::OnlyOff("null")),
+    ("lora_bias", KeyUse::OnlyOff("false")),
+    ("target_parameters", KeyUse::OnlyOff("null")),
+    ("use_bdlora", KeyUse::OnlyOff("null")),
+    ("arrow_config", KeyUse::OnlyOff("null")),
+    ("kasa_config", KeyUse::OnlyOff("null")),
+    ("ensure_weight_tying", KeyUse::OnlyOff("false")),
+];
+
+/// PEFT's "off" for an option: absent, null, false, empty, or `bias: "none"`.
+fn is_off(key: &str, v: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::Null | Value::Bool(false) => true,
+        Value::Object(m) => m.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::String(s) => key == "bias" && s == "none",
+        _ => false,
+    }
+}
+
+/// Reads `adapter_config.json`. Every key PEFT's `LoraConfig` writes is either honoured or,
+/// when it changes what the adapter computes in a way we do not (rank/alpha patterns, DoRA,
+/// layer choice, ...), refused with the file and the key: such an adapter read as a plain
+/// LoRA would give other predictions than PEFT without a word. Unknown keys are refused too.
 pub fn read_meta(dir: &Path) -> Result<AdapterMeta> {
     let path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&path).with_context(|| {
@@ -209,6 +292,68 @@ pub fn read_meta(dir: &Path) -> Result<AdapterMeta> {
     })?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let obj = v
+        .as_object()
+        .with_context(|| format!("{}: not a JSON object", path.display()))?;
+    let refuse = |key: &str, value: &serde_json::Value, supported: &str| {
+        anyhow::anyhow!(
+            "{}: key `{key}` is {value}; this build supports only {supported} \
+             (loading it as a plain LoRA would not give PEFT's predictions)",
+            path.display()
+        )
+    };
+    for (key, value) in obj {
+        match LORA_CONFIG_KEYS.iter().find(|(k, _)| k == key) {
+            None => bail!(
+                "{}: unknown LoraConfig key `{key}` (written by a newer PEFT, or not a LoRA \
+                 adapter?); the keys this build knows are PEFT 0.21's",
+                path.display()
+            ),
+            Some((_, KeyUse::OnlyOff(supported))) if !is_off(key, value) => {
+                return Err(refuse(key, value, supported))
+            }
+            _ => {}
+        }
+    }
+    if let Some(p) = obj.get("peft_type").filter(|p| !p.is_null()) {
+        if p.as_str() != Some("LORA") {
+            return Err(refuse("peft_type", p, "\"LORA\""));
+        }
+    }
+    if let Some(t) = obj.get("task_type").filter(|t| !t.is_null()) {
+        if t.as_str() != Some("SEQ_CLS") {
+            return Err(refuse(
+                "task_type",
+                t,
+                "\"SEQ_CLS\" (a sequence classifier)",
+            ));
+        }
+    }
+    // Initialisations that change the base weights (PiSSA, OLoRA, LoftQ, CorDA, EVA) need the
+    // residual base they were saved against; true/false/gaussian only set the starting A, B.
+    if let Some(init) = obj.get("init_lora_weights") {
+        let plain = matches!(init, serde_json::Value::Bool(_)) || init.as_str() == Some("gaussian");
+        if !plain {
+            return Err(refuse(
+                "init_lora_weights",
+                init,
+                "true, false or \"gaussian\"",
+            ));
+        }
+    }
+    if let Some(m) = obj.get("modules_to_save").filter(|m| !m.is_null()) {
+        let head_only = m.as_array().is_some_and(|a| {
+            a.iter()
+                .all(|x| matches!(x.as_str(), Some("score" | "classifier")))
+        });
+        if !head_only {
+            return Err(refuse(
+                "modules_to_save",
+                m,
+                "the classifier head ([\"classifier\", \"score\"] or a part of it)",
+            ));
+        }
+    }
     let r = v["r"]
         .as_i64()
         .with_context(|| format!("{}: key `r` missing or not an integer", path.display()))?;
@@ -224,13 +369,23 @@ pub fn read_meta(dir: &Path) -> Result<AdapterMeta> {
             .map(|x| x.as_str().map(str::to_string))
             .collect::<Option<Vec<_>>>()
             .with_context(|| format!("{}: `target_modules` must be strings", path.display()))?,
-        serde_json::Value::String(s) => vec![s.clone()],
+        // PEFT reads a string as a regular expression over the full module names (or as
+        // `all-linear`), not as one module's name.
+        s @ serde_json::Value::String(_) => {
+            return Err(refuse("target_modules", s, "a list of module names"))
+        }
         _ => bail!("{}: key `target_modules` missing", path.display()),
+    };
+    let use_rslora = match &v["use_rslora"] {
+        serde_json::Value::Null => false,
+        serde_json::Value::Bool(b) => *b,
+        other => return Err(refuse("use_rslora", other, "true or false")),
     };
     Ok(AdapterMeta {
         r,
         lora_alpha,
         target_modules,
+        use_rslora,
     })
 }
 
@@ -263,5 +418,87 @@ mod tests {
         std::fs::write(&path, text.replace("multi_label_classification", "ranking")).unwrap();
         let e = format!("{:#}", labels_for(d.path(), 2).unwrap_err());
         assert!(e.contains("problem_type") && e.contains("ranking"), "{e}");
+    }
+
+    /// PEFT 0.21.2's `LoraConfig(task_type="SEQ_CLS", r=8, target_modules=[q_proj, v_proj])
+    /// .to_dict()`, every key as it writes them.
+    const PEFT_DEFAULTS: &str = r#"{"task_type": "SEQ_CLS", "peft_type": "LORA",
+        "auto_mapping": null, "peft_version": "0.21.2", "base_model_name_or_path": null,
+        "revision": null, "inference_mode": false, "r": 8, "target_modules": ["q_proj",
+        "v_proj"], "exclude_modules": null, "lora_alpha": 8, "lora_dropout": 0.0,
+        "fan_in_fan_out": false, "bias": "none", "use_rslora": false, "modules_to_save": null,
+        "init_lora_weights": true, "layers_to_transform": null, "layers_pattern": null,
+        "rank_pattern": {}, "alpha_pattern": {}, "megatron_config": null,
+        "megatron_core": "megatron.core", "trainable_token_indices": null, "loftq_config": {},
+        "eva_config": null, "corda_config": null, "lora_ga_config": null, "use_dora": false,
+        "velora_config": null, "alora_invocation_tokens": null, "use_qalora": false,
+        "qalora_group_size": 16, "monteclora_config": null, "layer_replication": null,
+        "lora_bias": false, "target_parameters": null, "use_bdlora": null,
+        "arrow_config": null, "kasa_config": null, "ensure_weight_tying": false}"#;
+
+    fn meta_of(v: &serde_json::Value) -> Result<AdapterMeta> {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(CONFIG_FILE), v.to_string()).unwrap();
+        read_meta(d.path()).map_err(|e| anyhow::anyhow!("{e:#}"))
+    }
+
+    #[test]
+    fn every_lora_config_key_is_honoured_or_refused_by_name() {
+        let peft: serde_json::Value = serde_json::from_str(PEFT_DEFAULTS).unwrap();
+        // PEFT's own defaults and our own file both load.
+        let m = meta_of(&peft).unwrap();
+        assert_eq!((m.r, m.lora_alpha, m.use_rslora), (8, 8.0, false));
+        assert_eq!(m.target_modules, ["q_proj", "v_proj"]);
+        meta_of(&lora_config_json(&crate::config::Config::default())).unwrap();
+        // The table names every key PEFT writes (and earlier releases' `runtime_config`).
+        let peft_keys: Vec<&String> = peft.as_object().unwrap().keys().collect();
+        for (k, _) in LORA_CONFIG_KEYS {
+            let known = peft_keys.iter().any(|p| p == k) || *k == "runtime_config";
+            assert!(known, "{k} is not a PEFT key");
+        }
+        // Each option that changes what the adapter computes, set, is refused by name.
+        for (key, use_) in LORA_CONFIG_KEYS {
+            if !matches!(use_, KeyUse::OnlyOff(_)) {
+                continue;
+            }
+            let mut v = peft.clone();
+            v[*key] = match *key {
+                "bias" => json!("lora_only"),
+                "layers_to_transform" => json!([0]),
+                "rank_pattern" => json!({"q_proj": 4}),
+                "alpha_pattern" => json!({"v_proj": 32}),
+                _ => json!(true),
+            };
+            let e = meta_of(&v).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("key `{key}`")) && e.contains(CONFIG_FILE),
+                "{key}: {e}"
+            );
+        }
+        let cases = [
+            ("init_lora_weights", json!("pissa")),
+            ("init_lora_weights", json!("loftq")),
+            ("target_modules", json!("all-linear")),
+            ("modules_to_save", json!(["lm_head"])),
+            ("task_type", json!("CAUSAL_LM")),
+            ("peft_type", json!("IA3")),
+            ("use_rslora", json!("yes")),
+        ];
+        for (key, value) in cases {
+            let mut v = peft.clone();
+            v[key] = value.clone();
+            let e = meta_of(&v).unwrap_err().to_string();
+            assert!(e.contains(&format!("key `{key}`")), "{key} = {value}: {e}");
+        }
+        let mut v = peft.clone();
+        v["lora_magic"] = json!(1);
+        let e = meta_of(&v).unwrap_err().to_string();
+        assert!(e.contains("unknown LoraConfig key `lora_magic`"), "{e}");
+        // Honoured: rsLoRA, gaussian init, the head in modules_to_save.
+        let mut v = peft.clone();
+        v["use_rslora"] = json!(true);
+        v["init_lora_weights"] = json!("gaussian");
+        v["modules_to_save"] = json!(["classifier", "score"]);
+        assert!(meta_of(&v).unwrap().use_rslora);
     }
 }

@@ -46,6 +46,8 @@ pub struct Config {
     pub lora_alpha: f64,
     pub lora_dropout: f64,
     pub target_modules: Vec<String>,
+    /// PEFT's `use_rslora`: LoRA scaled by `lora_alpha / √r` instead of `lora_alpha / r`.
+    pub use_rslora: bool,
     // Quantization (bitsandbytes' BitsAndBytesConfig)
     pub load_in_4bit: bool,
     pub bnb_4bit_use_double_quant: bool,
@@ -203,6 +205,7 @@ impl Default for Config {
             r: 8,
             lora_alpha: 16.0,
             lora_dropout: 0.1,
+            use_rslora: false,
             target_modules: vec!["q_proj".into(), "v_proj".into()],
             load_in_4bit: true,
             bnb_4bit_use_double_quant: true,

@@ -35,6 +35,7 @@ pub fn model_options(cfg: &Config, device: Device, pad_id: i64) -> ModelOptions 
             alpha: cfg.lora_alpha,
             dropout: cfg.lora_dropout,
             target_modules: cfg.target_modules.clone(),
+            use_rslora: cfg.use_rslora,
         }),
         num_labels: cfg.num_classes,
         pad_token_id: pad_id,
@@ -157,6 +158,7 @@ pub fn load_with_adapter(cfg: &Config, adapter_dir: &Path) -> Result<(Loaded, Ta
     cfg.r = meta.r;
     cfg.lora_alpha = meta.lora_alpha;
     cfg.target_modules = meta.target_modules;
+    cfg.use_rslora = meta.use_rslora;
     let labels = match adapter::read_labels(adapter_dir)? {
         Some(l) => l,
         None => TaskLabels {

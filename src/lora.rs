@@ -1,5 +1,6 @@
 //! LoRA adapters as PEFT applies them to bitsandbytes `Linear4bit`: the input is cast to the
-//! adapter's fp32, passed through dropout, A then B, scaled by alpha/r, and cast back to the
+//! adapter's fp32, passed through dropout, A then B, scaled by alpha/r (rsLoRA: alpha/√r),
+//! and cast back to the
 //! dtype of the frozen layer's output before being added to it.
 use crate::dropout::MaskKey;
 use anyhow::{bail, Result};
@@ -18,12 +19,23 @@ pub const LORA_TARGETS: [&str; 9] = [
     "gate_up_proj",
 ];
 
+/// PEFT's `LoraLayer.update_layer` scaling: `alpha / r`, or `alpha / √r` with rsLoRA.
+pub fn scale(alpha: f64, r: i64, use_rslora: bool) -> f64 {
+    if use_rslora {
+        alpha / (r as f64).sqrt()
+    } else {
+        alpha / r as f64
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraConfig {
     pub r: i64,
     pub alpha: f64,
     pub dropout: f64,
     pub target_modules: Vec<String>,
+    /// PEFT's `use_rslora`: scale by `alpha / √r` (Kalajdzievski 2023) instead of `alpha / r`.
+    pub use_rslora: bool,
 }
 
 impl LoraConfig {
@@ -48,9 +60,9 @@ impl LoraConfig {
         Ok(())
     }
 
-    /// PEFT's `lora_alpha / r` (rsLoRA off).
+    /// PEFT's scaling: `lora_alpha / r`, or `lora_alpha / √r` with `use_rslora`.
     pub fn scale(&self) -> f64 {
-        self.alpha / self.r as f64
+        scale(self.alpha, self.r, self.use_rslora)
     }
 
     pub fn targets(&self, module: &str) -> bool {

@@ -97,20 +97,8 @@ struct AdapterTensors {
 
 fn read_adapter(dir: &Path) -> Result<AdapterTensors> {
     let meta = adapter::read_meta(dir)?;
-    let cfg_path = dir.join(adapter::CONFIG_FILE);
-    let raw: Value = serde_json::from_str(&fs::read_to_string(&cfg_path)?)
-        .with_context(|| format!("{}: not valid JSON", cfg_path.display()))?;
-    if raw["use_dora"].as_bool() == Some(true) {
-        bail!(
-            "{}: DoRA adapters (use_dora) cannot be merged",
-            cfg_path.display()
-        );
-    }
-    let scale = if raw["use_rslora"].as_bool() == Some(true) {
-        meta.lora_alpha / (meta.r as f64).sqrt()
-    } else {
-        meta.lora_alpha / meta.r as f64
-    };
+    // `read_meta` refused every option that changes what the pair computes but rsLoRA.
+    let scale = crate::lora::scale(meta.lora_alpha, meta.r, meta.use_rslora);
     let path = dir.join(adapter::WEIGHTS_FILE);
     let weights = adapter::read_safetensors(&path)?;
     let (mut a, mut b, mut full) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());

@@ -90,6 +90,7 @@ fn lora_on(target_modules: Vec<String>, dropout: f64) -> LoraConfig {
         alpha: 8.0,
         dropout,
         target_modules,
+        use_rslora: false,
     }
 }
 
@@ -464,6 +465,7 @@ fn peft_parameter_lines() {
         alpha: 16.0,
         dropout: 0.0,
         target_modules: qv,
+        use_rslora: false,
     };
     let m = LlamaClassifier::load(
         &fixtures().join("gqa"),

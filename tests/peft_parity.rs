@@ -858,3 +858,92 @@ fn gemma2_trains_like_peft() {
 fn gemma3_text_trains_like_peft() {
     family_trains_like_peft("gemma3_text");
 }
+
+/// A copy of the fixtures' base model, inputs and PEFT adapter in a fresh folder, so an
+/// oracle run that writes its report there races no other test.
+fn private_fixtures(root: &Path) -> tempfile::TempDir {
+    fn copy(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).expect("mkdir");
+        for e in std::fs::read_dir(from).expect("read fixtures") {
+            let p = e.expect("entry").path();
+            let dest = to.join(p.file_name().expect("a name"));
+            if p.is_dir() {
+                copy(&p, &dest);
+            } else {
+                std::fs::copy(&p, &dest).expect("copy a fixture");
+            }
+        }
+    }
+    let tmp = common::tempdir();
+    for name in ["base", "peft_adapter_fp32"] {
+        copy(&root.join(name), &tmp.path().join(name));
+    }
+    for f in std::fs::read_dir(root).expect("read fixtures") {
+        let p = f.expect("entry").path();
+        if p.is_file() {
+            std::fs::copy(&p, tmp.path().join(p.file_name().expect("a name"))).expect("copy");
+        }
+    }
+    tmp
+}
+
+#[test]
+fn rslora_adapters_load_and_save_like_peft() {
+    // PEFT's trained adapter with `use_rslora: true` (scale alpha/√r instead of alpha/r):
+    // PEFT's logits for it are ours, and the adapter we save from it PEFT reads back with
+    // rsLoRA on and our logits.
+    let tmp = private_fixtures(fixtures());
+    let root = tmp.path();
+    let rs = root.join("rslora_adapter");
+    std::fs::create_dir_all(&rs).unwrap();
+    let src = root.join("peft_adapter_fp32");
+    std::fs::copy(
+        src.join(adapter::WEIGHTS_FILE),
+        rs.join(adapter::WEIGHTS_FILE),
+    )
+    .unwrap();
+    let mut conf = json(&src.join(adapter::CONFIG_FILE));
+    conf["use_rslora"] = serde_json::json!(true);
+    std::fs::write(rs.join(adapter::CONFIG_FILE), conf.to_string()).unwrap();
+    common::oracle(
+        "peft_oracle.py",
+        &["load", root.to_str().unwrap(), rs.to_str().unwrap()],
+    );
+    let theirs = read(&root.join("load.safetensors"))["eval_logits"].shallow_clone();
+    let report = json(&root.join("load.json"));
+    assert_eq!(
+        report["parsed_config"]["use_rslora"],
+        serde_json::json!(true)
+    );
+
+    let cfg = config_in(root, false);
+    let (loaded, _) = loader::load_with_adapter(&cfg, &rs).expect("load the rsLoRA adapter");
+    let (ids, mask, _) = eval_batch(root);
+    let mine = tch::no_grad(|| loaded.model.forward(&ids, &mask));
+    let d = max_abs_diff(&mine, &theirs);
+    eprintln!("PEFT's rsLoRA adapter in our model: max |Δlogit| {d:e}");
+    assert!(d <= 1e-4, "rsLoRA logits differ from PEFT's by {d:e}");
+    // The scaling matters here: the plain-LoRA logits of the same weights are not PEFT's.
+    let plain = &read(&fixtures().join("ref_fp32.safetensors"))["eval_logits"];
+    assert!(
+        max_abs_diff(plain, &theirs) > 1e-3,
+        "rsLoRA changed nothing"
+    );
+
+    // Saved by us with `use_rslora` (as `train --use_rslora true` saves), read by PEFT.
+    let ours = root.join("ours_rslora");
+    let mut save_cfg = cfg.clone();
+    save_cfg.use_rslora = true;
+    adapter::save(&ours, &save_cfg, &loaded.model.trainable_parameters()).expect("save");
+    assert_eq!(json(&ours.join(adapter::CONFIG_FILE))["use_rslora"], true);
+    common::oracle(
+        "peft_oracle.py",
+        &["load", root.to_str().unwrap(), ours.to_str().unwrap()],
+    );
+    let back = &read(&root.join("load.safetensors"))["eval_logits"];
+    let d = max_abs_diff(&mine, back);
+    assert!(
+        d <= 1e-4,
+        "PEFT reading our rsLoRA adapter differs by {d:e}"
+    );
+}

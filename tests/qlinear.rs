@@ -22,6 +22,7 @@ fn layer(out: i64, inp: i64) -> (QLinear, Tensor) {
         alpha: 16.0,
         dropout: 0.0,
         target_modules: vec!["q_proj".into()],
+        use_rslora: false,
     };
     let mut lora = LoraAdapter::new(inp, out, &cfg, Device::Cpu);
     // B starts at zero in PEFT; make it non-zero so the bypass and A's gradient are exercised.

@@ -1,0 +1,183 @@
+//! An adapter whose `adapter_config.json` sets a LoRA option we do not compute (DoRA, rank
+//! patterns, layer choice, a regex `target_modules`, an unknown key) is refused by name by
+//! every subcommand that loads one, before anything is loaded or written: read as a plain
+//! LoRA it would give other predictions than PEFT's without a word.
+mod common;
+use common::{bin, config_from, demo_assets, random_adapter};
+use serde_json::json;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Runs the binary to its end (at most 120 s: a `serve` that wrongly starts is killed),
+/// returning (succeeded, stderr).
+fn run(args: &[&str]) -> (bool, String) {
+    let mut child = Command::new(bin())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run qlora-cls");
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            let mut err = String::new();
+            use std::io::Read;
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            return (status.success(), err);
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return (
+                true,
+                format!("qlora-cls {args:?} was still running after 120 s"),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn every_subcommand_refuses_an_adapter_with_an_option_we_do_not_compute() {
+    let d = common::tempdir();
+    let demo = demo_assets(&d.path().join("demo"));
+    let (model, data) = (demo.join("model"), demo.join("data"));
+    let good = d.path().join("adapter");
+    random_adapter(&config_from(&["--model_dir", s(&model)]), &good);
+    let options = [
+        ("use_dora", json!(true)),
+        ("rank_pattern", json!({"q_proj": 4})),
+        ("layers_to_transform", json!([0])),
+        ("target_modules", json!(".*\\.(q_proj|v_proj)")),
+        ("init_lora_weights", json!("pissa")),
+        ("lora_magic", json!(1)),
+    ];
+    for (key, value) in options {
+        let bad = d.path().join(format!("adapter-{key}"));
+        std::fs::create_dir_all(&bad).unwrap();
+        let weights = qlora_cls::adapter::WEIGHTS_FILE;
+        std::fs::copy(good.join(weights), bad.join(weights)).unwrap();
+        let conf_path = bad.join(qlora_cls::adapter::CONFIG_FILE);
+        let mut conf: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(good.join(qlora_cls::adapter::CONFIG_FILE)).unwrap(),
+        )
+        .unwrap();
+        conf[key] = value.clone();
+        std::fs::write(&conf_path, conf.to_string()).unwrap();
+        let out = d.path().join(format!("out-{key}"));
+        let pred = d.path().join(format!("pred-{key}.csv"));
+        let common_flags = ["--adapter", s(&bad), "--model_dir", s(&model)];
+        let commands: Vec<Vec<&str>> = vec![
+            [&["eval", "--data_dir", s(&data)][..], &common_flags].concat(),
+            [
+                &[
+                    "predict",
+                    "--data_dir",
+                    s(&data),
+                    "--split",
+                    "test",
+                    "--out",
+                    s(&pred),
+                ][..],
+                &common_flags,
+            ]
+            .concat(),
+            [&["merge", "--out", s(&out)][..], &common_flags].concat(),
+            [
+                &["serve", "--host", "127.0.0.1", "--port", "0"][..],
+                &common_flags,
+            ]
+            .concat(),
+        ];
+        for args in commands {
+            let (ok, err) = run(&args);
+            assert!(
+                !ok,
+                "{key} = {value}: qlora-cls {} accepted the adapter",
+                args[0]
+            );
+            assert!(
+                err.contains(&format!("`{key}`")) && err.contains(s(&conf_path)),
+                "{key}: qlora-cls {} should name the key and the file:\n{err}",
+                args[0]
+            );
+        }
+        assert!(
+            !out.exists(),
+            "{key}: a refused merge wrote {}",
+            out.display()
+        );
+        assert!(
+            !pred.exists(),
+            "{key}: a refused predict wrote {}",
+            pred.display()
+        );
+    }
+}
+
+#[test]
+fn rslora_trains_saves_and_loads_with_its_scale() {
+    // `use_rslora: true` trains, is written to adapter_config.json, and `eval` on the saved
+    // adapter reproduces the run's last validation accuracy (that the scale is PEFT's
+    // alpha/√r is `peft_parity::rslora_adapters_load_and_save_like_peft`).
+    let d = common::tempdir();
+    let demo = demo_assets(&d.path().join("demo"));
+    let run_dir = d.path().join("run");
+    let cfg = common::root().join("configs/demo.yaml");
+    let (model, data) = (demo.join("model"), demo.join("data"));
+    let flags = ["--model_dir", s(&model), "--data_dir", s(&data)];
+    let out = common::run_ok(
+        &[
+            &["train", "--config", s(&cfg)][..],
+            &flags,
+            &[
+                "--results_path",
+                s(&run_dir),
+                "--use_rslora",
+                "true",
+                "--epochs",
+                "1",
+                "--eval_before_training",
+                "false",
+            ],
+        ]
+        .concat(),
+    );
+    let adapter = run_dir.join("adapter");
+    let conf: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join(qlora_cls::adapter::CONFIG_FILE)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(conf["use_rslora"], true);
+    let acc = out
+        .lines()
+        .rev()
+        .find_map(|l| l.split("validation accuracy ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|a| a.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no validation accuracy in:\n{out}"));
+    let acc = format!("{acc:.4}");
+    let eval = common::run_ok(
+        &[
+            &[
+                "eval",
+                "--config",
+                s(&cfg),
+                "--adapter",
+                s(&adapter),
+                "--split",
+                "validation",
+            ][..],
+            &flags,
+        ]
+        .concat(),
+    );
+    assert!(eval.contains(&format!("accuracy {acc}")), "{eval} vs {acc}");
+}
