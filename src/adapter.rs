@@ -198,6 +198,9 @@ pub struct AdapterMeta {
     pub lora_alpha: f64,
     pub target_modules: Vec<String>,
     pub use_rslora: bool,
+    /// For `target_modules` given as full module names (as PEFT saves `all-linear`): the
+    /// decoder layers each projection is named on (they must be all of them).
+    pub named_layers: Option<std::collections::BTreeMap<String, std::collections::BTreeSet<i64>>>,
 }
 
 /// What we do with each key of PEFT's `LoraConfig` (peft 0.21.2's `to_dict()`, every key).
@@ -363,7 +366,7 @@ pub fn read_meta(dir: &Path) -> Result<AdapterMeta> {
             path.display()
         )
     })?;
-    let target_modules = match &v["target_modules"] {
+    let listed = match &v["target_modules"] {
         serde_json::Value::Array(a) => a
             .iter()
             .map(|x| x.as_str().map(str::to_string))
@@ -376,6 +379,38 @@ pub fn read_meta(dir: &Path) -> Result<AdapterMeta> {
         }
         _ => bail!("{}: key `target_modules` missing", path.display()),
     };
+    // PEFT saves `all-linear` as the full names it matched (`model.layers.3.mlp.up_proj`):
+    // each one names a projection on one layer.
+    let mut target_modules: Vec<String> = Vec::new();
+    let mut named_layers = std::collections::BTreeMap::new();
+    for name in &listed {
+        let short = match name.rsplit_once('.') {
+            None => name.clone(),
+            Some((prefix, short)) => {
+                let layer = prefix
+                    .strip_suffix(".self_attn")
+                    .or_else(|| prefix.strip_suffix(".mlp"))
+                    .and_then(|p| p.rsplit_once("layers."))
+                    .and_then(|(_, i)| i.parse::<i64>().ok());
+                let Some(layer) = layer else {
+                    return Err(refuse(
+                        "target_modules",
+                        &json!(name),
+                        "projection names, or full names `model.layers.N.self_attn|mlp.<projection>`",
+                    ));
+                };
+                named_layers
+                    .entry(short.to_string())
+                    .or_insert_with(std::collections::BTreeSet::new)
+                    .insert(layer);
+                short.to_string()
+            }
+        };
+        if !target_modules.contains(&short) {
+            target_modules.push(short);
+        }
+    }
+    let named_layers = (!named_layers.is_empty()).then_some(named_layers);
     let use_rslora = match &v["use_rslora"] {
         serde_json::Value::Null => false,
         serde_json::Value::Bool(b) => *b,
@@ -386,7 +421,27 @@ pub fn read_meta(dir: &Path) -> Result<AdapterMeta> {
         lora_alpha,
         target_modules,
         use_rslora,
+        named_layers,
     })
+}
+
+impl AdapterMeta {
+    /// Full module names must cover every one of the model's `num_layers` layers: we adapt a
+    /// projection on all of them (PEFT's `layers_to_transform` is not supported).
+    pub fn check_layers(&self, dir: &Path, num_layers: i64) -> Result<()> {
+        for (name, layers) in self.named_layers.iter().flatten() {
+            let all: std::collections::BTreeSet<i64> = (0..num_layers).collect();
+            if *layers != all {
+                bail!(
+                    "{}: key `target_modules` names `{name}` on layers {:?} of the model's \
+                     {num_layers}; this build adapts a projection on every layer",
+                    dir.join(CONFIG_FILE).display(),
+                    layers
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -500,5 +555,28 @@ mod tests {
         v["init_lora_weights"] = json!("gaussian");
         v["modules_to_save"] = json!(["classifier", "score"]);
         assert!(meta_of(&v).unwrap().use_rslora);
+    }
+
+    #[test]
+    fn full_module_names_are_read_per_layer() {
+        let mut v: serde_json::Value = serde_json::from_str(PEFT_DEFAULTS).unwrap();
+        v["target_modules"] = json!([
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.1.self_attn.q_proj",
+            "model.layers.0.mlp.down_proj"
+        ]);
+        let m = meta_of(&v).unwrap();
+        assert_eq!(m.target_modules, ["q_proj", "down_proj"]);
+        let d = tempfile::tempdir().unwrap();
+        let e = m.check_layers(d.path(), 2).unwrap_err().to_string();
+        assert!(e.contains("`down_proj` on layers {0}"), "{e}");
+        v["target_modules"] = json!([
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.1.self_attn.q_proj"
+        ]);
+        meta_of(&v).unwrap().check_layers(d.path(), 2).unwrap();
+        v["target_modules"] = json!(["model.embed_tokens"]);
+        let e = meta_of(&v).unwrap_err().to_string();
+        assert!(e.contains("key `target_modules`"), "{e}");
     }
 }

@@ -5,6 +5,9 @@
 //! Why one file: each key's field, default and check sit side by side, so a new key is added
 //! in one place; the keys and their docs are most of the length (tests are a tenth of it).
 use crate::lora::LORA_TARGETS;
+
+/// PEFT's `target_modules: all-linear`.
+pub const ALL_LINEAR: &str = "all-linear";
 use crate::model::family::Family;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -45,6 +48,8 @@ pub struct Config {
     pub r: i64,
     pub lora_alpha: f64,
     pub lora_dropout: f64,
+    /// A list of module names, or `all-linear` (PEFT's: every projection of the decoder).
+    #[serde(deserialize_with = "one_or_many")]
     pub target_modules: Vec<String>,
     /// PEFT's `use_rslora`: LoRA scaled by `lora_alpha / √r` instead of `lora_alpha / r`.
     pub use_rslora: bool,
@@ -244,6 +249,20 @@ impl Default for Config {
     }
 }
 
+/// A list, or one string standing for a one-element list (`target_modules: all-linear`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
 /// Every key a YAML file or a flag may set.
 pub fn keys() -> Vec<String> {
     match serde_yaml::to_value(Config::default()) {
@@ -419,10 +438,22 @@ impl Config {
                 bail!("invalid configuration: {e}");
             }
         };
+        let family = cfg.model_dir.as_deref().and_then(model_family);
         if !origins.contains("target_modules") {
-            if let Some(family) = cfg.model_dir.as_deref().and_then(model_family) {
+            if let Some(family) = family {
                 cfg.target_modules = family
                     .peft_default_targets()
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect();
+            }
+        }
+        // PEFT's `all-linear`, resolved for the model's family as PEFT resolves it (and as
+        // its saved adapter_config.json then lists the modules).
+        if cfg.target_modules == [ALL_LINEAR] {
+            if let Some(family) = family {
+                cfg.target_modules = family
+                    .all_linear_targets()
                     .iter()
                     .map(|t| t.to_string())
                     .collect();
@@ -515,6 +546,16 @@ impl Config {
         }
         let targets: Vec<String> = LORA_TARGETS.iter().map(|s| s.to_string()).collect();
         for t in &self.target_modules {
+            if t == ALL_LINEAR {
+                err(
+                    "target_modules",
+                    "`all-linear` needs `model_dir` pointing at a model whose config.json names a \
+                     supported family (it stands for that family's projections), and no other \
+                     module beside it"
+                        .into(),
+                )?;
+                continue;
+            }
             if !LORA_TARGETS.contains(&t.as_str()) {
                 err(
                     "target_modules",

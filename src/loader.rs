@@ -154,6 +154,10 @@ pub fn for_inference(
 /// labels saved with it (MRPC's for an adapter saved before labels travelled with it).
 pub fn load_with_adapter(cfg: &Config, adapter_dir: &Path) -> Result<(Loaded, TaskLabels)> {
     let meta = adapter::read_meta(adapter_dir)?;
+    meta.check_layers(
+        adapter_dir,
+        LlamaConfig::from_dir(cfg.model_dir()?)?.num_hidden_layers,
+    )?;
     let mut cfg = cfg.clone();
     cfg.r = meta.r;
     cfg.lora_alpha = meta.lora_alpha;

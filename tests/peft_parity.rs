@@ -947,3 +947,71 @@ fn rslora_adapters_load_and_save_like_peft() {
         "PEFT reading our rsLoRA adapter differs by {d:e}"
     );
 }
+
+#[test]
+fn all_linear_is_the_modules_peft_picks() {
+    // `target_modules: all-linear` resolves to the projections PEFT's "all-linear" wraps in
+    // a sequence classifier (never the `score` head), and `inspect`'s parameter counts are
+    // PEFT's for them; Llama's seven projections and Phi-3's four fused ones.
+    for (family, root) in [
+        ("llama", fixtures().to_path_buf()),
+        ("phi3", family_fixtures("phi3")),
+    ] {
+        common::oracle("peft_oracle.py", &["all_linear", root.to_str().unwrap()]);
+        let want = json(&root.join("all_linear.json"));
+        let base = root.join("base");
+        let cfg = common::config_from(&[
+            "--model_dir",
+            base.to_str().unwrap(),
+            "--target_modules",
+            "all-linear",
+            "--r",
+            "8",
+        ]);
+        // PEFT lists the full names it matched; their last parts are our modules.
+        let peft_short: std::collections::BTreeSet<String> = as_set(&want["target_modules"])
+            .iter()
+            .map(|n| n.rsplit('.').next().unwrap_or(n).to_string())
+            .collect();
+        let ours: std::collections::BTreeSet<String> = cfg.target_modules.iter().cloned().collect();
+        assert_eq!(peft_short, ours, "{family}");
+        let mc = qlora_cls::model::hf_config::LlamaConfig::from_dir(&base).expect("config.json");
+        let (t, a) = qlora_cls::model::hf_config::peft_param_counts(&mc, 2, 8, &cfg.target_modules);
+        assert_eq!(
+            (t, a),
+            (
+                want["trainable"].as_u64().unwrap(),
+                want["all"].as_u64().unwrap()
+            ),
+            "{family}: parameter counts"
+        );
+        // PEFT's all-linear adapter (full names in its adapter_config.json) in our model gives
+        // PEFT's logits.
+        let mut lcfg = config_in(&root, false);
+        lcfg.target_modules = cfg.target_modules.clone();
+        let (loaded, _) = loader::load_with_adapter(&lcfg, &root.join("all_linear_adapter"))
+            .unwrap_or_else(|e| panic!("{family}: {e:#}"));
+        let (ids, mask, _) = eval_batch(&root);
+        let mine = tch::no_grad(|| loaded.model.forward(&ids, &mask));
+        let theirs = &read(&root.join("all_linear.safetensors"))["eval_logits"];
+        let d = max_abs_diff(&mine, theirs);
+        eprintln!("{family}: PEFT's all-linear adapter in our model: max |Δlogit| {d:e}");
+        assert!(
+            d <= 1e-4,
+            "{family}: all-linear logits differ from PEFT's by {d:e}"
+        );
+    }
+    // A YAML file may write it as a string, as PEFT's users do.
+    let d = common::tempdir();
+    let yaml = d.path().join("c.yaml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "model_dir: {}\ntarget_modules: all-linear\n",
+            fixtures().join("base").display()
+        ),
+    )
+    .unwrap();
+    let (cfg, _) = Config::load(Some(&yaml), &[]).expect("load");
+    assert_eq!(cfg.target_modules.len(), 7);
+}

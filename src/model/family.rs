@@ -78,6 +78,23 @@ impl Family {
         }
     }
 
+    /// PEFT's `target_modules="all-linear"` for the family's sequence classifier: every
+    /// linear layer of the decoder, never the `score` head (peft#2027).
+    pub fn all_linear_targets(self) -> &'static [&'static str] {
+        match self {
+            Family::Phi3 => &["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+            _ => &[
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ],
+        }
+    }
+
     /// Gemma's decoder: `(1 + w)` norms in fp32, √hidden embedding scale, GeGLU (tanh),
     /// norms after attention and after the MLP as well as before them.
     pub fn is_gemma(self) -> bool {

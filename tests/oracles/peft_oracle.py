@@ -5,6 +5,7 @@ PEFT loading the adapters we write.
 
 usage: peft_oracle.py setup OUT_DIR [FAMILY]
        peft_oracle.py load OUT_DIR ADAPTER_DIR
+       peft_oracle.py all_linear OUT_DIR
 
 FAMILY (default llama; mistral, qwen2, qwen3, phi3, gemma2, gemma3_text) picks the decoder:
 the same sizes, the family's own switches and a sliding window shorter than the batches
@@ -27,6 +28,10 @@ setup writes under OUT_DIR:
 load reads ADAPTER_DIR (what our trainer saved), loads it with
 `PeftModel.from_pretrained(fp32 base, ADAPTER_DIR)` and writes OUT_DIR/load.json (warnings,
 those that loading PEFT's own adapter gives, key sets, the config PEFT parsed) and OUT_DIR/load.safetensors (eval_logits).
+all_linear wraps OUT_DIR/base in `LoraConfig(task_type="SEQ_CLS", r=8,
+target_modules="all-linear")` and writes OUT_DIR/all_linear.json: the module names PEFT chose
+and its trainable / all parameter counts; the adapter (B drawn non-zero) as PEFT saves it in
+OUT_DIR/all_linear_adapter/ and its eval_logits in OUT_DIR/all_linear.safetensors.
 """
 import contextlib
 import dataclasses
@@ -330,12 +335,35 @@ def load(out, adapter):
         json.dump(report, f, indent=1, default=str)
 
 
+def all_linear(out):
+    from peft import LoraConfig, get_peft_model
+    pm = get_peft_model(base_model(out, False),
+                        LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16,
+                                   target_modules="all-linear"))
+    trainable, total = pm.get_nb_trainable_parameters()
+    # A trained-looking adapter (B non-zero), saved as PEFT saves it, and its logits.
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.05)
+    pm.save_pretrained(os.path.join(out, "all_linear_adapter"))
+    inputs = load_file(os.path.join(out, "inputs.safetensors"))
+    save_file({"eval_logits": eval_logits(pm, inputs)},
+              os.path.join(out, "all_linear.safetensors"))
+    with open(os.path.join(out, "all_linear.json"), "w") as f:
+        json.dump({"target_modules": sorted(pm.peft_config["default"].target_modules),
+                   "trainable": trainable, "all": total}, f)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     if len(sys.argv) in (3, 4) and sys.argv[1] == "setup":
         setup(*sys.argv[2:])
     elif len(sys.argv) == 4 and sys.argv[1] == "load":
         load(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) == 3 and sys.argv[1] == "all_linear":
+        all_linear(sys.argv[2])
     else:
         sys.exit(__doc__)
     print("ok")
