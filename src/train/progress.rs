@@ -1,6 +1,10 @@
 //! Training progress on standard output: a live bar redrawn in place on a terminal, and on a
 //! pipe or a log file (CI, Slurm, `make train > log`) one plain line per `log_every` steps,
 //! since `\r` updates run together into a single line there.
+//!
+//! Not `indicatif`: the bar is forty lines whose output the tests pin (the plain lines a pipe
+//! gets, the bar's text); indicatif would redraw at its own rate and hide itself off a
+//! terminal, changing what logs and CI see for no gain here.
 use std::io::{IsTerminal, Write};
 
 /// What one progress report says.
