@@ -101,10 +101,10 @@ pub fn lora_config_json(cfg: &Config) -> serde_json::Value {
         "init_lora_weights": true,
         "use_rslora": cfg.use_rslora,
         "use_dora": false,
-        "layers_to_transform": null,
+        "layers_to_transform": cfg.layers_to_transform,
         "layers_pattern": null,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": cfg.rank_pattern,
+        "alpha_pattern": cfg.alpha_pattern,
         "revision": null
     })
 }
@@ -201,6 +201,9 @@ pub struct AdapterMeta {
     /// For `target_modules` given as full module names (as PEFT saves `all-linear`): the
     /// decoder layers each projection is named on (they must be all of them).
     pub named_layers: Option<std::collections::BTreeMap<String, std::collections::BTreeSet<i64>>>,
+    pub layers_to_transform: Option<Vec<i64>>,
+    pub rank_pattern: std::collections::BTreeMap<String, i64>,
+    pub alpha_pattern: std::collections::BTreeMap<String, f64>,
 }
 
 /// What we do with each key of PEFT's `LoraConfig` (peft 0.21.2's `to_dict()`, every key).
@@ -236,16 +239,10 @@ const LORA_CONFIG_KEYS: &[(&str, KeyUse)] = &[
     ("exclude_modules", KeyUse::OnlyOff("null")),
     ("fan_in_fan_out", KeyUse::OnlyOff("false")),
     ("bias", KeyUse::OnlyOff("\"none\"")),
-    ("layers_to_transform", KeyUse::OnlyOff("null (every layer)")),
-    ("layers_pattern", KeyUse::OnlyOff("null")),
-    (
-        "rank_pattern",
-        KeyUse::OnlyOff("{} (one r for every module)"),
-    ),
-    (
-        "alpha_pattern",
-        KeyUse::OnlyOff("{} (one lora_alpha for every module)"),
-    ),
+    ("layers_to_transform", KeyUse::Read),
+    ("layers_pattern", KeyUse::Ignored), // checked below: PEFT's default `layers` only
+    ("rank_pattern", KeyUse::Read),
+    ("alpha_pattern", KeyUse::Read),
     ("megatron_config", KeyUse::OnlyOff("null")),
     ("trainable_token_indices", KeyUse::OnlyOff("null")),
     ("loftq_config", KeyUse::OnlyOff("{}")),
@@ -282,8 +279,7 @@ fn is_off(key: &str, v: &serde_json::Value) -> bool {
 }
 
 /// Reads `adapter_config.json`. Every key PEFT's `LoraConfig` writes is either honoured or,
-/// when it changes what the adapter computes in a way we do not (rank/alpha patterns, DoRA,
-/// layer choice, ...), refused with the file and the key: such an adapter read as a plain
+/// when it changes what the adapter computes in a way we do not (DoRA, PiSSA, bias, ...), refused with the file and the key: such an adapter read as a plain
 /// LoRA would give other predictions than PEFT without a word. Unknown keys are refused too.
 pub fn read_meta(dir: &Path) -> Result<AdapterMeta> {
     let path = dir.join(CONFIG_FILE);
@@ -411,6 +407,59 @@ pub fn read_meta(dir: &Path) -> Result<AdapterMeta> {
         }
     }
     let named_layers = (!named_layers.is_empty()).then_some(named_layers);
+    let layers_to_transform = match &v["layers_to_transform"] {
+        serde_json::Value::Null => None,
+        serde_json::Value::Number(n) if n.is_i64() => n.as_i64().map(|i| vec![i]),
+        serde_json::Value::Array(a) if a.iter().all(|x| x.is_i64()) => {
+            Some(a.iter().filter_map(|x| x.as_i64()).collect())
+        }
+        other => {
+            return Err(refuse(
+                "layers_to_transform",
+                other,
+                "null, a layer index or a list of them",
+            ))
+        }
+    };
+    if let Some(p) = obj.get("layers_pattern") {
+        let ours = match p {
+            serde_json::Value::Null => true,
+            serde_json::Value::String(s) => s.is_empty() || s == "layers",
+            serde_json::Value::Array(a) => a.iter().all(|x| x.as_str() == Some("layers")),
+            _ => false,
+        };
+        if !ours {
+            return Err(refuse("layers_pattern", p, "null or \"layers\""));
+        }
+    }
+    let mut rank_pattern = std::collections::BTreeMap::new();
+    for (k, r) in v["rank_pattern"].as_object().into_iter().flatten() {
+        match r.as_i64() {
+            Some(r) if r > 0 => rank_pattern.insert(k.clone(), r),
+            _ => {
+                return Err(refuse(
+                    "rank_pattern",
+                    &v["rank_pattern"],
+                    "positive integer ranks",
+                ))
+            }
+        };
+    }
+    let mut alpha_pattern = std::collections::BTreeMap::new();
+    for (k, a) in v["alpha_pattern"].as_object().into_iter().flatten() {
+        match a.as_f64() {
+            Some(a) => alpha_pattern.insert(k.clone(), a),
+            None => return Err(refuse("alpha_pattern", &v["alpha_pattern"], "numbers")),
+        };
+    }
+    for (key, p) in [
+        ("rank_pattern", &v["rank_pattern"]),
+        ("alpha_pattern", &v["alpha_pattern"]),
+    ] {
+        if !(p.is_null() || p.is_object()) {
+            return Err(refuse(key, p, "an object of patterns"));
+        }
+    }
     let use_rslora = match &v["use_rslora"] {
         serde_json::Value::Null => false,
         serde_json::Value::Bool(b) => *b,
@@ -422,6 +471,9 @@ pub fn read_meta(dir: &Path) -> Result<AdapterMeta> {
         target_modules,
         use_rslora,
         named_layers,
+        layers_to_transform,
+        rank_pattern,
+        alpha_pattern,
     })
 }
 
@@ -429,14 +481,24 @@ impl AdapterMeta {
     /// Full module names must cover every one of the model's `num_layers` layers: we adapt a
     /// projection on all of them (PEFT's `layers_to_transform` is not supported).
     pub fn check_layers(&self, dir: &Path, num_layers: i64) -> Result<()> {
+        // PEFT adapts, of the layers `layers_to_transform` names, every one holding a target.
+        let all: std::collections::BTreeSet<i64> = match &self.layers_to_transform {
+            Some(l) => l
+                .iter()
+                .copied()
+                .filter(|i| (0..num_layers).contains(i))
+                .collect(),
+            None => (0..num_layers).collect(),
+        };
         for (name, layers) in self.named_layers.iter().flatten() {
-            let all: std::collections::BTreeSet<i64> = (0..num_layers).collect();
             if *layers != all {
                 bail!(
                     "{}: key `target_modules` names `{name}` on layers {:?} of the model's \
-                     {num_layers}; this build adapts a projection on every layer",
+                     {num_layers}; this build adapts a projection on every layer that \
+                     `layers_to_transform` names ({:?}); say the layers there",
                     dir.join(CONFIG_FILE).display(),
-                    layers
+                    layers,
+                    all
                 );
             }
         }
@@ -519,9 +581,6 @@ mod tests {
             let mut v = peft.clone();
             v[*key] = match *key {
                 "bias" => json!("lora_only"),
-                "layers_to_transform" => json!([0]),
-                "rank_pattern" => json!({"q_proj": 4}),
-                "alpha_pattern" => json!({"v_proj": 32}),
                 _ => json!(true),
             };
             let e = meta_of(&v).unwrap_err().to_string();

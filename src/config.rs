@@ -53,6 +53,12 @@ pub struct Config {
     pub target_modules: Vec<String>,
     /// PEFT's `use_rslora`: LoRA scaled by `lora_alpha / √r` instead of `lora_alpha / r`.
     pub use_rslora: bool,
+    /// PEFT's `layers_to_transform`: the decoder layers adapted (null: every layer).
+    pub layers_to_transform: Option<Vec<i64>>,
+    /// PEFT's `rank_pattern` / `alpha_pattern`: module-name patterns (a module whose name ends
+    /// with the pattern, a regular expression) with their own r / lora_alpha.
+    pub rank_pattern: BTreeMap<String, i64>,
+    pub alpha_pattern: BTreeMap<String, f64>,
     // Quantization (bitsandbytes' BitsAndBytesConfig)
     pub load_in_4bit: bool,
     pub bnb_4bit_use_double_quant: bool,
@@ -211,6 +217,9 @@ impl Default for Config {
             lora_alpha: 16.0,
             lora_dropout: 0.1,
             use_rslora: false,
+            layers_to_transform: None,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
             target_modules: vec!["q_proj".into(), "v_proj".into()],
             load_in_4bit: true,
             bnb_4bit_use_double_quant: true,

@@ -36,6 +36,17 @@ pub fn model_options(cfg: &Config, device: Device, pad_id: i64) -> ModelOptions 
             dropout: cfg.lora_dropout,
             target_modules: cfg.target_modules.clone(),
             use_rslora: cfg.use_rslora,
+            layers: cfg.layers_to_transform.clone(),
+            rank_pattern: cfg
+                .rank_pattern
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+            alpha_pattern: cfg
+                .alpha_pattern
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
         }),
         num_labels: cfg.num_classes,
         pad_token_id: pad_id,
@@ -163,6 +174,9 @@ pub fn load_with_adapter(cfg: &Config, adapter_dir: &Path) -> Result<(Loaded, Ta
     cfg.lora_alpha = meta.lora_alpha;
     cfg.target_modules = meta.target_modules;
     cfg.use_rslora = meta.use_rslora;
+    cfg.layers_to_transform = meta.layers_to_transform;
+    cfg.rank_pattern = meta.rank_pattern;
+    cfg.alpha_pattern = meta.alpha_pattern;
     let labels = match adapter::read_labels(adapter_dir)? {
         Some(l) => l,
         None => TaskLabels {

@@ -36,6 +36,22 @@ pub struct LoraConfig {
     pub target_modules: Vec<String>,
     /// PEFT's `use_rslora`: scale by `alpha / √r` (Kalajdzievski 2023) instead of `alpha / r`.
     pub use_rslora: bool,
+    /// PEFT's `layers_to_transform`: the decoder layers adapted (`None`: all of them).
+    pub layers: Option<Vec<i64>>,
+    /// PEFT's `rank_pattern` / `alpha_pattern`, in their order: the first pattern a module's
+    /// name ends with (a regular expression, PEFT's `(.*\.)?(pattern)$`) sets its r / alpha.
+    pub rank_pattern: Vec<(String, i64)>,
+    pub alpha_pattern: Vec<(String, f64)>,
+}
+
+/// PEFT's `get_pattern_key`: the first pattern `key` matches as `(.*\.)?(pattern)$`.
+fn pattern_for<'a, V>(patterns: &'a [(String, V)], key: &str) -> Option<&'a V> {
+    patterns.iter().find_map(|(p, v)| {
+        regex::Regex::new(&format!("^(?:.*\\.)?(?:{p})$"))
+            .ok()
+            .filter(|re| re.is_match(key))
+            .map(|_| v)
+    })
 }
 
 impl LoraConfig {
@@ -57,7 +73,74 @@ impl LoraConfig {
                 );
             }
         }
+        let keys = self.rank_pattern.iter().map(|(k, _)| ("rank_pattern", k));
+        for (what, k) in keys.chain(self.alpha_pattern.iter().map(|(k, _)| ("alpha_pattern", k))) {
+            if let Err(e) = regex::Regex::new(&format!("^(?:.*\\.)?(?:{k})$")) {
+                bail!("{what}: {k:?} is not a regular expression: {e}");
+            }
+        }
+        if let Some((k, r)) = self.rank_pattern.iter().find(|(_, r)| *r <= 0) {
+            bail!("rank_pattern: {k:?} sets r {r}; it must be positive");
+        }
         Ok(())
+    }
+
+    /// PEFT's (r, alpha) for the module `key` (`model.layers.3.self_attn.q_proj`), named
+    /// `module` (`q_proj`), on decoder layer `layer`; `None` when it is not adapted.
+    pub fn for_module(&self, layer: usize, key: &str, module: &str) -> Option<(i64, f64)> {
+        if !self.targets(module) {
+            return None;
+        }
+        if let Some(layers) = &self.layers {
+            if !layers.contains(&(layer as i64)) {
+                return None;
+            }
+        }
+        let r = pattern_for(&self.rank_pattern, key)
+            .copied()
+            .unwrap_or(self.r);
+        let alpha = pattern_for(&self.alpha_pattern, key)
+            .copied()
+            .unwrap_or(self.alpha);
+        Some((r, alpha))
+    }
+
+    /// Refuses a module that several patterns match: PEFT takes the first as written, and the
+    /// JSON and YAML readers here keep patterns in sorted order, not as written.
+    pub fn check_patterns(&self, keys: &[String]) -> Result<()> {
+        for key in keys {
+            for (what, names) in [
+                (
+                    "rank_pattern",
+                    self.rank_pattern.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+                ),
+                (
+                    "alpha_pattern",
+                    self.alpha_pattern.iter().map(|(k, _)| k).collect(),
+                ),
+            ] {
+                let hits: Vec<&String> = names
+                    .into_iter()
+                    .filter(|p| {
+                        regex::Regex::new(&format!("^(?:.*\\.)?(?:{p})$"))
+                            .is_ok_and(|re| re.is_match(key))
+                    })
+                    .collect();
+                if hits.len() > 1 {
+                    bail!("{what}: {hits:?} all match module {key}; make them match one each");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// This configuration with one module's r and alpha.
+    pub fn with(&self, r: i64, alpha: f64) -> LoraConfig {
+        LoraConfig {
+            r,
+            alpha,
+            ..self.clone()
+        }
     }
 
     /// PEFT's scaling: `lora_alpha / r`, or `lora_alpha / √r` with `use_rslora`.

@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 use qlora_cls::config::{self, Config, Override};
 use qlora_cls::data::examples;
 use qlora_cls::labels::{LabelSpec, ProblemType};
-use qlora_cls::model::hf_config::{peft_param_counts, peft_param_line, LlamaConfig};
+use qlora_cls::model::hf_config::{peft_param_counts_for, peft_param_line, LlamaConfig};
 use qlora_cls::task::TaskLabels;
 use qlora_cls::{demo, eval, loader, plot, runio, splits, train};
 use std::collections::BTreeMap;
@@ -404,7 +404,10 @@ fn run() -> Result<()> {
                     );
                 }
             }
-            let (t, a) = peft_param_counts(&hf, cfg.num_classes, cfg.r, targets);
+            let lora = qlora_cls::loader::model_options(&cfg, tch::Device::Cpu, 0)
+                .lora
+                .context("inspect: LoRA options")?;
+            let (t, a) = peft_param_counts_for(&hf, cfg.num_classes, &lora);
             println!("{}", peft_param_line(t, a));
         }
         Cmd::Quantize { flags } => quantize_cmd(&flags)?,

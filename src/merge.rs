@@ -88,17 +88,26 @@ pub struct MergeReport {
 
 /// The adapter's tensors under the merged model's names.
 struct AdapterTensors {
-    /// module path (`model.layers.0.self_attn.q_proj`) → (A `[r, in]`, B `[out, r]`)
-    pairs: BTreeMap<String, (Tensor, Tensor)>,
+    /// module path (`model.layers.0.self_attn.q_proj`) → (A `[r, in]`, B `[out, r]`, scale)
+    pairs: BTreeMap<String, (Tensor, Tensor, f64)>,
     /// other tensors (`score.weight`)
     full: BTreeMap<String, Tensor>,
-    scale: f64,
 }
 
 fn read_adapter(dir: &Path) -> Result<AdapterTensors> {
     let meta = adapter::read_meta(dir)?;
-    // `read_meta` refused every option that changes what the pair computes but rsLoRA.
-    let scale = crate::lora::scale(meta.lora_alpha, meta.r, meta.use_rslora);
+    // `read_meta` refused every option that changes what a pair computes but rsLoRA and the
+    // rank / alpha patterns, which set each pair's scale as PEFT's `update_layer` does.
+    let lora = crate::lora::LoraConfig {
+        r: meta.r,
+        alpha: meta.lora_alpha,
+        dropout: 0.0,
+        target_modules: meta.target_modules.clone(),
+        use_rslora: meta.use_rslora,
+        layers: None,
+        rank_pattern: meta.rank_pattern.clone().into_iter().collect(),
+        alpha_pattern: meta.alpha_pattern.clone().into_iter().collect(),
+    };
     let path = dir.join(adapter::WEIGHTS_FILE);
     let weights = adapter::read_safetensors(&path)?;
     let (mut a, mut b, mut full) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
@@ -128,12 +137,28 @@ fn read_adapter(dir: &Path) -> Result<AdapterTensors> {
             "{}: {m} has lora_A {sa:?} and lora_B {sb:?}, which do not multiply",
             path.display()
         );
-        pairs.insert(m, (ta, tb));
+        let module = m.rsplit('.').next().unwrap_or(&m);
+        let layer = m
+            .split('.')
+            .skip_while(|p| *p != "layers")
+            .nth(1)
+            .and_then(|i| i.parse::<usize>().ok())
+            .unwrap_or(0);
+        let (r, alpha) = lora
+            .for_module(layer, &m, module)
+            .unwrap_or((meta.r, meta.lora_alpha));
+        ensure!(
+            r == sa[0],
+            "{}: {m} has rank {} but adapter_config.json gives it r {r}",
+            path.display(),
+            sa[0]
+        );
+        pairs.insert(m, (ta, tb, crate::lora::scale(alpha, r, meta.use_rslora)));
     }
     if let Some(m) = b.keys().next() {
         bail!("{}: {m} has lora_B but no lora_A", path.display());
     }
-    Ok(AdapterTensors { pairs, full, scale })
+    Ok(AdapterTensors { pairs, full })
 }
 
 /// Where an output tensor comes from.
@@ -241,7 +266,7 @@ impl Merger<'_> {
             };
             let module = out.strip_suffix(".weight").unwrap_or(&out);
             let lora = match self.adapter.pairs.get(module) {
-                Some((a, b)) => {
+                Some((a, b, _)) => {
                     let want = [b.size()[0], a.size()[1]];
                     ensure!(
                         shape == want,
@@ -308,8 +333,8 @@ impl Merger<'_> {
         };
         let w = match &p.lora {
             Some(m) => {
-                let (a, b) = &self.adapter.pairs[m];
-                crate::lora::fold(&w, a, b, self.adapter.scale)
+                let (a, b, scale) = &self.adapter.pairs[m];
+                crate::lora::fold(&w, a, b, *scale)
             }
             None => w,
         };

@@ -53,8 +53,8 @@ fn every_subcommand_refuses_an_adapter_with_an_option_we_do_not_compute() {
     random_adapter(&config_from(&["--model_dir", s(&model)]), &good);
     let options = [
         ("use_dora", json!(true)),
-        ("rank_pattern", json!({"q_proj": 4})),
-        ("layers_to_transform", json!([0])),
+        ("lora_bias", json!(true)),
+        ("layers_pattern", json!("blocks")),
         ("target_modules", json!(".*\\.(q_proj|v_proj)")),
         ("init_lora_weights", json!("pissa")),
         ("lora_magic", json!(1)),
@@ -123,10 +123,12 @@ fn every_subcommand_refuses_an_adapter_with_an_option_we_do_not_compute() {
 }
 
 #[test]
-fn rslora_trains_saves_and_loads_with_its_scale() {
-    // `use_rslora: true` trains, is written to adapter_config.json, and `eval` on the saved
-    // adapter reproduces the run's last validation accuracy (that the scale is PEFT's
-    // alpha/√r is `peft_parity::rslora_adapters_load_and_save_like_peft`).
+fn rslora_patterns_and_layer_choice_train_save_and_load() {
+    // `use_rslora`, `rank_pattern`, `alpha_pattern` and `layers_to_transform` train, are
+    // written to adapter_config.json, shape the saved tensors, and `eval` on the saved adapter
+    // reproduces the run's last validation accuracy (that the scales and modules are PEFT's
+    // is `peft_parity::rslora_adapters_load_and_save_like_peft` and
+    // `peft_parity::rank_alpha_patterns_and_layer_choice_are_peft_s`).
     let d = common::tempdir();
     let demo = demo_assets(&d.path().join("demo"));
     let run_dir = d.path().join("run");
@@ -142,6 +144,12 @@ fn rslora_trains_saves_and_loads_with_its_scale() {
                 s(&run_dir),
                 "--use_rslora",
                 "true",
+                "--rank_pattern",
+                "{v_proj: 4}",
+                "--alpha_pattern",
+                "{q_proj: 8}",
+                "--layers_to_transform",
+                "[0]",
                 "--epochs",
                 "1",
                 "--eval_before_training",
@@ -156,6 +164,28 @@ fn rslora_trains_saves_and_loads_with_its_scale() {
     )
     .unwrap();
     assert_eq!(conf["use_rslora"], true);
+    assert_eq!(conf["rank_pattern"], json!({"v_proj": 4}));
+    assert_eq!(conf["alpha_pattern"], json!({"q_proj": 8.0}));
+    assert_eq!(conf["layers_to_transform"], json!([0]));
+    let weights =
+        qlora_cls::adapter::read_safetensors(&adapter.join(qlora_cls::adapter::WEIGHTS_FILE))
+            .unwrap();
+    let lora: Vec<&String> = weights.keys().filter(|k| k.contains("lora_")).collect();
+    assert!(
+        !lora.is_empty() && lora.iter().all(|k| k.contains(".layers.0.")),
+        "{lora:?}"
+    );
+    let v_a = weights
+        .iter()
+        .find(|(k, _)| k.contains("v_proj.lora_A"))
+        .map(|(_, t)| t.size())
+        .unwrap();
+    let q_a = weights
+        .iter()
+        .find(|(k, _)| k.contains("q_proj.lora_A"))
+        .map(|(_, t)| t.size())
+        .unwrap();
+    assert_eq!((v_a[0], q_a[0]), (4, 8), "ranks of v and q");
     let acc = out
         .lines()
         .rev()

@@ -91,6 +91,9 @@ fn lora_on(target_modules: Vec<String>, dropout: f64) -> LoraConfig {
         dropout,
         target_modules,
         use_rslora: false,
+        layers: None,
+        rank_pattern: Vec::new(),
+        alpha_pattern: Vec::new(),
     }
 }
 
@@ -466,6 +469,9 @@ fn peft_parameter_lines() {
         dropout: 0.0,
         target_modules: qv,
         use_rslora: false,
+        layers: None,
+        rank_pattern: Vec::new(),
+        alpha_pattern: Vec::new(),
     };
     let m = LlamaClassifier::load(
         &fixtures().join("gqa"),

@@ -23,6 +23,9 @@ fn layer(out: i64, inp: i64) -> (QLinear, Tensor) {
         dropout: 0.0,
         target_modules: vec!["q_proj".into()],
         use_rslora: false,
+        layers: None,
+        rank_pattern: Vec::new(),
+        alpha_pattern: Vec::new(),
     };
     let mut lora = LoraAdapter::new(inp, out, &cfg, Device::Cpu);
     // B starts at zero in PEFT; make it non-zero so the bypass and A's gradient are exercised.

@@ -4,7 +4,7 @@
 use crate::lora::LoraConfig;
 use crate::model::backward::{LayerSaved, Rows};
 use crate::model::checkpoint::{self, LoadOptions};
-use crate::model::hf_config::{peft_param_counts, LlamaConfig};
+use crate::model::hf_config::{peft_param_counts_for, LlamaConfig};
 use crate::model::llama::{LayerContext, LlamaModel};
 use crate::model::loss::{self, LossWeights, ProblemType};
 use crate::profile::{scope, Part};
@@ -95,6 +95,15 @@ impl LlamaClassifier {
         }
         let config = LlamaConfig::from_dir(model_dir)?;
         if let Some(l) = &opts.lora {
+            let keys: Vec<String> = (0..config.num_hidden_layers)
+                .flat_map(|i| {
+                    config
+                        .linear_modules()
+                        .iter()
+                        .map(move |(p, n)| format!("model.layers.{i}.{p}.{n}"))
+                })
+                .collect();
+            l.check_patterns(&keys)?;
             for m in &l.target_modules {
                 if config.linear_shape(m).is_none() {
                     let own: Vec<&str> = config.linear_modules().iter().map(|(_, n)| *n).collect();
@@ -475,9 +484,7 @@ impl LlamaClassifier {
 
     pub fn param_counts(&self) -> (u64, u64) {
         match &self.opts.lora {
-            Some(l) => {
-                peft_param_counts(&self.config, self.opts.num_labels, l.r, &l.target_modules)
-            }
+            Some(l) => peft_param_counts_for(&self.config, self.opts.num_labels, l),
             None => {
                 let score = (self.opts.num_labels * self.config.hidden_size) as u64;
                 (score, self.config.base_param_count() + score)

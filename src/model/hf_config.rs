@@ -692,16 +692,39 @@ pub fn peft_param_counts(
     lora_r: i64,
     target_modules: &[String],
 ) -> (u64, u64) {
-    let r = lora_r as u64;
-    let per_layer: u64 = target_modules
-        .iter()
-        .filter_map(|m| cfg.linear_shape(m))
-        .map(|(i, o)| r * (i as u64 + o as u64))
-        .sum();
-    let lora = per_layer * cfg.num_hidden_layers as u64;
+    let lora = crate::lora::LoraConfig {
+        r: lora_r,
+        alpha: 1.0,
+        dropout: 0.0,
+        target_modules: target_modules.to_vec(),
+        use_rslora: false,
+        layers: None,
+        rank_pattern: Vec::new(),
+        alpha_pattern: Vec::new(),
+    };
+    peft_param_counts_for(cfg, num_labels, &lora)
+}
+
+/// [`peft_param_counts`] for any LoRA configuration (per-module ranks, a layer choice).
+pub fn peft_param_counts_for(
+    cfg: &LlamaConfig,
+    num_labels: i64,
+    lora: &crate::lora::LoraConfig,
+) -> (u64, u64) {
+    let mut adapted = 0u64;
+    for layer in 0..cfg.num_hidden_layers as usize {
+        for (parent, name) in cfg.linear_modules() {
+            let key = format!("model.layers.{layer}.{parent}.{name}");
+            if let (Some((r, _)), Some((i, o))) =
+                (lora.for_module(layer, &key, name), cfg.linear_shape(name))
+            {
+                adapted += r as u64 * (i as u64 + o as u64);
+            }
+        }
+    }
     let score = (cfg.hidden_size * num_labels) as u64;
-    let trainable = lora + score;
-    let all = cfg.base_param_count() + lora + 2 * score;
+    let trainable = adapted + score;
+    let all = cfg.base_param_count() + adapted + 2 * score;
     (trainable, all)
 }
 

@@ -778,9 +778,23 @@ fn build_layer(
     let mut linears: Vec<(&'static str, QLinear)> = linears
         .into_iter()
         .map(|(name, weight, bias)| {
-            let adapter = lora
-                .filter(|l| l.targets(name))
-                .map(|l| LoraAdapter::new(weight.in_features(), weight.out_features(), l, device));
+            // PEFT's module key, as its patterns and layer choice see it.
+            let parent = cfg
+                .linear_modules()
+                .iter()
+                .find(|(_, n)| *n == name)
+                .map_or("self_attn", |(p, _)| *p);
+            let key = format!("model.layers.{index}.{parent}.{name}");
+            let adapter = lora.and_then(|l| {
+                l.for_module(index, &key, name).map(|(r, alpha)| {
+                    LoraAdapter::new(
+                        weight.in_features(),
+                        weight.out_features(),
+                        &l.with(r, alpha),
+                        device,
+                    )
+                })
+            });
             (
                 name,
                 QLinear {

@@ -3,13 +3,16 @@ LlamaForSequenceClassification + PEFT LoRA + bitsandbytes AdamW8bit + transforme
 warmup schedule, optionally on a bitsandbytes 4-bit NF4 base) on a tiny random Llama, and
 PEFT loading the adapters we write.
 
-usage: peft_oracle.py setup OUT_DIR [FAMILY]
+usage: peft_oracle.py setup OUT_DIR [FAMILY [options]]
        peft_oracle.py load OUT_DIR ADAPTER_DIR
        peft_oracle.py all_linear OUT_DIR
+       peft_oracle.py patterns OUT_DIR
 
 FAMILY (default llama; mistral, qwen2, qwen3, phi3, gemma2, gemma3_text) picks the decoder:
 the same sizes, the family's own switches and a sliding window shorter than the batches
 (model_oracle.family_classes), LoRA on PEFT's default targets (`qkv_proj` for phi3).
+`options` trains LoRA with the options of OPTIONS instead (all-linear, rsLoRA, a rank and an
+alpha pattern); facts.json's `lora` says which.
 
 setup writes under OUT_DIR:
   base/                   tiny random Llama (fp32 LlamaForCausalLM.save_pretrained) with a
@@ -147,11 +150,26 @@ def make_inputs(gen, vocab):
     return out
 
 
-def lora_config(family):
+# The LoRA options of `setup OUT FAMILY options` (written to facts.json's `lora`).
+OPTIONS = dict(target_modules="all-linear", use_rslora=True,
+               rank_pattern={"down_proj": 4}, alpha_pattern={"q_proj": 32})
+
+
+def lora_options(out):
+    path = os.path.join(out, "lora_options.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def lora_config(family, out=None):
     from peft import LoraConfig
 
+    kw = dict(target_modules=targets(family))
+    kw.update(lora_options(out) if out else {})
     return LoraConfig(task_type="SEQ_CLS", r=R, lora_alpha=ALPHA, lora_dropout=0.0,
-                      target_modules=targets(family), modules_to_save=["score"])
+                      modules_to_save=["score"], **kw)
 
 
 def base_model(out, nf4):
@@ -183,7 +201,7 @@ def reference(out, tag, nf4, init, inputs, warmup):
     from peft import get_peft_model
     from transformers import get_linear_schedule_with_warmup
 
-    pm = get_peft_model(base_model(out, nf4), lora_config(family_of(out)))
+    pm = get_peft_model(base_model(out, nf4), lora_config(family_of(out), out))
     named = [(peft_key(n), p) for n, p in pm.named_parameters() if p.requires_grad]
     assert sorted(k for k, _ in named) == sorted(init), "trainable keys differ from init"
     with torch.no_grad():
@@ -226,8 +244,13 @@ def reference(out, tag, nf4, init, inputs, warmup):
     return pm
 
 
-def setup(out, family="llama"):
+def setup(out, family="llama", variant=None):
     from peft import LoraConfig, get_peft_model
+
+    if variant is not None:
+        assert variant == "options", f"unknown setup variant {variant}"
+        with open(os.path.join(out, "lora_options.json"), "w") as f:
+            json.dump(OPTIONS, f)
 
     gen = torch.Generator().manual_seed(4321)
     cfg = tiny_config(family)
@@ -242,7 +265,7 @@ def setup(out, family="llama"):
 
     # Initial trainable tensors: B non-zero so that A's gradients are too.
     shapes = {peft_key(n): p.shape for n, p in
-              get_peft_model(base_model(out, False), lora_config(family)).named_parameters()
+              get_peft_model(base_model(out, False), lora_config(family, out)).named_parameters()
               if p.requires_grad}
     init = {k: (torch.randn(shape, generator=gen) * 0.05).contiguous()
             for k, shape in sorted(shapes.items())}
@@ -257,7 +280,9 @@ def setup(out, family="llama"):
     facts = {
         "lr": LR, "warmup": warmup, "total": TOTAL, "steps": STEPS, "warmup_ratio": WARMUP_RATIO,
         "num_labels": NUM_LABELS, "pad": PAD, "r": R, "lora_alpha": ALPHA,
-        "targets": targets(family), "family": family,
+        "targets": sorted({t.rsplit(".", 1)[-1] for t in pm4.peft_config["default"].target_modules}),
+        "family": family,
+        "lora": {k: v for k, v in lora_options(out).items() if k != "target_modules"},
         "peft_line_nf4": peft_line(pm4),
         "lora_config_fields": sorted(f.name for f in dataclasses.fields(LoraConfig)),
     }
@@ -356,14 +381,50 @@ def all_linear(out):
                    "trainable": trainable, "all": total}, f)
 
 
+# Per-module ranks and alphas (a short name, a full name, a regex) and a layer choice with
+# rsLoRA: the options that make one module's adapter differ from another's.
+PATTERN_CONFIGS = {
+    "patterns": dict(target_modules=["q_proj", "v_proj", "o_proj"],
+                     rank_pattern={"q_proj": 4, "model.layers.1.self_attn.v_proj": 2},
+                     alpha_pattern={"v_proj": 32, r"layers\.0\.self_attn\.o_.*": 4}),
+    "layers": dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
+                   use_rslora=True),
+}
+
+
+def patterns(out):
+    from peft import LoraConfig, get_peft_model
+    inputs = load_file(os.path.join(out, "inputs.safetensors"))
+    facts = {}
+    for tag, kw in PATTERN_CONFIGS.items():
+        pm = get_peft_model(base_model(out, False),
+                            LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, **kw))
+        trainable, total = pm.get_nb_trainable_parameters()
+        torch.manual_seed(2)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0.0, 0.05)
+        pm.save_pretrained(os.path.join(out, f"{tag}_adapter"))
+        save_file({"eval_logits": eval_logits(pm, inputs)},
+                  os.path.join(out, f"{tag}.safetensors"))
+        ranks = {n: m.r["default"] for n, m in pm.named_modules() if hasattr(m, "lora_A")}
+        scales = {n: m.scaling["default"] for n, m in pm.named_modules() if hasattr(m, "lora_A")}
+        facts[tag] = {"trainable": trainable, "all": total, "ranks": ranks, "scales": scales}
+    with open(os.path.join(out, "patterns.json"), "w") as f:
+        json.dump(facts, f, indent=1)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    if len(sys.argv) in (3, 4) and sys.argv[1] == "setup":
+    if len(sys.argv) in (3, 4, 5) and sys.argv[1] == "setup":
         setup(*sys.argv[2:])
     elif len(sys.argv) == 4 and sys.argv[1] == "load":
         load(sys.argv[2], sys.argv[3])
     elif len(sys.argv) == 3 and sys.argv[1] == "all_linear":
         all_linear(sys.argv[2])
+    elif len(sys.argv) == 3 and sys.argv[1] == "patterns":
+        patterns(sys.argv[2])
     else:
         sys.exit(__doc__)
     print("ok")
