@@ -1128,6 +1128,44 @@ fn rank_alpha_patterns_and_layer_choice_are_peft_s() {
             d <= 1e-4,
             "{tag}: PEFT reading our adapter differs by {d:e}"
         );
+
+        // `merge` folds each pair with its own scale, as PEFT's merge_and_unload.
+        let merged = root.join(format!("merged_{tag}"));
+        let opts = qlora_cls::merge::MergeOptions {
+            dtype: Kind::Float,
+            quantize_nf4: false,
+            max_shard_bytes: 1 << 40,
+            force: false,
+            sample: 0,
+            sample_split: "validation".into(),
+        };
+        qlora_cls::merge::merge(&cfg, &dir, &merged, &opts).expect("merge");
+        let mut ours = HashMap::new();
+        for e in std::fs::read_dir(&merged).expect("merged folder") {
+            let p = e.expect("entry").path();
+            if p.extension().is_some_and(|x| x == "safetensors") {
+                ours.extend(read(&p));
+            }
+        }
+        let peft = read(&root.join(format!("{tag}_merged.safetensors")));
+        let base = read(&root.join("base").join("model.safetensors"));
+        let moved = peft
+            .iter()
+            .filter(|(n, w)| base.get(*n).is_some_and(|b| max_abs_diff(b, w) > 1e-4))
+            .count();
+        assert!(moved >= 2, "{tag}: PEFT's merge moved {moved} weights");
+        let mut worst = 0f64;
+        for (name, w) in &peft {
+            let mine = ours
+                .get(name)
+                .unwrap_or_else(|| panic!("{tag}: merged checkpoint has no {name}"));
+            worst = worst.max(max_abs_diff(mine, w));
+        }
+        eprintln!("{tag}: merged weights vs PEFT's merge_and_unload: max |Δ| {worst:e}");
+        assert!(
+            worst <= 1e-6,
+            "{tag}: merged weights differ from PEFT's by {worst:e}"
+        );
     }
 }
 

@@ -411,6 +411,10 @@ def patterns(out):
         ranks = {n: m.r["default"] for n, m in pm.named_modules() if hasattr(m, "lora_A")}
         scales = {n: m.scaling["default"] for n, m in pm.named_modules() if hasattr(m, "lora_A")}
         facts[tag] = {"trainable": trainable, "all": total, "ranks": ranks, "scales": scales}
+        merged = pm.merge_and_unload()
+        save_file({n: p.detach().contiguous() for n, p in merged.state_dict().items()
+                   if n.endswith("_proj.weight")},
+                  os.path.join(out, f"{tag}_merged.safetensors"))
     with open(os.path.join(out, "patterns.json"), "w") as f:
         json.dump(facts, f, indent=1)
 
