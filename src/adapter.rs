@@ -100,7 +100,7 @@ pub fn lora_config_json(cfg: &Config) -> serde_json::Value {
         "inference_mode": true,
         "init_lora_weights": true,
         "use_rslora": cfg.use_rslora,
-        "use_dora": false,
+        "use_dora": cfg.use_dora,
         "layers_to_transform": cfg.layers_to_transform,
         "layers_pattern": null,
         "rank_pattern": cfg.rank_pattern,
@@ -198,6 +198,8 @@ pub struct AdapterMeta {
     pub lora_alpha: f64,
     pub target_modules: Vec<String>,
     pub use_rslora: bool,
+    /// PEFT's `use_dora`: the adapter holds a `lora_magnitude_vector` per module.
+    pub use_dora: bool,
     /// For `target_modules` given as full module names (as PEFT saves `all-linear`): the
     /// decoder layers each projection is named on (they must be all of them).
     pub named_layers: Option<std::collections::BTreeMap<String, std::collections::BTreeSet<i64>>>,
@@ -249,10 +251,7 @@ const LORA_CONFIG_KEYS: &[(&str, KeyUse)] = &[
     ("eva_config", KeyUse::OnlyOff("null")),
     ("corda_config", KeyUse::OnlyOff("null")),
     ("lora_ga_config", KeyUse::OnlyOff("null")),
-    (
-        "use_dora",
-        KeyUse::OnlyOff("false (DoRA is not implemented)"),
-    ),
+    ("use_dora", KeyUse::Read),
     ("velora_config", KeyUse::OnlyOff("null")),
     ("alora_invocation_tokens", KeyUse::OnlyOff("null")),
     ("use_qalora", KeyUse::OnlyOff("false")),
@@ -279,7 +278,7 @@ fn is_off(key: &str, v: &serde_json::Value) -> bool {
 }
 
 /// Reads `adapter_config.json`. Every key PEFT's `LoraConfig` writes is either honoured or,
-/// when it changes what the adapter computes in a way we do not (DoRA, PiSSA, bias, ...), refused with the file and the key: such an adapter read as a plain
+/// when it changes what the adapter computes in a way we do not (PiSSA, LoftQ, bias, ...), refused with the file and the key: such an adapter read as a plain
 /// LoRA would give other predictions than PEFT without a word. Unknown keys are refused too.
 pub fn read_meta(dir: &Path) -> Result<AdapterMeta> {
     let path = dir.join(CONFIG_FILE);
@@ -460,11 +459,12 @@ pub fn read_meta(dir: &Path) -> Result<AdapterMeta> {
             return Err(refuse(key, p, "an object of patterns"));
         }
     }
-    let use_rslora = match &v["use_rslora"] {
-        serde_json::Value::Null => false,
-        serde_json::Value::Bool(b) => *b,
-        other => return Err(refuse("use_rslora", other, "true or false")),
+    let flag = |key: &str| match &v[key] {
+        serde_json::Value::Null => Ok(false),
+        serde_json::Value::Bool(b) => Ok(*b),
+        other => Err(refuse(key, other, "true or false")),
     };
+    let (use_rslora, use_dora) = (flag("use_rslora")?, flag("use_dora")?);
     Ok(AdapterMeta {
         r,
         lora_alpha,
@@ -474,12 +474,13 @@ pub fn read_meta(dir: &Path) -> Result<AdapterMeta> {
         layers_to_transform,
         rank_pattern,
         alpha_pattern,
+        use_dora,
     })
 }
 
 impl AdapterMeta {
-    /// Full module names must cover every one of the model's `num_layers` layers: we adapt a
-    /// projection on all of them (PEFT's `layers_to_transform` is not supported).
+    /// Full module names must cover every layer `layers_to_transform` names (all of the
+    /// model's `num_layers` by default): we adapt a projection on each of them.
     pub fn check_layers(&self, dir: &Path, num_layers: i64) -> Result<()> {
         // PEFT adapts, of the layers `layers_to_transform` names, every one holding a target.
         let all: std::collections::BTreeSet<i64> = match &self.layers_to_transform {

@@ -59,6 +59,8 @@ pub struct Config {
     /// with the pattern, a regular expression) with their own r / lora_alpha.
     pub rank_pattern: BTreeMap<String, i64>,
     pub alpha_pattern: BTreeMap<String, f64>,
+    /// PEFT's `use_dora`: DoRA (a trained magnitude per output row of each adapted weight).
+    pub use_dora: bool,
     // Quantization (bitsandbytes' BitsAndBytesConfig)
     pub load_in_4bit: bool,
     pub bnb_4bit_use_double_quant: bool,
@@ -220,6 +222,7 @@ impl Default for Config {
             layers_to_transform: None,
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
+            use_dora: false,
             target_modules: vec!["q_proj".into(), "v_proj".into()],
             load_in_4bit: true,
             bnb_4bit_use_double_quant: true,

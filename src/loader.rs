@@ -47,6 +47,7 @@ pub fn model_options(cfg: &Config, device: Device, pad_id: i64) -> ModelOptions 
                 .iter()
                 .map(|(k, v)| (k.clone(), *v))
                 .collect(),
+            use_dora: cfg.use_dora,
         }),
         num_labels: cfg.num_classes,
         pad_token_id: pad_id,
@@ -177,6 +178,7 @@ pub fn load_with_adapter(cfg: &Config, adapter_dir: &Path) -> Result<(Loaded, Ta
     cfg.layers_to_transform = meta.layers_to_transform;
     cfg.rank_pattern = meta.rank_pattern;
     cfg.alpha_pattern = meta.alpha_pattern;
+    cfg.use_dora = meta.use_dora;
     let labels = match adapter::read_labels(adapter_dir)? {
         Some(l) => l,
         None => TaskLabels {

@@ -1,7 +1,9 @@
 //! LoRA adapters as PEFT applies them to bitsandbytes `Linear4bit`: the input is cast to the
 //! adapter's fp32, passed through dropout, A then B, scaled by alpha/r (rsLoRA: alpha/√r),
-//! and cast back to the
-//! dtype of the frozen layer's output before being added to it.
+//! and cast back to the dtype of the frozen layer's output before being added to it.
+//! With DoRA (PEFT's `use_dora`) the adapter also holds the magnitude vector m, and the layer
+//! computes `g·(W + s·B·A)·x` with `g = m / ‖W + s·B·A‖` per output row, the norm detached
+//! (PEFT's `DoraLinearLayer`; [`crate::quant::qlinear`] owns that arithmetic).
 use crate::dropout::MaskKey;
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
@@ -42,6 +44,8 @@ pub struct LoraConfig {
     /// name ends with (a regular expression, PEFT's `(.*\.)?(pattern)$`) sets its r / alpha.
     pub rank_pattern: Vec<(String, i64)>,
     pub alpha_pattern: Vec<(String, f64)>,
+    /// PEFT's `use_dora` (Liu et al. 2024): a trained magnitude per output row.
+    pub use_dora: bool,
 }
 
 /// PEFT's `get_pattern_key`: the first pattern `key` matches as `(.*\.)?(pattern)$`.
@@ -161,6 +165,9 @@ pub struct LoraAdapter {
     pub b: Tensor,
     pub scale: f64,
     pub dropout: f64,
+    /// DoRA's magnitude `[out]` (PEFT's `lora_magnitude_vector`), fp32 leaf with
+    /// requires_grad; `None` for plain LoRA.
+    pub magnitude: Option<Tensor>,
 }
 
 impl LoraAdapter {
@@ -179,7 +186,23 @@ impl LoraAdapter {
             b,
             scale: cfg.scale(),
             dropout: cfg.dropout,
+            magnitude: None,
         }
+    }
+
+    /// DoRA's row norm `‖W + s·B·A‖` `[out]` for the frozen weight `w` `[out, in]` in fp32,
+    /// outside autograd (PEFT's `get_weight_norm`, detached as PEFT's forward detaches it).
+    pub fn weight_norm(&self, w: &Tensor) -> Tensor {
+        tch::no_grad(|| {
+            let v = fold(w, &self.a, &self.b, self.scale);
+            v.linalg_norm(2.0, [1i64].as_slice(), false, Kind::Float)
+        })
+    }
+
+    /// Turns the adapter into DoRA, the magnitude starting at `‖W + s·B·A‖` (PEFT's
+    /// `DoraLinearLayer.update_layer`; with B = 0, the rows' norms of W).
+    pub fn init_dora(&mut self, w: &Tensor) {
+        self.magnitude = Some(self.weight_norm(w).set_requires_grad(true));
     }
 
     /// The LoRA bypass for `x` under autograd, without dropout (evaluation mode), in
@@ -205,6 +228,16 @@ pub fn fold(w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Tensor {
     })
 }
 
+/// DoRA folded into its weight: `g·(W + s·B·A)` with `g = m / ‖W + s·B·A‖` per row
+/// (PEFT's `DoraLinearVariant.merge`). `w` must already be fp32.
+pub fn fold_dora(w: &Tensor, a: &Tensor, b: &Tensor, scale: f64, magnitude: &Tensor) -> Tensor {
+    tch::no_grad(|| {
+        let v = fold(w, a, b, scale);
+        let norm = v.linalg_norm(2.0, [1i64].as_slice(), false, Kind::Float);
+        (magnitude.to_kind(Kind::Float) / norm).unsqueeze(1) * v
+    })
+}
+
 /// What [`LoraAdapter::backward`] needs from one [`LoraAdapter::forward_saved`].
 #[derive(Debug)]
 pub struct LoraSaved {
@@ -212,6 +245,9 @@ pub struct LoraSaved {
     dropout: Option<MaskKey>,
     /// `dropout(x) · Aᵀ`, `[N, r]`.
     u: Tensor,
+    /// DoRA's factor `g = m / ‖W + s·B·A‖` and the norm, `[out]` each (the forward's values:
+    /// the backward must not see a norm recomputed from other weights).
+    pub dora: Option<(Tensor, Tensor)>,
 }
 
 impl LoraAdapter {
@@ -237,7 +273,42 @@ impl LoraAdapter {
         let (a, b) = (self.a.detach(), self.b.detach());
         let u = xd.linear::<Tensor>(&a, None);
         let y = (u.linear::<Tensor>(&b, None) * self.scale).to_kind(out_kind);
-        Ok((y, LoraSaved { dropout, u }))
+        Ok((
+            y,
+            LoraSaved {
+                dropout,
+                u,
+                dora: None,
+            },
+        ))
+    }
+
+    /// The rows the branch saw: `x` in fp32 through the forward's dropout mask, if any.
+    pub fn dropped(&self, saved: &LoraSaved, x: &Tensor) -> Result<Tensor> {
+        let xl = x.to_kind(Kind::Float);
+        match &saved.dropout {
+            Some(d) => d.apply(self.dropout, &xl),
+            None => Ok(xl),
+        }
+    }
+
+    /// Whether the forward applied dropout (DoRA then recomputes the frozen product on the
+    /// dropped rows, as PEFT does).
+    pub fn dropped_out(saved: &LoraSaved) -> bool {
+        saved.dropout.is_some()
+    }
+
+    /// The branch's output `s·B·A·dropout(x)` in fp32, from what the forward saved.
+    pub fn output(&self, saved: &LoraSaved) -> Tensor {
+        saved.u.linear::<Tensor>(&self.b.detach(), None) * self.scale
+    }
+
+    /// The gradient of dropout-masked rows: the mask of the forward applied to `d`.
+    pub fn through_dropout(&self, saved: &LoraSaved, d: &Tensor) -> Result<Tensor> {
+        match &saved.dropout {
+            Some(k) => k.apply(self.dropout, d),
+            None => Ok(d.shallow_clone()),
+        }
     }
 
     /// Accumulates A's and B's gradients for the incoming gradient `dy` `[N, out]`, given the

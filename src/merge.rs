@@ -90,6 +90,8 @@ pub struct MergeReport {
 struct AdapterTensors {
     /// module path (`model.layers.0.self_attn.q_proj`) → (A `[r, in]`, B `[out, r]`, scale)
     pairs: BTreeMap<String, (Tensor, Tensor, f64)>,
+    /// DoRA's magnitude `[out]` of each pair's module (PEFT's `lora_magnitude_vector`).
+    magnitudes: BTreeMap<String, Tensor>,
     /// other tensors (`score.weight`)
     full: BTreeMap<String, Tensor>,
 }
@@ -97,7 +99,8 @@ struct AdapterTensors {
 fn read_adapter(dir: &Path) -> Result<AdapterTensors> {
     let meta = adapter::read_meta(dir)?;
     // `read_meta` refused every option that changes what a pair computes but rsLoRA and the
-    // rank / alpha patterns, which set each pair's scale as PEFT's `update_layer` does.
+    // rank / alpha patterns, which set each pair's scale as PEFT's `update_layer` does, and
+    // DoRA, whose magnitudes rescale the folded rows.
     let lora = crate::lora::LoraConfig {
         r: meta.r,
         alpha: meta.lora_alpha,
@@ -107,13 +110,22 @@ fn read_adapter(dir: &Path) -> Result<AdapterTensors> {
         layers: None,
         rank_pattern: meta.rank_pattern.clone().into_iter().collect(),
         alpha_pattern: meta.alpha_pattern.clone().into_iter().collect(),
+        use_dora: meta.use_dora,
     };
     let path = dir.join(adapter::WEIGHTS_FILE);
     let weights = adapter::read_safetensors(&path)?;
     let (mut a, mut b, mut full) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+    let mut magnitudes = BTreeMap::new();
     for (key, t) in weights {
         let name = key.strip_prefix("base_model.model.").unwrap_or(&key);
-        if let Some(m) = name.strip_suffix(".lora_A.weight") {
+        if let Some(m) = name.strip_suffix(".lora_magnitude_vector") {
+            ensure!(
+                meta.use_dora,
+                "{}: tensor {key} is DoRA's but adapter_config.json says use_dora false",
+                path.display()
+            );
+            magnitudes.insert(m.to_string(), t);
+        } else if let Some(m) = name.strip_suffix(".lora_A.weight") {
             a.insert(m.to_string(), t);
         } else if let Some(m) = name.strip_suffix(".lora_B.weight") {
             b.insert(m.to_string(), t);
@@ -153,12 +165,31 @@ fn read_adapter(dir: &Path) -> Result<AdapterTensors> {
             path.display(),
             sa[0]
         );
+        if meta.use_dora {
+            let mag = magnitudes.get(&m).map(Tensor::size);
+            ensure!(
+                mag.as_deref() == Some(&[sb[0]][..]),
+                "{}: {m} needs a lora_magnitude_vector of [{}] (use_dora), found {mag:?}",
+                path.display(),
+                sb[0]
+            );
+        }
         pairs.insert(m, (ta, tb, crate::lora::scale(alpha, r, meta.use_rslora)));
     }
     if let Some(m) = b.keys().next() {
         bail!("{}: {m} has lora_B but no lora_A", path.display());
     }
-    Ok(AdapterTensors { pairs, full })
+    if let Some(m) = magnitudes.keys().find(|m| !pairs.contains_key(*m)) {
+        bail!(
+            "{}: {m} has a lora_magnitude_vector but no LoRA pair",
+            path.display()
+        );
+    }
+    Ok(AdapterTensors {
+        pairs,
+        magnitudes,
+        full,
+    })
 }
 
 /// Where an output tensor comes from.
@@ -334,7 +365,10 @@ impl Merger<'_> {
         let w = match &p.lora {
             Some(m) => {
                 let (a, b, scale) = &self.adapter.pairs[m];
-                crate::lora::fold(&w, a, b, *scale)
+                match self.adapter.magnitudes.get(m) {
+                    Some(mag) => crate::lora::fold_dora(&w, a, b, *scale, mag),
+                    None => crate::lora::fold(&w, a, b, *scale),
+                }
             }
             None => w,
         };

@@ -52,7 +52,7 @@ fn every_subcommand_refuses_an_adapter_with_an_option_we_do_not_compute() {
     let good = d.path().join("adapter");
     random_adapter(&config_from(&["--model_dir", s(&model)]), &good);
     let options = [
-        ("use_dora", json!(true)),
+        ("use_qalora", json!(true)),
         ("lora_bias", json!(true)),
         ("layers_pattern", json!("blocks")),
         ("target_modules", json!(".*\\.(q_proj|v_proj)")),

@@ -94,6 +94,7 @@ fn lora_on(target_modules: Vec<String>, dropout: f64) -> LoraConfig {
         layers: None,
         rank_pattern: Vec::new(),
         alpha_pattern: Vec::new(),
+        use_dora: false,
     }
 }
 
@@ -472,6 +473,7 @@ fn peft_parameter_lines() {
         layers: None,
         rank_pattern: Vec::new(),
         alpha_pattern: Vec::new(),
+        use_dora: false,
     };
     let m = LlamaClassifier::load(
         &fixtures().join("gqa"),

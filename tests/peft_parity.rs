@@ -130,6 +130,7 @@ fn config_in(root: &Path, nf4: bool) -> Config {
     };
     Config {
         use_rslora: f.lora["use_rslora"].as_bool().unwrap_or(false),
+        use_dora: f.lora["use_dora"].as_bool().unwrap_or(false),
         rank_pattern: patterns("rank_pattern")
             .into_iter()
             .map(|(k, v)| (k, v as i64))
@@ -930,6 +931,17 @@ fn qwen2_with_lora_options_trains_like_peft() {
 #[test]
 fn gemma3_text_with_lora_options_trains_like_peft() {
     trains_like_peft(fixtures_for("gemma3_text", Some("options")))
+}
+
+// The same with DoRA (QDoRA on the NF4 base): the magnitudes train like PEFT's.
+#[test]
+fn llama_with_dora_trains_like_peft() {
+    trains_like_peft(fixtures_for("llama", Some("dora")))
+}
+
+#[test]
+fn qwen2_with_dora_trains_like_peft() {
+    trains_like_peft(fixtures_for("qwen2", Some("dora")))
 }
 
 #[test]

@@ -26,6 +26,7 @@ fn layer(out: i64, inp: i64) -> (QLinear, Tensor) {
         layers: None,
         rank_pattern: Vec::new(),
         alpha_pattern: Vec::new(),
+        use_dora: false,
     };
     let mut lora = LoraAdapter::new(inp, out, &cfg, Device::Cpu);
     // B starts at zero in PEFT; make it non-zero so the bypass and A's gradient are exercised.
@@ -197,5 +198,80 @@ fn bf16_products_multiplied_in_fp32_round_like_torchs_bf16_gemm() {
             same > 0.99,
             "{name}: only {same} of the products agree bit for bit"
         );
+    }
+}
+
+/// DoRA's training pass (forward_saved + the hand-written backward, with and without LoRA
+/// dropout, with a frozen bias as Qwen2's q/k/v have) against autograd through PEFT's DoRA
+/// formula on dense fp32 copies, and the autograd forward and the fp32 fold against it.
+#[test]
+fn dora_backward_matches_peft_s_formula_under_autograd() {
+    for p in [0.0, 0.25] {
+        let (mut ql, wd) = layer(96, 192);
+        let bias = Tensor::randn([96], (Kind::Float, Device::Cpu)) * 0.1;
+        ql.bias = Some(bias.shallow_clone());
+        if let Some(l) = ql.lora.as_mut() {
+            l.dropout = p;
+            l.init_dora(&wd);
+            // Off its initial norm, so that g ≠ 1 and every term matters.
+            let m = l.magnitude.as_ref().unwrap().detach();
+            let noise = Tensor::randn(m.size(), (Kind::Float, Device::Cpu)) * 0.1 + 1.0;
+            l.magnitude = Some((m * noise).set_requires_grad(true));
+        }
+        let lora = ql.lora.as_ref().unwrap();
+        let x = Tensor::randn([120, 192], (Kind::Float, Device::Cpu));
+        let seed = 5u64;
+        let key = (p > 0.0).then(|| seed.into());
+        let (y, saved) = ql.forward_saved(&x, key, &Scratch::default()).unwrap();
+        let gy = Tensor::randn(y.size(), (Kind::Float, Device::Cpu));
+        let gx = ql
+            .backward(
+                saved.as_ref(),
+                || x.shallow_clone(),
+                &gy,
+                &Scratch::default(),
+            )
+            .unwrap();
+        let m = lora.magnitude.as_ref().unwrap();
+        let (ga, gb, gm) = (lora.a.grad(), lora.b.grad(), m.grad());
+
+        let mask = if p > 0.0 {
+            Dropout { p, seed }.apply(&Tensor::ones_like(&x)).unwrap()
+        } else {
+            Tensor::ones_like(&x)
+        };
+        let xr = x.detach().set_requires_grad(true);
+        let ar = lora.a.detach().set_requires_grad(true);
+        let br = lora.b.detach().set_requires_grad(true);
+        let mr = m.detach().set_requires_grad(true);
+        let s = lora.scale;
+        let norm = (&wd + br.detach().matmul(&ar.detach()) * s)
+            .square()
+            .sum_dim_intlist([1i64].as_slice(), false, Kind::Float)
+            .sqrt();
+        let g = &mr / norm;
+        let xd = &xr * &mask;
+        let yr = xr.matmul(&wd.tr())
+            + &bias
+            + (&g - 1.0) * xd.matmul(&wd.tr())
+            + &g * xd.matmul(&ar.tr()).matmul(&br.tr()) * s;
+        (&yr * &gy).sum(Kind::Float).backward();
+        for (what, got, want) in [
+            ("forward", &y, &yr.detach()),
+            ("dx", &gx, &xr.grad()),
+            ("dA", &ga, &ar.grad()),
+            ("dB", &gb, &br.grad()),
+            ("dm", &gm, &mr.grad()),
+        ] {
+            let e = rel_err(got, want);
+            assert!(e <= 1e-5, "dropout {p}: {what} {e}");
+        }
+        // Evaluation: the autograd forward and the fp32 fold give the dropout-free output.
+        let (y_eval, _) = ql.forward_saved(&x, None, &Scratch::default()).unwrap();
+        let y_auto = ql.forward(&x).unwrap().detach();
+        assert!(rel_err(&y_eval, &y_auto) <= 1e-6, "dropout {p}: eval");
+        let folded = qlora_cls::lora::fold_dora(&wd, &lora.a, &lora.b, s, m);
+        let y_fold = x.matmul(&folded.tr()) + &bias;
+        assert!(rel_err(&y_fold, &y_auto) <= 1e-5, "dropout {p}: fold");
     }
 }

@@ -415,6 +415,9 @@ impl LlamaClassifier {
                 let p = format!("base_model.model.model.layers.{i}.{path}");
                 out.push((format!("{p}.lora_A.weight"), a.a.shallow_clone()));
                 out.push((format!("{p}.lora_B.weight"), a.b.shallow_clone()));
+                if let Some(m) = &a.magnitude {
+                    out.push((format!("{p}.lora_magnitude_vector"), m.shallow_clone()));
+                }
             }
         }
         out.push((SCORE_KEY.to_string(), self.score.shallow_clone()));

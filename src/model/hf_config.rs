@@ -701,6 +701,7 @@ pub fn peft_param_counts(
         layers: None,
         rank_pattern: Vec::new(),
         alpha_pattern: Vec::new(),
+        use_dora: false,
     };
     peft_param_counts_for(cfg, num_labels, &lora)
 }
@@ -719,6 +720,9 @@ pub fn peft_param_counts_for(
                 (lora.for_module(layer, &key, name), cfg.linear_shape(name))
             {
                 adapted += r as u64 * (i as u64 + o as u64);
+                if lora.use_dora {
+                    adapted += o as u64; // the magnitude
+                }
             }
         }
     }

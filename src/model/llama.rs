@@ -339,7 +339,8 @@ impl Projections {
     /// The parts' NF4 weights when they can be stacked into one `[Σ out, in]` operand (two
     /// or more separate NF4 projections of the same input); `None` otherwise.
     fn stackable(&self) -> Option<Vec<&Nf4Tensor>> {
-        if self.linears.len() < 2 {
+        // DoRA rescales each projection's frozen product by its own factor.
+        if self.linears.len() < 2 || self.linears.iter().any(|(_, l, _)| l.is_dora()) {
             return None;
         }
         self.linears
@@ -447,7 +448,7 @@ impl Projections {
                 mm_in(&Tensor::cat(dys, -1), &w)
             };
             drop(w);
-            self.lora_backward(saved, x, dys, Some(&mut dx))?;
+            self.lora_backward(saved, x, dys, &mut dx)?;
             return Ok(dx);
         }
         let mut dx: Option<Tensor> = None;
@@ -461,22 +462,19 @@ impl Projections {
         dx.ok_or_else(|| anyhow!("no projection"))
     }
 
-    /// The LoRA branches' gradients for the parts' output gradients, their input gradients
-    /// added to `dx` when given.
+    /// The LoRA branches' gradients for the parts' output gradients (the stacked path, plain
+    /// LoRA only), their input gradients added to `dx`.
     fn lora_backward(
         &self,
         saved: &[Option<LoraSaved>],
         x: &dyn Fn() -> Tensor,
         dys: &[Tensor],
-        mut dx: Option<&mut Tensor>,
+        dx: &mut Tensor,
     ) -> Result<()> {
         for (((_, l, _), s), dy) in self.linears.iter().zip(saved).zip(dys) {
             if let (Some(lora), Some(s)) = (&l.lora, s) {
                 let _p = scope(Part::Lora);
-                let g = lora.backward(s, &x(), dy)?;
-                if let Some(d) = dx.as_deref_mut() {
-                    *d += g;
-                }
+                *dx += lora.backward(s, &x(), dy)?;
             }
         }
         Ok(())
@@ -495,7 +493,10 @@ impl Projections {
                 .1
                 .backward_params_only(saved[0].as_ref(), x, &dy);
         }
-        self.lora_backward(saved, x, dys, None)
+        for (((_, l, _), s), dy) in self.linears.iter().zip(saved).zip(dys) {
+            l.backward_params_only(s.as_ref(), x, dy)?;
+        }
+        Ok(())
     }
 }
 
@@ -775,7 +776,7 @@ fn build_layer(
 ) -> Result<DecoderLayer> {
     let sw: &Switches = &cfg.switches;
     let LayerWeights { norms, linears } = lw;
-    let mut linears: Vec<(&'static str, QLinear)> = linears
+    let linears: Vec<(&'static str, QLinear)> = linears
         .into_iter()
         .map(|(name, weight, bias)| {
             // PEFT's module key, as its patterns and layer choice see it.
@@ -795,16 +796,21 @@ fn build_layer(
                     )
                 })
             });
-            (
-                name,
-                QLinear {
-                    weight,
-                    bias,
-                    lora: adapter,
-                },
-            )
+            let mut q = QLinear {
+                weight,
+                bias,
+                lora: adapter,
+            };
+            if lora.is_some_and(|l| l.use_dora) {
+                let w = q.dense_in(Kind::Float, &Scratch::default())?;
+                if let Some(a) = q.lora.as_mut() {
+                    a.init_dora(&w);
+                }
+            }
+            Ok((name, q))
         })
-        .collect();
+        .collect::<Result<_>>()?;
+    let mut linears = linears;
     let mut take = |name: &str| -> Result<QLinear> {
         let i = linears
             .iter()

@@ -1,5 +1,12 @@
 //! A frozen linear layer (dense or NF4, with an optional frozen bias) with an optional LoRA
-//! bypass.
+//! bypass, plain or DoRA.
+//!
+//! DoRA, as PEFT's `DoraLinearVariant.forward` (`g = m / ‖W + s·B·A‖`, the norm detached):
+//! `y = base + (g − 1)·W·x̃ + g·s·B·A·x̃`, where `base = W·x + b` is the frozen output and
+//! `x̃` the LoRA branch's dropped-out rows (without dropout `W·x̃ = base − b`, which PEFT
+//! reuses). Its backward: `∂m = Σ_rows ∂y·(W·x̃ + s·B·A·x̃)/‖·‖`; the branch gets `g·∂y`; the
+//! input gets `Wᵀ·∂y + dropout(Wᵀ·((g − 1)·∂y))` (without dropout `Wᵀ·(g·∂y)`). The norm
+//! needs W dense in fp32, so a DoRA layer dequantises its weight for every pass.
 use crate::dropout::MaskKey;
 use crate::lora::{LoraAdapter, LoraSaved};
 use crate::profile::{scope, Part};
@@ -121,9 +128,32 @@ impl QLinear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let base = self.frozen(x, None)?;
         Ok(match &self.lora {
-            Some(l) => base + l.forward(x, x.kind()),
+            Some(l) => match &l.magnitude {
+                Some(m) => {
+                    let w = self.dense_in(Kind::Float, &Scratch::default())?;
+                    let g = m / l.weight_norm(&w);
+                    let base = base.to_kind(Kind::Float);
+                    let plain = self.without_bias(&base);
+                    let y = &base + (&g - 1.0) * plain + &g * l.forward(x, Kind::Float);
+                    y.to_kind(x.kind())
+                }
+                None => base + l.forward(x, x.kind()),
+            },
             None => base,
         })
+    }
+
+    /// `y − b` (the frozen product without its bias), in `y`'s type.
+    fn without_bias(&self, y: &Tensor) -> Tensor {
+        match &self.bias {
+            Some(b) => y - b.to_kind(y.kind()),
+            None => y.shallow_clone(),
+        }
+    }
+
+    /// Whether the adapter is DoRA.
+    pub fn is_dora(&self) -> bool {
+        self.lora.as_ref().is_some_and(|l| l.magnitude.is_some())
     }
 
     /// Bytes a dense copy of an NF4 weight would take in `kind` (0 for a dense weight).
@@ -146,7 +176,10 @@ impl QLinear {
         }
         if kind == Kind::Float {
             if let (FrozenWeight::Dense(w), Some(l)) = (&self.weight, &self.lora) {
-                self.weight = FrozenWeight::Dense(crate::lora::fold(w, &l.a, &l.b, l.scale));
+                self.weight = FrozenWeight::Dense(match &l.magnitude {
+                    Some(m) => crate::lora::fold_dora(w, &l.a, &l.b, l.scale, m),
+                    None => crate::lora::fold(w, &l.a, &l.b, l.scale),
+                });
                 self.lora = None;
             }
         }
@@ -201,6 +234,10 @@ impl QLinear {
     ) -> Result<(Tensor, Option<LoraSaved>)> {
         let base = self.frozen(x, Some(scratch))?;
         Ok(match &self.lora {
+            Some(l) if l.magnitude.is_some() => {
+                let (y, saved) = self.dora_forward(l, x, &base, dropout)?;
+                (y, Some(saved))
+            }
             Some(l) => {
                 let _p = scope(Part::Lora);
                 let (y, saved) = l.forward_saved(x, dropout, x.kind())?;
@@ -208,6 +245,82 @@ impl QLinear {
             }
             None => (base, None),
         })
+    }
+
+    /// DoRA's output for rows `x` with the frozen output `base` (module comment).
+    fn dora_forward(
+        &self,
+        l: &LoraAdapter,
+        x: &Tensor,
+        base: &Tensor,
+        dropout: Option<MaskKey>,
+    ) -> Result<(Tensor, LoraSaved)> {
+        let _p = scope(Part::Lora);
+        let w = self.dense_in(Kind::Float, &Scratch::default())?;
+        let (branch, mut saved) = l.forward_saved(x, dropout, Kind::Float)?;
+        let norm = l.weight_norm(&w);
+        let m = l.magnitude.as_ref().map(Tensor::detach);
+        let g = m.map_or_else(|| norm.ones_like(), |m| m / &norm);
+        let basef = base.to_kind(Kind::Float);
+        let plain = if LoraAdapter::dropped_out(&saved) {
+            l.dropped(&saved, x)?.linear::<Tensor>(&w, None)
+        } else {
+            self.without_bias(&basef)
+        };
+        let y = &basef + (&g - 1.0) * plain + &g * branch;
+        saved.dora = Some((g, norm));
+        Ok((y.to_kind(x.kind()), saved))
+    }
+
+    /// DoRA's backward for the output gradient `dy` (module comment): accumulates the
+    /// magnitude's and the branch's gradients, and returns the input gradient when `w` (the
+    /// frozen weight in the matmul type) is given.
+    fn dora_backward(
+        &self,
+        l: &LoraAdapter,
+        saved: &LoraSaved,
+        x: &Tensor,
+        dy: &Tensor,
+        w: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        let _p = scope(Part::Lora);
+        let (g, norm) = saved
+            .dora
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("a DoRA layer's forward saved no DoRA factor"))?;
+        let w32 = match w {
+            Some(w) if w.kind() == Kind::Float => w.shallow_clone(),
+            _ => self.dense_in(Kind::Float, &Scratch::default())?,
+        };
+        let dyf = dy.to_kind(Kind::Float);
+        let dropped = LoraAdapter::dropped_out(saved);
+        // The frozen product on the rows the branch saw, as the forward used it.
+        let plain = if dropped {
+            l.dropped(saved, x)?.linear::<Tensor>(&w32, None)
+        } else {
+            match w {
+                Some(w) => linear_in(x, w, None).to_kind(Kind::Float),
+                None => x.to_kind(Kind::Float).linear::<Tensor>(&w32, None),
+            }
+        };
+        if let Some(m) = &l.magnitude {
+            let dm = (&dyf * (plain + l.output(saved)) / norm).sum_dim_intlist(
+                [0i64].as_slice(),
+                false,
+                Kind::Float,
+            );
+            crate::lora::accumulate_grad(m, &dm);
+        }
+        let gdy = &dyf * g;
+        let branch_dx = l.backward(saved, x, &gdy)?;
+        let Some(w) = w else { return Ok(None) };
+        let dx = if dropped {
+            let extra = (&dyf * (g - 1.0)).mm(&w32);
+            mm_in(dy, w) + l.through_dropout(saved, &extra)?.to_kind(dy.kind())
+        } else {
+            mm_in(&gdy.to_kind(dy.kind()), w)
+        };
+        Ok(Some(dx + branch_dx))
     }
 
     /// The gradient of the input rows for the output gradient `dy` `[N, out]` (`dy · W`, as
@@ -221,6 +334,12 @@ impl QLinear {
         scratch: &Scratch,
     ) -> Result<Tensor> {
         let w = self.dense_in(gemm_kind(dy.kind(), dy.device()), scratch)?;
+        if let (Some(l), Some(s)) = (&self.lora, saved) {
+            if l.magnitude.is_some() {
+                let dx = self.dora_backward(l, s, &x(), dy, Some(&w))?;
+                return dx.ok_or_else(|| anyhow::anyhow!("DoRA gave no input gradient"));
+            }
+        }
         let dx = {
             let _p = scope(Part::Matmul);
             mm_in(dy, &w)
@@ -243,6 +362,10 @@ impl QLinear {
         dy: &Tensor,
     ) -> Result<()> {
         if let (Some(l), Some(s)) = (&self.lora, saved) {
+            if l.magnitude.is_some() {
+                self.dora_backward(l, s, &x(), dy, None)?;
+                return Ok(());
+            }
             let _p = scope(Part::Lora);
             let _input_grad = l.backward(s, &x(), dy)?;
         }

@@ -147,6 +147,8 @@ def peft_line(model):
 
 
 def peft_key(name):
+    # As PEFT saves them (get_peft_model_state_dict): DoRA's magnitude without `.weight`.
+    name = name.replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector")
     name = name.replace(".modules_to_save.default", "").replace(".default", "")
     return name
 

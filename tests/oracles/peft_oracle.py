@@ -3,7 +3,7 @@ LlamaForSequenceClassification + PEFT LoRA + bitsandbytes AdamW8bit + transforme
 warmup schedule, optionally on a bitsandbytes 4-bit NF4 base) on a tiny random Llama, and
 PEFT loading the adapters we write.
 
-usage: peft_oracle.py setup OUT_DIR [FAMILY [options]]
+usage: peft_oracle.py setup OUT_DIR [FAMILY [options|dora]]
        peft_oracle.py load OUT_DIR ADAPTER_DIR
        peft_oracle.py all_linear OUT_DIR
        peft_oracle.py patterns OUT_DIR
@@ -12,7 +12,7 @@ FAMILY (default llama; mistral, qwen2, qwen3, phi3, gemma2, gemma3_text) picks t
 the same sizes, the family's own switches and a sliding window shorter than the batches
 (model_oracle.family_classes), LoRA on PEFT's default targets (`qkv_proj` for phi3).
 `options` trains LoRA with the options of OPTIONS instead (all-linear, rsLoRA, a rank and an
-alpha pattern); facts.json's `lora` says which.
+alpha pattern), `dora` the same with DoRA; facts.json's `lora` says which.
 
 setup writes under OUT_DIR:
   base/                   tiny random Llama (fp32 LlamaForCausalLM.save_pretrained) with a
@@ -155,6 +155,9 @@ OPTIONS = dict(target_modules="all-linear", use_rslora=True,
                rank_pattern={"down_proj": 4}, alpha_pattern={"q_proj": 32})
 
 
+VARIANTS = {"options": OPTIONS, "dora": dict(OPTIONS, use_dora=True)}
+
+
 def lora_options(out):
     path = os.path.join(out, "lora_options.json")
     if os.path.exists(path):
@@ -248,9 +251,9 @@ def setup(out, family="llama", variant=None):
     from peft import LoraConfig, get_peft_model
 
     if variant is not None:
-        assert variant == "options", f"unknown setup variant {variant}"
+        assert variant in VARIANTS, f"unknown setup variant {variant}"
         with open(os.path.join(out, "lora_options.json"), "w") as f:
-            json.dump(OPTIONS, f)
+            json.dump(VARIANTS[variant], f)
 
     gen = torch.Generator().manual_seed(4321)
     cfg = tiny_config(family)
@@ -263,12 +266,16 @@ def setup(out, family="llama", variant=None):
     inputs = make_inputs(gen, cfg.vocab_size)
     save_file(inputs, os.path.join(out, "inputs.safetensors"))
 
-    # Initial trainable tensors: B non-zero so that A's gradients are too.
-    shapes = {peft_key(n): p.shape for n, p in
-              get_peft_model(base_model(out, False), lora_config(family, out)).named_parameters()
-              if p.requires_grad}
-    init = {k: (torch.randn(shape, generator=gen) * 0.05).contiguous()
-            for k, shape in sorted(shapes.items())}
+    # Initial trainable tensors: B non-zero so that A's gradients are too; DoRA's magnitudes
+    # near their initial row norms (a few percent off, so that they matter).
+    fresh = {peft_key(n): p.detach().clone() for n, p in
+             get_peft_model(base_model(out, False), lora_config(family, out)).named_parameters()
+             if p.requires_grad}
+    init = {}
+    for k, p in sorted(fresh.items()):
+        noise = torch.randn(p.shape, generator=gen)
+        init[k] = (p * (1 + 0.05 * noise) if k.endswith("lora_magnitude_vector")
+                   else noise * 0.05).contiguous()
     save_file(init, os.path.join(out, "init.safetensors"))
 
     warmup = math.ceil(TOTAL * WARMUP_RATIO)  # TrainingArguments.get_warmup_steps
