@@ -162,6 +162,18 @@ pub fn for_inference(
     Ok("dense")
 }
 
+/// The adapter's LoRA options (from its `adapter_config.json`) in place of `cfg`'s.
+pub fn with_adapter_options(cfg: &mut Config, meta: adapter::AdapterMeta) {
+    cfg.r = meta.r;
+    cfg.lora_alpha = meta.lora_alpha;
+    cfg.target_modules = meta.target_modules;
+    cfg.use_rslora = meta.use_rslora;
+    cfg.layers_to_transform = meta.layers_to_transform;
+    cfg.rank_pattern = meta.rank_pattern;
+    cfg.alpha_pattern = meta.alpha_pattern;
+    cfg.use_dora = meta.use_dora;
+}
+
 /// `qlora-cls eval`/`predict`: the model with a trained adapter loaded, and the task and
 /// labels saved with it (MRPC's for an adapter saved before labels travelled with it).
 pub fn load_with_adapter(cfg: &Config, adapter_dir: &Path) -> Result<(Loaded, TaskLabels)> {
@@ -171,14 +183,7 @@ pub fn load_with_adapter(cfg: &Config, adapter_dir: &Path) -> Result<(Loaded, Ta
         LlamaConfig::from_dir(cfg.model_dir()?)?.num_hidden_layers,
     )?;
     let mut cfg = cfg.clone();
-    cfg.r = meta.r;
-    cfg.lora_alpha = meta.lora_alpha;
-    cfg.target_modules = meta.target_modules;
-    cfg.use_rslora = meta.use_rslora;
-    cfg.layers_to_transform = meta.layers_to_transform;
-    cfg.rank_pattern = meta.rank_pattern;
-    cfg.alpha_pattern = meta.alpha_pattern;
-    cfg.use_dora = meta.use_dora;
+    with_adapter_options(&mut cfg, meta);
     let labels = match adapter::read_labels(adapter_dir)? {
         Some(l) => l,
         None => TaskLabels {

@@ -48,10 +48,15 @@ pub struct LoraConfig {
     pub use_dora: bool,
 }
 
-/// PEFT's `get_pattern_key`: the first pattern `key` matches as `(.*\.)?(pattern)$`.
+/// PEFT's match of a `rank_pattern` / `alpha_pattern` key: `re.match(rf"(.*\.)?({p})$", key)`.
+fn pattern_regex(p: &str) -> std::result::Result<regex::Regex, regex::Error> {
+    regex::Regex::new(&format!("^(?:.*\\.)?(?:{p})$"))
+}
+
+/// PEFT's `get_pattern_key`: the first pattern `key` matches.
 fn pattern_for<'a, V>(patterns: &'a [(String, V)], key: &str) -> Option<&'a V> {
     patterns.iter().find_map(|(p, v)| {
-        regex::Regex::new(&format!("^(?:.*\\.)?(?:{p})$"))
+        pattern_regex(p)
             .ok()
             .filter(|re| re.is_match(key))
             .map(|_| v)
@@ -79,7 +84,7 @@ impl LoraConfig {
         }
         let keys = self.rank_pattern.iter().map(|(k, _)| ("rank_pattern", k));
         for (what, k) in keys.chain(self.alpha_pattern.iter().map(|(k, _)| ("alpha_pattern", k))) {
-            if let Err(e) = regex::Regex::new(&format!("^(?:.*\\.)?(?:{k})$")) {
+            if let Err(e) = pattern_regex(k) {
                 bail!("{what}: {k:?} is not a regular expression: {e}");
             }
         }
@@ -125,10 +130,7 @@ impl LoraConfig {
             ] {
                 let hits: Vec<&String> = names
                     .into_iter()
-                    .filter(|p| {
-                        regex::Regex::new(&format!("^(?:.*\\.)?(?:{p})$"))
-                            .is_ok_and(|re| re.is_match(key))
-                    })
+                    .filter(|p| pattern_regex(p).is_ok_and(|re| re.is_match(key)))
                     .collect();
                 if hits.len() > 1 {
                     bail!("{what}: {hits:?} all match module {key}; make them match one each");

@@ -1110,13 +1110,8 @@ fn rank_alpha_patterns_and_layer_choice_are_peft_s() {
             "{tag}: parameter counts"
         );
         // Saved by us with the same options (as `train` saves), read back by PEFT.
-        let meta = adapter::read_meta(&dir).expect("meta");
         let mut save_cfg = cfg.clone();
-        save_cfg.target_modules = meta.target_modules;
-        save_cfg.use_rslora = meta.use_rslora;
-        save_cfg.layers_to_transform = meta.layers_to_transform;
-        save_cfg.rank_pattern = meta.rank_pattern;
-        save_cfg.alpha_pattern = meta.alpha_pattern;
+        loader::with_adapter_options(&mut save_cfg, adapter::read_meta(&dir).expect("meta"));
         let ours = root.join(format!("ours_{tag}"));
         adapter::save(&ours, &save_cfg, &loaded.model.trainable_parameters()).expect("save");
         common::oracle(

@@ -232,10 +232,19 @@ impl QLinear {
         dropout: Option<MaskKey>,
         scratch: &Scratch,
     ) -> Result<(Tensor, Option<LoraSaved>)> {
-        let base = self.frozen(x, Some(scratch))?;
+        // DoRA needs the fp32 weight for its norm: when the product is fp32 too, one
+        // dequantisation serves both.
+        let dora_fp32 = self.is_dora() && gemm_kind(x.kind(), x.device()) == Kind::Float;
+        let (base, w32) = if dora_fp32 {
+            let w = self.dense_in(Kind::Float, &Scratch::default())?;
+            let _p = scope(Part::Matmul);
+            (linear_in(x, &w, self.bias.as_ref()), Some(w))
+        } else {
+            (self.frozen(x, Some(scratch))?, None)
+        };
         Ok(match &self.lora {
             Some(l) if l.magnitude.is_some() => {
-                let (y, saved) = self.dora_forward(l, x, &base, dropout)?;
+                let (y, saved) = self.dora_forward(l, x, &base, dropout, w32)?;
                 (y, Some(saved))
             }
             Some(l) => {
@@ -254,9 +263,13 @@ impl QLinear {
         x: &Tensor,
         base: &Tensor,
         dropout: Option<MaskKey>,
+        w32: Option<Tensor>,
     ) -> Result<(Tensor, LoraSaved)> {
         let _p = scope(Part::Lora);
-        let w = self.dense_in(Kind::Float, &Scratch::default())?;
+        let w = match w32 {
+            Some(w) => w,
+            None => self.dense_in(Kind::Float, &Scratch::default())?,
+        };
         let (branch, mut saved) = l.forward_saved(x, dropout, Kind::Float)?;
         let norm = l.weight_norm(&w);
         let m = l.magnitude.as_ref().map(Tensor::detach);
