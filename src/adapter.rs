@@ -1,8 +1,13 @@
 //! PEFT's adapter layout: `adapter_config.json` + `adapter_model.safetensors`, with PEFT's
 //! key names (the `score` head included, as `modules_to_save` saves it), so that
 //! `PeftModel.from_pretrained(base, dir)` loads what we train and we load what PEFT trains.
+//!
+//! Why one file: it is PEFT's adapter folder as one format, its writer and its reader (every
+//! `LoraConfig` key's use in one table) side by side; the key table and its tests are a
+//! third of it.
 use crate::config::Config;
 use crate::labels::{LabelSpec, ProblemType};
+use crate::lora::LoraInit;
 use crate::runio;
 use crate::task::{Task, TaskLabels};
 use anyhow::{bail, Context, Result};
@@ -14,6 +19,11 @@ use tch::{Device, Kind, Tensor};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// The frozen weights a PiSSA or LoftQ adapter was trained against, for the modules it
+/// adapts (checkpoint names; NF4 in bitsandbytes' layout when quantised). PEFT ignores the
+/// file; with it, `eval`, `predict`, `serve` and `merge` use the exact base of training
+/// instead of computing it again.
+pub const RESIDUAL_FILE: &str = "residual_base.safetensors";
 /// The label side of the task (ours; PEFT reads only the two files above).
 pub const LABELS_FILE: &str = "labels.json";
 
@@ -86,6 +96,8 @@ pub fn labels_for(adapter_dir: &Path, num_labels: usize) -> Result<LabelSpec> {
 
 /// PEFT's LoraConfig fields for this run (what `lora_config.json` and the adapter hold).
 pub fn lora_config_json(cfg: &Config) -> serde_json::Value {
+    // Validated with the rest of the configuration; an unreadable value cannot get here.
+    let init = cfg.lora_init().unwrap_or_default();
     json!({
         "peft_type": "LORA",
         "task_type": "SEQ_CLS",
@@ -98,7 +110,8 @@ pub fn lora_config_json(cfg: &Config) -> serde_json::Value {
         "bias": "none",
         "fan_in_fan_out": false,
         "inference_mode": true,
-        "init_lora_weights": true,
+        "init_lora_weights": init.peft_value(),
+        "loftq_config": init.loftq_config(),
         "use_rslora": cfg.use_rslora,
         "use_dora": cfg.use_dora,
         "layers_to_transform": cfg.layers_to_transform,
@@ -190,6 +203,59 @@ pub fn save(dir: &Path, cfg: &Config, trainable: &[(String, Tensor)]) -> Result<
     runio::write_json(&dir.join(CONFIG_FILE), &lora_config_json(cfg))
 }
 
+/// Writes [`RESIDUAL_FILE`] into `dir` when `residual` is not empty (a base-changing init).
+pub fn write_residual(dir: &Path, residual: &[(String, Tensor)]) -> Result<()> {
+    if residual.is_empty() {
+        return Ok(());
+    }
+    write_safetensors(&dir.join(RESIDUAL_FILE), residual)
+}
+
+/// The sub-folder of a PiSSA adapter holding PEFT's conversion to a plain LoRA.
+pub const AS_LORA_DIR: &str = "as_lora";
+
+/// PEFT's conversion of a PiSSA adapter to a plain LoRA on the original weights
+/// (`save_pretrained(path_initial_model_for_weight_conversion=…)`): `ΔW = s·(B·A − B₀·A₀)
+/// = s·[B, −B₀]·[A; A₀]`, rank 2r with `lora_alpha` doubled (×√2 under rsLoRA) and the
+/// patterns doubled, so every scale stays; `init_lora_weights: true`. `initial` holds A₀,
+/// B₀ under the adapter's names. Written to `dir/as_lora`; returns whether it was.
+pub fn save_as_lora(
+    dir: &Path,
+    cfg: &Config,
+    trainable: &[(String, Tensor)],
+    initial: &[(String, Tensor)],
+) -> Result<bool> {
+    if initial.is_empty() {
+        return Ok(false);
+    }
+    if cfg.use_rslora && !(cfg.rank_pattern.is_empty() && cfg.alpha_pattern.is_empty()) {
+        // PEFT refuses this combination too: its doubled alpha pattern would not keep √r's scale.
+        println!(
+            "{}: PiSSA with use_rslora and rank/alpha patterns has no plain-LoRA conversion (PEFT refuses it); not written",
+            dir.join(AS_LORA_DIR).display()
+        );
+        return Ok(false);
+    }
+    let init: HashMap<&str, &Tensor> = initial.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let mut out = Vec::with_capacity(trainable.len());
+    for (k, t) in trainable {
+        let t = match init.get(k.as_str()) {
+            Some(t0) if k.ends_with("lora_A.weight") => Tensor::cat(&[t.detach(), t0.detach()], 0),
+            Some(t0) => Tensor::cat(&[t.detach(), -t0.detach()], 1),
+            None => t.detach(),
+        };
+        out.push((k.clone(), t));
+    }
+    let mut conv = cfg.clone();
+    conv.r *= 2;
+    conv.lora_alpha *= if cfg.use_rslora { 2f64.sqrt() } else { 2.0 };
+    conv.rank_pattern.values_mut().for_each(|r| *r *= 2);
+    conv.alpha_pattern.values_mut().for_each(|a| *a *= 2.0);
+    conv.init_lora_weights = "true".into();
+    save(&dir.join(AS_LORA_DIR), &conv, &out)?;
+    Ok(true)
+}
+
 /// The LoRA hyper-parameters an adapter was trained with (they must match the model built
 /// to receive it).
 #[derive(Debug, Clone, PartialEq)]
@@ -200,6 +266,9 @@ pub struct AdapterMeta {
     pub use_rslora: bool,
     /// PEFT's `use_dora`: the adapter holds a `lora_magnitude_vector` per module.
     pub use_dora: bool,
+    /// PEFT's `init_lora_weights` (with `loftq_config`): PiSSA and LoftQ adapters were
+    /// trained against a changed base, which [`RESIDUAL_FILE`] holds when we saved them.
+    pub init: LoraInit,
     /// For `target_modules` given as full module names (as PEFT saves `all-linear`): the
     /// decoder layers each projection is named on (they must be all of them).
     pub named_layers: Option<std::collections::BTreeMap<String, std::collections::BTreeSet<i64>>>,
@@ -236,8 +305,8 @@ const LORA_CONFIG_KEYS: &[(&str, KeyUse)] = &[
     ("megatron_core", KeyUse::Ignored),     // a module name, used only with megatron_config
     ("qalora_group_size", KeyUse::Ignored), // used only with use_qalora
     ("runtime_config", KeyUse::Ignored),    // written by earlier PEFT releases
-    ("init_lora_weights", KeyUse::Ignored), // checked below: base-changing inits refused
-    ("modules_to_save", KeyUse::Ignored),   // checked below: the head only
+    ("init_lora_weights", KeyUse::Read),
+    ("modules_to_save", KeyUse::Ignored), // checked below: the head only
     ("exclude_modules", KeyUse::OnlyOff("null")),
     ("fan_in_fan_out", KeyUse::OnlyOff("false")),
     ("bias", KeyUse::OnlyOff("\"none\"")),
@@ -247,7 +316,7 @@ const LORA_CONFIG_KEYS: &[(&str, KeyUse)] = &[
     ("alpha_pattern", KeyUse::Read),
     ("megatron_config", KeyUse::OnlyOff("null")),
     ("trainable_token_indices", KeyUse::OnlyOff("null")),
-    ("loftq_config", KeyUse::OnlyOff("{}")),
+    ("loftq_config", KeyUse::Read),
     ("eva_config", KeyUse::OnlyOff("null")),
     ("corda_config", KeyUse::OnlyOff("null")),
     ("lora_ga_config", KeyUse::OnlyOff("null")),
@@ -327,18 +396,31 @@ pub fn read_meta(dir: &Path) -> Result<AdapterMeta> {
             ));
         }
     }
-    // Initialisations that change the base weights (PiSSA, OLoRA, LoftQ, CorDA, EVA) need the
-    // residual base they were saved against; true/false/gaussian only set the starting A, B.
-    if let Some(init) = obj.get("init_lora_weights") {
-        let plain = matches!(init, serde_json::Value::Bool(_)) || init.as_str() == Some("gaussian");
-        if !plain {
-            return Err(refuse(
-                "init_lora_weights",
-                init,
-                "true, false or \"gaussian\"",
-            ));
+    // PiSSA and LoftQ move part of the weight into the adapter: honoured (the loader takes
+    // the residual base from RESIDUAL_FILE or computes it again); OLoRA, CorDA, EVA, ... are
+    // refused.
+    let loftq_iter = match obj.get("loftq_config") {
+        None | Some(serde_json::Value::Null) => 1,
+        Some(serde_json::Value::Object(m)) if m.is_empty() => 1,
+        Some(c) => {
+            if c["loftq_bits"].as_i64() != Some(4) {
+                return Err(refuse("loftq_config", c, "loftq_bits 4"));
+            }
+            c["loftq_iter"].as_i64().unwrap_or(1)
         }
-    }
+    };
+    let init = match obj.get("init_lora_weights") {
+        None | Some(serde_json::Value::Null) => LoraInit::Kaiming,
+        Some(serde_json::Value::Bool(b)) => LoraInit::parse(&b.to_string(), 1)?,
+        Some(v @ serde_json::Value::String(s)) => LoraInit::parse(s, loftq_iter).map_err(|_| {
+            refuse(
+                "init_lora_weights",
+                v,
+                "true, false, \"gaussian\", \"pissa\", \"pissa_niter_N\" or \"loftq\"",
+            )
+        })?,
+        Some(v) => return Err(refuse("init_lora_weights", v, "true, false or a string")),
+    };
     if let Some(m) = obj.get("modules_to_save").filter(|m| !m.is_null()) {
         let head_only = m.as_array().is_some_and(|a| {
             a.iter()
@@ -466,6 +548,7 @@ pub fn read_meta(dir: &Path) -> Result<AdapterMeta> {
     };
     let (use_rslora, use_dora) = (flag("use_rslora")?, flag("use_dora")?);
     Ok(AdapterMeta {
+        init,
         r,
         lora_alpha,
         target_modules,
@@ -591,8 +674,10 @@ mod tests {
             );
         }
         let cases = [
-            ("init_lora_weights", json!("pissa")),
-            ("init_lora_weights", json!("loftq")),
+            ("init_lora_weights", json!("olora")),
+            ("init_lora_weights", json!("corda")),
+            ("init_lora_weights", json!(3)),
+            ("loftq_config", json!({"loftq_bits": 8, "loftq_iter": 1})),
             ("target_modules", json!("all-linear")),
             ("modules_to_save", json!(["lm_head"])),
             ("task_type", json!("CAUSAL_LM")),
@@ -615,6 +700,25 @@ mod tests {
         v["init_lora_weights"] = json!("gaussian");
         v["modules_to_save"] = json!(["classifier", "score"]);
         assert!(meta_of(&v).unwrap().use_rslora);
+        // PiSSA and LoftQ (with PEFT's loftq_config) are read, not refused.
+        for (init, loftq, want) in [
+            (json!("pissa"), json!({}), LoraInit::Pissa { niter: None }),
+            (
+                json!("pissa_niter_3"),
+                json!({}),
+                LoraInit::Pissa { niter: Some(3) },
+            ),
+            (
+                json!("loftq"),
+                json!({"loftq_bits": 4, "loftq_iter": 2}),
+                LoraInit::Loftq { iter: 2 },
+            ),
+        ] {
+            let mut v = peft.clone();
+            v["init_lora_weights"] = init;
+            v["loftq_config"] = loftq;
+            assert_eq!(meta_of(&v).unwrap().init, want);
+        }
     }
 
     #[test]

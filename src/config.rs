@@ -61,6 +61,11 @@ pub struct Config {
     pub alpha_pattern: BTreeMap<String, f64>,
     /// PEFT's `use_dora`: DoRA (a trained magnitude per output row of each adapted weight).
     pub use_dora: bool,
+    /// PEFT's `init_lora_weights`: `true`, `false`, `gaussian`, `pissa`, `pissa_niter_N` or
+    /// `loftq` (with `loftq_iter`, PEFT's `LoftQConfig(loftq_bits=4, loftq_iter)`).
+    #[serde(deserialize_with = "bool_or_string")]
+    pub init_lora_weights: String,
+    pub loftq_iter: i64,
     // Quantization (bitsandbytes' BitsAndBytesConfig)
     pub load_in_4bit: bool,
     pub bnb_4bit_use_double_quant: bool,
@@ -223,6 +228,8 @@ impl Default for Config {
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
             use_dora: false,
+            init_lora_weights: "true".into(),
+            loftq_iter: 1,
             target_modules: vec!["q_proj".into(), "v_proj".into()],
             load_in_4bit: true,
             bnb_4bit_use_double_quant: true,
@@ -272,6 +279,20 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
     Ok(match OneOrMany::deserialize(d)? {
         OneOrMany::One(s) => vec![s],
         OneOrMany::Many(v) => v,
+    })
+}
+
+/// `true` / `false` as YAML booleans or any string (`init_lora_weights`), kept as a string.
+fn bool_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum BoolOrString {
+        Bool(bool),
+        Str(String),
+    }
+    Ok(match BoolOrString::deserialize(d)? {
+        BoolOrString::Bool(b) => b.to_string(),
+        BoolOrString::Str(s) => s,
     })
 }
 
@@ -492,6 +513,14 @@ impl Config {
                 "lora_dropout",
                 format!("must be in [0, 1), got {}", self.lora_dropout),
             )?;
+        }
+        match self.lora_init() {
+            Err(e) => err("init_lora_weights", format!("{e:#}"))?,
+            Ok(init) if init.changes_base() && self.use_dora => err(
+                "init_lora_weights",
+                format!("{} with use_dora is not supported", init.peft_value()),
+            )?,
+            Ok(_) => {}
         }
         if !self.lr.is_finite() || self.lr <= 0.0 {
             err("lr", format!("must be positive, got {}", self.lr))?;
@@ -725,6 +754,11 @@ impl Config {
     /// The compute dtype; `auto` is bf16 on a GPU and on a CPU with bf16 matmul
     /// instructions (AVX512-BF16 or AMX-BF16, Arm's BF16), fp32 on other CPUs (where bf16
     /// matmuls are emulated and slower than fp32).
+    /// `init_lora_weights` (with `loftq_iter`) as the model builder takes it.
+    pub fn lora_init(&self) -> Result<crate::lora::LoraInit> {
+        crate::lora::LoraInit::parse(&self.init_lora_weights, self.loftq_iter)
+    }
+
     pub fn compute_kind(&self, device: tch::Device) -> tch::Kind {
         match self.bnb_4bit_compute_dtype.as_str() {
             "bfloat16" => tch::Kind::BFloat16,

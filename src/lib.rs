@@ -23,6 +23,7 @@ pub mod kernels;
 pub mod labels;
 pub mod loader;
 pub mod lora;
+pub mod lora_init;
 pub mod merge;
 pub mod metrics;
 pub mod model;

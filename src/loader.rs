@@ -12,7 +12,7 @@ use crate::model::hf_config::LlamaConfig;
 use crate::quant::nf4::Nf4Options;
 use crate::task::TaskLabels;
 use anyhow::{bail, Context, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tch::Device;
 
 /// Everything a run needs besides the optimizer: the model, the tokenizer, the device.
@@ -22,8 +22,8 @@ pub struct Loaded {
     pub device: Device,
 }
 
-pub fn model_options(cfg: &Config, device: Device, pad_id: i64) -> ModelOptions {
-    ModelOptions {
+pub fn model_options(cfg: &Config, device: Device, pad_id: i64) -> Result<ModelOptions> {
+    Ok(ModelOptions {
         device,
         compute_dtype: cfg.compute_kind(device),
         quant: cfg.load_in_4bit.then_some(Nf4Options {
@@ -48,6 +48,7 @@ pub fn model_options(cfg: &Config, device: Device, pad_id: i64) -> ModelOptions 
                 .map(|(k, v)| (k.clone(), *v))
                 .collect(),
             use_dora: cfg.use_dora,
+            init: cfg.lora_init().context("key `init_lora_weights`")?,
         }),
         num_labels: cfg.num_classes,
         pad_token_id: pad_id,
@@ -58,7 +59,8 @@ pub fn model_options(cfg: &Config, device: Device, pad_id: i64) -> ModelOptions 
             Checkpointing::Auto | Checkpointing::Recompute => RECOMPUTE_ALL,
         },
         seed: cfg.seed,
-    }
+        residual: None,
+    })
 }
 
 /// The pad token is the model's `pad_token_id` (config.json, or its family's class default
@@ -73,6 +75,12 @@ pub fn use_model_pad_token(model_dir: &Path, encoder: &mut TextEncoder) -> Resul
 
 /// Loads the tokenizer and the (quantized) model with fresh LoRA adapters and head.
 pub fn load_model(cfg: &Config, device: Device) -> Result<Loaded> {
+    load_model_on(cfg, device, None)
+}
+
+/// [`load_model`], the adapted modules' frozen weights read from a PiSSA / LoftQ adapter's
+/// `residual` base when given.
+fn load_model_on(cfg: &Config, device: Device, residual: Option<PathBuf>) -> Result<Loaded> {
     // The loading thread's device, once: kernels then launch without switching devices.
     crate::cuda::set_device(device)?;
     // `kernels` for every command that loads a model (eval, predict, serve, merge, train).
@@ -82,7 +90,11 @@ pub fn load_model(cfg: &Config, device: Device) -> Result<Loaded> {
     let mut encoder = TextEncoder::from_dir(cfg.tokenizer_dir()?, cfg.max_length)?;
     let model_dir = cfg.model_dir()?;
     use_model_pad_token(model_dir, &mut encoder)?;
-    let model = LlamaClassifier::load(model_dir, &model_options(cfg, device, encoder.pad_id()))
+    let opts = ModelOptions {
+        residual,
+        ..model_options(cfg, device, encoder.pad_id())?
+    };
+    let model = LlamaClassifier::load(model_dir, &opts)
         .with_context(|| format!("cannot load the model from {}", model_dir.display()))?;
     let vocab = model.config.vocab_size;
     if !(0..vocab).contains(&encoder.pad_id()) {
@@ -172,6 +184,44 @@ pub fn with_adapter_options(cfg: &mut Config, meta: adapter::AdapterMeta) {
     cfg.rank_pattern = meta.rank_pattern;
     cfg.alpha_pattern = meta.alpha_pattern;
     cfg.use_dora = meta.use_dora;
+    cfg.init_lora_weights = meta
+        .init
+        .peft_value()
+        .to_string()
+        .trim_matches('"')
+        .to_string();
+    if let crate::lora::LoraInit::Loftq { iter } = meta.init {
+        cfg.loftq_iter = iter as i64;
+    }
+}
+
+/// A PiSSA / LoftQ adapter's saved residual base; `None` when the init leaves the base as
+/// it is, or (PEFT's own adapters) when there is none and the init can be applied again.
+fn residual_base(cfg: &Config, adapter_dir: &Path) -> Result<Option<PathBuf>> {
+    let init = cfg.lora_init()?;
+    if !init.changes_base() {
+        return Ok(None);
+    }
+    let path = adapter_dir.join(adapter::RESIDUAL_FILE);
+    if path.exists() {
+        return Ok(Some(path));
+    }
+    if !init.deterministic() {
+        bail!(
+            "{}: init_lora_weights {} draws at random, so the base it was trained against \
+             cannot be computed again, and {} is missing",
+            adapter_dir.join(adapter::CONFIG_FILE).display(),
+            init.peft_value(),
+            path.display()
+        );
+    }
+    println!(
+        "{}: no {}; computing the {} residual base from the checkpoint, as PEFT does",
+        adapter_dir.display(),
+        adapter::RESIDUAL_FILE,
+        init.peft_value()
+    );
+    Ok(None)
 }
 
 /// `qlora-cls eval`/`predict`: the model with a trained adapter loaded, and the task and
@@ -192,7 +242,8 @@ pub fn load_with_adapter(cfg: &Config, adapter_dir: &Path) -> Result<(Loaded, Ta
         },
     };
     let cfg = sized_for(&cfg, &labels.spec);
-    let mut loaded = load_model(&cfg, cfg.device()?)?;
+    let residual = residual_base(&cfg, adapter_dir)?;
+    let mut loaded = load_model_on(&cfg, cfg.device()?, residual)?;
     let weights_path = adapter_dir.join(adapter::WEIGHTS_FILE);
     let weights = adapter::read_safetensors(&weights_path)?;
     loaded

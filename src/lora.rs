@@ -5,6 +5,7 @@
 //! computes `g·(W + s·B·A)·x` with `g = m / ‖W + s·B·A‖` per output row, the norm detached
 //! (PEFT's `DoraLinearLayer`; [`crate::quant::qlinear`] owns that arithmetic).
 use crate::dropout::MaskKey;
+pub use crate::lora_init::LoraInit;
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -46,6 +47,9 @@ pub struct LoraConfig {
     pub alpha_pattern: Vec<(String, f64)>,
     /// PEFT's `use_dora` (Liu et al. 2024): a trained magnitude per output row.
     pub use_dora: bool,
+    /// PEFT's `init_lora_weights` (PiSSA and LoftQ also change the frozen weight; the
+    /// checkpoint loader applies them, see `lora_init`).
+    pub init: LoraInit,
 }
 
 /// PEFT's match of a `rank_pattern` / `alpha_pattern` key: `re.match(rf"(.*\.)?({p})$", key)`.
@@ -90,6 +94,13 @@ impl LoraConfig {
         }
         if let Some((k, r)) = self.rank_pattern.iter().find(|(_, r)| *r <= 0) {
             bail!("rank_pattern: {k:?} sets r {r}; it must be positive");
+        }
+        if self.use_dora && self.init.changes_base() {
+            bail!(
+                "use_dora with init_lora_weights {} is not supported (DoRA's magnitude would be \
+                 taken from the residual base)",
+                self.init.peft_value()
+            );
         }
         Ok(())
     }
@@ -170,25 +181,44 @@ pub struct LoraAdapter {
     /// DoRA's magnitude `[out]` (PEFT's `lora_magnitude_vector`), fp32 leaf with
     /// requires_grad; `None` for plain LoRA.
     pub magnitude: Option<Tensor>,
+    /// PiSSA's starting (A₀, B₀), kept for PEFT's conversion to a plain LoRA against the
+    /// original weights (`ΔW = s·(B·A − B₀·A₀)`); `None` for other inits.
+    pub initial: Option<(Tensor, Tensor)>,
 }
 
 impl LoraAdapter {
     /// PEFT's default init: A Kaiming-uniform with a=√5 (i.e. U(-1/√in, 1/√in)), B zeros.
     /// Draws from the global torch generator on the CPU so the result does not depend on
     /// the device; the caller seeds it.
+    /// `init_lora_weights: false` draws B as `nn.Linear(r, out)` leaves it, U(-1/√r, 1/√r);
+    /// `gaussian` draws A from N(0, 1/r).
     pub fn new(in_features: i64, out_features: i64, cfg: &LoraConfig, device: Device) -> Self {
-        let bound = 1.0 / (in_features as f64).sqrt();
-        let a = Tensor::empty([cfg.r, in_features], (Kind::Float, Device::Cpu))
-            .uniform_(-bound, bound)
-            .to_device(device)
-            .set_requires_grad(true);
-        let b = Tensor::zeros([out_features, cfg.r], (Kind::Float, device)).set_requires_grad(true);
+        let cpu = (Kind::Float, Device::Cpu);
+        let a = match cfg.init {
+            LoraInit::Gaussian => {
+                Tensor::empty([cfg.r, in_features], cpu).normal_(0.0, 1.0 / cfg.r as f64)
+            }
+            _ => {
+                let bound = 1.0 / (in_features as f64).sqrt();
+                Tensor::empty([cfg.r, in_features], cpu).uniform_(-bound, bound)
+            }
+        };
+        let b = match cfg.init {
+            LoraInit::Random => {
+                let bound = 1.0 / (cfg.r as f64).sqrt();
+                Tensor::empty([out_features, cfg.r], cpu).uniform_(-bound, bound)
+            }
+            _ => Tensor::zeros([out_features, cfg.r], cpu),
+        };
+        let a = a.to_device(device).set_requires_grad(true);
+        let b = b.to_device(device).set_requires_grad(true);
         LoraAdapter {
             a,
             b,
             scale: cfg.scale(),
             dropout: cfg.dropout,
             magnitude: None,
+            initial: None,
         }
     }
 

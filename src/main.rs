@@ -404,7 +404,7 @@ fn run() -> Result<()> {
                     );
                 }
             }
-            let lora = qlora_cls::loader::model_options(&cfg, tch::Device::Cpu, 0)
+            let lora = qlora_cls::loader::model_options(&cfg, tch::Device::Cpu, 0)?
                 .lora
                 .context("inspect: LoRA options")?;
             let (t, a) = peft_param_counts_for(&hf, cfg.num_classes, &lora);

@@ -14,11 +14,15 @@
 //! `score` head) replaces or joins the checkpoint's tensor of that name, `lm_head` is dropped
 //! (a classifier has none). Output is streamed: the header of each shard is planned from the
 //! shapes, then tensors are read, merged and written one at a time.
+//!
+//! Why one file: plan, fold and write are one streaming pass over the checkpoint, and the
+//! drift report checks that pass's output; split, each part would re-derive the others' names.
 use crate::adapter;
 use crate::config::Config;
 use crate::data::batch::{collate, Encoded, TextEncoder};
 use crate::data::prompt;
 use crate::labels::{self, LabelSpec};
+use crate::lora::LoraInit;
 use crate::model::checkpoint::{kind_of, Checkpoint, INDEX_FILE};
 use crate::model::classifier::LlamaClassifier;
 use crate::model::family::Family;
@@ -94,6 +98,10 @@ struct AdapterTensors {
     magnitudes: BTreeMap<String, Tensor>,
     /// other tensors (`score.weight`)
     full: BTreeMap<String, Tensor>,
+    /// PiSSA / LoftQ: the pairs fold onto the residual base, read from the adapter's
+    /// `residual_base.safetensors` or, without one, computed again as training did.
+    init: LoraInit,
+    residual: Option<Checkpoint>,
 }
 
 fn read_adapter(dir: &Path) -> Result<AdapterTensors> {
@@ -111,6 +119,7 @@ fn read_adapter(dir: &Path) -> Result<AdapterTensors> {
         rank_pattern: meta.rank_pattern.clone().into_iter().collect(),
         alpha_pattern: meta.alpha_pattern.clone().into_iter().collect(),
         use_dora: meta.use_dora,
+        init: meta.init,
     };
     let path = dir.join(adapter::WEIGHTS_FILE);
     let weights = adapter::read_safetensors(&path)?;
@@ -185,10 +194,28 @@ fn read_adapter(dir: &Path) -> Result<AdapterTensors> {
             path.display()
         );
     }
+    let residual_path = dir.join(adapter::RESIDUAL_FILE);
+    let residual = if !meta.init.changes_base() {
+        None
+    } else if residual_path.exists() {
+        Some(Checkpoint::open_file(&residual_path)?)
+    } else if meta.init.deterministic() {
+        None
+    } else {
+        bail!(
+            "{}: init_lora_weights {} draws at random, so its residual base cannot be \
+             computed again; {} is missing",
+            dir.join(adapter::CONFIG_FILE).display(),
+            meta.init.peft_value(),
+            residual_path.display()
+        );
+    };
     Ok(AdapterTensors {
         pairs,
         magnitudes,
         full,
+        init: meta.init,
+        residual,
     })
 }
 
@@ -338,10 +365,50 @@ impl Merger<'_> {
         Ok(plan)
     }
 
+    /// The base a PiSSA / LoftQ pair `m` was trained against, in fp32: the adapter's saved
+    /// residual, or the init applied again to the checkpoint's weight `name`.
+    fn residual_base(&self, m: &str, name: &str, requantize: bool) -> Result<Tensor> {
+        let wname = format!("{m}.weight");
+        if let Some(res) = &self.adapter.residual {
+            if res.contains(&format!("{wname}.absmax")) {
+                let prefix = wname.strip_suffix("weight").unwrap_or(&wname);
+                let q = Nf4Tensor::from_bnb_tensors(&|k| res.tensor(k).ok(), prefix)
+                    .with_context(|| format!("cannot read the residual base {wname}"))?;
+                return nf4::dequantize(&q, Kind::Float);
+            }
+            return Ok(res
+                .tensor(&wname)
+                .with_context(|| format!("the residual base lacks {wname}"))?
+                .to_kind(Kind::Float));
+        }
+        let (a, _, scale) = &self.adapter.pairs[m];
+        let t = self.ck.tensor(name)?;
+        ensure!(
+            is_float(t.kind()),
+            "{name} is bitsandbytes 4-bit: init_lora_weights {} needs the original weights",
+            self.adapter.init.peft_value()
+        );
+        let d = crate::lora_init::decompose(self.adapter.init, &t, a.size()[0], *scale)?;
+        Ok(if requantize {
+            nf4::dequantize(&nf4::quantize(&d.base, &self.nf4)?, Kind::Float)?
+        } else {
+            d.base.to_kind(Kind::Float)
+        })
+    }
+
     /// The merged tensor, in its output dtype, on the CPU.
     fn tensor(&self, p: &Planned, requantize_projections: bool) -> Result<Tensor> {
         let ck = &self.ck;
+        let changed = self.adapter.init.changes_base();
         let w = match &p.source {
+            Source::Checkpoint { name, requantize } if changed && p.lora.is_some() => {
+                let m = p.lora.as_deref().unwrap_or_default();
+                self.residual_base(m, name, *requantize && requantize_projections)?
+            }
+            Source::Bnb { name } if changed && p.lora.is_some() => {
+                let m = p.lora.as_deref().unwrap_or_default();
+                self.residual_base(m, name, false)?
+            }
             Source::Checkpoint { name, requantize } => {
                 let t = ck.tensor(name)?;
                 if *requantize && requantize_projections {
@@ -683,7 +750,7 @@ fn drift(cfg: &Config, adapter_dir: &Path, merged: &Path, opts: &MergeOptions) -
     let (ids, source) = sample_rows(cfg, &labels, &unmerged.encoder, opts)?;
     let pad = unmerged.encoder.pad_id();
     let before = logits_of(&unmerged.model, &ids, pad, unmerged.device)?;
-    let mut mo = loader::model_options(cfg, unmerged.device, pad);
+    let mut mo = loader::model_options(cfg, unmerged.device, pad)?;
     drop(unmerged);
     mo.lora = None;
     mo.num_labels = before.size()[1];

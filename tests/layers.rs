@@ -46,6 +46,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "model",
         &[
+            "lora_init",
             "lora",
             "quant::qlinear",
             "model::family",

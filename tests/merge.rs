@@ -268,6 +268,7 @@ fn nf4_merge_reports_its_drift() {
             pad_token_id: pad,
             recompute_layers: 0,
             seed: 0,
+            residual: None,
         },
     )
     .expect("our loader reads the NF4 merge")

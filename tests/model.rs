@@ -44,6 +44,7 @@ fn opts(quant: Option<Nf4Options>, lora: Option<LoraConfig>, gc: bool) -> ModelO
         pad_token_id: PAD,
         recompute_layers: if gc { RECOMPUTE_ALL } else { 0 },
         seed: 7,
+        residual: None,
     }
 }
 
@@ -95,6 +96,7 @@ fn lora_on(target_modules: Vec<String>, dropout: f64) -> LoraConfig {
         rank_pattern: Vec::new(),
         alpha_pattern: Vec::new(),
         use_dora: false,
+        init: Default::default(),
     }
 }
 
@@ -474,6 +476,7 @@ fn peft_parameter_lines() {
         rank_pattern: Vec::new(),
         alpha_pattern: Vec::new(),
         use_dora: false,
+        init: Default::default(),
     };
     let m = LlamaClassifier::load(
         &fixtures().join("gqa"),

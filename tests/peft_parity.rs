@@ -131,6 +131,11 @@ fn config_in(root: &Path, nf4: bool) -> Config {
     Config {
         use_rslora: f.lora["use_rslora"].as_bool().unwrap_or(false),
         use_dora: f.lora["use_dora"].as_bool().unwrap_or(false),
+        init_lora_weights: match &f.lora["init_lora_weights"] {
+            serde_json::Value::String(s) => s.clone(),
+            _ => "true".into(),
+        },
+        loftq_iter: f.lora["loftq_config"]["loftq_iter"].as_i64().unwrap_or(1),
         rank_pattern: patterns("rank_pattern")
             .into_iter()
             .map(|(k, v)| (k, v as i64))
@@ -204,8 +209,8 @@ impl Ours {
     fn new_in(root: &Path, nf4: bool) -> Ours {
         let f = facts_in(root);
         let cfg = config_in(root, nf4);
-        let opts = loader::model_options(&cfg, Device::Cpu, f.pad);
-        let mut model = LlamaClassifier::load(&root.join("base"), &opts)
+        let opts = loader::model_options(&cfg, Device::Cpu, f.pad).expect("options");
+        let mut model = one_thread(|| LlamaClassifier::load(&root.join("base"), &opts))
             .unwrap_or_else(|e| panic!("load: {e:#}"));
         let init = read(&root.join("init.safetensors"));
         model
@@ -690,6 +695,9 @@ fn peft_loads_our_adapter_in(root: &Path) {
     let tmp = common::tempdir();
     let dir = tmp.path().join("adapter");
     adapter::save(&dir, &ours.cfg, &ours.model.trainable_parameters()).expect("adapter::save");
+    // PiSSA / LoftQ: PEFT ignores the residual base beside the adapter and computes it again.
+    adapter::write_residual(&dir, &ours.model.residual_base().expect("residual"))
+        .expect("write_residual");
     common::oracle(
         "peft_oracle.py",
         &["load", root.to_str().unwrap(), dir.to_str().unwrap()],
@@ -803,10 +811,14 @@ fn our_trainer_loads_peft_adapters() {
 /// PEFT's saved adapters load into our trainer and evaluate to PEFT's logits.
 fn our_trainer_loads_peft_adapters_in(root: &Path) {
     for (nf4, tag) in [(false, "fp32"), (true, "nf4")] {
-        let cfg = config_in(root, nf4);
+        let mut cfg = config_in(root, nf4);
         let dir = root.join(format!("peft_adapter_{tag}"));
-        let (loaded, _) =
-            loader::load_with_adapter(&cfg, &dir).unwrap_or_else(|e| panic!("{tag}: {e:#}"));
+        if nf4 && root.join("residual").exists() {
+            // PEFT's 4-bit PiSSA / LoftQ recipe: a plain LoRA on the saved residual model.
+            cfg.model_dir = Some(root.join("residual"));
+        }
+        let (loaded, _) = one_thread(|| loader::load_with_adapter(&cfg, &dir))
+            .unwrap_or_else(|e| panic!("{tag}: {e:#}"));
         assert_eq!(
             loaded.encoder.pad_id(),
             facts_in(root).pad,
@@ -884,7 +896,7 @@ fn trainable_parameter_line_matches_peft_4bit() {
     let cfg = config(true);
     let m = LlamaClassifier::load(
         &fixtures().join("base"),
-        &loader::model_options(&cfg, Device::Cpu, f.pad),
+        &loader::model_options(&cfg, Device::Cpu, f.pad).expect("options"),
     )
     .expect("load");
     let (t, a) = m.param_counts();
@@ -909,7 +921,7 @@ fn trains_like_peft(root: PathBuf) {
     let f = facts_in(&root);
     let m = LlamaClassifier::load(
         &root.join("base"),
-        &loader::model_options(&config_in(&root, true), Device::Cpu, f.pad),
+        &loader::model_options(&config_in(&root, true), Device::Cpu, f.pad).expect("options"),
     )
     .expect("load");
     let (t, a) = m.param_counts();
@@ -942,6 +954,66 @@ fn llama_with_dora_trains_like_peft() {
 #[test]
 fn qwen2_with_dora_trains_like_peft() {
     trains_like_peft(fixtures_for("qwen2", Some("dora")))
+}
+
+// PiSSA (QPiSSA on the NF4 base, with an alpha pattern) and LoftQ (two alternations): the
+// residual base is PEFT's, so the same starting pair trains as PEFT's does; PEFT's pissa
+// adapter loads into our model with its logits (the base computed again), ours into PEFT.
+/// `f` on one intra-op thread, as the oracle runs: LAPACK's SVD (and so PiSSA's and LoftQ's
+/// starting pairs) depends on the thread count in the last bits, which LoftQ's NF4 rounding
+/// can turn into a whole code step. (Why the trainer saves the residual base it used.)
+fn one_thread<T>(f: impl FnOnce() -> T) -> T {
+    let before = tch::get_num_threads();
+    tch::set_num_threads(1);
+    let out = f();
+    tch::set_num_threads(before);
+    out
+}
+
+#[test]
+fn pissa_and_loftq_start_where_peft_s_do() {
+    use qlora_cls::lora_init::{decompose, LoraInit};
+    // PEFT's `pissa_init` / `loftq_init` methods on two of the tiny model's weights, the
+    // generator seeded as we seed it (pissa_niter's test matrix).
+    let tmp = private_fixtures(fixtures());
+    common::oracle("peft_oracle.py", &["inits", tmp.path().to_str().unwrap()]);
+    let want = read(&tmp.path().join("inits.safetensors"));
+    let base = read(&tmp.path().join("base").join("model.safetensors"));
+    let cases = [
+        ("pissa", LoraInit::Pissa { niter: None }),
+        ("pissa_niter_2", LoraInit::Pissa { niter: Some(2) }),
+        ("loftq_1", LoraInit::Loftq { iter: 1 }),
+        ("loftq_3", LoraInit::Loftq { iter: 3 }),
+    ];
+    for w in [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.self_attn.v_proj.weight",
+    ] {
+        for (tag, init) in cases {
+            tch::manual_seed(17);
+            let d = one_thread(|| decompose(init, &base[w], 8, 16.0 / 8.0))
+                .unwrap_or_else(|e| panic!("{e:#}"));
+            for (part, got) in [("A", &d.a), ("B", &d.b), ("base", &d.base)] {
+                let theirs = &want[&format!("{tag}.{w}.{part}")];
+                let diff = max_abs_diff(got, theirs);
+                eprintln!(
+                    "{tag} {w} {part}: max |Δ| {diff:e} (max {:e})",
+                    max_abs(theirs)
+                );
+                assert_eq!(diff, 0.0, "{tag} {w} {part}: {diff:e} from PEFT's");
+            }
+        }
+    }
+}
+
+#[test]
+fn llama_with_pissa_trains_like_peft() {
+    trains_like_peft(fixtures_for("llama", Some("pissa")))
+}
+
+#[test]
+fn llama_with_loftq_trains_like_peft() {
+    trains_like_peft(fixtures_for("llama", Some("loftq")))
 }
 
 #[test]

@@ -27,6 +27,7 @@ fn layer(out: i64, inp: i64) -> (QLinear, Tensor) {
         rank_pattern: Vec::new(),
         alpha_pattern: Vec::new(),
         use_dora: false,
+        init: Default::default(),
     };
     let mut lora = LoraAdapter::new(inp, out, &cfg, Device::Cpu);
     // B starts at zero in PEFT; make it non-zero so the bypass and A's gradient are exercised.

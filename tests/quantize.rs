@@ -125,6 +125,7 @@ fn load_opts() -> ModelOptions {
         pad_token_id: PAD,
         recompute_layers: 0,
         seed: 11,
+        residual: None,
     }
 }
 
@@ -139,6 +140,8 @@ fn frozen(model_dir: &Path) -> Vec<(String, Tensor)> {
             compute_dtype: Kind::Float,
             quant: Some(Nf4Options::default()),
             num_labels: NUM_LABELS,
+            lora: None,
+            residual: None,
         },
     )
     .unwrap_or_else(|e| panic!("load_base {}: {e:#}", model_dir.display()));
@@ -147,8 +150,9 @@ fn frozen(model_dir: &Path) -> Vec<(String, Tensor)> {
         for (name, t) in l.norms {
             out.push((format!("{i}.{name}"), t));
         }
-        for (name, f, _) in l.linears {
-            let t = match f {
+        for lin in l.linears {
+            let name = lin.name;
+            let t = match lin.weight {
                 FrozenWeight::Nf4(q) => nf4::dequantize(&q, Kind::Float).expect("dequantize"),
                 FrozenWeight::Dense(_) => panic!("{name} was not quantised"),
             };

@@ -4,6 +4,8 @@
 //! read, so neither the host nor the device ever holds the whole model in 16 or 32 bits.
 //! `lm_head` is never read. bitsandbytes 4-bit checkpoints (weight + absmax + quant state)
 //! are accepted as they are.
+use crate::lora::{LoraConfig, LoraInit};
+use crate::lora_init;
 use crate::model::hf_config::LlamaConfig;
 use crate::quant::nf4::{self, Nf4Options, Nf4Tensor};
 use crate::quant::qlinear::FrozenWeight;
@@ -124,6 +126,17 @@ impl Checkpoint {
         Ok(Checkpoint { shards, index })
     }
 
+    /// Opens one safetensors file (an adapter's residual base).
+    pub fn open_file(path: &Path) -> Result<Self> {
+        let shard = Self::open_shard(path)?;
+        let st = SafeTensors::deserialize(&shard.map).expect("validated in open_shard");
+        let index = st.names().into_iter().map(|n| (n.to_string(), 0)).collect();
+        Ok(Checkpoint {
+            shards: vec![shard],
+            index,
+        })
+    }
+
     fn open_shard(path: &Path) -> Result<Shard> {
         let map = map_file(path)?;
         SafeTensors::deserialize(&map).map_err(|e| {
@@ -203,8 +216,17 @@ impl Checkpoint {
 pub struct LayerWeights {
     /// Norm weights by module path (`input_layernorm`, `self_attn.q_norm`, ...).
     pub norms: Vec<(&'static str, Tensor)>,
-    /// Projections by name (`q_proj`, ... or Phi-3's `qkv_proj`, ...), with their biases.
-    pub linears: Vec<(&'static str, FrozenWeight, Option<Tensor>)>,
+    /// Projections by name (`q_proj`, ... or Phi-3's `qkv_proj`, ...), with their biases
+    /// and, under PiSSA or LoftQ, the adapter's starting A, B (the weight is then the
+    /// residual).
+    pub linears: Vec<Linear>,
+}
+
+pub struct Linear {
+    pub name: &'static str,
+    pub weight: FrozenWeight,
+    pub bias: Option<Tensor>,
+    pub init: Option<(Tensor, Tensor)>,
 }
 
 pub struct BaseWeights {
@@ -246,6 +268,12 @@ pub struct LoadOptions {
     pub compute_dtype: Kind,
     pub quant: Option<Nf4Options>,
     pub num_labels: i64,
+    /// The LoRA options: a base-changing init (PiSSA, LoftQ) is applied to each adapted
+    /// weight as it is read, before quantisation.
+    pub lora: Option<LoraConfig>,
+    /// A trained adapter's residual base (`residual_base.safetensors`): the adapted
+    /// modules' weights are read from it instead of being computed again.
+    pub residual: Option<PathBuf>,
 }
 
 struct Loader<'a> {
@@ -318,6 +346,11 @@ impl Loader<'_> {
             });
         }
         let w = self.float(name, &[out, inp])?.to_device(self.opts.device);
+        self.frozen(w, name)
+    }
+
+    /// `w` (file dtype, on the device) as the frozen weight: NF4 or the compute dtype.
+    fn frozen(&self, w: Tensor, name: &str) -> Result<FrozenWeight> {
         Ok(match &self.opts.quant {
             Some(q) => FrozenWeight::Nf4(
                 nf4::quantize(&w, q)
@@ -325,6 +358,34 @@ impl Loader<'_> {
             ),
             None => FrozenWeight::Dense(w.to_kind(self.opts.compute_dtype)),
         })
+    }
+
+    /// PiSSA / LoftQ on the checkpoint's weight `name`: the residual as the frozen weight,
+    /// and the adapter's starting A, B.
+    fn decomposed(
+        &self,
+        name: &str,
+        out: i64,
+        inp: i64,
+        (init, r, scale): (LoraInit, i64, f64),
+    ) -> Result<(FrozenWeight, (Tensor, Tensor))> {
+        if self.bnb {
+            bail!(
+                "init_lora_weights {} needs the 16/32-bit weights, but {} is bitsandbytes \
+                 4-bit (PEFT refuses it too); point model_dir at the original checkpoint",
+                init.peft_value(),
+                self.where_(name)
+            );
+        }
+        let w = self.float(name, &[out, inp])?.to_device(self.opts.device);
+        let d = lora_init::decompose(init, &w, r, scale).with_context(|| {
+            format!(
+                "init_lora_weights {} on {}",
+                init.peft_value(),
+                self.where_(name)
+            )
+        })?;
+        Ok((self.frozen(d.base, name)?, (d.a, d.b)))
     }
 }
 
@@ -354,6 +415,24 @@ pub fn load_base(dir: &Path, cfg: &LlamaConfig, opts: &LoadOptions) -> Result<Ba
         prefix,
         bnb,
     };
+    let residual_ck = match &opts.residual {
+        Some(p) => Some(Checkpoint::open_file(p)?),
+        None => None,
+    };
+    let residual = residual_ck.as_ref().map(|rck| Loader {
+        ck: rck,
+        cfg,
+        opts,
+        prefix: "model.",
+        bnb: rck.names().any(|n| n.ends_with(".weight.absmax")),
+    });
+    // Modules whose frozen weight the init changes, with their (init, r, scale).
+    let changed = |i: i64, group: &str, name: &str| {
+        let lora = opts.lora.as_ref().filter(|l| l.init.changes_base())?;
+        let key = format!("model.layers.{i}.{group}.{name}");
+        let (r, alpha) = lora.for_module(i as usize, &key, name)?;
+        Some((lora.init, r, crate::lora::scale(alpha, r, lora.use_rslora)))
+    };
     let h = cfg.hidden_size;
     let embed_tokens = l.dense(
         &format!("{prefix}embed_tokens.weight"),
@@ -365,13 +444,29 @@ pub fn load_base(dir: &Path, cfg: &LlamaConfig, opts: &LoadOptions) -> Result<Ba
         let mut linears = Vec::with_capacity(7);
         for &(group, name) in l.cfg.linear_modules() {
             let (inp, out) = l.cfg.linear_shape(name).expect("known projection");
-            let w = l.linear(&format!("{p}.{group}.{name}.weight"), out, inp)?;
+            let file_name = format!("{p}.{group}.{name}.weight");
+            let (w, init) = match (changed(i, group, name), &residual) {
+                (Some(_), Some(res)) => (
+                    res.linear(&format!("model.layers.{i}.{group}.{name}.weight"), out, inp)?,
+                    None,
+                ),
+                (Some(how), None) => {
+                    let (w, ab) = l.decomposed(&file_name, out, inp, how)?;
+                    (w, Some(ab))
+                }
+                (None, _) => (l.linear(&file_name, out, inp)?, None),
+            };
             let bias = if has_bias(cfg, name) {
                 Some(l.dense(&format!("{p}.{group}.{name}.bias"), &[out])?)
             } else {
                 None
             };
-            linears.push((name, w, bias));
+            linears.push(Linear {
+                name,
+                weight: w,
+                bias,
+                init,
+            });
         }
         let norms = norm_names(cfg)
             .into_iter()

@@ -9,6 +9,7 @@ use crate::model::llama::{LayerContext, LlamaModel};
 use crate::model::loss::{self, LossWeights, ProblemType};
 use crate::profile::{scope, Part};
 use crate::quant::nf4::Nf4Options;
+use crate::quant::qlinear::FrozenWeight;
 use crate::splitmix::mix;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -28,6 +29,8 @@ pub struct ModelOptions {
     /// activations ([`RECOMPUTE_ALL`]: every layer, the reference's setting; 0: none).
     pub recompute_layers: usize,
     pub seed: u64,
+    /// A trained PiSSA / LoftQ adapter's `residual_base.safetensors` (see `LoadOptions`).
+    pub residual: Option<std::path::PathBuf>,
 }
 
 /// Where a batch sits in its global batch: the index of its first example there (LoRA
@@ -116,6 +119,8 @@ impl LlamaClassifier {
                 }
             }
         }
+        // `pissa_niter_N` draws its test matrices while the weights are read.
+        tch::manual_seed(opts.seed as i64);
         let weights = checkpoint::load_base(
             model_dir,
             &config,
@@ -124,6 +129,8 @@ impl LlamaClassifier {
                 compute_dtype: opts.compute_dtype,
                 quant: opts.quant,
                 num_labels: opts.num_labels,
+                lora: opts.lora.clone(),
+                residual: opts.residual.clone(),
             },
         )
         .with_context(|| format!("cannot load the model in {}", model_dir.display()))?;
@@ -421,6 +428,52 @@ impl LlamaClassifier {
             }
         }
         out.push((SCORE_KEY.to_string(), self.score.shallow_clone()));
+        out
+    }
+
+    /// The frozen weights a PiSSA / LoftQ adapter was trained against (`residual_base.
+    /// safetensors`: the adapted modules under their checkpoint names, NF4 in bitsandbytes'
+    /// layout); empty for an init that leaves the base as it is.
+    pub fn residual_base(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        if !self
+            .opts
+            .lora
+            .as_ref()
+            .is_some_and(|l| l.init.changes_base())
+        {
+            return Ok(out);
+        }
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            for (path, q) in layer.linears() {
+                if q.lora.is_none() {
+                    continue;
+                }
+                let prefix = format!("model.layers.{i}.{path}.");
+                match &q.weight {
+                    FrozenWeight::Nf4(t) => out.extend(t.to_bnb_tensors(&prefix)?),
+                    FrozenWeight::Dense(w) => {
+                        out.push((format!("{prefix}weight"), w.shallow_clone()))
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// PiSSA's starting pairs under PEFT's names (`…lora_A.weight` → A₀, `…lora_B.weight`
+    /// → B₀), for [`crate::lora`]'s conversion to a plain LoRA; empty for other inits.
+    pub fn initial_pairs(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            for (path, a) in layer.adapters() {
+                if let Some((a0, b0)) = &a.initial {
+                    let p = format!("base_model.model.model.layers.{i}.{path}");
+                    out.push((format!("{p}.lora_A.weight"), a0.shallow_clone()));
+                    out.push((format!("{p}.lora_B.weight"), b0.shallow_clone()));
+                }
+            }
+        }
         out
     }
 

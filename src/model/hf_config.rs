@@ -702,6 +702,7 @@ pub fn peft_param_counts(
         rank_pattern: Vec::new(),
         alpha_pattern: Vec::new(),
         use_dora: false,
+        init: Default::default(),
     };
     peft_param_counts_for(cfg, num_labels, &lora)
 }

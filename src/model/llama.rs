@@ -8,8 +8,8 @@
 //! `llama.rs` is the model to imitate); every op says which transformers function it mirrors,
 //! and splitting attention from the MLP would scatter the family switches each op reads.
 use crate::dropout::MaskKey;
-use crate::lora::{LoraAdapter, LoraConfig, LoraSaved};
-use crate::model::checkpoint::{BaseWeights, LayerWeights};
+use crate::lora::{LoraAdapter, LoraConfig, LoraInit, LoraSaved};
+use crate::model::checkpoint::{BaseWeights, LayerWeights, Linear};
 use crate::model::family::{Activation, Switches};
 use crate::model::hf_config::{LlamaConfig, RopeScaling};
 use crate::profile::{scope, Part};
@@ -778,7 +778,13 @@ fn build_layer(
     let LayerWeights { norms, linears } = lw;
     let linears: Vec<(&'static str, QLinear)> = linears
         .into_iter()
-        .map(|(name, weight, bias)| {
+        .map(|lin| {
+            let Linear {
+                name,
+                weight,
+                bias,
+                init,
+            } = lin;
             // PEFT's module key, as its patterns and layer choice see it.
             let parent = cfg
                 .linear_modules()
@@ -786,7 +792,7 @@ fn build_layer(
                 .find(|(_, n)| *n == name)
                 .map_or("self_attn", |(p, _)| *p);
             let key = format!("model.layers.{index}.{parent}.{name}");
-            let adapter = lora.and_then(|l| {
+            let mut adapter = lora.and_then(|l| {
                 l.for_module(index, &key, name).map(|(r, alpha)| {
                     LoraAdapter::new(
                         weight.in_features(),
@@ -796,6 +802,15 @@ fn build_layer(
                     )
                 })
             });
+            // PiSSA / LoftQ: the starting pair the loader took out of the weight.
+            if let (Some(a), Some((a0, b0))) = (adapter.as_mut(), init) {
+                let (a0, b0) = (a0.to_device(device).detach(), b0.to_device(device).detach());
+                a.a = a0.copy().set_requires_grad(true);
+                a.b = b0.copy().set_requires_grad(true);
+                if lora.is_some_and(|l| matches!(l.init, LoraInit::Pissa { .. })) {
+                    a.initial = Some((a0, b0));
+                }
+            }
             let mut q = QLinear {
                 weight,
                 bias,

@@ -337,7 +337,12 @@ impl<'a> Trainer<'a> {
 
     fn save_adapter(&self, name: &str) -> Result<()> {
         let dir = self.run.join(name);
-        adapter::save(&dir, self.cfg, &self.model.trainable_parameters())?;
+        let trainable = self.model.trainable_parameters();
+        adapter::save(&dir, self.cfg, &trainable)?;
+        adapter::write_residual(&dir, &self.model.residual_base()?)?;
+        if adapter::save_as_lora(&dir, self.cfg, &trainable, &self.model.initial_pairs())? {
+            adapter::write_labels(&dir.join(adapter::AS_LORA_DIR), &self.labels)?;
+        }
         adapter::write_labels(&dir, &self.labels)
     }
 

@@ -7,12 +7,14 @@ usage: peft_oracle.py setup OUT_DIR [FAMILY [options|dora]]
        peft_oracle.py load OUT_DIR ADAPTER_DIR
        peft_oracle.py all_linear OUT_DIR
        peft_oracle.py patterns OUT_DIR
+       peft_oracle.py inits OUT_DIR
 
 FAMILY (default llama; mistral, qwen2, qwen3, phi3, gemma2, gemma3_text) picks the decoder:
 the same sizes, the family's own switches and a sliding window shorter than the batches
 (model_oracle.family_classes), LoRA on PEFT's default targets (`qkv_proj` for phi3).
 `options` trains LoRA with the options of OPTIONS instead (all-linear, rsLoRA, a rank and an
-alpha pattern), `dora` the same with DoRA; facts.json's `lora` says which.
+alpha pattern), `dora` the same with DoRA, `pissa` and `loftq` from those inits (the 4-bit run
+on the residual model, PEFT's recipe); facts.json's `lora` says which.
 
 setup writes under OUT_DIR:
   base/                   tiny random Llama (fp32 LlamaForCausalLM.save_pretrained) with a
@@ -155,7 +157,51 @@ OPTIONS = dict(target_modules="all-linear", use_rslora=True,
                rank_pattern={"down_proj": 4}, alpha_pattern={"q_proj": 32})
 
 
-VARIANTS = {"options": OPTIONS, "dora": dict(OPTIONS, use_dora=True)}
+VARIANTS = {"options": OPTIONS, "dora": dict(OPTIONS, use_dora=True),
+            # Inits that change the base: PiSSA (QPiSSA on the 4-bit run) and LoftQ (two
+            # alternations), with an alpha pattern so that the scale differs per module.
+            "pissa": dict(init_lora_weights="pissa", alpha_pattern={"v_proj": 32}),
+            "loftq": dict(init_lora_weights="loftq",
+                          loftq_config={"loftq_bits": 4, "loftq_iter": 2})}
+
+
+def changes_base(out):
+    init = lora_options(out).get("init_lora_weights", True)
+    return isinstance(init, str) and (init.startswith("pissa") or init == "loftq")
+
+
+def cpu_loftq():
+    """PEFT's own `loftq_init`, its compute device (CUDA or XPU only) set to the CPU: the
+    source with that one line changed, so the algorithm is PEFT's as released."""
+    import inspect
+
+    import peft.tuners.lora.layer as layer
+    import peft.utils.loftq_utils as lu
+
+    line = 'compute_device = "xpu" if is_xpu_available() else "cuda"'
+    src = inspect.getsource(lu.loftq_init)
+    assert line in src, "PEFT's loftq_init changed; update the oracle"
+    ns = dict(lu.__dict__)
+    exec(src.replace(line, 'compute_device = "cpu"'), ns)
+    layer.loftq_init = ns["loftq_init"]
+    return ns["loftq_init"]
+
+
+def residual_dir(out):
+    """The base model a PiSSA / LoftQ init leaves (PEFT's recipe for a 4-bit run: initialise
+    on the 16/32-bit model, save the residual, load that in 4 bits), written once."""
+    from peft import get_peft_model
+
+    d = os.path.join(out, "residual")
+    if not os.path.exists(d):
+        _, seq_cls = classes(family_of(out))
+        torch.manual_seed(0)
+        lm = classes(family_of(out))[0].from_pretrained(os.path.join(out, "base"),
+                                                        dtype=torch.float32)
+        pm = get_peft_model(lm, lora_config(family_of(out), out, task_type=None))
+        pm.unload().save_pretrained(d)
+        write_tokenizer(d)
+    return d
 
 
 def lora_options(out):
@@ -166,22 +212,24 @@ def lora_options(out):
     return {}
 
 
-def lora_config(family, out=None):
+def lora_config(family, out=None, task_type="SEQ_CLS", **over):
     from peft import LoraConfig
 
     kw = dict(target_modules=targets(family))
     kw.update(lora_options(out) if out else {})
-    return LoraConfig(task_type="SEQ_CLS", r=R, lora_alpha=ALPHA, lora_dropout=0.0,
-                      modules_to_save=["score"], **kw)
+    kw.update(over)
+    extra = dict(modules_to_save=["score"]) if task_type == "SEQ_CLS" else {}
+    return LoraConfig(task_type=task_type, r=R, lora_alpha=ALPHA, lora_dropout=0.0,
+                      **extra, **kw)
 
 
-def base_model(out, nf4):
+def base_model(out, nf4, residual=False):
     _, seq_cls = classes(family_of(out))
     kw = dict(num_labels=NUM_LABELS, pad_token_id=PAD, dtype=torch.float32)
     if nf4:
         kw.update(quantization_config=bnb_config(), device_map="cpu")
     torch.manual_seed(0)
-    m = seq_cls.from_pretrained(os.path.join(out, "base"), **kw)
+    m = seq_cls.from_pretrained(residual_dir(out) if residual else os.path.join(out, "base"), **kw)
     if nf4:
         # bitsandbytes' portable dequantisation + an fp32 matmul, as on CUDA, on every CPU.
         pin_fp32(m)
@@ -204,7 +252,14 @@ def reference(out, tag, nf4, init, inputs, warmup):
     from peft import get_peft_model
     from transformers import get_linear_schedule_with_warmup
 
-    pm = get_peft_model(base_model(out, nf4), lora_config(family_of(out), out))
+    if nf4 and changes_base(out):
+        # PiSSA and LoftQ refuse a 4-bit weight: the residual model, quantised, with a plain
+        # LoRA on top (its A, B are set from `init` below, as in every variant).
+        pm = get_peft_model(base_model(out, True, residual=True),
+                            lora_config(family_of(out), out, init_lora_weights=True,
+                                        loftq_config={}))
+    else:
+        pm = get_peft_model(base_model(out, nf4), lora_config(family_of(out), out))
     named = [(peft_key(n), p) for n, p in pm.named_parameters() if p.requires_grad]
     assert sorted(k for k, _ in named) == sorted(init), "trainable keys differ from init"
     with torch.no_grad():
@@ -255,6 +310,8 @@ def setup(out, family="llama", variant=None):
         with open(os.path.join(out, "lora_options.json"), "w") as f:
             json.dump(VARIANTS[variant], f)
 
+    if variant == "loftq":
+        cpu_loftq()
     gen = torch.Generator().manual_seed(4321)
     cfg = tiny_config(family)
     torch.manual_seed(0)
@@ -426,8 +483,53 @@ def patterns(out):
         json.dump(facts, f, indent=1)
 
 
+# PEFT's base-changing inits on one weight: (init_lora_weights, loftq_config).
+INIT_CASES = {"pissa": ("pissa", {}), "pissa_niter_2": ("pissa_niter_2", {}),
+              "loftq_1": ("loftq", {"loftq_bits": 4, "loftq_iter": 1}),
+              "loftq_3": ("loftq", {"loftq_bits": 4, "loftq_iter": 3})}
+INIT_WEIGHTS = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"]
+INIT_SEED = 17
+
+
+def inits(out):
+    """PEFT's `pissa_init` and `loftq_init` methods, called on a LoRA layer wrapping each of
+    INIT_WEIGHTS (r=R, alpha=ALPHA), the generator seeded with INIT_SEED right before (what
+    `pissa_niter_N` draws from). Writes OUT/inits.safetensors: `<case>.<weight>.{A,B,base}`."""
+    from peft import LoraConfig, get_peft_model
+
+    st = load_file(os.path.join(out, "base", "model.safetensors"))
+    res = {}
+    for wname in INIT_WEIGHTS:
+        w = st[wname]
+        for tag, (init, loftq) in INIT_CASES.items():
+            holder = torch.nn.Module()
+            holder.x = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+            with torch.no_grad():
+                holder.x.weight.copy_(w)
+            cfg = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["x"],
+                             init_lora_weights=True)
+            layer = get_peft_model(holder, cfg).base_model.model.x
+            torch.manual_seed(INIT_SEED)
+            if init == "loftq":
+                layer.loftq_init("default", LoraConfig(r=R, lora_alpha=ALPHA,
+                                                       target_modules=["x"],
+                                                       init_lora_weights="loftq",
+                                                       loftq_config=loftq))
+            else:
+                layer.pissa_init("default", init)
+            res[f"{tag}.{wname}.A"] = layer.lora_A["default"].weight.detach().contiguous()
+            res[f"{tag}.{wname}.B"] = layer.lora_B["default"].weight.detach().contiguous()
+            res[f"{tag}.{wname}.base"] = layer.get_base_layer().weight.detach().contiguous()
+    save_file(res, os.path.join(out, "inits.safetensors"))
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    cpu_loftq()
+    if len(sys.argv) == 3 and sys.argv[1] == "inits":
+        inits(sys.argv[2])
+        print("ok")
+        sys.exit(0)
     if len(sys.argv) in (3, 4, 5) and sys.argv[1] == "setup":
         setup(*sys.argv[2:])
     elif len(sys.argv) == 4 and sys.argv[1] == "load":
