@@ -211,6 +211,34 @@ pub fn write_residual(dir: &Path, residual: &[(String, Tensor)]) -> Result<()> {
     write_safetensors(&dir.join(RESIDUAL_FILE), residual)
 }
 
+/// The adapter's saved [`RESIDUAL_FILE`] for a base-changing `init`; `None` when the init
+/// leaves the base as it is, or when there is no file and the init can be applied again
+/// (PEFT's own adapters: said on the console). A random init without its file is an error.
+pub fn residual_path(dir: &Path, init: LoraInit) -> Result<Option<std::path::PathBuf>> {
+    if !init.changes_base() {
+        return Ok(None);
+    }
+    let path = dir.join(RESIDUAL_FILE);
+    if path.exists() {
+        return Ok(Some(path));
+    }
+    if !init.deterministic() {
+        bail!(
+            "{}: init_lora_weights {} draws at random, so the base it was trained against \
+             cannot be computed again, and {} is missing",
+            dir.join(CONFIG_FILE).display(),
+            init.peft_value(),
+            path.display()
+        );
+    }
+    println!(
+        "{}: no {RESIDUAL_FILE}; computing the {} residual base from the checkpoint, as PEFT does",
+        dir.display(),
+        init.peft_value()
+    );
+    Ok(None)
+}
+
 /// The sub-folder of a PiSSA adapter holding PEFT's conversion to a plain LoRA.
 pub const AS_LORA_DIR: &str = "as_lora";
 
@@ -251,7 +279,7 @@ pub fn save_as_lora(
     conv.lora_alpha *= if cfg.use_rslora { 2f64.sqrt() } else { 2.0 };
     conv.rank_pattern.values_mut().for_each(|r| *r *= 2);
     conv.alpha_pattern.values_mut().for_each(|a| *a *= 2.0);
-    conv.init_lora_weights = "true".into();
+    conv.init_lora_weights = LoraInit::Kaiming.name();
     save(&dir.join(AS_LORA_DIR), &conv, &out)?;
     Ok(true)
 }

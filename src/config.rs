@@ -751,14 +751,14 @@ impl Config {
         crate::dist::rank_device(&self.device, 0, 1, crate::hardware::usable_gpus())
     }
 
-    /// The compute dtype; `auto` is bf16 on a GPU and on a CPU with bf16 matmul
-    /// instructions (AVX512-BF16 or AMX-BF16, Arm's BF16), fp32 on other CPUs (where bf16
-    /// matmuls are emulated and slower than fp32).
     /// `init_lora_weights` (with `loftq_iter`) as the model builder takes it.
     pub fn lora_init(&self) -> Result<crate::lora::LoraInit> {
         crate::lora::LoraInit::parse(&self.init_lora_weights, self.loftq_iter)
     }
 
+    /// The compute dtype; `auto` is bf16 on a GPU and on a CPU with bf16 matmul
+    /// instructions (AVX512-BF16 or AMX-BF16, Arm's BF16), fp32 on other CPUs (where bf16
+    /// matmuls are emulated and slower than fp32).
     pub fn compute_kind(&self, device: tch::Device) -> tch::Kind {
         match self.bnb_4bit_compute_dtype.as_str() {
             "bfloat16" => tch::Kind::BFloat16,

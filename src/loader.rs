@@ -184,44 +184,10 @@ pub fn with_adapter_options(cfg: &mut Config, meta: adapter::AdapterMeta) {
     cfg.rank_pattern = meta.rank_pattern;
     cfg.alpha_pattern = meta.alpha_pattern;
     cfg.use_dora = meta.use_dora;
-    cfg.init_lora_weights = meta
-        .init
-        .peft_value()
-        .to_string()
-        .trim_matches('"')
-        .to_string();
+    cfg.init_lora_weights = meta.init.name();
     if let crate::lora::LoraInit::Loftq { iter } = meta.init {
         cfg.loftq_iter = iter as i64;
     }
-}
-
-/// A PiSSA / LoftQ adapter's saved residual base; `None` when the init leaves the base as
-/// it is, or (PEFT's own adapters) when there is none and the init can be applied again.
-fn residual_base(cfg: &Config, adapter_dir: &Path) -> Result<Option<PathBuf>> {
-    let init = cfg.lora_init()?;
-    if !init.changes_base() {
-        return Ok(None);
-    }
-    let path = adapter_dir.join(adapter::RESIDUAL_FILE);
-    if path.exists() {
-        return Ok(Some(path));
-    }
-    if !init.deterministic() {
-        bail!(
-            "{}: init_lora_weights {} draws at random, so the base it was trained against \
-             cannot be computed again, and {} is missing",
-            adapter_dir.join(adapter::CONFIG_FILE).display(),
-            init.peft_value(),
-            path.display()
-        );
-    }
-    println!(
-        "{}: no {}; computing the {} residual base from the checkpoint, as PEFT does",
-        adapter_dir.display(),
-        adapter::RESIDUAL_FILE,
-        init.peft_value()
-    );
-    Ok(None)
 }
 
 /// `qlora-cls eval`/`predict`: the model with a trained adapter loaded, and the task and
@@ -242,7 +208,7 @@ pub fn load_with_adapter(cfg: &Config, adapter_dir: &Path) -> Result<(Loaded, Ta
         },
     };
     let cfg = sized_for(&cfg, &labels.spec);
-    let residual = residual_base(&cfg, adapter_dir)?;
+    let residual = adapter::residual_path(adapter_dir, cfg.lora_init()?)?;
     let mut loaded = load_model_on(&cfg, cfg.device()?, residual)?;
     let weights_path = adapter_dir.join(adapter::WEIGHTS_FILE);
     let weights = adapter::read_safetensors(&weights_path)?;

@@ -187,11 +187,11 @@ pub struct LoraAdapter {
 }
 
 impl LoraAdapter {
-    /// PEFT's default init: A Kaiming-uniform with a=√5 (i.e. U(-1/√in, 1/√in)), B zeros.
+    /// PEFT's default init: A Kaiming-uniform with a=√5 (i.e. U(-1/√in, 1/√in)), B zeros;
+    /// `init_lora_weights: false` draws B as `nn.Linear(r, out)` leaves it, U(-1/√r, 1/√r),
+    /// and `gaussian` draws A from N(0, 1/r) (PiSSA / LoftQ pairs are set by the caller).
     /// Draws from the global torch generator on the CPU so the result does not depend on
     /// the device; the caller seeds it.
-    /// `init_lora_weights: false` draws B as `nn.Linear(r, out)` leaves it, U(-1/√r, 1/√r);
-    /// `gaussian` draws A from N(0, 1/r).
     pub fn new(in_features: i64, out_features: i64, cfg: &LoraConfig, device: Device) -> Self {
         let cpu = (Kind::Float, Device::Cpu);
         let a = match cfg.init {

@@ -61,16 +61,25 @@ impl LoraInit {
         })
     }
 
-    /// PEFT's `init_lora_weights` value as `adapter_config.json` holds it.
-    pub fn peft_value(&self) -> serde_json::Value {
-        use serde_json::json;
+    /// The value as the `init_lora_weights` key takes it ([`Self::parse`] reads it back).
+    pub fn name(&self) -> String {
         match self {
-            LoraInit::Kaiming => json!(true),
-            LoraInit::Random => json!(false),
-            LoraInit::Gaussian => json!("gaussian"),
-            LoraInit::Pissa { niter: None } => json!("pissa"),
-            LoraInit::Pissa { niter: Some(n) } => json!(format!("pissa_niter_{n}")),
-            LoraInit::Loftq { .. } => json!("loftq"),
+            LoraInit::Kaiming => "true".into(),
+            LoraInit::Random => "false".into(),
+            LoraInit::Gaussian => "gaussian".into(),
+            LoraInit::Pissa { niter: None } => "pissa".into(),
+            LoraInit::Pissa { niter: Some(n) } => format!("pissa_niter_{n}"),
+            LoraInit::Loftq { .. } => "loftq".into(),
+        }
+    }
+
+    /// PEFT's `init_lora_weights` value as `adapter_config.json` holds it (a boolean for
+    /// `true` / `false`).
+    pub fn peft_value(&self) -> serde_json::Value {
+        match self {
+            LoraInit::Kaiming => serde_json::json!(true),
+            LoraInit::Random => serde_json::json!(false),
+            _ => serde_json::json!(self.name()),
         }
     }
 

@@ -194,21 +194,9 @@ fn read_adapter(dir: &Path) -> Result<AdapterTensors> {
             path.display()
         );
     }
-    let residual_path = dir.join(adapter::RESIDUAL_FILE);
-    let residual = if !meta.init.changes_base() {
-        None
-    } else if residual_path.exists() {
-        Some(Checkpoint::open_file(&residual_path)?)
-    } else if meta.init.deterministic() {
-        None
-    } else {
-        bail!(
-            "{}: init_lora_weights {} draws at random, so its residual base cannot be \
-             computed again; {} is missing",
-            dir.join(adapter::CONFIG_FILE).display(),
-            meta.init.peft_value(),
-            residual_path.display()
-        );
+    let residual = match adapter::residual_path(dir, meta.init)? {
+        Some(p) => Some(Checkpoint::open_file(&p)?),
+        None => None,
     };
     Ok(AdapterTensors {
         pairs,

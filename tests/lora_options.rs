@@ -1,7 +1,8 @@
-//! An adapter whose `adapter_config.json` sets a LoRA option we do not compute (DoRA, rank
-//! patterns, layer choice, a regex `target_modules`, an unknown key) is refused by name by
-//! every subcommand that loads one, before anything is loaded or written: read as a plain
-//! LoRA it would give other predictions than PEFT's without a word.
+//! An adapter whose `adapter_config.json` sets a LoRA option we do not compute (a LoRA bias,
+//! OLoRA, a regex `target_modules`, an unknown key, ...) is refused by name by every
+//! subcommand that loads one, before anything is loaded or written: read as a plain LoRA it
+//! would give other predictions than PEFT's without a word. The options we do compute train,
+//! save and load through the binary.
 mod common;
 use common::{bin, config_from, demo_assets, random_adapter};
 use serde_json::json;
@@ -56,7 +57,7 @@ fn every_subcommand_refuses_an_adapter_with_an_option_we_do_not_compute() {
         ("lora_bias", json!(true)),
         ("layers_pattern", json!("blocks")),
         ("target_modules", json!(".*\\.(q_proj|v_proj)")),
-        ("init_lora_weights", json!("pissa")),
+        ("init_lora_weights", json!("olora")),
         ("lora_magic", json!(1)),
     ];
     for (key, value) in options {
@@ -210,4 +211,186 @@ fn rslora_patterns_and_layer_choice_train_save_and_load() {
         .concat(),
     );
     assert!(eval.contains(&format!("accuracy {acc}")), "{eval} vs {acc}");
+}
+
+#[test]
+fn pissa_trains_saves_its_residual_base_and_loads_from_it() {
+    // QPiSSA on the demo: the adapter folder holds the residual base it trained against
+    // and PEFT's plain-LoRA conversion; `eval` on it reproduces the run's last validation
+    // loss, with the file and (recomputing the base, as PEFT does) without it; a random init
+    // without its file is refused by name; `merge` folds onto the residual. (That the
+    // decomposition and the training are PEFT's: `peft_parity::pissa_and_loftq_*`.)
+    let d = common::tempdir();
+    let demo = demo_assets(&d.path().join("demo"));
+    let run_dir = d.path().join("run");
+    let cfg = common::root().join("configs/demo.yaml");
+    let (model, data) = (demo.join("model"), demo.join("data"));
+    let flags = ["--model_dir", s(&model), "--data_dir", s(&data)];
+    let out = common::run_ok(
+        &[
+            &["train", "--config", s(&cfg)][..],
+            &flags,
+            &[
+                "--results_path",
+                s(&run_dir),
+                "--init_lora_weights",
+                "pissa",
+                "--max_steps",
+                "4",
+                "--eval_before_training",
+                "false",
+            ],
+        ]
+        .concat(),
+    );
+    let adapter = run_dir.join("adapter");
+    let read_json = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let conf = read_json(&adapter.join(qlora_cls::adapter::CONFIG_FILE));
+    assert_eq!(conf["init_lora_weights"], "pissa");
+    let residual =
+        qlora_cls::adapter::read_safetensors(&adapter.join(qlora_cls::adapter::RESIDUAL_FILE))
+            .unwrap();
+    let weights =
+        qlora_cls::adapter::read_safetensors(&adapter.join(qlora_cls::adapter::WEIGHTS_FILE))
+            .unwrap();
+    let pairs = weights
+        .keys()
+        .filter(|k| k.ends_with("lora_A.weight"))
+        .count();
+    // One NF4 weight (bitsandbytes' layout, absmax beside it) per adapted module.
+    assert_eq!(
+        residual
+            .keys()
+            .filter(|k| k.ends_with(".weight.absmax"))
+            .count(),
+        pairs
+    );
+    let as_lora = adapter.join(qlora_cls::adapter::AS_LORA_DIR);
+    let conv = read_json(&as_lora.join(qlora_cls::adapter::CONFIG_FILE));
+    assert_eq!(
+        (&conv["r"], &conv["init_lora_weights"]),
+        (&json!(2 * conf["r"].as_i64().unwrap()), &json!(true))
+    );
+    assert_eq!(
+        conv["lora_alpha"].as_f64(),
+        conf["lora_alpha"].as_f64().map(|a| 2.0 * a)
+    );
+    let conv_w =
+        qlora_cls::adapter::read_safetensors(&as_lora.join(qlora_cls::adapter::WEIGHTS_FILE))
+            .unwrap();
+    for (k, t) in &weights {
+        let c = &conv_w[k];
+        if k.ends_with("lora_A.weight") {
+            assert_eq!(c.size()[0], 2 * t.size()[0], "{k}");
+            assert!(common::max_abs_diff(&c.narrow(0, 0, t.size()[0]), t) == 0.0);
+        } else if k.ends_with("lora_B.weight") {
+            assert_eq!(c.size()[1], 2 * t.size()[1], "{k}");
+        } else {
+            assert!(common::max_abs_diff(c, t) == 0.0, "{k}");
+        }
+    }
+    let loss = out
+        .lines()
+        .rev()
+        .find_map(|l| l.split("validation accuracy ").nth(1))
+        .and_then(|r| r.split(" loss ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no validation loss in:\n{out}"));
+    // `eval` writes the loss it measured beside the adapter (eval-validation.json).
+    let eval = |dir: &Path| -> (String, String) {
+        let console = common::run_ok(
+            &[
+                &[
+                    "eval",
+                    "--config",
+                    s(&cfg),
+                    "--adapter",
+                    s(dir),
+                    "--split",
+                    "validation",
+                ][..],
+                &flags,
+            ]
+            .concat(),
+        );
+        let report = read_json(&dir.join("eval-validation.json"));
+        let got = report["loss"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no loss in {report}"));
+        (format!("{got:.6}"), console)
+    };
+    let (with_file, _) = eval(&adapter);
+    assert_eq!(with_file, loss, "eval with the residual file vs training");
+    // PEFT's own PiSSA adapters come without the file: the base is computed again.
+    let bare = d.path().join("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    for f in [
+        qlora_cls::adapter::CONFIG_FILE,
+        qlora_cls::adapter::WEIGHTS_FILE,
+        qlora_cls::adapter::LABELS_FILE,
+    ] {
+        std::fs::copy(adapter.join(f), bare.join(f)).unwrap();
+    }
+    let (recomputed, console) = eval(&bare);
+    assert!(
+        console.contains("computing the \"pissa\" residual base"),
+        "{console}"
+    );
+    assert_eq!(
+        recomputed, loss,
+        "eval with the base computed again vs training"
+    );
+    // pissa_niter_N draws at random: without the file it cannot be loaded.
+    let mut niter = conf.clone();
+    niter["init_lora_weights"] = json!("pissa_niter_2");
+    let conf_path = bare.join(qlora_cls::adapter::CONFIG_FILE);
+    std::fs::write(&conf_path, niter.to_string()).unwrap();
+    let (ok, err) = run(&[
+        &["eval", "--adapter", s(&bare), "--split", "validation"][..],
+        &flags,
+    ]
+    .concat());
+    assert!(
+        !ok && err.contains(s(&conf_path)) && err.contains(qlora_cls::adapter::RESIDUAL_FILE),
+        "{err}"
+    );
+    // merge folds onto the saved residual: each adapted weight is dequant(Q(W_res)) + s·B·A.
+    let merged = d.path().join("merged");
+    common::run_ok(
+        &[
+            &[
+                "merge",
+                "--config",
+                s(&cfg),
+                "--adapter",
+                s(&adapter),
+                "--out",
+                s(&merged),
+                "--dtype",
+                "float32",
+            ][..],
+            &flags,
+        ]
+        .concat(),
+    );
+    let folded = qlora_cls::model::checkpoint::Checkpoint::open(&merged).unwrap();
+    let scale = conf["lora_alpha"].as_f64().unwrap() / conf["r"].as_f64().unwrap();
+    let module = "model.layers.0.self_attn.q_proj";
+    let q = qlora_cls::quant::nf4::Nf4Tensor::from_bnb_tensors(
+        &|k| residual.get(k).map(|t| t.shallow_clone()),
+        &format!("{module}."),
+    )
+    .unwrap();
+    let base = qlora_cls::quant::nf4::dequantize(&q, tch::Kind::Float).unwrap();
+    let a = &weights[&format!("base_model.model.{module}.lora_A.weight")];
+    let b = &weights[&format!("base_model.model.{module}.lora_B.weight")];
+    let want = qlora_cls::lora::fold(&base, a, b, scale);
+    let got = folded.tensor(&format!("{module}.weight")).unwrap();
+    assert!(
+        common::max_abs_diff(&got, &want) == 0.0,
+        "merge of {module}"
+    );
 }

@@ -76,6 +76,11 @@ pub struct LlamaClassifier {
     loss_kind: (ProblemType, LossWeights),
 }
 
+/// PEFT's name of layer `i`'s module `path` (`self_attn.q_proj`) in a saved adapter.
+fn peft_module(i: usize, path: &str) -> String {
+    format!("base_model.model.model.layers.{i}.{path}")
+}
+
 impl LlamaClassifier {
     /// Reads `model_dir/config.json` and the safetensors checkpoint, quantising linear weights
     /// as they are read; then draws LoRA A (Kaiming-uniform, a=√5), B (zeros) and the score
@@ -419,7 +424,7 @@ impl LlamaClassifier {
         let mut out = Vec::new();
         for (i, layer) in self.model.layers.iter().enumerate() {
             for (path, a) in layer.adapters() {
-                let p = format!("base_model.model.model.layers.{i}.{path}");
+                let p = peft_module(i, &path);
                 out.push((format!("{p}.lora_A.weight"), a.a.shallow_clone()));
                 out.push((format!("{p}.lora_B.weight"), a.b.shallow_clone()));
                 if let Some(m) = &a.magnitude {
@@ -468,7 +473,7 @@ impl LlamaClassifier {
         for (i, layer) in self.model.layers.iter().enumerate() {
             for (path, a) in layer.adapters() {
                 if let Some((a0, b0)) = &a.initial {
-                    let p = format!("base_model.model.model.layers.{i}.{path}");
+                    let p = peft_module(i, &path);
                     out.push((format!("{p}.lora_A.weight"), a0.shallow_clone()));
                     out.push((format!("{p}.lora_B.weight"), b0.shallow_clone()));
                 }

@@ -194,7 +194,6 @@ def residual_dir(out):
 
     d = os.path.join(out, "residual")
     if not os.path.exists(d):
-        _, seq_cls = classes(family_of(out))
         torch.manual_seed(0)
         lm = classes(family_of(out))[0].from_pretrained(os.path.join(out, "base"),
                                                         dtype=torch.float32)
