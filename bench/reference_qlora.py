@@ -99,6 +99,10 @@ def main():
                     help="truncate each text to this many tokens, special tokens included, on the right "
                          "(our trainer's max_length: the tokenizer's truncation=True)")
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--r", type=int, default=8)
+    ap.add_argument("--lora_alpha", type=float, default=16)
+    ap.add_argument("--target_modules", default="q_proj,v_proj", help="comma list, or all-linear (PEFT's)")
+    ap.add_argument("--use_dora", action="store_true")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--load_only", action="store_true")
     ap.add_argument("--out", type=Path, required=True)
@@ -140,14 +144,18 @@ def main():
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     result["gradient_checkpointing"] = True
     result["compute_dtype"] = str(compute).replace("torch.", "")
+    targets = "all-linear" if a.target_modules == "all-linear" else a.target_modules.split(",")
     lora = LoraConfig(
-        r=8,
-        lora_alpha=16,
+        r=a.r,
+        lora_alpha=a.lora_alpha,
         lora_dropout=0.1,
-        target_modules=["q_proj", "v_proj"],
+        target_modules=targets,
+        use_dora=a.use_dora,
         task_type=TaskType.SEQ_CLS,
         bias="none",
     )
+    result["lora"] = {"r": a.r, "lora_alpha": a.lora_alpha, "target_modules": a.target_modules,
+                      "use_dora": a.use_dora}
     model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
     result["trainable_params"], result["all_params"] = trainable, total

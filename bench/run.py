@@ -67,7 +67,9 @@ SEED = 42
 ROWS = {int(x) for x in os.environ.get("BENCH_ROWS", "1,2,3,5,6,7,8").split(",") if x.strip()}
 # Row 3's variants, in the order they run within a repetition (ours and the reference alternate).
 TRAIN_VARIANTS = [x.strip() for x in os.environ.get(
-    "BENCH_TRAIN_VARIANTS", "ours,reference,ours_bf16,reference_bf16,ours_gc,ours_default").split(",") if x.strip()]
+    "BENCH_TRAIN_VARIANTS",
+    "ours,reference,ours_bf16,reference_bf16,ours_gc,ours_default,"
+    "ours_all_linear_r16,reference_all_linear_r16,ours_dora,reference_dora").split(",") if x.strip()]
 # Row 6: the token count (rows of x) of the timed matmuls: a row-3 batch is 8 x ~64 tokens.
 GEMM_M = env_int("BENCH_GEMM_M", 512)
 # Row 7: (sequence length, batch size) pairs, "SEQxBATCH".
@@ -414,6 +416,14 @@ TRAIN_RUNS = {
     "reference_bf16": ("reference", "bfloat16", ()),
     "ours_gc": ("ours", "float32", ("--gradient_checkpointing", "true")),
     "ours_default": ("ours", None, ()),
+    # Row 3d: the LoRA options people set, against the same options in PEFT (fp32 compute,
+    # recomputing on both sides, so that only the adapter differs from row 3b).
+    "ours_all_linear_r16": ("ours", "float32", ("--gradient_checkpointing", "true", "--target_modules", "all-linear",
+                                                "--r", 16, "--lora_alpha", 32)),
+    "reference_all_linear_r16": ("reference", "float32", ("--target_modules", "all-linear", "--r", 16,
+                                                          "--lora_alpha", 32)),
+    "ours_dora": ("ours", "float32", ("--gradient_checkpointing", "true", "--use_dora", "true")),
+    "reference_dora": ("reference", "float32", ("--use_dora",)),
 }
 
 
@@ -446,7 +456,7 @@ def train_row(binary, bench_kernels, table, train_csv, raw):
                 else:
                     out_json = RESULTS / "runs" / f"{who}-{rep}.json"
                     r = reference_train_once(f"train-{who}-{rep}", model, data, order, WARMUP, STEPS, BATCH, out_json,
-                                             ("--compute_dtype", dtype))
+                                             ("--compute_dtype", dtype, *extra))
                 results[who].append(dict(rep=rep, **r))
             except (Failed, OSError, KeyError, ValueError) as e:
                 print(f"  FAILED: {e}", flush=True)
@@ -504,6 +514,10 @@ def train_row(binary, bench_kernels, table, train_csv, raw):
         table.append(dict(row="3m", metric=f"  our estimated / measured peak, {label}", unit="GiB",
                           ours=est / GiB, ref=got / GiB, better="-", single=False,
                           note=f"gradient_checkpointing's estimate {'within' if within else 'NOT within'} 15% of the measured VmHWM"))
+    rows("3d", "  all-linear, r 16, alpha 32, fp32, recomputing", "ours_all_linear_r16", "reference_all_linear_r16",
+         count_note("ours_all_linear_r16", "reference_all_linear_r16", "PEFT's all-linear on both sides"))
+    rows("3d", "  q,v r 8 with DoRA (QDoRA), fp32, recomputing", "ours_dora", "reference_dora",
+         count_note("ours_dora", "reference_dora", "use_dora on both sides; against row 3b without it"))
     dflt = (results.get("ours_default") or [{}])[0].get("compute_dtype", "?")
     rows("3c", f"  ours, default config (no compute-dtype flag: {dflt})", "ours_default",
          "reference_bf16" if dflt == "bfloat16" else "reference",

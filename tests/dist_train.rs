@@ -175,6 +175,69 @@ fn ranks_and_accumulation_equal_one_process_with_dropout() {
     );
 }
 
+/// QDoRA on every linear layer (magnitudes trained beside the pairs, LoRA dropout 0.1, the
+/// first layer recomputed): 2 ranks × 2 micro-steps train what one process trains.
+#[test]
+fn dora_all_linear_on_two_ranks_equals_one_process() {
+    let tmp = common::tempdir();
+    let assets = small_demo(&tmp.path().join("assets"));
+    let base = [
+        "--epochs",
+        "1",
+        "--max_steps",
+        "8",
+        "--lora_dropout",
+        "0.1",
+        "--target_modules",
+        "all-linear",
+        "--use_dora",
+        "true",
+        "--gradient_checkpointing",
+        "1",
+    ];
+    let mut two = base.to_vec();
+    two.extend(["--gradient_accumulation_steps", "2"]);
+    train_ranks(&assets, &tmp.path().join("one"), 1, &base);
+    train_ranks(&assets, &tmp.path().join("two"), 2, &two);
+    let (one, other) = (
+        adapter_of(&tmp.path().join("one")),
+        adapter_of(&tmp.path().join("two")),
+    );
+    let magnitudes = one
+        .keys()
+        .filter(|k| k.contains("lora_magnitude_vector"))
+        .count();
+    assert!(
+        magnitudes >= 7,
+        "a magnitude per adapted module: {magnitudes}"
+    );
+    assert_eq!(one.len(), other.len());
+    let (mut worst, mut moved) = (0.0f64, 0.0f64);
+    let config = std::fs::read_to_string(tmp.path().join("one/adapter/adapter_config.json"))
+        .expect("adapter_config.json");
+    assert!(config.contains("\"use_dora\": true"), "{config}");
+    for (k, t) in &one {
+        worst = worst.max(common::max_abs_diff(t, &other[k]));
+    }
+    // The magnitudes train: 8 steps end elsewhere than 1 step.
+    let start = tmp.path().join("start");
+    let mut none = base.to_vec();
+    none[3] = "1";
+    train_ranks(&assets, &start, 1, &none);
+    let initial = adapter_of(&start);
+    for (k, t) in one
+        .iter()
+        .filter(|(k, _)| k.contains("lora_magnitude_vector"))
+    {
+        moved = moved.max(common::max_abs_diff(t, &initial[k]));
+    }
+    eprintln!(
+        "2 ranks x 2 micro-steps vs one process: max |Δw| = {worst:e}; magnitudes moved {moved:e}"
+    );
+    assert!(worst < 1e-5, "max |Δw| = {worst:e}");
+    assert!(moved > 1e-5, "the magnitudes did not train ({moved:e})");
+}
+
 /// Which layers the backward recomputes changes nothing but memory and time: keeping every
 /// layer, recomputing the first (`gradient_checkpointing: 1`), every layer (`true`), and what
 /// `auto` picks under a budget nothing fits (all layers but the last) train the same adapter

@@ -221,29 +221,9 @@ fn pissa_trains_saves_its_residual_base_and_loads_from_it() {
     // without its file is refused by name; `merge` folds onto the residual. (That the
     // decomposition and the training are PEFT's: `peft_parity::pissa_and_loftq_*`.)
     let d = common::tempdir();
-    let demo = demo_assets(&d.path().join("demo"));
-    let run_dir = d.path().join("run");
     let cfg = common::root().join("configs/demo.yaml");
-    let (model, data) = (demo.join("model"), demo.join("data"));
-    let flags = ["--model_dir", s(&model), "--data_dir", s(&data)];
-    let out = common::run_ok(
-        &[
-            &["train", "--config", s(&cfg)][..],
-            &flags,
-            &[
-                "--results_path",
-                s(&run_dir),
-                "--init_lora_weights",
-                "pissa",
-                "--max_steps",
-                "4",
-                "--eval_before_training",
-                "false",
-            ],
-        ]
-        .concat(),
-    );
-    let adapter = run_dir.join("adapter");
+    let (flags, adapter, loss) = train_with_init(d.path(), &["--init_lora_weights", "pissa"]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let read_json = |p: &Path| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
     };
@@ -291,38 +271,7 @@ fn pissa_trains_saves_its_residual_base_and_loads_from_it() {
             assert!(common::max_abs_diff(c, t) == 0.0, "{k}");
         }
     }
-    let loss = out
-        .lines()
-        .rev()
-        .find_map(|l| l.split("validation accuracy ").nth(1))
-        .and_then(|r| r.split(" loss ").nth(1))
-        .and_then(|r| r.split_whitespace().next())
-        .map(str::to_string)
-        .unwrap_or_else(|| panic!("no validation loss in:\n{out}"));
-    // `eval` writes the loss it measured beside the adapter (eval-validation.json).
-    let eval = |dir: &Path| -> (String, String) {
-        let console = common::run_ok(
-            &[
-                &[
-                    "eval",
-                    "--config",
-                    s(&cfg),
-                    "--adapter",
-                    s(dir),
-                    "--split",
-                    "validation",
-                ][..],
-                &flags,
-            ]
-            .concat(),
-        );
-        let report = read_json(&dir.join("eval-validation.json"));
-        let got = report["loss"]
-            .as_f64()
-            .unwrap_or_else(|| panic!("no loss in {report}"));
-        (format!("{got:.6}"), console)
-    };
-    let (with_file, _) = eval(&adapter);
+    let (with_file, _) = eval_loss(&cfg, &flags, &adapter);
     assert_eq!(with_file, loss, "eval with the residual file vs training");
     // PEFT's own PiSSA adapters come without the file: the base is computed again.
     let bare = d.path().join("bare");
@@ -334,7 +283,7 @@ fn pissa_trains_saves_its_residual_base_and_loads_from_it() {
     ] {
         std::fs::copy(adapter.join(f), bare.join(f)).unwrap();
     }
-    let (recomputed, console) = eval(&bare);
+    let (recomputed, console) = eval_loss(&cfg, &flags, &bare);
     assert!(
         console.contains("computing the \"pissa\" residual base"),
         "{console}"
@@ -357,26 +306,132 @@ fn pissa_trains_saves_its_residual_base_and_loads_from_it() {
         !ok && err.contains(s(&conf_path)) && err.contains(qlora_cls::adapter::RESIDUAL_FILE),
         "{err}"
     );
-    // merge folds onto the saved residual: each adapted weight is dequant(Q(W_res)) + s·B·A.
-    let merged = d.path().join("merged");
+    assert_merge_folds_onto_the_residual(&cfg, &flags, &adapter, &d.path().join("merged"));
+}
+
+/// Trains the demo (NF4) for 4 steps with `init` flags into `dir/run`; (the data flags,
+/// the adapter folder, the run's last validation loss as the console printed it).
+fn train_with_init(dir: &Path, init: &[&str]) -> (Vec<String>, std::path::PathBuf, String) {
+    let demo = demo_assets(&dir.join("demo"));
+    let run_dir = dir.join("run");
+    let cfg = common::root().join("configs/demo.yaml");
+    let flags = vec![
+        "--model_dir".to_string(),
+        s(&demo.join("model")).to_string(),
+        "--data_dir".to_string(),
+        s(&demo.join("data")).to_string(),
+    ];
+    let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let out = common::run_ok(
+        &[
+            &["train", "--config", s(&cfg)][..],
+            &flag_refs,
+            &[
+                "--results_path",
+                s(&run_dir),
+                "--max_steps",
+                "4",
+                "--eval_before_training",
+                "false",
+            ],
+            init,
+        ]
+        .concat(),
+    );
+    let loss = out
+        .lines()
+        .rev()
+        .find_map(|l| l.split("validation accuracy ").nth(1))
+        .and_then(|r| r.split(" loss ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no validation loss in:\n{out}"));
+    (flags, run_dir.join("adapter"), loss)
+}
+
+/// `eval --split validation` on the adapter in `dir`: (the loss it wrote beside the adapter
+/// in eval-validation.json, to 6 decimals; its console).
+fn eval_loss(cfg: &Path, flags: &[&str], dir: &Path) -> (String, String) {
+    let console = common::run_ok(
+        &[
+            &[
+                "eval",
+                "--config",
+                s(cfg),
+                "--adapter",
+                s(dir),
+                "--split",
+                "validation",
+            ][..],
+            flags,
+        ]
+        .concat(),
+    );
+    let text = std::fs::read_to_string(dir.join("eval-validation.json")).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let got = report["loss"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no loss in {report}"));
+    (format!("{got:.6}"), console)
+}
+
+#[test]
+fn loftq_trains_saves_its_residual_base_and_merges_onto_it() {
+    // LoftQ (two alternations) on the demo: the residual it trained against is saved (PEFT
+    // has no plain-LoRA conversion for LoftQ, so no as_lora/), `eval` on the adapter gives the
+    // run's validation loss, and `merge` folds onto that residual.
+    let d = common::tempdir();
+    let cfg = common::root().join("configs/demo.yaml");
+    let (flags, adapter, loss) = train_with_init(
+        d.path(),
+        &["--init_lora_weights", "loftq", "--loftq_iter", "2"],
+    );
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let text = std::fs::read_to_string(adapter.join(qlora_cls::adapter::CONFIG_FILE)).unwrap();
+    let conf: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(conf["init_lora_weights"], "loftq");
+    assert_eq!(
+        conf["loftq_config"],
+        json!({"loftq_bits": 4, "loftq_iter": 2})
+    );
+    assert!(adapter.join(qlora_cls::adapter::RESIDUAL_FILE).exists());
+    assert!(!adapter.join(qlora_cls::adapter::AS_LORA_DIR).exists());
+    let (with_file, _) = eval_loss(&cfg, &flags, &adapter);
+    assert_eq!(with_file, loss, "eval with the residual file vs training");
+    assert_merge_folds_onto_the_residual(&cfg, &flags, &adapter, &d.path().join("merged"));
+}
+
+/// `merge --dtype float32` folds onto the adapter's saved residual: each adapted weight is
+/// dequant(Q(W_res)) + s·B·A, bit for bit (q_proj of layer 0).
+fn assert_merge_folds_onto_the_residual(cfg: &Path, flags: &[&str], adapter: &Path, merged: &Path) {
+    let read_json = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let conf = read_json(&adapter.join(qlora_cls::adapter::CONFIG_FILE));
+    let residual =
+        qlora_cls::adapter::read_safetensors(&adapter.join(qlora_cls::adapter::RESIDUAL_FILE))
+            .unwrap();
+    let weights =
+        qlora_cls::adapter::read_safetensors(&adapter.join(qlora_cls::adapter::WEIGHTS_FILE))
+            .unwrap();
     common::run_ok(
         &[
             &[
                 "merge",
                 "--config",
-                s(&cfg),
+                s(cfg),
                 "--adapter",
-                s(&adapter),
+                s(adapter),
                 "--out",
-                s(&merged),
+                s(merged),
                 "--dtype",
                 "float32",
             ][..],
-            &flags,
+            flags,
         ]
         .concat(),
     );
-    let folded = qlora_cls::model::checkpoint::Checkpoint::open(&merged).unwrap();
+    let folded = qlora_cls::model::checkpoint::Checkpoint::open(merged).unwrap();
     let scale = conf["lora_alpha"].as_f64().unwrap() / conf["r"].as_f64().unwrap();
     let module = "model.layers.0.self_attn.q_proj";
     let q = qlora_cls::quant::nf4::Nf4Tensor::from_bnb_tensors(

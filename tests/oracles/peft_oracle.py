@@ -452,6 +452,10 @@ PATTERN_CONFIGS = {
                      alpha_pattern={"v_proj": 32, r"layers\.0\.self_attn\.o_.*": 4}),
     "layers": dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
                    use_rslora=True),
+    # DoRA with rsLoRA and a rank pattern, magnitudes moved off their initial norms: what
+    # merge_and_unload folds (m / ||W + s·B·A|| row by row).
+    "dora": dict(target_modules=["q_proj", "v_proj", "o_proj"], use_dora=True, use_rslora=True,
+                 rank_pattern={"o_proj": 4}),
 }
 
 
@@ -468,6 +472,8 @@ def patterns(out):
             for n, p in pm.named_parameters():
                 if "lora_B" in n:
                     p.normal_(0.0, 0.05)
+                elif "lora_magnitude_vector" in n:
+                    p.mul_(1.0 + 0.1 * torch.randn_like(p))
         pm.save_pretrained(os.path.join(out, f"{tag}_adapter"))
         save_file({"eval_logits": eval_logits(pm, inputs)},
                   os.path.join(out, f"{tag}.safetensors"))
