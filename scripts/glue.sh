@@ -72,14 +72,14 @@ for entry in "${TASKS[@]}"; do
   "$BIN" train --task "$name" --model_dir "$MODEL_DIR" --data_dir "$data" \
     --results_path "$run" "${prompt[@]}" "$@"
   trained=$((trained + 1))
-  # eval.csv (epoch,split,loss,metric...): one results row per split of the last evaluation.
+  # eval.csv (epoch,split,loss,metric...,step): one results row per split of the last evaluation.
   awk -F, -v task="$name" 'NR == 1 { for (i = 4; i <= NF; i++) key[i] = $i; next }
     { epoch[NR] = $1; line[NR] = $0; last = $1 }
     END {
       for (r = 2; r <= NR; r++) {
         if (epoch[r] != last) continue
         n = split(line[r], v, ","); cells = ""
-        for (i = 4; i <= n; i++) cells = cells " " key[i] " " v[i]
+        for (i = 4; i <= n; i++) if (key[i] != "step") cells = cells " " key[i] " " v[i]
         printf "| %s | %s |%s |\n", task, v[2], cells
       }
     }' "$run/eval.csv" >> "$results.tmp"

@@ -99,6 +99,13 @@ pub struct Config {
     /// Stop after this many optimizer steps (for smoke runs); null = all epochs.
     pub max_steps: Option<usize>,
     pub eval_before_training: bool,
+    /// Also evaluate every N optimizer steps (null: at each epoch's end only).
+    pub eval_steps: Option<usize>,
+    /// transformers' `EarlyStoppingCallback`: stop after this many evaluations in a row that
+    /// did not improve `metric_for_best_model` by more than `early_stopping_threshold` over
+    /// the best so far (null: never stop early).
+    pub early_stopping_patience: Option<usize>,
+    pub early_stopping_threshold: f64,
     // Checkpoints
     /// Save a checkpoint every N optimizer steps (0: only at the end of each epoch).
     pub checkpoint_every: usize,
@@ -255,6 +262,9 @@ impl Default for Config {
             max_memory: None,
             max_steps: None,
             eval_before_training: true,
+            eval_steps: None,
+            early_stopping_patience: None,
+            early_stopping_threshold: 0.0,
             checkpoint_every: 0,
             keep_checkpoints: 2,
             resume: None,
@@ -563,6 +573,21 @@ impl Config {
         }
         if self.max_length == Some(0) {
             err("max_length", "must be at least 1 (or null)".into())?;
+        }
+        if self.eval_steps == Some(0) {
+            err("eval_steps", "must be at least 1 (or null)".into())?;
+        }
+        if self.early_stopping_patience == Some(0) {
+            err(
+                "early_stopping_patience",
+                "must be at least 1 (or null)".into(),
+            )?;
+        }
+        if !self.early_stopping_threshold.is_finite() || self.early_stopping_threshold < 0.0 {
+            err(
+                "early_stopping_threshold",
+                format!("must be 0 or more, got {}", self.early_stopping_threshold),
+            )?;
         }
         if self.keep_checkpoints == 0 {
             err("keep_checkpoints", "must be at least 1".into())?;

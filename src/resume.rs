@@ -32,6 +32,13 @@ pub struct TrainState {
     pub train_seconds: f64,
     /// The configuration's seed, to refuse resuming a different run.
     pub seed: u64,
+    /// Evaluations in a row that did not improve the main metric by more than
+    /// `early_stopping_threshold` (transformers' `early_stopping_patience_counter`).
+    #[serde(default)]
+    pub patience_counter: usize,
+    /// The step at which early stopping ended the run, if it did.
+    #[serde(default)]
+    pub early_stopped_at: Option<usize>,
 }
 
 pub struct Checkpoint {

@@ -91,6 +91,17 @@ fn impossible_values() {
         &["key `target_modules`", "q_proj"],
     );
     assert_refused("optimizer: sgd\n", &[], &["key `optimizer`"]);
+    assert_refused("eval_steps: 0\n", &[], &["bad.yaml", "key `eval_steps`"]);
+    assert_refused(
+        "early_stopping_patience: 0\n",
+        &[],
+        &["key `early_stopping_patience`"],
+    );
+    assert_refused(
+        "",
+        &["--early_stopping_threshold", "-0.1"],
+        &["--early_stopping_threshold", "0 or more"],
+    );
 }
 
 #[test]

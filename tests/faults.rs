@@ -813,6 +813,8 @@ fn failed_checkpoint_save_keeps_the_previous_checkpoint() {
         best_accuracy: None,
         train_seconds: 1.0,
         seed: 42,
+        patience_counter: 0,
+        early_stopped_at: None,
     };
     let w = vec![(
         "score.weight".to_string(),

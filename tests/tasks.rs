@@ -66,6 +66,7 @@ fn train_eval_predict(c: &Case) -> PathBuf {
     let evals = common::csv_rows(&run_dir.join("eval.csv"));
     let mut header = vec!["epoch", "split", "loss"];
     header.extend_from_slice(c.metrics);
+    header.push("step");
     assert_eq!(evals[0], header, "{}: eval.csv header", c.name);
     assert_eq!(evals.len(), 4, "{}: baseline + 2 epochs: {evals:?}", c.name);
     let main: Vec<f64> = evals[1..].iter().map(|r| r[3].parse().unwrap()).collect();

@@ -82,7 +82,10 @@ fn demo_trains_evaluates_and_predicts() {
     );
 
     let evals = common::csv_rows(&run.join("eval.csv"));
-    assert_eq!(evals[0], ["epoch", "split", "loss", "accuracy", "f1"]);
+    assert_eq!(
+        evals[0],
+        ["epoch", "split", "loss", "accuracy", "f1", "step"]
+    );
     let acc: Vec<f64> = evals[1..].iter().map(|r| r[3].parse().unwrap()).collect();
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();

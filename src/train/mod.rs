@@ -31,14 +31,18 @@ pub fn train(cfg: &Config) -> Result<Summary> {
     run.evaluate_baseline()?;
     'epochs: for epoch in run.first_epoch()..=cfg.epochs {
         for batch in run.batches(epoch) {
-            if run.finished() {
+            if run.finished() || run.stopped_early() {
                 break 'epochs;
             }
             let Some(step) = run.train_step(epoch, &batch)? else {
                 continue; // a non-finite step, skipped
             };
             run.log_step(epoch, &step)?;
+            run.evaluate_if_due()?;
             run.checkpoint_if_due(&step)?;
+        }
+        if run.stopped_early() {
+            break;
         }
         run.end_epoch(epoch)?;
     }
@@ -77,6 +81,9 @@ pub struct Summary {
     /// Per custom kernel: the implementation it ran (`custom` or `torch` twin) and its
     /// self-check (`kernels::summary_json`).
     pub kernels: serde_json::Value,
+    /// With `early_stopping_patience`: the settings, the evaluations without improvement
+    /// and the step early stopping ended the run at (null when it ran to its end).
+    pub early_stopping: Option<serde_json::Value>,
 }
 
 /// What to do about an error the user can act on, if we recognise it.

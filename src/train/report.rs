@@ -50,15 +50,17 @@ impl Trainer<'_> {
     }
 
     /// eval.csv gets one row per evaluation split; the console one line per split, `what`
-    /// saying when ("epoch 2", "step 40").
-    pub(super) fn log_eval(&mut self, epoch: usize, what: &str, rs: &[EvalResult]) -> Result<()> {
+    /// saying when ("epoch 2", "step 40"). `epoch` is eval.csv's: the epoch ended, or for an
+    /// evaluation within one (`eval_steps`) the fraction of epochs trained, as transformers
+    /// logs it.
+    pub(super) fn log_eval(&mut self, epoch: &str, what: &str, rs: &[EvalResult]) -> Result<()> {
         let lines: Vec<String> = self
             .eval_sets
             .iter()
             .zip(rs)
             .map(|((split, set), r)| {
                 let majority =
-                    if epoch == 0 && self.labels.spec.problem_type == ProblemType::SingleLabel {
+                    if epoch == "0" && self.labels.spec.problem_type == ProblemType::SingleLabel {
                         format!(" (majority class {:.4})", eval::majority_fraction(set))
                     } else {
                         String::new()
@@ -74,6 +76,7 @@ impl Trainer<'_> {
             for ((split, _), r) in self.eval_sets.iter().zip(rs) {
                 let mut row = vec![epoch.to_string(), split.clone(), opt_fmt(r.loss)];
                 row.extend(self.scoring.metrics.iter().map(|k| opt_fmt(r.metric(k))));
+                row.push(self.st.step.to_string());
                 evals.row(&row);
             }
             evals.flush()?;
@@ -101,10 +104,67 @@ impl Trainer<'_> {
             return Ok(());
         }
         let rs = self.evaluate()?;
-        self.log_eval(0, "epoch 0 (before training)", &rs)?;
+        self.log_eval("0", "epoch 0 (before training)", &rs)?;
         self.baseline = self.evals_json(&rs);
         self.last_eval = Some(rs);
         Ok(())
+    }
+
+    /// An evaluation in training, judged: whether it is the best so far ([`Self::is_best`])
+    /// and, with `early_stopping_patience`, transformers' `EarlyStoppingCallback`: against
+    /// the best before this evaluation, an improvement by more than
+    /// `early_stopping_threshold` resets the count of evaluations without one, anything else
+    /// adds one, and the run stops when the count reaches the patience.
+    pub(super) fn judge(&mut self, rs: &[EvalResult]) -> bool {
+        let main = rs.first().and_then(|r| r.metric(&self.scoring.metrics[0]));
+        if let (Some(patience), Some(m)) = (self.cfg.early_stopping_patience, main) {
+            let improved = self
+                .st
+                .best_accuracy
+                .is_none_or(|b| m > b && (m - b).abs() > self.cfg.early_stopping_threshold);
+            self.st.patience_counter = if improved {
+                0
+            } else {
+                self.st.patience_counter + 1
+            };
+            if self.st.patience_counter >= patience {
+                self.st.early_stopped_at = Some(self.st.step);
+            }
+        }
+        self.is_best(rs)
+    }
+
+    /// Early stopping ended the run (now, or before a resume with the same patience).
+    pub fn stopped_early(&self) -> bool {
+        self.st.early_stopped_at.is_some()
+    }
+
+    /// "early stopping at step 40: f1 did not improve ..." (console and resume).
+    pub(super) fn early_stop_text(&self) -> String {
+        format!(
+            "early stopping at step {}: {} did not improve on its best ({}) by more than {} in {} \
+             evaluation(s) in a row (early_stopping_patience {}); best_adapter holds the best; \
+             a larger early_stopping_patience with --resume auto trains on",
+            self.st.early_stopped_at.unwrap_or(self.st.step),
+            self.scoring.metrics[0],
+            opt_fmt(self.st.best_accuracy),
+            self.cfg.early_stopping_threshold,
+            self.st.patience_counter,
+            self.cfg.early_stopping_patience.unwrap_or(0),
+        )
+    }
+
+    /// summary.json's `early_stopping`.
+    pub(super) fn early_stopping_json(&self) -> Option<serde_json::Value> {
+        let patience = self.cfg.early_stopping_patience?;
+        Some(json!({
+            "metric": self.scoring.metrics[0],
+            "patience": patience,
+            "threshold": self.cfg.early_stopping_threshold,
+            "evaluations_without_improvement": self.st.patience_counter,
+            "best": self.st.best_accuracy,
+            "stopped_at_step": self.st.early_stopped_at,
+        }))
     }
 
     /// Whether `rs` beats the best evaluation so far by the task's main metric on the first

@@ -183,6 +183,8 @@ impl<'a> Trainer<'a> {
                 best_accuracy: None,
                 train_seconds: 0.0,
                 seed: cfg.seed,
+                patience_counter: 0,
+                early_stopped_at: None,
             },
             resumed: resume_from.is_some(),
             logs: None,
@@ -241,6 +243,23 @@ impl<'a> Trainer<'a> {
             self.st.epochs_done + 1,
             self.st.batch_in_epoch
         );
+        if let Some(at) = self.st.early_stopped_at {
+            let patience = self.cfg.early_stopping_patience;
+            if patience.is_some_and(|p| self.st.patience_counter >= p) {
+                say!(
+                    self,
+                    "{} (resumed: nothing to train)",
+                    self.early_stop_text()
+                );
+            } else {
+                say!(
+                    self,
+                    "early stopping ended this run at step {at}; training on (early_stopping_patience now {})",
+                    patience.map_or("off".to_string(), |p| p.to_string())
+                );
+                self.st.early_stopped_at = None;
+            }
+        }
         Ok(())
     }
 
@@ -250,24 +269,21 @@ impl<'a> Trainer<'a> {
         if !self.main {
             return Ok(());
         }
-        let (resumed, keep_step, keep_epochs) = (self.resumed, self.st.step, self.st.epochs_done);
-        let upto = move |limit: usize| {
-            move |row: &[&str]| {
-                resumed
-                    && row
-                        .first()
-                        .and_then(|s| s.parse::<usize>().ok())
-                        .is_some_and(|v| v <= limit)
-            }
+        let (resumed, keep_step) = (self.resumed, self.st.step);
+        let upto = move |step: Option<&&str>| {
+            resumed
+                && step
+                    .and_then(|s| s.parse::<usize>().ok())
+                    .is_some_and(|v| v <= keep_step)
         };
-        let metrics = CsvLog::create(
-            self.run.join("metrics.csv"),
-            &METRICS_HEADER,
-            upto(keep_step),
-        )?;
+        let metrics = CsvLog::create(self.run.join("metrics.csv"), &METRICS_HEADER, |row| {
+            upto(row.first())
+        })?;
         let mut header: Vec<&str> = EVAL_HEADER.to_vec();
         header.extend(self.scoring.metrics.iter().map(String::as_str));
-        let evals = CsvLog::create(self.run.join("eval.csv"), &header, upto(keep_epochs))?;
+        // The step last: evaluations every `eval_steps` fall mid-epoch.
+        header.push("step");
+        let evals = CsvLog::create(self.run.join("eval.csv"), &header, |row| upto(row.last()))?;
         self.logs = Some((metrics, evals));
         Ok(())
     }

@@ -283,12 +283,14 @@ impl<'a> Trainer<'a> {
         )
     }
 
-    /// A checkpoint every `checkpoint_every` steps, and after an interrupted step, which
-    /// then ends the run with [`Interrupted`].
+    /// A checkpoint every `checkpoint_every` steps, where early stopping ended the run (so
+    /// that it stays resumable), and after an interrupted step, which then ends the run with
+    /// [`Interrupted`].
     pub fn checkpoint_if_due(&mut self, s: &StepStats) -> Result<()> {
         let every = self.cfg.checkpoint_every;
         let periodic = every > 0 && self.st.step.is_multiple_of(every);
-        if !periodic && !s.interrupted {
+        let stopped_here = self.st.early_stopped_at == Some(self.st.step);
+        if !periodic && !s.interrupted && !stopped_here {
             return Ok(());
         }
         let saved = if self.main {
@@ -313,25 +315,51 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
+    /// Every `eval_steps` optimizer steps, as well as at each epoch's end (an epoch's last
+    /// step is left to [`Trainer::end_epoch`]).
+    pub fn evaluate_if_due(&mut self) -> Result<()> {
+        let due = self
+            .cfg
+            .eval_steps
+            .is_some_and(|n| self.st.step.is_multiple_of(n));
+        if !due || self.st.batch_in_epoch >= self.steps_per_epoch {
+            return Ok(());
+        }
+        let epochs = format!("{:.4}", self.st.step as f64 / self.steps_per_epoch as f64);
+        self.evaluate_and_save(&epochs, &format!("step {}", self.st.step))
+    }
+
     /// After an epoch: evaluate, log, save the adapter (and the best one), checkpoint.
     pub fn end_epoch(&mut self, epoch: usize) -> Result<()> {
-        let rs = self.evaluate()?;
-        self.unevaluated_steps = false;
-        let best = self.is_best(&rs);
         self.st.epochs_done = epoch;
         self.st.batch_in_epoch = 0;
+        self.evaluate_and_save(&epoch.to_string(), &format!("epoch {epoch}"))?;
+        if self.main {
+            self.save_checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// An evaluation in training: judged (the best adapter, early stopping), logged, and the
+    /// adapter saved (and the best one).
+    fn evaluate_and_save(&mut self, epoch: &str, what: &str) -> Result<()> {
+        let rs = self.evaluate()?;
+        self.unevaluated_steps = false;
+        let best = self.judge(&rs);
         if let Some((metrics, _)) = &self.logs {
             metrics.flush()?;
         }
-        self.log_eval(epoch, &format!("epoch {epoch}"), &rs)?;
+        self.log_eval(epoch, what, &rs)?;
         if self.main {
             self.save_adapter("adapter")?;
             if best {
                 self.save_adapter("best_adapter")?;
             }
-            self.save_checkpoint()?;
         }
         self.last_eval = Some(rs);
+        if self.st.early_stopped_at == Some(self.st.step) {
+            say!(self, "{}", self.early_stop_text());
+        }
         Ok(())
     }
 
@@ -349,16 +377,26 @@ impl<'a> Trainer<'a> {
     /// A run cut short by `max_steps` in mid-epoch still evaluates the weights it ends with
     /// (`max_steps: 0` is the untrained baseline alone); then summary.json.
     pub fn finish(mut self) -> Result<Summary> {
+        if self.resumed && self.st.step == self.session_step && self.last_eval.is_none() {
+            // Nothing was left to train (a finished or early-stopped run): its summary.json,
+            // written when it ended, stays.
+            say!(
+                self,
+                "nothing left to train at step {}; {} kept",
+                self.st.step,
+                self.run.join("summary.json").display()
+            );
+        }
         if self.unevaluated_steps {
             let rs = self.evaluate()?;
             if let Some((metrics, _)) = &self.logs {
                 metrics.flush()?;
             }
             let epoch = (self.st.step as f64 / self.steps_per_epoch as f64).ceil() as usize;
-            self.log_eval(epoch, &format!("step {}", self.st.step), &rs)?;
+            self.log_eval(&epoch.to_string(), &format!("step {}", self.st.step), &rs)?;
             // The weights a `max_steps` run ends with compete for best_adapter too, so a run
             // shorter than an epoch still has one.
-            let best = self.is_best(&rs);
+            let best = self.judge(&rs);
             if self.main {
                 self.save_adapter("adapter")?;
                 if best {
@@ -400,8 +438,10 @@ impl<'a> Trainer<'a> {
                 loss::LossWeights::None => None,
             },
             kernels: crate::kernels::summary_json(self.device),
+            early_stopping: self.early_stopping_json(),
         };
-        if self.main {
+        let trained_nothing = self.resumed && self.st.step == self.session_step;
+        if self.main && !(trained_nothing && self.last_eval.is_none()) {
             self.write_profile()?;
             runio::write_json(&self.run.join("summary.json"), &summary)?;
             println!("run folder: {}", self.run.display());
