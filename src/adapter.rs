@@ -43,6 +43,93 @@ pub fn write_labels(dir: &Path, labels: &TaskLabels) -> Result<()> {
     )
 }
 
+/// `calibration.json`: the temperature fitted for the adapter beside it (`calibrate:
+/// temperature`), on which split and rows, and the split's calibration before and after.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TemperatureFit {
+    pub method: &'static str,
+    pub temperature: f64,
+    pub split: String,
+    pub examples: usize,
+    pub before: crate::calibration::Calibration,
+    pub after: crate::calibration::Calibration,
+}
+
+pub fn write_calibration(dir: &Path, fit: &TemperatureFit) -> Result<()> {
+    runio::write_json(&dir.join(crate::calibration::FILE), fit)
+}
+
+/// The temperature in `dir/calibration.json`, if the adapter has one.
+pub fn read_temperature(dir: &Path) -> Result<Option<f64>> {
+    let path = dir.join(crate::calibration::FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    if v["method"] != "temperature" {
+        bail!(
+            "{}: key `method`: {} is not `temperature`, the one calibration supported",
+            path.display(),
+            v["method"]
+        );
+    }
+    match v["temperature"].as_f64() {
+        Some(t) if t.is_finite() && t > 0.0 => Ok(Some(t)),
+        _ => bail!(
+            "{}: key `temperature` must be a positive number, got {}",
+            path.display(),
+            v["temperature"]
+        ),
+    }
+}
+
+/// `threshold.json` beside an adapter: `threshold` (a number for two classes, one per label
+/// for multi-label) and how it was chosen (`method`, and for `tune` the metric, split and
+/// values).
+pub fn write_threshold(dir: &Path, file: &serde_json::Value) -> Result<()> {
+    runio::write_json(&dir.join(crate::threshold::FILE), file)
+}
+
+/// The decision in `dir/threshold.json`, if the adapter has one, checked against its labels.
+pub fn read_decision(dir: &Path, spec: &LabelSpec) -> Result<Option<crate::threshold::Decision>> {
+    use crate::threshold::Decision;
+    let path = dir.join(crate::threshold::FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let cut = |x: &serde_json::Value| -> Result<f64> {
+        match x.as_f64() {
+            Some(t) if t > 0.0 && t < 1.0 => Ok(t),
+            _ => bail!(
+                "{}: key `threshold`: {x} is not a number in (0, 1)",
+                path.display()
+            ),
+        }
+    };
+    let n = spec.num_labels();
+    match (&v["threshold"], spec.problem_type) {
+        (t @ serde_json::Value::Number(_), ProblemType::SingleLabel) if n == 2 => {
+            Ok(Some(Decision::Binary(cut(t)?)))
+        }
+        (serde_json::Value::Array(ts), ProblemType::MultiLabel) if ts.len() == n => Ok(Some(
+            Decision::PerLabel(ts.iter().map(cut).collect::<Result<_>>()?),
+        )),
+        (t, p) => bail!(
+            "{}: key `threshold`: {t} does not fit a {} adapter with {n} labels (a number for \
+             two classes, a list of {n} for multi-label)",
+            path.display(),
+            p.as_str()
+        ),
+    }
+}
+
 /// The label side saved with an adapter; `None` for an adapter saved before labels
 /// travelled with it (MRPC's two classes).
 pub fn read_labels(dir: &Path) -> Result<Option<TaskLabels>> {

@@ -106,6 +106,13 @@ pub struct Config {
     /// the best so far (null: never stop early).
     pub early_stopping_patience: Option<usize>,
     pub early_stopping_threshold: f64,
+    /// `temperature`: fit one temperature on the first evaluation split's logits at every
+    /// evaluation and save it beside the adapter (`calibration.json`); `none`.
+    pub calibrate: String,
+    /// `tune` (pick on the first evaluation split the cut on p₁ maximising the main metric,
+    /// per label the one maximising its F1 for multi-label) or a fixed number in (0, 1);
+    /// saved beside the adapter (`threshold.json`). null: argmax / 0.5.
+    pub threshold: Option<ThresholdSetting>,
     // Checkpoints
     /// Save a checkpoint every N optimizer steps (0: only at the end of each epoch).
     pub checkpoint_every: usize,
@@ -203,6 +210,14 @@ impl<'de> Deserialize<'de> for MemorySize {
     }
 }
 
+/// `threshold`: `tune` or a fixed cut in (0, 1).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum ThresholdSetting {
+    Fixed(f64),
+    Named(String),
+}
+
 /// `class_weights`: `balanced` (n / (K · count), sklearn's) or one weight per label.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(untagged)]
@@ -265,6 +280,8 @@ impl Default for Config {
             eval_steps: None,
             early_stopping_patience: None,
             early_stopping_threshold: 0.0,
+            calibrate: "none".into(),
+            threshold: None,
             checkpoint_every: 0,
             keep_checkpoints: 2,
             resume: None,
@@ -588,6 +605,23 @@ impl Config {
                 "early_stopping_threshold",
                 format!("must be 0 or more, got {}", self.early_stopping_threshold),
             )?;
+        }
+        if !["none", "temperature"].contains(&self.calibrate.as_str()) {
+            err(
+                "calibrate",
+                format!("`{}` is not one of none, temperature", self.calibrate),
+            )?;
+        }
+        match &self.threshold {
+            Some(ThresholdSetting::Named(n)) if n != "tune" => err(
+                "threshold",
+                format!("`{n}` is not `tune` or a number in (0, 1)"),
+            )?,
+            Some(ThresholdSetting::Fixed(t)) if !(*t > 0.0 && *t < 1.0) => err(
+                "threshold",
+                format!("a fixed threshold must be in (0, 1), got {t}"),
+            )?,
+            _ => {}
         }
         if self.keep_checkpoints == 0 {
             err("keep_checkpoints", "must be at least 1".into())?;

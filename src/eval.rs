@@ -2,6 +2,7 @@
 //! ─► the task's metrics (and the loss where labels exist). Under data parallelism each rank
 //! scores its shard, the logits are gathered, and the padding duplicates are dropped, so
 //! every example counts exactly once.
+use crate::calibration;
 use crate::data::batch::{collate, epoch_batches, target_tensor, Encoded};
 use crate::dist::{self, Dist};
 use crate::labels::Target;
@@ -10,6 +11,7 @@ use crate::metrics;
 use crate::model::classifier::LlamaClassifier;
 use crate::model::loss::{self, LossWeights};
 use crate::task::TaskLabels;
+use crate::threshold::Decision;
 use anyhow::{bail, ensure, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -20,10 +22,19 @@ pub struct EvalResult {
     /// The task's metrics (key, value), in its order; empty when the split has no labels.
     pub metrics: Vec<(String, f64)>,
     pub idx: Vec<i64>,
-    /// Single-label: the argmax class id (0 otherwise).
+    /// Single-label: the class id the decision picks (argmax, or a threshold on p₁); 0
+    /// otherwise.
     pub pred: Vec<i64>,
     /// Single-label: softmax; multi-label: sigmoid per label; regression: the value.
     pub probs: Vec<Vec<f64>>,
+    /// The model's logits (divided by its temperature, if it has one), row by row.
+    pub logits: Vec<Vec<f64>>,
+    /// Single-label with labels: NLL, Brier and ECE of the probabilities.
+    pub calibration: Option<calibration::Calibration>,
+    /// Single-label with labels: the gold class ids, in `idx` order.
+    pub gold: Vec<i64>,
+    /// Multi-label with labels: the gold label flags, in `idx` order.
+    pub gold_flags: Vec<Vec<bool>>,
 }
 
 impl EvalResult {
@@ -37,6 +48,9 @@ impl EvalResult {
 pub struct Scoring {
     pub spec: LabelSpec,
     pub metrics: Vec<String>,
+    /// How probabilities become labels (argmax / 0.5 unless an adapter's threshold.json or
+    /// the configuration sets a threshold).
+    pub decision: Decision,
 }
 
 impl Scoring {
@@ -45,6 +59,7 @@ impl Scoring {
         Scoring {
             spec: LabelSpec::mrpc(num_classes),
             metrics: vec!["accuracy".into(), "f1".into()],
+            decision: Decision::Default,
         }
     }
 
@@ -57,6 +72,7 @@ impl Scoring {
         Ok(Scoring {
             spec: labels.spec.clone(),
             metrics: labels.task.metrics_for(&labels.spec)?,
+            decision: Decision::Default,
         })
     }
 }
@@ -107,30 +123,21 @@ fn summarize(
         rows.len(),
         data.len()
     );
-    let mut out = EvalResult::default();
+    let mut out = EvalResult {
+        logits: Vec::<Vec<f64>>::try_from(&logits)?,
+        ..EvalResult::default()
+    };
     for (e, row) in data.iter().zip(&rows) {
-        let pred = row
-            .iter()
-            .enumerate()
-            .fold((0usize, f64::NEG_INFINITY), |best, (c, &v)| {
-                if v > best.1 {
-                    (c, v)
-                } else {
-                    best
-                }
-            })
-            .0;
         out.idx.push(e.idx);
-        out.pred.push(if problem == ProblemType::SingleLabel {
-            pred as i64
-        } else {
-            0
-        });
         out.probs.push(match problem {
             ProblemType::SingleLabel => row.iter().map(|v| v.exp()).collect(),
             _ => row.clone(),
         });
     }
+    out.pred = match problem {
+        ProblemType::SingleLabel => scoring.decision.classes(&out.probs),
+        _ => vec![0; out.probs.len()],
+    };
     let labels: Option<Vec<&Target>> = data.iter().map(|e| e.label.as_ref()).collect();
     let Some(labels) = labels.filter(|l| !l.is_empty()) else {
         return Ok(out);
@@ -146,6 +153,13 @@ fn summarize(
                 .map(|t| t.class())
                 .collect::<Option<_>>()
                 .ok_or_else(|| anyhow::anyhow!("a non-class target in a single-label split"))?;
+            // A model gone non-finite still gets its loss and metrics reported (NaN), not an
+            // error from calibration.
+            let finite = out.logits.iter().flatten().all(|v| v.is_finite());
+            out.calibration = finite
+                .then(|| calibration::measure(&out.logits, &gold))
+                .transpose()?;
+            out.gold = gold.clone();
             metrics::Predictions::Classes {
                 pred: out.pred.clone(),
                 gold,
@@ -159,12 +173,9 @@ fn summarize(
                 };
                 gold.push(hot.iter().map(|&y| y > 0.5).collect::<Vec<bool>>());
             }
+            out.gold_flags = gold.clone();
             metrics::Predictions::MultiHot {
-                pred: out
-                    .probs
-                    .iter()
-                    .map(|r| r.iter().map(|&p| p > 0.5).collect())
-                    .collect(),
+                pred: scoring.decision.flags(&out.probs),
                 gold,
             }
         }

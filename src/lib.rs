@@ -5,6 +5,7 @@
 //! gradients averaged across ranks by `dist`) ─► `eval` ─► run folder (`runio`, `adapter`,
 //! `resume`, `metrics`, `plot`).
 pub mod adapter;
+pub mod calibration;
 pub mod config;
 pub mod cuda;
 pub mod data;
@@ -39,5 +40,6 @@ pub mod splitmix;
 pub mod splits;
 pub mod suggest;
 pub mod task;
+pub mod threshold;
 pub mod train;
 pub mod units;

@@ -3,14 +3,15 @@
 //! and head, and, for a trained adapter, the task and labels saved with it. `train`, `eval`,
 //! `predict`, `merge` and `serve` all load through here.
 use crate::adapter;
-use crate::config::{Checkpointing, Config};
+use crate::config::{Checkpointing, Config, ThresholdSetting};
 use crate::data::batch::TextEncoder;
-use crate::labels::LabelSpec;
+use crate::labels::{LabelSpec, ProblemType};
 use crate::lora::LoraConfig;
 use crate::model::classifier::{LlamaClassifier, ModelOptions, RECOMPUTE_ALL};
 use crate::model::hf_config::LlamaConfig;
 use crate::quant::nf4::Nf4Options;
 use crate::task::TaskLabels;
+use crate::threshold::Decision;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use tch::Device;
@@ -217,5 +218,60 @@ pub fn load_with_adapter(cfg: &Config, adapter_dir: &Path) -> Result<(Loaded, Ta
         .load_trainable(&|name| weights.get(name).map(|t| t.shallow_clone()))
         .with_context(|| format!("cannot load the adapter {}", weights_path.display()))?;
     loaded.model.set_loss(labels.spec.problem_type, None);
+    if let Some(t) = adapter::read_temperature(adapter_dir)? {
+        if labels.spec.problem_type != ProblemType::SingleLabel {
+            bail!(
+                "{}: temperature scaling is for single-label classifiers; this adapter is {}",
+                adapter_dir.join(crate::calibration::FILE).display(),
+                labels.spec.problem_type.as_str()
+            );
+        }
+        loaded.model.set_temperature(t)?;
+        println!(
+            "calibration: logits divided by the temperature {t:.4} ({})",
+            crate::calibration::FILE
+        );
+    }
     Ok((loaded, labels))
+}
+
+/// A fixed cut `t` as the decision for `spec`: on p₁ for two classes, on every label for
+/// multi-label; other problem types have no threshold.
+pub fn fixed_decision(t: f64, spec: &LabelSpec) -> Result<Decision> {
+    match spec.problem_type {
+        ProblemType::SingleLabel if spec.num_labels() == 2 => Ok(Decision::Binary(t)),
+        ProblemType::MultiLabel => Ok(Decision::PerLabel(vec![t; spec.num_labels()])),
+        p => bail!(
+            "key `threshold`: a threshold is for two-class and multi-label tasks; this one is {} with {} labels",
+            p.as_str(),
+            spec.num_labels()
+        ),
+    }
+}
+
+/// How `eval` / `predict` turn the adapter's probabilities into labels: the configuration's
+/// fixed `threshold` if it sets one, else the adapter's `threshold.json`, else argmax / 0.5
+/// (said on the console when not the default).
+pub fn decision(cfg: &Config, adapter_dir: &Path, spec: &LabelSpec) -> Result<Decision> {
+    let d = match &cfg.threshold {
+        Some(ThresholdSetting::Fixed(t)) => fixed_decision(*t, spec)?,
+        Some(ThresholdSetting::Named(n)) => bail!(
+            "key `threshold`: `{n}` chooses a threshold while training; here give a number in \
+             (0, 1), or none to use the adapter's {}",
+            crate::threshold::FILE
+        ),
+        None => adapter::read_decision(adapter_dir, spec)?.unwrap_or_default(),
+    };
+    match &d {
+        Decision::Default => {}
+        Decision::Binary(t) => println!("threshold: class 1 when its probability > {t:.4}"),
+        Decision::PerLabel(ts) => println!(
+            "thresholds per label: {}",
+            ts.iter()
+                .map(|t| format!("{t:.4}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+    Ok(d)
 }

@@ -6,7 +6,7 @@ use qlora_cls::data::examples;
 use qlora_cls::labels::{LabelSpec, ProblemType};
 use qlora_cls::model::hf_config::{peft_param_counts_for, peft_param_line, LlamaConfig};
 use qlora_cls::task::TaskLabels;
-use qlora_cls::{demo, eval, loader, plot, runio, splits, train};
+use qlora_cls::{calibration, demo, eval, loader, plot, runio, splits, train};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -202,6 +202,10 @@ struct Scored {
     r: eval::EvalResult,
     labels: TaskLabels,
     metrics: Vec<String>,
+    /// The adapter's temperature (calibration.json), applied to `r`.
+    temperature: Option<f64>,
+    /// How `r`'s labels were decided (threshold.json or `threshold`).
+    decision: qlora_cls::threshold::Decision,
 }
 
 /// `--dense_weights auto|true|false` (`serve`, `eval`, `predict`): `None` for auto.
@@ -249,7 +253,8 @@ fn score_split(args: &Args, require_labels: bool) -> Result<Scored> {
             )
         }
     };
-    let scoring = eval::Scoring::for_task(&labels, cfg.metric_for_best_model.as_deref())?;
+    let mut scoring = eval::Scoring::for_task(&labels, cfg.metric_for_best_model.as_deref())?;
+    scoring.decision = loader::decision(&cfg, &adapter, &labels.spec)?;
     let started = std::time::Instant::now();
     let r = eval::evaluate(
         &loaded.model,
@@ -261,7 +266,9 @@ fn score_split(args: &Args, require_labels: bool) -> Result<Scored> {
         None,
     )?;
     let seconds = started.elapsed().as_secs_f64();
+    let temperature = Some(loaded.model.temperature()).filter(|&t| t != 1.0);
     Ok(Scored {
+        temperature,
         adapter,
         split,
         n: data.len(),
@@ -269,6 +276,7 @@ fn score_split(args: &Args, require_labels: bool) -> Result<Scored> {
         r,
         labels,
         metrics: scoring.metrics,
+        decision: scoring.decision,
     })
 }
 
@@ -293,9 +301,14 @@ fn csv_field(s: &str) -> String {
 }
 
 /// `predict`'s CSV: `index,prediction,prob_0…prob_{K-1}` (the label name predicted; for
-/// multi-label the names over 0.5, `|`-joined, and one probability per label), or
+/// multi-label the names over their threshold (0.5 by default), `|`-joined, and one probability per label), or
 /// `index,prediction` for regression.
-fn predictions_csv(spec: &LabelSpec, r: &eval::EvalResult) -> String {
+fn predictions_csv(
+    spec: &LabelSpec,
+    decision: &qlora_cls::threshold::Decision,
+    r: &eval::EvalResult,
+) -> String {
+    let flags = decision.flags(&r.probs);
     let regression = spec.problem_type == ProblemType::Regression;
     let mut text = String::from("index,prediction");
     if !regression {
@@ -304,7 +317,7 @@ fn predictions_csv(spec: &LabelSpec, r: &eval::EvalResult) -> String {
         }
     }
     text.push('\n');
-    for ((idx, pred), probs) in r.idx.iter().zip(&r.pred).zip(&r.probs) {
+    for (((idx, pred), probs), on) in r.idx.iter().zip(&r.pred).zip(&r.probs).zip(&flags) {
         let shown = match spec.problem_type {
             ProblemType::SingleLabel => spec
                 .names
@@ -314,8 +327,8 @@ fn predictions_csv(spec: &LabelSpec, r: &eval::EvalResult) -> String {
             ProblemType::MultiLabel => spec
                 .names
                 .iter()
-                .zip(probs)
-                .filter(|(_, &p)| p > 0.5)
+                .zip(on)
+                .filter(|(_, &f)| f)
                 .map(|(n, _)| n.as_str())
                 .collect::<Vec<_>>()
                 .join("|"),
@@ -357,6 +370,29 @@ fn run() -> Result<()> {
             let mut json = serde_json::json!({"split": s.split, "loss": s.r.loss, "examples": s.n,
                 "problem_type": s.labels.spec.problem_type.as_str(), "metrics": s.metrics,
                 "scoring_s": s.seconds});
+            if let Some(c) = s.r.calibration {
+                json["calibration"] = serde_json::json!(c);
+                let shown = |c: &calibration::Calibration| {
+                    format!("nll {:.4} brier {:.4} ece {:.4}", c.nll, c.brier, c.ece)
+                };
+                match s.temperature {
+                    // The model divided its logits by t: times t is what it says unscaled.
+                    Some(t) => {
+                        let raw = calibration::measure(
+                            &calibration::scaled(&s.r.logits, 1.0 / t),
+                            &s.r.gold,
+                        )?;
+                        println!(
+                            "calibration: {} (temperature {t:.4}); without it {}",
+                            shown(&c),
+                            shown(&raw)
+                        );
+                        json["temperature"] = serde_json::json!(t);
+                        json["uncalibrated"] = serde_json::json!(raw);
+                    }
+                    None => println!("calibration: {}", shown(&c)),
+                }
+            }
             for (k, v) in &s.r.metrics {
                 json[k.as_str()] = serde_json::json!(v);
             }
@@ -370,7 +406,7 @@ fn run() -> Result<()> {
             )?;
             let out = PathBuf::from(args.required("out")?);
             let s = score_split(&args, false)?;
-            runio::write_text(&out, &predictions_csv(&s.labels.spec, &s.r))?;
+            runio::write_text(&out, &predictions_csv(&s.labels.spec, &s.decision, &s.r))?;
             println!("{}", throughput_line(&s));
             println!("wrote {} predictions to {}", s.r.pred.len(), out.display());
         }
@@ -573,6 +609,9 @@ fn merge_cmd(flags: &[String]) -> Result<()> {
             format!("; dropped {}", r.dropped.join(", "))
         }
     );
+    if let Some(t) = r.temperature {
+        println!("calibration: the temperature {t:.4} folded into score.weight (the merged model's logits are calibrated)");
+    }
     if let Some(d) = &r.drift {
         println!(
             "nf4 drift vs the unmerged model on {} rows of {}: max |score diff| {:.3e}, mean {:.3e}, \

@@ -88,6 +88,8 @@ pub struct MergeReport {
     pub shards: usize,
     pub bytes_out: u64,
     pub drift: Option<Drift>,
+    /// The adapter's temperature (calibration.json), folded into the score head.
+    pub temperature: Option<f64>,
 }
 
 /// The adapter's tensors under the merged model's names.
@@ -96,8 +98,10 @@ struct AdapterTensors {
     pairs: BTreeMap<String, (Tensor, Tensor, f64)>,
     /// DoRA's magnitude `[out]` of each pair's module (PEFT's `lora_magnitude_vector`).
     magnitudes: BTreeMap<String, Tensor>,
-    /// other tensors (`score.weight`)
+    /// other tensors (`score.weight`, divided by the adapter's temperature if it has one)
     full: BTreeMap<String, Tensor>,
+    /// The temperature of the adapter's calibration.json, folded into `score.weight`.
+    temperature: Option<f64>,
     /// PiSSA / LoftQ: the pairs fold onto the residual base, read from the adapter's
     /// `residual_base.safetensors` or, without one, computed again as training did.
     init: LoraInit,
@@ -188,6 +192,17 @@ fn read_adapter(dir: &Path) -> Result<AdapterTensors> {
     if let Some(m) = b.keys().next() {
         bail!("{}: {m} has lora_B but no lora_A", path.display());
     }
+    // Temperature scaling folds into the head: score(h) / T is a head with weight W / T.
+    let temperature = adapter::read_temperature(dir)?;
+    if let Some(t) = temperature {
+        let w = full.get_mut("score.weight").with_context(|| {
+            format!(
+                "{}: a temperature to fold but the adapter has no score head",
+                dir.join(crate::calibration::FILE).display()
+            )
+        })?;
+        *w = (w.to_kind(Kind::Float) / t).to_kind(w.kind());
+    }
     if let Some(m) = magnitudes.keys().find(|m| !pairs.contains_key(*m)) {
         bail!(
             "{}: {m} has a lora_magnitude_vector but no LoRA pair",
@@ -202,6 +217,7 @@ fn read_adapter(dir: &Path) -> Result<AdapterTensors> {
         pairs,
         magnitudes,
         full,
+        temperature,
         init: meta.init,
         residual,
     })
@@ -591,6 +607,7 @@ fn write_merged(
         })?;
     let labels = crate::adapter::labels_for(adapter_dir, num_labels as usize)?;
     report.merged = plan.iter().filter(|p| p.lora.is_some()).count();
+    report.temperature = merger.adapter.temperature;
     report.copied = plan.len() - report.merged;
     let shards = quantize::cut_shards(&plan, Planned::bytes, opts.max_shard_bytes);
     report.shards = shards.len();

@@ -638,3 +638,38 @@ pub fn plot_scaling(csv: &Path, out: &Path) -> Result<Vec<PathBuf>> {
     }
     Ok(written)
 }
+
+/// The reliability diagram of one evaluation, `<out>/<name>.{svg,png}`: per non-empty bin of
+/// top-label probability, the fraction predicted right against the mean probability, one
+/// line per `curves` entry (before and after temperature scaling), beside the diagonal of
+/// perfect calibration.
+pub fn reliability_diagram(
+    out: &Path,
+    name: &str,
+    title: &str,
+    curves: &[(String, Vec<crate::calibration::Bin>)],
+) -> Result<Vec<PathBuf>> {
+    register_font()?;
+    let mut series: Vec<Series> = vec![(
+        "perfect calibration".into(),
+        0,
+        vec![(0.0, 0.0), (1.0, 1.0)],
+    )];
+    for (i, (label, bins)) in curves.iter().enumerate() {
+        let pts = bins
+            .iter()
+            .filter(|b| b.count > 0)
+            .map(|b| (b.confidence, b.accuracy))
+            .collect();
+        series.push((label.clone(), i + 1, pts));
+    }
+    LineChart {
+        title: title.into(),
+        x_desc: "mean top-label probability in the bin (15 bins)".into(),
+        y_desc: "fraction predicted right".into(),
+        log_x: false,
+        legend: SeriesLabelPosition::UpperLeft,
+        series,
+    }
+    .write(out, name)
+}

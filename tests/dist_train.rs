@@ -61,6 +61,23 @@ fn eval_rows(run: &Path) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// Two eval.csv rows of runs that trained the same adapter (to 1e-5): epoch, split, the
+/// predictions' metrics (accuracy, F1) and the step equal; loss, NLL, Brier and ECE, which
+/// move with the weights' last bits, within 1e-5.
+fn same_evaluation(x: &[String], y: &[String], what: &str) {
+    // epoch, split, loss, accuracy, f1, nll, brier, ece, step
+    assert_eq!(x.len(), 9, "{what}: {x:?}");
+    assert_eq!(
+        (&x[..2], &x[3..5], &x[8]),
+        (&y[..2], &y[3..5], &y[8]),
+        "{what}: {x:?} vs {y:?}"
+    );
+    for i in [2, 5, 6, 7] {
+        let (a, b): (f64, f64) = (x[i].parse().unwrap(), y[i].parse().unwrap());
+        assert!((a - b).abs() < 1e-5, "{what}: {x:?} vs {y:?}");
+    }
+}
+
 /// The trainable tensors a run in `run` saved (its adapter).
 fn adapter_of(run: &Path) -> std::collections::HashMap<String, tch::Tensor> {
     qlora_cls::adapter::read_safetensors(&run.join("adapter/adapter_model.safetensors"))
@@ -148,11 +165,7 @@ fn ranks_and_accumulation_equal_one_process_with_dropout() {
         let e2 = eval_rows(&tmp.path().join(name));
         assert_eq!(e1.len(), e2.len());
         for (x, y) in e1.iter().zip(&e2) {
-            // epoch, split, loss, accuracy, f1
-            assert_eq!(x[..2], y[..2], "{name}: {x:?} vs {y:?}");
-            assert_eq!(x[3..], y[3..], "{name}: accuracy/F1 differ: {x:?} vs {y:?}");
-            let (l1, l2): (f64, f64) = (x[2].parse().unwrap(), y[2].parse().unwrap());
-            assert!((l1 - l2).abs() < 1e-5, "{name}: {x:?} vs {y:?}");
+            same_evaluation(x, y, name);
         }
     }
     // Dropout is on: a run without it ends elsewhere.
@@ -493,10 +506,10 @@ fn other_families_train_in_parallel_resume_and_predict() {
                 "{family}: {name} vs one process: max |Δw| = {worst:e}"
             );
             let (e1, e2) = (eval_rows(&dir.join("one")), eval_rows(&dir.join(name)));
-            assert_eq!(
-                e1.last().map(|r| &r[3..]),
-                e2.last().map(|r| &r[3..]),
-                "{family} {name}"
+            same_evaluation(
+                e1.last().expect("an evaluation"),
+                e2.last().expect("an evaluation"),
+                &format!("{family} {name}"),
             );
         }
         // The steps trained: the adapter moved from its start.

@@ -69,6 +69,8 @@ const LAYERS: &[(&str, &[&str])] = &[
             "data::examples",
             "data::batch",
             "metrics",
+            "calibration",
+            "threshold",
             "plot",
         ],
     ),

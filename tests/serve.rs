@@ -3,12 +3,11 @@
 //! bad input gets a JSON 4xx; a full queue gets 429; SIGTERM finishes the queued requests and
 //! exits 0.
 mod common;
+use common::server::{http, Server};
 use common::{bin, config_from, demo_assets, random_adapter};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -61,11 +60,6 @@ fn fixture() -> &'static Fixture {
     })
 }
 
-struct Server {
-    child: Child,
-    addr: String,
-}
-
 /// The compute dtype every comparison here pins on both sides: `auto` is bf16 on a CPU with
 /// AVX512-BF16 and fp32 on others, and the answers are compared at fp32's precision.
 const FP32: &str = "float32";
@@ -77,69 +71,17 @@ impl Server {
 
     fn start_in(dtype: &str, extra: &[&str]) -> Server {
         let f = fixture();
-        let mut child = Command::new(bin())
-            .args(["serve", "--host", "127.0.0.1", "--port", "0"])
-            .args(["--model_dir", s(&f.model), "--adapter", s(&f.adapter)])
-            .args(["--bnb_4bit_compute_dtype", dtype])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start qlora-cls serve");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("serve exited before listening")
-                .expect("read stdout");
-            if let Some(a) = line.strip_prefix("listening on http://") {
-                break a.to_string();
-            }
-        };
-        // Keep reading stdout so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Server { child, addr }
+        let mut args = vec![
+            "--model_dir",
+            s(&f.model),
+            "--adapter",
+            s(&f.adapter),
+            "--bnb_4bit_compute_dtype",
+            dtype,
+        ];
+        args.extend_from_slice(extra);
+        Server::serve(&args)
     }
-
-    fn call(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        http(&self.addr, method, path, body).expect("HTTP exchange")
-    }
-
-    fn predict(&self, body: Value) -> (u16, Value) {
-        let (status, text) = self.call("POST", "/predict", &body.to_string());
-        let v = serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("/predict answered non-JSON ({e}): {text}"));
-        (status, v)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One HTTP/1.1 exchange over a fresh connection (`Connection: close`).
-fn http(addr: &str, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(120)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    Ok((status, body.to_string()))
 }
 
 /// `predict`'s probabilities for the fixture's rows in fp32, by row.
@@ -160,20 +102,7 @@ fn predict_in(dtype: &str) -> Vec<Vec<f64>> {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let text = std::fs::read_to_string(&out).unwrap();
-    let mut rows: Vec<(i64, Vec<f64>)> = text
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let c: Vec<&str> = l.split(',').collect();
-            (
-                c[0].parse().unwrap(),
-                c[2..].iter().map(|x| x.parse().unwrap()).collect(),
-            )
-        })
-        .collect();
-    rows.sort_by_key(|r| r.0);
-    rows.into_iter().map(|r| r.1).collect()
+    common::predicted_probabilities(&out)
 }
 
 /// The input of row `i` as TEI writes it in a batch.

@@ -66,6 +66,9 @@ fn train_eval_predict(c: &Case) -> PathBuf {
     let evals = common::csv_rows(&run_dir.join("eval.csv"));
     let mut header = vec!["epoch", "split", "loss"];
     header.extend_from_slice(c.metrics);
+    if c.problem == "single_label_classification" {
+        header.extend(["nll", "brier", "ece"]);
+    }
     header.push("step");
     assert_eq!(evals[0], header, "{}: eval.csv header", c.name);
     assert_eq!(evals.len(), 4, "{}: baseline + 2 epochs: {evals:?}", c.name);

@@ -84,7 +84,7 @@ fn demo_trains_evaluates_and_predicts() {
     let evals = common::csv_rows(&run.join("eval.csv"));
     assert_eq!(
         evals[0],
-        ["epoch", "split", "loss", "accuracy", "f1", "step"]
+        ["epoch", "split", "loss", "accuracy", "f1", "nll", "brier", "ece", "step"]
     );
     let acc: Vec<f64> = evals[1..].iter().map(|r| r[3].parse().unwrap()).collect();
     let summary: serde_json::Value =

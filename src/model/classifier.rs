@@ -74,6 +74,9 @@ pub struct LlamaClassifier {
     dropout_step: AtomicU64,
     /// The training loss: problem type and class weights (cross-entropy unweighted unless set).
     loss_kind: (ProblemType, LossWeights),
+    /// The temperature [`Self::logits`] divides by (an adapter's `calibration.json`; 1 in
+    /// training). The training pass and [`Self::forward`] never use it.
+    temperature: f64,
 }
 
 /// PEFT's name of layer `i`'s module `path` (`self_attn.q_proj`) in a saved adapter.
@@ -163,6 +166,7 @@ impl LlamaClassifier {
             opts: opts.clone(),
             dropout_step: AtomicU64::new(0),
             loss_kind: (ProblemType::SingleLabel, LossWeights::None),
+            temperature: 1.0,
         })
     }
 
@@ -272,7 +276,7 @@ impl LlamaClassifier {
 
     /// Evaluation logits `[B, num_labels]` (fp32, no graph, no dropout), computed on the
     /// batch's real tokens only like the training pass; equal to [`Self::try_forward`]'s up to
-    /// the matmuls' rounding.
+    /// the matmuls' rounding, divided by the temperature when one is set.
     pub fn logits(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         self.check_inputs(input_ids, attention_mask)?;
         tch::no_grad(|| {
@@ -284,7 +288,12 @@ impl LlamaClassifier {
                     .with_context(|| format!("decoder layer {i}"))?
                     .0;
             }
-            Ok(self.score_rows(&h.index_select(0, &rows.pool)))
+            let z = self.score_rows(&h.index_select(0, &rows.pool));
+            Ok(if self.temperature == 1.0 {
+                z
+            } else {
+                z / self.temperature
+            })
         })
     }
 
@@ -304,6 +313,20 @@ impl LlamaClassifier {
             problem,
             weights.map_or(LossWeights::None, LossWeights::PerClass),
         );
+    }
+
+    /// Temperature scaling for inference: [`Self::logits`] returns `z / t`.
+    pub fn set_temperature(&mut self, t: f64) -> Result<()> {
+        anyhow::ensure!(
+            t.is_finite() && t > 0.0,
+            "a temperature must be positive, got {t}"
+        );
+        self.temperature = t;
+        Ok(())
+    }
+
+    pub fn temperature(&self) -> f64 {
+        self.temperature
     }
 
     /// The class weights [`Self::set_loss`] set (evaluation reports the same loss).

@@ -123,6 +123,13 @@ pub fn serve(cfg: &Config, adapter: &Path, opts: &ServeOptions) -> Result<()> {
         max_wait: Duration::from_millis(opts.max_wait_ms),
         max_queue: opts.max_queue.max(1),
     };
+    // TEI's /predict answers every label's probability; the decision rule a client should
+    // apply (the adapter's threshold.json) travels in /info.
+    let threshold = match loader::decision(&cfg, adapter, &labels)? {
+        crate::threshold::Decision::Default => Value::Null,
+        crate::threshold::Decision::Binary(t) => json!(t),
+        crate::threshold::Decision::PerLabel(ts) => json!(ts),
+    };
     let info = json!({
         "model_id": cfg.model_dir()?.display().to_string(),
         "adapter": adapter.display().to_string(),
@@ -142,6 +149,8 @@ pub fn serve(cfg: &Config, adapter: &Path, opts: &ServeOptions) -> Result<()> {
         "max_concurrent_requests": limits.max_queue,
         "max_client_batch_size": opts.max_client_batch_size,
         "max_input_length": max_input_length,
+        "temperature": model.temperature(),
+        "threshold": threshold,
         "version": env!("CARGO_PKG_VERSION"),
     });
     let pad_id = encoder.pad_id();

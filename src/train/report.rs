@@ -1,10 +1,15 @@
 //! What a run says about itself: evaluations on the console and in eval.csv, summary.json's
 //! view of them, the best adapter's choice, and profile.csv.
 use super::trainer::Trainer;
+use crate::adapter::TemperatureFit;
+use crate::calibration;
+use crate::config::ThresholdSetting;
 use crate::eval::{self, EvalResult, Scoring};
 use crate::labels::ProblemType;
+use crate::metrics::Metric;
 use crate::profile::Part;
 use crate::runio;
+use crate::threshold::{self, Decision};
 use anyhow::Result;
 use serde_json::json;
 pub(super) fn opt_fmt(v: Option<f64>) -> String {
@@ -15,6 +20,9 @@ pub(super) fn eval_json(r: &EvalResult) -> serde_json::Value {
     let mut v = json!({"loss": r.loss, "examples": r.pred.len()});
     for (k, m) in &r.metrics {
         v[k.as_str()] = json!(m);
+    }
+    if let Some(c) = r.calibration {
+        v["calibration"] = json!(c);
     }
     v
 }
@@ -76,12 +84,153 @@ impl Trainer<'_> {
             for ((split, _), r) in self.eval_sets.iter().zip(rs) {
                 let mut row = vec![epoch.to_string(), split.clone(), opt_fmt(r.loss)];
                 row.extend(self.scoring.metrics.iter().map(|k| opt_fmt(r.metric(k))));
+                if self.labels.spec.problem_type == ProblemType::SingleLabel {
+                    let c = r.calibration;
+                    row.extend(
+                        [c.map(|c| c.nll), c.map(|c| c.brier), c.map(|c| c.ece)].map(opt_fmt),
+                    );
+                }
                 row.push(self.st.step.to_string());
                 evals.row(&row);
             }
             evals.flush()?;
         }
         Ok(())
+    }
+
+    /// `calibrate: temperature`: the temperature fitted on the first evaluation split's
+    /// logits (those of the weights just evaluated); None when off or the split has no
+    /// labels.
+    pub(super) fn temperature_fit(&self, rs: &[EvalResult]) -> Result<Option<TemperatureFit>> {
+        if self.cfg.calibrate != "temperature" {
+            return Ok(None);
+        }
+        let (Some(r), Some((split, _))) = (rs.first(), self.eval_sets.first()) else {
+            return Ok(None);
+        };
+        let Some(before) = r.calibration else {
+            return Ok(None);
+        };
+        let t = calibration::fit_temperature(&r.logits, &r.gold)?;
+        let after = calibration::measure(&calibration::scaled(&r.logits, t), &r.gold)?;
+        Ok(Some(TemperatureFit {
+            method: "temperature",
+            temperature: t,
+            split: split.clone(),
+            examples: r.gold.len(),
+            before,
+            after,
+        }))
+    }
+
+    /// `threshold`: what goes into `threshold.json` beside the adapter just evaluated, with
+    /// the console line; None without the key (or, for `tune`, without labels). `tune` cuts
+    /// the probabilities `predict` will cut: scaled by `fit`'s temperature when calibrating.
+    pub(super) fn threshold_choice(
+        &self,
+        rs: &[EvalResult],
+        fit: Option<&TemperatureFit>,
+    ) -> Result<Option<(serde_json::Value, String)>> {
+        let spec = &self.labels.spec;
+        let tune_metric = match &self.cfg.threshold {
+            None => return Ok(None),
+            Some(ThresholdSetting::Fixed(t)) => {
+                let file = match crate::loader::fixed_decision(*t, spec)? {
+                    Decision::PerLabel(ts) => json!({"method": "fixed", "threshold": ts}),
+                    _ => json!({"method": "fixed", "threshold": t}),
+                };
+                return Ok(Some((file, format!("  threshold (fixed): {t}"))));
+            }
+            // `metric_for_best_model` if set, else F1 where the task reports it (MRPC's
+            // accuracy would not reward a cut), else the main metric.
+            Some(ThresholdSetting::Named(_)) => match &self.cfg.metric_for_best_model {
+                Some(m) => m.clone(),
+                None if self.scoring.metrics.iter().any(|m| m == "f1") => "f1".into(),
+                None => self.scoring.metrics[0].clone(),
+            },
+        };
+        let (Some(r), Some((split, _))) = (rs.first(), self.eval_sets.first()) else {
+            return Ok(None);
+        };
+        if spec.problem_type == ProblemType::SingleLabel {
+            if r.gold.is_empty() || r.logits.iter().flatten().any(|v| !v.is_finite()) {
+                return Ok(None);
+            }
+            let probs = match fit {
+                Some(f) => calibration::probabilities(&r.logits, f.temperature),
+                None => r.probs.clone(),
+            };
+            let metric = Metric::parse(&tune_metric)?;
+            let t = threshold::tune_binary(&probs, &r.gold, metric)?;
+            let line = format!(
+                "  threshold on {split}: class 1 when p > {:.4} ({tune_metric} {:.4}; {:.4} at 0.5)",
+                t.threshold, t.value, t.at_half
+            );
+            let file = json!({"method": "tune", "metric": tune_metric, "split": split,
+                "threshold": t.threshold, "value": t.value, "at_0.5": t.at_half,
+                "temperature": fit.map(|f| f.temperature)});
+            return Ok(Some((file, line)));
+        }
+        if r.gold_flags.is_empty() || r.probs.iter().flatten().any(|v| !v.is_finite()) {
+            return Ok(None);
+        }
+        let ts = threshold::tune_per_label(&r.probs, &r.gold_flags)?;
+        let line = format!(
+            "  thresholds on {split} (each label's F1): {}",
+            spec.names
+                .iter()
+                .zip(&ts)
+                .map(|(n, t)| format!(
+                    "{n} {:.4} ({:.4}; {:.4} at 0.5)",
+                    t.threshold, t.value, t.at_half
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let file = json!({"method": "tune", "metric": "f1 of each label", "split": split,
+            "labels": spec.names, "threshold": ts.iter().map(|t| t.threshold).collect::<Vec<_>>(),
+            "value": ts.iter().map(|t| t.value).collect::<Vec<_>>(),
+            "at_0.5": ts.iter().map(|t| t.at_half).collect::<Vec<_>>()});
+        Ok(Some((file, line)))
+    }
+
+    /// `reliability.{png,svg}` of the final evaluation (first split), before and, with
+    /// `calibrate: temperature`, after scaling. A drawing that fails (no font) is a warning:
+    /// the trained run is not lost over a picture.
+    pub(super) fn write_reliability(&self) {
+        let Some(r) = self.last_eval.as_ref().and_then(|rs| rs.first()) else {
+            return;
+        };
+        if r.calibration.is_none() {
+            return;
+        }
+        let drawn = (|| -> Result<()> {
+            let mut curves = vec![(
+                format!("model (ECE {:.4})", r.calibration.map_or(0.0, |c| c.ece)),
+                calibration::reliability(&r.logits, &r.gold)?,
+            )];
+            if let Some(fit) = self.temperature_fit(std::slice::from_ref(r))? {
+                let scaled = calibration::scaled(&r.logits, fit.temperature);
+                curves.push((
+                    format!(
+                        "temperature {:.3} (ECE {:.4})",
+                        fit.temperature, fit.after.ece
+                    ),
+                    calibration::reliability(&scaled, &r.gold)?,
+                ));
+            }
+            let split = self.eval_sets.first().map_or("", |(s, _)| s.as_str());
+            crate::plot::reliability_diagram(
+                &self.run,
+                "reliability",
+                &format!("Reliability on {split} at step {}", self.st.step),
+                &curves,
+            )?;
+            Ok(())
+        })();
+        if let Err(e) = drawn {
+            eprintln!("warning: reliability diagram not drawn: {e:#}");
+        }
     }
 
     /// summary.json's view of an evaluation: the first split's result (the one the best

@@ -74,6 +74,16 @@ impl<'a> Trainer<'a> {
 
         let (labels, raw_train) = prepare_task(cfg)?;
         let scoring = Scoring::for_task(&labels, cfg.metric_for_best_model.as_deref())?;
+        if cfg.threshold.is_some() {
+            crate::loader::fixed_decision(0.5, &labels.spec)?;
+        }
+        if cfg.calibrate == "temperature" && labels.spec.problem_type != ProblemType::SingleLabel {
+            bail!(
+                "key `calibrate`: temperature scaling is for single-label classification; \
+                 this task is {}",
+                labels.spec.problem_type.as_str()
+            );
+        }
         let Loaded {
             mut model,
             encoder,
@@ -281,6 +291,9 @@ impl<'a> Trainer<'a> {
         })?;
         let mut header: Vec<&str> = EVAL_HEADER.to_vec();
         header.extend(self.scoring.metrics.iter().map(String::as_str));
+        if self.labels.spec.problem_type == ProblemType::SingleLabel {
+            header.extend(["nll", "brier", "ece"]);
+        }
         // The step last: evaluations every `eval_steps` fall mid-epoch.
         header.push("step");
         let evals = CsvLog::create(self.run.join("eval.csv"), &header, |row| upto(row.last()))?;

@@ -350,10 +350,28 @@ impl<'a> Trainer<'a> {
             metrics.flush()?;
         }
         self.log_eval(epoch, what, &rs)?;
+        let fit = self.temperature_fit(&rs)?;
+        if let Some(f) = &fit {
+            say!(
+                self,
+                "  calibration on {}: temperature {:.4}, nll {:.4} -> {:.4}, ece {:.4} -> {:.4}",
+                f.split,
+                f.temperature,
+                f.before.nll,
+                f.after.nll,
+                f.before.ece,
+                f.after.ece
+            );
+        }
+        let cut = self.threshold_choice(&rs, fit.as_ref())?;
+        if let Some((_, line)) = &cut {
+            say!(self, "{line}");
+        }
+        let cut = cut.map(|(file, _)| file);
         if self.main {
-            self.save_adapter("adapter")?;
+            self.save_adapter("adapter", fit.as_ref(), cut.as_ref())?;
             if best {
-                self.save_adapter("best_adapter")?;
+                self.save_adapter("best_adapter", fit.as_ref(), cut.as_ref())?;
             }
         }
         self.last_eval = Some(rs);
@@ -363,10 +381,23 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    fn save_adapter(&self, name: &str) -> Result<()> {
+    /// The adapter (PEFT's files, the residual base, the labels) in `run/name`, with its
+    /// temperature and threshold when `calibrate` / `threshold` chose them on the same weights.
+    fn save_adapter(
+        &self,
+        name: &str,
+        fit: Option<&adapter::TemperatureFit>,
+        cut: Option<&serde_json::Value>,
+    ) -> Result<()> {
         let dir = self.run.join(name);
         let trainable = self.model.trainable_parameters();
         adapter::save(&dir, self.cfg, &trainable)?;
+        if let Some(fit) = fit {
+            adapter::write_calibration(&dir, fit)?;
+        }
+        if let Some(cut) = cut {
+            adapter::write_threshold(&dir, cut)?;
+        }
         adapter::write_residual(&dir, &self.model.residual_base()?)?;
         if adapter::save_as_lora(&dir, self.cfg, &trainable, &self.model.initial_pairs())? {
             adapter::write_labels(&dir.join(adapter::AS_LORA_DIR), &self.labels)?;
@@ -388,22 +419,13 @@ impl<'a> Trainer<'a> {
             );
         }
         if self.unevaluated_steps {
-            let rs = self.evaluate()?;
-            if let Some((metrics, _)) = &self.logs {
-                metrics.flush()?;
-            }
-            let epoch = (self.st.step as f64 / self.steps_per_epoch as f64).ceil() as usize;
-            self.log_eval(&epoch.to_string(), &format!("step {}", self.st.step), &rs)?;
             // The weights a `max_steps` run ends with compete for best_adapter too, so a run
             // shorter than an epoch still has one.
-            let best = self.judge(&rs);
-            if self.main {
-                self.save_adapter("adapter")?;
-                if best {
-                    self.save_adapter("best_adapter")?;
-                }
-            }
-            self.last_eval = Some(rs);
+            let epoch = (self.st.step as f64 / self.steps_per_epoch as f64).ceil() as usize;
+            self.evaluate_and_save(&epoch.to_string(), &format!("step {}", self.st.step))?;
+        }
+        if self.main {
+            self.write_reliability();
         }
         self.progress.close();
         let summary = Summary {
