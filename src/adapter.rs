@@ -43,6 +43,22 @@ pub fn write_labels(dir: &Path, labels: &TaskLabels) -> Result<()> {
     )
 }
 
+/// `dir/file` parsed as JSON, with its path for messages; None when the adapter has none.
+fn read_json_beside(
+    dir: &Path,
+    file: &str,
+) -> Result<Option<(std::path::PathBuf, serde_json::Value)>> {
+    let path = dir.join(file);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let v = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    Ok(Some((path, v)))
+}
+
 /// `calibration.json`: the temperature fitted for the adapter beside it (`calibrate:
 /// temperature`), on which split and rows, and the split's calibration before and after.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -61,14 +77,9 @@ pub fn write_calibration(dir: &Path, fit: &TemperatureFit) -> Result<()> {
 
 /// The temperature in `dir/calibration.json`, if the adapter has one.
 pub fn read_temperature(dir: &Path) -> Result<Option<f64>> {
-    let path = dir.join(crate::calibration::FILE);
-    if !path.is_file() {
+    let Some((path, v)) = read_json_beside(dir, crate::calibration::FILE)? else {
         return Ok(None);
-    }
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    };
     if v["method"] != "temperature" {
         bail!(
             "{}: key `method`: {} is not `temperature`, the one calibration supported",
@@ -96,14 +107,9 @@ pub fn write_threshold(dir: &Path, file: &serde_json::Value) -> Result<()> {
 /// The decision in `dir/threshold.json`, if the adapter has one, checked against its labels.
 pub fn read_decision(dir: &Path, spec: &LabelSpec) -> Result<Option<crate::threshold::Decision>> {
     use crate::threshold::Decision;
-    let path = dir.join(crate::threshold::FILE);
-    if !path.is_file() {
+    let Some((path, v)) = read_json_beside(dir, crate::threshold::FILE)? else {
         return Ok(None);
-    }
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    };
     let cut = |x: &serde_json::Value| -> Result<f64> {
         match x.as_f64() {
             Some(t) if t > 0.0 && t < 1.0 => Ok(t),
@@ -133,14 +139,9 @@ pub fn read_decision(dir: &Path, spec: &LabelSpec) -> Result<Option<crate::thres
 /// The label side saved with an adapter; `None` for an adapter saved before labels
 /// travelled with it (MRPC's two classes).
 pub fn read_labels(dir: &Path) -> Result<Option<TaskLabels>> {
-    let path = dir.join(LABELS_FILE);
-    if !path.is_file() {
+    let Some((path, v)) = read_json_beside(dir, LABELS_FILE)? else {
         return Ok(None);
-    }
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    };
     let problem_type = ProblemType::parse(v["problem_type"].as_str().unwrap_or(""))
         .with_context(|| format!("{}: key `problem_type`", path.display()))?;
     let k = v["num_labels"].as_u64().with_context(|| {

@@ -35,6 +35,7 @@ pub mod quant;
 pub mod quantize;
 pub mod resume;
 pub mod runio;
+pub mod scored;
 pub mod serve;
 pub mod splitmix;
 pub mod splits;

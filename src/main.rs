@@ -3,10 +3,9 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use qlora_cls::config::{self, Config, Override};
 use qlora_cls::data::examples;
-use qlora_cls::labels::{LabelSpec, ProblemType};
 use qlora_cls::model::hf_config::{peft_param_counts_for, peft_param_line, LlamaConfig};
 use qlora_cls::task::TaskLabels;
-use qlora_cls::{calibration, demo, eval, loader, plot, runio, splits, train};
+use qlora_cls::{calibration, demo, eval, loader, plot, runio, scored, splits, train};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -54,8 +53,9 @@ enum Cmd {
     },
     /// Predictions for any split or file, labelled or not, as CSV (index,prediction,prob_0,...).
     /// Options: --adapter DIR and --out FILE (required), --split S (default test) or
-    /// --input FILE (CSV, TSV, JSONL, parquet), --dense_weights (as `eval`), --config FILE,
-    /// config flags.
+    /// --input FILE (CSV, TSV, JSONL, parquet), --dense_weights (as `eval`), --errors FILE
+    /// (the misclassified rows of a labelled split, with their text), --config FILE, config
+    /// flags.
     #[command(after_help = CONFIG_HELP)]
     Predict {
         #[arg(
@@ -206,6 +206,8 @@ struct Scored {
     temperature: Option<f64>,
     /// How `r`'s labels were decided (threshold.json or `threshold`).
     decision: qlora_cls::threshold::Decision,
+    /// With `--errors`: each row's text as the model read it (its tokens decoded), in `r`'s order.
+    texts: Option<Vec<String>>,
 }
 
 /// `--dense_weights auto|true|false` (`serve`, `eval`, `predict`): `None` for auto.
@@ -267,7 +269,23 @@ fn score_split(args: &Args, require_labels: bool) -> Result<Scored> {
     )?;
     let seconds = started.elapsed().as_secs_f64();
     let temperature = Some(loaded.model.temperature()).filter(|&t| t != 1.0);
+    let texts = match args.own.get("errors") {
+        Some(_) => Some(
+            data.iter()
+                .map(|e| {
+                    let ids: Vec<u32> = e.ids.iter().map(|&i| i as u32).collect();
+                    loaded
+                        .encoder
+                        .tokenizer()
+                        .decode(&ids, true)
+                        .map_err(|err| anyhow::anyhow!("cannot decode row {}: {err}", e.idx))
+                })
+                .collect::<Result<Vec<_>>>()?,
+        ),
+        None => None,
+    };
     Ok(Scored {
+        texts,
         temperature,
         adapter,
         split,
@@ -289,60 +307,6 @@ fn throughput_line(s: &Scored) -> String {
         s.seconds,
         s.n as f64 / s.seconds.max(1e-9)
     )
-}
-
-/// A CSV field, quoted where it holds a comma, a quote or a line break.
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
-}
-
-/// `predict`'s CSV: `index,prediction,prob_0…prob_{K-1}` (the label name predicted; for
-/// multi-label the names over their threshold (0.5 by default), `|`-joined, and one probability per label), or
-/// `index,prediction` for regression.
-fn predictions_csv(
-    spec: &LabelSpec,
-    decision: &qlora_cls::threshold::Decision,
-    r: &eval::EvalResult,
-) -> String {
-    let flags = decision.flags(&r.probs);
-    let regression = spec.problem_type == ProblemType::Regression;
-    let mut text = String::from("index,prediction");
-    if !regression {
-        for c in 0..spec.num_labels() {
-            text.push_str(&format!(",prob_{c}"));
-        }
-    }
-    text.push('\n');
-    for (((idx, pred), probs), on) in r.idx.iter().zip(&r.pred).zip(&r.probs).zip(&flags) {
-        let shown = match spec.problem_type {
-            ProblemType::SingleLabel => spec
-                .names
-                .get(*pred as usize)
-                .cloned()
-                .unwrap_or_else(|| pred.to_string()),
-            ProblemType::MultiLabel => spec
-                .names
-                .iter()
-                .zip(on)
-                .filter(|(_, &f)| f)
-                .map(|(n, _)| n.as_str())
-                .collect::<Vec<_>>()
-                .join("|"),
-            ProblemType::Regression => format!("{:.6}", probs[0]),
-        };
-        text.push_str(&format!("{idx},{}", csv_field(&shown)));
-        if !regression {
-            for p in probs {
-                text.push_str(&format!(",{p:.6}"));
-            }
-        }
-        text.push('\n');
-    }
-    text
 }
 
 fn run() -> Result<()> {
@@ -396,19 +360,45 @@ fn run() -> Result<()> {
             for (k, v) in &s.r.metrics {
                 json[k.as_str()] = serde_json::json!(v);
             }
+            if !s.r.gold.is_empty() {
+                scored::error_analysis(&s.adapter, &s.split, &s.labels.spec, &s.r, &mut json)?;
+            }
             runio::write_json(&out, &json)?;
             println!("wrote {}", out.display());
         }
         Cmd::Predict { flags } => {
             let args = Args::parse(
                 &flags,
-                &["adapter", "split", "out", "input", "dense_weights"],
+                &[
+                    "adapter",
+                    "split",
+                    "out",
+                    "input",
+                    "dense_weights",
+                    "errors",
+                ],
             )?;
             let out = PathBuf::from(args.required("out")?);
             let s = score_split(&args, false)?;
-            runio::write_text(&out, &predictions_csv(&s.labels.spec, &s.decision, &s.r))?;
+            // Checked before anything is written: an unlabelled split has no errors to keep.
+            let errors = match (args.own.get("errors"), &s.texts) {
+                (Some(file), Some(texts)) => {
+                    let spec = &s.labels.spec;
+                    let csv = scored::errors_csv(spec, &s.decision, &s.r, texts, &s.split)?;
+                    Some((PathBuf::from(file), csv))
+                }
+                _ => None,
+            };
+            runio::write_text(
+                &out,
+                &scored::predictions_csv(&s.labels.spec, &s.decision, &s.r),
+            )?;
             println!("{}", throughput_line(&s));
             println!("wrote {} predictions to {}", s.r.pred.len(), out.display());
+            if let Some((file, (csv, n))) = errors {
+                runio::write_text(&file, &csv)?;
+                println!("wrote {n} misclassified rows to {}", file.display());
+            }
         }
         Cmd::Inspect { flags } => {
             // Unset, `target_modules` is PEFT's default for the family (Config::load).

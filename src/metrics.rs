@@ -363,6 +363,133 @@ pub fn compute(metrics: &[Metric], predictions: &Predictions) -> Result<Vec<(Met
         .collect()
 }
 
+/// scikit-learn's `confusion_matrix(gold, pred, labels=range(k))`: row = the gold class,
+/// column = the predicted one.
+pub fn confusion(pred: &[i64], gold: &[i64], k: usize) -> Vec<Vec<u64>> {
+    let mut m = vec![vec![0u64; k]; k];
+    for (&p, &g) in pred.iter().zip(gold) {
+        if let (Ok(g), Ok(p)) = (usize::try_from(g), usize::try_from(p)) {
+            if g < k && p < k {
+                m[g][p] += 1;
+            }
+        }
+    }
+    m
+}
+
+/// One row of scikit-learn's `classification_report`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct ReportRow {
+    pub precision: f64,
+    pub recall: f64,
+    #[serde(rename = "f1-score")]
+    pub f1: f64,
+    pub support: u64,
+}
+
+/// scikit-learn's `classification_report(gold, pred, labels=range(k), zero_division=0)`:
+/// each class, the accuracy, and the macro (unweighted) and support-weighted averages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassReport {
+    pub classes: Vec<ReportRow>,
+    pub accuracy: f64,
+    pub macro_avg: ReportRow,
+    pub weighted_avg: ReportRow,
+}
+
+pub fn classification_report(pred: &[i64], gold: &[i64], k: usize) -> ClassReport {
+    let m = confusion(pred, gold, k);
+    let div = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    let classes: Vec<ReportRow> = (0..k)
+        .map(|c| {
+            let tp = m[c][c];
+            let predicted: u64 = (0..k).map(|g| m[g][c]).sum();
+            let support: u64 = m[c].iter().sum();
+            let (p, r) = (div(tp, predicted), div(tp, support));
+            let f1 = if p + r == 0.0 {
+                0.0
+            } else {
+                2.0 * p * r / (p + r)
+            };
+            ReportRow {
+                precision: p,
+                recall: r,
+                f1,
+                support,
+            }
+        })
+        .collect();
+    let n: u64 = classes.iter().map(|c| c.support).sum();
+    let avg = |w: &dyn Fn(&ReportRow) -> f64| -> ReportRow {
+        let total: f64 = classes.iter().map(w).sum();
+        let mean = |f: fn(&ReportRow) -> f64| {
+            if total == 0.0 {
+                0.0
+            } else {
+                classes.iter().map(|c| w(c) * f(c)).sum::<f64>() / total
+            }
+        };
+        ReportRow {
+            precision: mean(|c| c.precision),
+            recall: mean(|c| c.recall),
+            f1: mean(|c| c.f1),
+            support: n,
+        }
+    };
+    let trace: u64 = (0..k).map(|c| m[c][c]).sum();
+    ClassReport {
+        accuracy: div(trace, n),
+        macro_avg: avg(&|_| 1.0),
+        weighted_avg: avg(&|c| c.support as f64),
+        classes,
+    }
+}
+
+impl ClassReport {
+    /// scikit-learn's `output_dict=True` layout: each class by name, `accuracy`, `macro avg`,
+    /// `weighted avg`.
+    pub fn to_json(&self, names: &[String]) -> serde_json::Value {
+        let mut v = serde_json::Map::new();
+        for (n, c) in names.iter().zip(&self.classes) {
+            v.insert(n.clone(), serde_json::json!(c));
+        }
+        v.insert("accuracy".into(), serde_json::json!(self.accuracy));
+        v.insert("macro avg".into(), serde_json::json!(self.macro_avg));
+        v.insert("weighted avg".into(), serde_json::json!(self.weighted_avg));
+        serde_json::Value::Object(v)
+    }
+
+    /// The table scikit-learn prints (4 decimals).
+    pub fn text(&self, names: &[String]) -> String {
+        let w = names
+            .iter()
+            .map(String::len)
+            .chain([12])
+            .max()
+            .unwrap_or(12);
+        let row = |n: &str, r: &ReportRow| {
+            format!(
+                "{n:>w$} {:>9.4} {:>9.4} {:>9.4} {:>9}\n",
+                r.precision, r.recall, r.f1, r.support
+            )
+        };
+        let mut t = format!(
+            "{:>w$} {:>9} {:>9} {:>9} {:>9}\n\n",
+            "", "precision", "recall", "f1-score", "support"
+        );
+        for (n, c) in names.iter().zip(&self.classes) {
+            t += &row(n, c);
+        }
+        t += &format!(
+            "\n{:>w$} {:>9} {:>9} {:>9.4} {:>9}\n",
+            "accuracy", "", "", self.accuracy, self.macro_avg.support
+        );
+        t += &row("macro avg", &self.macro_avg);
+        t += &row("weighted avg", &self.weighted_avg);
+        t
+    }
+}
+
 /// A CSV file rewritten whole (atomically) on every flush, so a reader never sees half a row
 /// and a crash never loses the rows already written.
 pub struct CsvLog {
@@ -404,6 +531,23 @@ impl CsvLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn classification_report_by_hand() {
+        // gold 0 0 1 1 2, pred 0 1 1 1 0: class 0 p 1/2 r 1/2; class 1 p 2/3 r 1; class 2 p 0 r 0.
+        let r = classification_report(&[0, 1, 1, 1, 0], &[0, 0, 1, 1, 2], 3);
+        assert_eq!(
+            confusion(&[0, 1, 1, 1, 0], &[0, 0, 1, 1, 2], 3),
+            [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+        );
+        assert_eq!((r.classes[0].precision, r.classes[0].recall), (0.5, 0.5));
+        assert!((r.classes[1].f1 - 0.8).abs() < 1e-12);
+        assert_eq!((r.classes[2].f1, r.classes[2].support), (0.0, 1));
+        assert!((r.accuracy - 0.6).abs() < 1e-12);
+        assert!((r.macro_avg.f1 - (0.5 + 0.8) / 3.0).abs() < 1e-12);
+        assert!((r.weighted_avg.recall - (2.0 * 0.5 + 2.0 * 1.0) / 5.0).abs() < 1e-12);
+        assert_eq!(r.macro_avg.support, 5);
+    }
 
     #[test]
     fn accuracy_and_f1() {

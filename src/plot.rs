@@ -1,6 +1,11 @@
 //! `qlora-cls plot`: what the reference showed, from the run folders of a sweep: the training
 //! loss, accuracy per epoch with one line per prompt and the untrained baseline, as PNG and
-//! SVG, and a Markdown table of the final accuracy/F1 per prompt.
+//! SVG, and a Markdown table of the final accuracy/F1 per prompt; the bench's scaling charts;
+//! an evaluation's reliability diagram and confusion matrix.
+//!
+//! Why one file: every chart goes through the one [`Chart`] writer (SVG, then PNG by a
+//! temporary name) and the one font registration, and the line charts share `LineChart`;
+//! split, those would become crate-wide API for three small callers.
 use crate::runio;
 use anyhow::{bail, Context, Result};
 use plotters::coord::Shift;
@@ -282,22 +287,26 @@ fn register_font() -> Result<()> {
 }
 
 #[derive(Clone, Copy)]
-enum Chart {
+enum Curves {
     Loss,
     Accuracy,
 }
 
-fn draw<DB: DrawingBackend>(
-    which: Chart,
-    area: &DrawingArea<DB, Shift>,
-    runs: &[RunData],
-) -> Result<()>
-where
-    DB::ErrorType: 'static,
-{
-    match which {
-        Chart::Loss => draw_loss(area, runs),
-        Chart::Accuracy => draw_accuracy(area, runs),
+/// The loss or accuracy curves of a sweep's runs.
+struct RunsChart<'a> {
+    which: Curves,
+    runs: &'a [RunData],
+}
+
+impl Chart for RunsChart<'_> {
+    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<()>
+    where
+        DB::ErrorType: 'static,
+    {
+        match self.which {
+            Curves::Loss => draw_loss(area, self.runs),
+            Curves::Accuracy => draw_accuracy(area, self.runs),
+        }
     }
 }
 
@@ -307,24 +316,8 @@ pub fn plot(runs_dir: &Path, out: &Path) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     register_font()?;
     let mut written = Vec::new();
-    for (name, which) in [("loss", Chart::Loss), ("accuracy", Chart::Accuracy)] {
-        let mut svg = String::new();
-        {
-            let area = SVGBackend::with_string(&mut svg, (1000, 600)).into_drawing_area();
-            draw(which, &area, &runs)?;
-        }
-        let p = out.join(format!("{name}.svg"));
-        runio::write_text(&p, &svg)?;
-        written.push(p);
-        // The bitmap backend writes the file itself: give it a temporary name, then rename.
-        let p = out.join(format!("{name}.png"));
-        let tmp = out.join(format!(".{name}.tmp-{}.png", std::process::id()));
-        {
-            let area = BitMapBackend::new(&tmp, (1000, 600)).into_drawing_area();
-            draw(which, &area, &runs)?;
-        }
-        std::fs::rename(&tmp, &p).with_context(|| format!("cannot write {}", p.display()))?;
-        written.push(p);
+    for (name, which) in [("loss", Curves::Loss), ("accuracy", Curves::Accuracy)] {
+        written.extend(write_chart(&RunsChart { which, runs: &runs }, out, name)?);
     }
     let p = out.join("results.md");
     runio::write_text(&p, &results_table(&runs))?;
@@ -434,7 +427,7 @@ struct LineChart {
     series: Vec<Series>,
 }
 
-impl LineChart {
+impl Chart for LineChart {
     fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<()>
     where
         DB::ErrorType: 'static,
@@ -480,7 +473,9 @@ impl LineChart {
         area.present().map_err(e)?;
         Ok(())
     }
+}
 
+impl LineChart {
     fn draw_series<'a, DB, X>(
         &self,
         chart: &mut ChartContext<'a, DB, Cartesian2d<X, plotters::coord::types::RangedCoordf64>>,
@@ -512,26 +507,6 @@ impl LineChart {
             .draw()
             .map_err(e)?;
         Ok(())
-    }
-
-    /// Writes `<out>/<name>.svg` and `<out>/<name>.png`; returns both paths.
-    fn write(&self, out: &Path, name: &str) -> Result<Vec<PathBuf>> {
-        let mut svg = String::new();
-        {
-            let area = SVGBackend::with_string(&mut svg, (1000, 600)).into_drawing_area();
-            self.draw(&area)?;
-        }
-        let svg_path = out.join(format!("{name}.svg"));
-        runio::write_text(&svg_path, &svg)?;
-        let png_path = out.join(format!("{name}.png"));
-        let tmp = out.join(format!(".{name}.tmp-{}.png", std::process::id()));
-        {
-            let area = BitMapBackend::new(&tmp, (1000, 600)).into_drawing_area();
-            self.draw(&area)?;
-        }
-        std::fs::rename(&tmp, &png_path)
-            .with_context(|| format!("cannot write {}", png_path.display()))?;
-        Ok(vec![svg_path, png_path])
     }
 }
 
@@ -616,7 +591,7 @@ pub fn plot_scaling(csv: &Path, out: &Path) -> Result<Vec<PathBuf>> {
         ),
     ];
     for (name, chart) in &charts {
-        written.extend(chart.write(out, name)?);
+        written.extend(write_chart(chart, out, name)?);
     }
     let batches: std::collections::BTreeSet<u64> = points
         .iter()
@@ -634,7 +609,7 @@ pub fn plot_scaling(csv: &Path, out: &Path) -> Result<Vec<PathBuf>> {
                 (p.seq == seq).then_some((p.batch as f64, p.tokens_per_s))
             }),
         };
-        written.extend(chart.write(out, "scaling_batch")?);
+        written.extend(write_chart(&chart, out, "scaling_batch")?);
     }
     Ok(written)
 }
@@ -663,13 +638,144 @@ pub fn reliability_diagram(
             .collect();
         series.push((label.clone(), i + 1, pts));
     }
-    LineChart {
+    let chart = LineChart {
         title: title.into(),
         x_desc: "mean top-label probability in the bin (15 bins)".into(),
         y_desc: "fraction predicted right".into(),
         log_x: false,
         legend: SeriesLabelPosition::UpperLeft,
         series,
+    };
+    write_chart(&chart, out, name)
+}
+
+/// A chart written as SVG and PNG by [`write_chart`].
+trait Chart {
+    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<()>
+    where
+        DB::ErrorType: 'static;
+
+    fn size(&self) -> (u32, u32) {
+        (1000, 600)
     }
-    .write(out, name)
+}
+
+/// Writes `<out>/<name>.svg` and `<out>/<name>.png`; returns both paths.
+fn write_chart(chart: &impl Chart, out: &Path, name: &str) -> Result<Vec<PathBuf>> {
+    let mut svg = String::new();
+    {
+        let area = SVGBackend::with_string(&mut svg, chart.size()).into_drawing_area();
+        chart.draw(&area)?;
+    }
+    let svg_path = out.join(format!("{name}.svg"));
+    runio::write_text(&svg_path, &svg)?;
+    // The bitmap backend writes the file itself: give it a temporary name, then rename.
+    let png_path = out.join(format!("{name}.png"));
+    let tmp = out.join(format!(".{name}.tmp-{}.png", std::process::id()));
+    {
+        let area = BitMapBackend::new(&tmp, chart.size()).into_drawing_area();
+        chart.draw(&area)?;
+    }
+    std::fs::rename(&tmp, &png_path)
+        .with_context(|| format!("cannot write {}", png_path.display()))?;
+    Ok(vec![svg_path, png_path])
+}
+
+/// One evaluation's confusion matrix: gold class down, the predicted one across.
+struct ConfusionChart<'a> {
+    title: &'a str,
+    names: &'a [String],
+    counts: &'a [Vec<u64>],
+}
+
+impl Chart for ConfusionChart<'_> {
+    fn size(&self) -> (u32, u32) {
+        (800, 700)
+    }
+
+    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<()>
+    where
+        DB::ErrorType: 'static,
+    {
+        let e = |e| anyhow::anyhow!("{e:?}");
+        area.fill(&WHITE).map_err(e)?;
+        let k = self.names.len() as i32;
+        // `(0..n).into_segmented()` has a segment per value 0..=n: k cells are 0..k-1.
+        let name = |v: &SegmentValue<i32>, flip: bool| match v {
+            SegmentValue::CenterOf(i) => {
+                let i = if flip { k - 1 - i } else { *i };
+                self.names.get(i as usize).cloned().unwrap_or_default()
+            }
+            _ => String::new(),
+        };
+        let mut chart = ChartBuilder::on(area)
+            .caption(self.title, ("sans-serif", 24))
+            .margin(16)
+            .x_label_area_size(50)
+            .y_label_area_size(140)
+            .build_cartesian_2d((0..k - 1).into_segmented(), (0..k - 1).into_segmented())
+            .map_err(e)?;
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_desc("predicted")
+            .y_desc("gold")
+            .x_label_formatter(&|v| name(v, false))
+            .y_label_formatter(&|v| name(v, true))
+            .draw()
+            .map_err(e)?;
+        for (g, row) in self.counts.iter().enumerate() {
+            let total = row.iter().sum::<u64>().max(1) as f64;
+            // Row 0 at the top.
+            let y = k - 1 - g as i32;
+            for (p, &n) in row.iter().enumerate() {
+                let share = n as f64 / total;
+                let fill = RGBColor(
+                    (255.0 - 205.0 * share) as u8,
+                    (255.0 - 150.0 * share) as u8,
+                    255,
+                );
+                let x = p as i32;
+                chart
+                    .draw_series(std::iter::once(Rectangle::new(
+                        [
+                            (SegmentValue::Exact(x), SegmentValue::Exact(y)),
+                            (SegmentValue::Exact(x + 1), SegmentValue::Exact(y + 1)),
+                        ],
+                        fill.filled(),
+                    )))
+                    .map_err(e)?;
+                let ink = if share > 0.6 { WHITE } else { BLACK };
+                chart
+                    .draw_series(std::iter::once(Text::new(
+                        n.to_string(),
+                        (SegmentValue::CenterOf(x), SegmentValue::CenterOf(y)),
+                        ("sans-serif", 22).into_font().color(&ink),
+                    )))
+                    .map_err(e)?;
+            }
+        }
+        area.present().map_err(e)?;
+        Ok(())
+    }
+}
+
+/// The confusion matrix `<out>/<name>.{svg,png}` (scikit-learn's layout: row = gold).
+pub fn confusion_matrix(
+    out: &Path,
+    name: &str,
+    title: &str,
+    names: &[String],
+    counts: &[Vec<u64>],
+) -> Result<Vec<PathBuf>> {
+    register_font()?;
+    write_chart(
+        &ConfusionChart {
+            title,
+            names,
+            counts,
+        },
+        out,
+        name,
+    )
 }

@@ -236,15 +236,7 @@ fn temperature_scaling_is_fitted_saved_and_applied_alike_everywhere() {
     }
 
     // predict with and without the temperature; the oracle recomputes on its CSV.
-    let raw = d.path().join("raw");
-    std::fs::create_dir_all(&raw).unwrap();
-    for f in [
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "labels.json",
-    ] {
-        std::fs::copy(adapter.join(f), raw.join(f)).unwrap();
-    }
+    let raw = bare_copy(&adapter, &d.path().join("raw"));
     let (p0, p1) = (d.path().join("p0.csv"), d.path().join("p1.csv"));
     let split = ["--split", "validation"];
     run_ok(
@@ -382,6 +374,19 @@ fn temperature_scaling_is_fitted_saved_and_applied_alike_everywhere() {
     );
 }
 
+/// The adapter's PEFT files and labels alone in `to` (no calibration.json, no threshold.json).
+fn bare_copy(adapter: &Path, to: &Path) -> std::path::PathBuf {
+    std::fs::create_dir_all(to).unwrap();
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "labels.json",
+    ] {
+        std::fs::copy(adapter.join(f), to.join(f)).unwrap();
+    }
+    to.to_path_buf()
+}
+
 fn best_adapter_has(run: &Path, file: &str) -> bool {
     run.join("best_adapter").join(file).is_file()
 }
@@ -463,15 +468,7 @@ fn a_tuned_threshold_beats_one_half_and_changes_only_the_labels() {
     assert!(t < 0.5, "{file}");
 
     // predict: the same probabilities, the labels of the cut.
-    let raw = d.path().join("raw");
-    std::fs::create_dir_all(&raw).unwrap();
-    for f in [
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "labels.json",
-    ] {
-        std::fs::copy(adapter.join(f), raw.join(f)).unwrap();
-    }
+    let raw = bare_copy(&adapter, &d.path().join("raw"));
     let (p0, p1) = (d.path().join("p0.csv"), d.path().join("p1.csv"));
     let split = ["--split", "validation"];
     let predict = |a: &Path, out: &Path, extra: &[&str]| -> String {
@@ -553,4 +550,127 @@ fn a_tuned_threshold_beats_one_half_and_changes_only_the_labels() {
         (info["threshold"].as_f64().unwrap() - t).abs() < 1e-12,
         "{info}"
     );
+}
+
+#[test]
+fn classification_report_confusion_and_errors_equal_scikit_learn_s() {
+    // Three topics, trained only a few steps so that every kind of mistake is there.
+    let d = common::tempdir();
+    let demo = common::demo_assets(&d.path().join("demo"));
+    let data = demo.join("tasks/topic");
+    let run = d.path().join("run");
+    let cfg = common::root().join("configs/demo.yaml");
+    let model = demo.join("model");
+    let task = [
+        "--config",
+        s(&cfg),
+        "--model_dir",
+        s(&model),
+        "--data_dir",
+        s(&data),
+        "--task",
+        "custom",
+        "--prompt",
+        "",
+        "--text_columns",
+        "headline",
+        "--label_column",
+        "topic",
+    ];
+    let go = |cmd: &str, extra: &[&str]| common::run_ok(&[&[cmd][..], &task, extra].concat());
+    go("train", &["--results_path", s(&run), "--max_steps", "25"]);
+    let adapter = run.join("adapter");
+    let split = ["--split", "validation", "--adapter", s(&adapter)];
+    let out = go("eval", &split);
+    assert!(out.contains("weighted avg"), "{out}");
+    let (pred, errors) = (d.path().join("pred.csv"), d.path().join("errors.csv"));
+    let said = go(
+        "predict",
+        &[&split[..], &["--out", s(&pred), "--errors", s(&errors)]].concat(),
+    );
+    let names = "profit,sales,shares";
+    let want: Value = serde_json::from_str(&common::oracle(
+        "tasks_oracle.py",
+        &[
+            "report",
+            s(&pred),
+            s(&data.join("validation.csv")),
+            "topic",
+            names,
+        ],
+    ))
+    .unwrap();
+    let report: Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("eval-validation.json")).unwrap(),
+    )
+    .unwrap();
+    eprintln!("{}", report["classification_report"]);
+    let (ours, theirs) = (&report["classification_report"], &want["report"]);
+    assert_eq!(
+        ours.as_object().unwrap().keys().collect::<Vec<_>>().len(),
+        theirs.as_object().unwrap().len(),
+        "{ours} vs {theirs}"
+    );
+    for (row, fields) in theirs.as_object().unwrap() {
+        match fields {
+            Value::Object(f) => {
+                for (k, v) in f {
+                    let (a, b) = (ours[row][k].as_f64().unwrap(), v.as_f64().unwrap());
+                    assert!(
+                        (a - b).abs() < 1e-12,
+                        "{row} {k}: ours {a} vs scikit-learn's {b}"
+                    );
+                }
+            }
+            v => assert!((ours[row].as_f64().unwrap() - v.as_f64().unwrap()).abs() < 1e-12),
+        }
+    }
+    // The mistakes are real ones, and the confusion matrix counts them as scikit-learn does.
+    assert_eq!(report["confusion"], want["confusion"]);
+    let wrong = want["errors"].as_array().unwrap();
+    assert!(!wrong.is_empty(), "no mistakes to analyse: {want}");
+    let csv = common::csv_rows(&adapter.join("confusion-validation.csv"));
+    assert_eq!(csv[0], ["gold\\predicted", "profit", "sales", "shares"]);
+    assert!(adapter.join("confusion-validation.png").is_file());
+    // predict --errors: the misclassified rows, each with its text and the probability of
+    // the label predicted (predict's own for that row). (The topic headlines hold no comma.)
+    assert!(
+        said.contains(&format!("wrote {} misclassified rows", wrong.len())),
+        "{said}"
+    );
+    let rows = common::csv_rows(&errors);
+    assert_eq!(
+        rows[0],
+        ["index", "text", "label", "prediction", "probability"]
+    );
+    let preds = common::csv_rows(&pred);
+    let listed: Vec<i64> = rows[1..].iter().map(|r| r[0].parse().unwrap()).collect();
+    let want_rows: Vec<i64> = wrong.iter().map(|v| v.as_i64().unwrap()).collect();
+    assert_eq!(listed, want_rows);
+    for r in &rows[1..] {
+        assert_ne!(r[2], r[3], "{r:?}");
+        assert!(!r[1].is_empty(), "{r:?}");
+        let p = preds[1..].iter().find(|p| p[0] == r[0]).unwrap();
+        assert_eq!(p[1], r[3]);
+        let k = names.split(',').position(|n| n == r[3]).unwrap();
+        assert_eq!(p[2 + k], r[4], "{r:?} vs {p:?}");
+    }
+    // An unlabelled split has no errors to keep: refused before anything is written.
+    let input = d.path().join("new.jsonl");
+    std::fs::write(
+        &input,
+        "{\"headline\": \"Sales at Acme surged 4 percent on Monday.\"}\n",
+    )
+    .unwrap();
+    let nothing = d.path().join("nothing.csv");
+    let out = std::process::Command::new(common::bin())
+        .arg("predict")
+        .args(task)
+        .args(["--adapter", s(&adapter), "--input", s(&input)])
+        .args(["--out", s(&nothing), "--errors", s(&errors)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--errors"), "{err}");
+    assert!(!nothing.exists());
 }

@@ -84,6 +84,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "loader",
             "splits",
             "eval",
+            "scored",
             "demo_tasks",
             "demo",
         ],

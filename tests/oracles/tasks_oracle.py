@@ -9,6 +9,10 @@ with scikit-learn / scipy against the gold labels of the data file.
       sklearn's balanced class weights of TRAIN_FILE's labels, and torch's
       CrossEntropyLoss(weight=) of predict's probabilities against the gold labels;
       prints {"weights": [...], "loss": x} as JSON
+  report PRED.csv GOLD_FILE LABEL_COLUMN NAMES
+      scikit-learn's classification_report (output_dict, labels in id order, zero_division=0)
+      and confusion_matrix of predict's labels; prints {"report": ..., "confusion": ...,
+      "errors": [index of each misclassified row]}
 """
 import csv
 import json
@@ -100,6 +104,24 @@ def weighted_ce(pred_path, gold_path, train_path, column, names):
     print(json.dumps({"weights": weights.tolist(), "loss": loss(probs.log(), y).item()}))
 
 
+def report(pred_path, gold_path, column, names):
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    names = names.split(",")
+    with open(pred_path, newline="") as f:
+        preds = list(csv.DictReader(f))
+    gold = [str(r[column]) for r in read_rows(gold_path)]
+    order = [int(p["index"]) for p in preds]
+    y = [gold[i] for i in order]
+    p = [r["prediction"] for r in preds]
+    rep = classification_report(y, p, labels=names, output_dict=True, zero_division=0)
+    # scikit-learn reports `micro avg` instead of `accuracy` when `labels` leaves some out.
+    cm = confusion_matrix(y, p, labels=names).tolist()
+    errors = [i for i, a, b in zip(order, y, p) if a != b]
+    print(json.dumps({"report": rep, "confusion": cm, "errors": errors}))
+
+
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"to_parquet": to_parquet, "score": score, "weighted_ce": weighted_ce}[cmd](*args)
+    {"to_parquet": to_parquet, "score": score, "weighted_ce": weighted_ce,
+     "report": report}[cmd](*args)
