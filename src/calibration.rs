@@ -95,13 +95,9 @@ pub fn reliability(logits: &[Vec<f64>], gold: &[i64]) -> Result<Vec<Bin>> {
     let mut sums = vec![(0usize, 0.0f64, 0usize); ECE_BINS];
     for (row, &y) in logits.iter().zip(gold) {
         let lp = log_softmax(row, 1.0);
-        // The first class among equal maxima, as argmax everywhere else here.
-        let (top, l) =
-            lp.iter().enumerate().fold(
-                (0, f64::NEG_INFINITY),
-                |b, (c, &v)| if v > b.1 { (c, v) } else { b },
-            );
-        let p = l.exp();
+        // The class the default decision predicts (the first among equal maxima).
+        let top = crate::threshold::argmax(&lp);
+        let p = lp[top].exp();
         let k = ((p * ECE_BINS as f64).ceil() as usize).clamp(1, ECE_BINS) - 1;
         sums[k].0 += 1;
         sums[k].1 += p;

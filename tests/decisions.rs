@@ -13,6 +13,44 @@ fn summary(run: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap()
 }
 
+/// `--config configs/demo.yaml --model_dir MODEL --data_dir DATA`: demo.yaml pins fp32
+/// compute, so every comparison here holds on every CPU.
+fn demo_flags(model: &Path, data: &Path) -> Vec<String> {
+    let cfg = common::root().join("configs/demo.yaml");
+    [
+        "--config",
+        s(&cfg),
+        "--model_dir",
+        s(model),
+        "--data_dir",
+        s(data),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// `qlora-cls CMD <demo_flags> EXTRA…`: (succeeded, stdout, stderr).
+fn demo_cmd(cmd: &str, model: &Path, data: &Path, extra: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(common::bin())
+        .arg(cmd)
+        .args(demo_flags(model, data))
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// [`demo_cmd`] that must succeed; its stdout.
+fn demo_ok(cmd: &str, model: &Path, data: &Path, extra: &[&str]) -> String {
+    let (ok, out, err) = demo_cmd(cmd, model, data, extra);
+    assert!(ok, "qlora-cls {cmd} {extra:?} failed:\n{out}\n{err}");
+    out
+}
+
 /// transformers' rule replayed on eval.csv's main metric: against the best before each
 /// evaluation (the baseline is not one), more than that evaluation's threshold better
 /// resets the count, anything else adds one. The count after each evaluation.
@@ -34,37 +72,27 @@ fn early_stopping_stops_a_plateau_and_the_run_resumes() {
     let d = common::tempdir();
     let demo = common::demo_assets(&d.path().join("demo"));
     let run = d.path().join("run");
-    let cfg = common::root().join("configs/demo.yaml");
-    let flags = |patience: &str, threshold: &str| -> Vec<String> {
-        [
-            "train",
-            "--config",
-            s(&cfg),
-            "--model_dir",
-            s(&demo.join("model")),
-            "--data_dir",
-            s(&demo.join("data")),
-            "--results_path",
-            s(&run),
-            "--epochs",
-            "1",
-            "--eval_steps",
-            "15",
-            "--early_stopping_patience",
-            patience,
-            "--early_stopping_threshold",
-            threshold,
-            "--resume",
-            "auto",
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect()
-    };
+    let (model, data) = (demo.join("model"), demo.join("data"));
     let run_with = |patience: &str, threshold: &str| -> String {
-        let args = flags(patience, threshold);
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        common::run_ok(&refs)
+        demo_ok(
+            "train",
+            &model,
+            &data,
+            &[
+                "--results_path",
+                s(&run),
+                "--epochs",
+                "1",
+                "--eval_steps",
+                "15",
+                "--early_stopping_patience",
+                patience,
+                "--early_stopping_threshold",
+                threshold,
+                "--resume",
+                "auto",
+            ],
+        )
     };
     // No improvement can exceed 10: the second evaluation after the baseline stops the run.
     let out = run_with("1", "10");
@@ -176,30 +204,7 @@ fn temperature_scaling_is_fitted_saved_and_applied_alike_everywhere() {
     let (model, data) = (demo.join("model"), demo.join("data"));
     let run = d.path().join("run");
     let cfg = common::root().join("configs/demo.yaml");
-    // configs/demo.yaml pins fp32 compute, so every comparison holds on every CPU.
-    let on = |extra: &[&str]| -> Vec<String> {
-        [
-            &[
-                "--config",
-                s(&cfg),
-                "--model_dir",
-                s(&model),
-                "--data_dir",
-                s(&data),
-            ][..],
-            extra,
-        ]
-        .concat()
-        .iter()
-        .map(|a| a.to_string())
-        .collect()
-    };
-    let run_ok = |cmd: &str, extra: &[&str]| -> String {
-        let mut args = vec![cmd.to_string()];
-        args.extend(on(extra));
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        common::run_ok(&refs)
-    };
+    let run_ok = |cmd: &str, extra: &[&str]| demo_ok(cmd, &model, &data, extra);
     let out = run_ok(
         "train",
         &["--results_path", s(&run), "--calibrate", "temperature"],
@@ -307,7 +312,8 @@ fn temperature_scaling_is_fitted_saved_and_applied_alike_everywhere() {
 
     // serve answers predict's scaled probabilities.
     let pairs = dev_pairs(&data);
-    let args = on(&["--adapter", s(&adapter)]);
+    let mut args = demo_flags(&model, &data);
+    args.extend(["--adapter".to_string(), s(&adapter).to_string()]);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let server = common::server::Server::serve(&refs);
     for i in [0usize, 1, 7, 42] {
@@ -413,27 +419,7 @@ fn a_tuned_threshold_beats_one_half_and_changes_only_the_labels() {
     }
     std::fs::write(data.join("train.tsv"), kept.join("\n") + "\n").unwrap();
     let run = d.path().join("run");
-    let cfg = common::root().join("configs/demo.yaml");
-    let with = |cmd: &str, extra: &[&str]| -> (bool, String, String) {
-        let out = std::process::Command::new(common::bin())
-            .args([
-                cmd,
-                "--config",
-                s(&cfg),
-                "--model_dir",
-                s(&model),
-                "--data_dir",
-                s(&data),
-            ])
-            .args(extra)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let with = |cmd: &str, extra: &[&str]| demo_cmd(cmd, &model, &data, extra);
     let (ok, out, err) = with(
         "train",
         &[
@@ -533,16 +519,10 @@ fn a_tuned_threshold_beats_one_half_and_changes_only_the_labels() {
     );
 
     // serve tells clients the cut (TEI's /predict answers every label's probability).
-    let server = common::server::Server::serve(&[
-        "--config",
-        s(&cfg),
-        "--model_dir",
-        s(&model),
-        "--data_dir",
-        s(&data),
-        "--adapter",
-        s(&adapter),
-    ]);
+    let mut args = demo_flags(&model, &data);
+    args.extend(["--adapter".to_string(), s(&adapter).to_string()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = common::server::Server::serve(&refs);
     let (status, info) = server.call("GET", "/info", "");
     assert_eq!(status, 200);
     let info: Value = serde_json::from_str(&info).unwrap();
@@ -559,15 +539,8 @@ fn classification_report_confusion_and_errors_equal_scikit_learn_s() {
     let demo = common::demo_assets(&d.path().join("demo"));
     let data = demo.join("tasks/topic");
     let run = d.path().join("run");
-    let cfg = common::root().join("configs/demo.yaml");
     let model = demo.join("model");
     let task = [
-        "--config",
-        s(&cfg),
-        "--model_dir",
-        s(&model),
-        "--data_dir",
-        s(&data),
         "--task",
         "custom",
         "--prompt",
@@ -577,7 +550,7 @@ fn classification_report_confusion_and_errors_equal_scikit_learn_s() {
         "--label_column",
         "topic",
     ];
-    let go = |cmd: &str, extra: &[&str]| common::run_ok(&[&[cmd][..], &task, extra].concat());
+    let go = |cmd: &str, extra: &[&str]| demo_ok(cmd, &model, &data, &[&task[..], extra].concat());
     go("train", &["--results_path", s(&run), "--max_steps", "25"]);
     let adapter = run.join("adapter");
     let split = ["--split", "validation", "--adapter", s(&adapter)];
@@ -663,14 +636,17 @@ fn classification_report_confusion_and_errors_equal_scikit_learn_s() {
     )
     .unwrap();
     let nothing = d.path().join("nothing.csv");
-    let out = std::process::Command::new(common::bin())
-        .arg("predict")
-        .args(task)
-        .args(["--adapter", s(&adapter), "--input", s(&input)])
-        .args(["--out", s(&nothing), "--errors", s(&errors)])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("--errors"), "{err}");
+    let (ok, _, err) = demo_cmd(
+        "predict",
+        &model,
+        &data,
+        &[
+            &task[..],
+            &["--adapter", s(&adapter), "--input", s(&input)],
+            &["--out", s(&nothing), "--errors", s(&errors)],
+        ]
+        .concat(),
+    );
+    assert!(!ok && err.contains("--errors"), "{err}");
     assert!(!nothing.exists());
 }

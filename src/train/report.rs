@@ -153,7 +153,8 @@ impl Trainer<'_> {
             return Ok(None);
         };
         if spec.problem_type == ProblemType::SingleLabel {
-            if r.gold.is_empty() || r.logits.iter().flatten().any(|v| !v.is_finite()) {
+            // No calibration: no labels, or a model gone non-finite.
+            if r.calibration.is_none() {
                 return Ok(None);
             }
             let probs = match fit {
@@ -209,7 +210,7 @@ impl Trainer<'_> {
                 format!("model (ECE {:.4})", r.calibration.map_or(0.0, |c| c.ece)),
                 calibration::reliability(&r.logits, &r.gold)?,
             )];
-            if let Some(fit) = self.temperature_fit(std::slice::from_ref(r))? {
+            if let Some(fit) = &self.last_fit {
                 let scaled = calibration::scaled(&r.logits, fit.temperature);
                 curves.push((
                     format!(

@@ -75,6 +75,7 @@ impl<'a> Trainer<'a> {
         let (labels, raw_train) = prepare_task(cfg)?;
         let scoring = Scoring::for_task(&labels, cfg.metric_for_best_model.as_deref())?;
         if cfg.threshold.is_some() {
+            // Refuses, naming the key, a task that takes no threshold (before any training).
             crate::loader::fixed_decision(0.5, &labels.spec)?;
         }
         if cfg.calibrate == "temperature" && labels.spec.problem_type != ProblemType::SingleLabel {
@@ -202,6 +203,7 @@ impl<'a> Trainer<'a> {
             progress: Progress::for_stdout(cfg.log_every),
             baseline: None,
             last_eval: None,
+            last_fit: None,
             unevaluated_steps: false,
             start,
             session_start: Instant::now(),

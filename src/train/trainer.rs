@@ -81,6 +81,8 @@ pub struct Trainer<'a> {
     pub(super) baseline: Option<serde_json::Value>,
     /// The latest evaluation, one result per evaluation split.
     pub(super) last_eval: Option<Vec<EvalResult>>,
+    /// `calibrate: temperature`'s fit on that evaluation (for the reliability diagram).
+    pub(super) last_fit: Option<adapter::TemperatureFit>,
     pub(super) unevaluated_steps: bool,
     pub(super) start: Instant,
     pub(super) session_start: Instant,
@@ -375,6 +377,7 @@ impl<'a> Trainer<'a> {
             }
         }
         self.last_eval = Some(rs);
+        self.last_fit = fit;
         if self.st.early_stopped_at == Some(self.st.step) {
             say!(self, "{}", self.early_stop_text());
         }
@@ -408,9 +411,10 @@ impl<'a> Trainer<'a> {
     /// A run cut short by `max_steps` in mid-epoch still evaluates the weights it ends with
     /// (`max_steps: 0` is the untrained baseline alone); then summary.json.
     pub fn finish(mut self) -> Result<Summary> {
-        if self.resumed && self.st.step == self.session_step && self.last_eval.is_none() {
-            // Nothing was left to train (a finished or early-stopped run): its summary.json,
-            // written when it ended, stays.
+        // Nothing was left to train (a finished or early-stopped run): its summary.json,
+        // written when it ended, stays.
+        let idle = self.resumed && self.st.step == self.session_step && self.last_eval.is_none();
+        if idle {
             say!(
                 self,
                 "nothing left to train at step {}; {} kept",
@@ -462,8 +466,7 @@ impl<'a> Trainer<'a> {
             kernels: crate::kernels::summary_json(self.device),
             early_stopping: self.early_stopping_json(),
         };
-        let trained_nothing = self.resumed && self.st.step == self.session_step;
-        if self.main && !(trained_nothing && self.last_eval.is_none()) {
+        if self.main && !idle {
             self.write_profile()?;
             runio::write_json(&self.run.join("summary.json"), &summary)?;
             println!("run folder: {}", self.run.display());
