@@ -4,6 +4,7 @@
 //!
 //! Why one file: each key's field, default and check sit side by side, so a new key is added
 //! in one place; the keys and their docs are most of the length (tests are a tenth of it).
+use crate::data::long_text::{Aggregate, LongText, Mode, Side};
 use crate::lora::LORA_TARGETS;
 
 /// PEFT's `target_modules: all-linear`.
@@ -75,6 +76,18 @@ pub struct Config {
     // Data
     pub prompt: String,
     pub max_length: Option<usize>,
+    /// transformers' `truncation_side`: the end `long_text: truncate` cuts (`right`, `left`).
+    pub truncation_side: String,
+    /// A text over `max_length`: `truncate`, `head_tail` (the prompt part, the first
+    /// `head_tokens` and the last tokens) or `chunk` (windows of `max_length` overlapping by
+    /// `chunk_stride` tokens, each led by the prompt part; trained on with the document's
+    /// label and combined by `chunk_aggregate` in eval, predict and serve).
+    pub long_text: String,
+    pub chunk_stride: usize,
+    /// `mean_logits` or `max_prob` (the window the model is surest of).
+    pub chunk_aggregate: String,
+    /// `head_tail`: body tokens kept from the start (null: a quarter of the room).
+    pub head_tokens: Option<usize>,
     pub bucket_by_length: bool,
     pub train_splits: String,
     pub eval_split: String,
@@ -260,6 +273,11 @@ impl Default for Config {
             bnb_4bit_blocksize: 64,
             prompt: "perfect".into(),
             max_length: None,
+            truncation_side: "right".into(),
+            long_text: "truncate".into(),
+            chunk_stride: 0,
+            chunk_aggregate: "mean_logits".into(),
+            head_tokens: None,
             bucket_by_length: false,
             train_splits: "train".into(),
             eval_split: "validation".into(),
@@ -523,6 +541,21 @@ impl Config {
         Ok((cfg, origins))
     }
 
+    /// `max_length`, `truncation_side`, `long_text`, `chunk_stride`, `head_tokens`.
+    pub fn long_text_settings(&self) -> Result<LongText> {
+        Ok(LongText {
+            max_length: self.max_length,
+            side: Side::parse(&self.truncation_side).context("key `truncation_side`")?,
+            mode: Mode::parse(&self.long_text).context("key `long_text`")?,
+            stride: self.chunk_stride,
+            head_tokens: self.head_tokens,
+        })
+    }
+
+    pub fn chunk_aggregate(&self) -> Result<Aggregate> {
+        Aggregate::parse(&self.chunk_aggregate).context("key `chunk_aggregate`")
+    }
+
     fn validate(&self, o: &Origins) -> Result<()> {
         let err =
             |key: &str, msg: String| -> Result<()> { bail!("{}: key `{key}`: {msg}", o.of(key)) };
@@ -590,6 +623,44 @@ impl Config {
         }
         if self.max_length == Some(0) {
             err("max_length", "must be at least 1 (or null)".into())?;
+        }
+        if let Err(e) = Side::parse(&self.truncation_side) {
+            err("truncation_side", format!("{e:#}"))?;
+        }
+        if let Err(e) = Mode::parse(&self.long_text) {
+            err("long_text", format!("{e:#}"))?;
+        }
+        match self.long_text_settings() {
+            Err(e) => bail!("{e:#}"),
+            Ok(lt) => {
+                if lt.side == Side::Left && lt.mode != Mode::Truncate {
+                    err(
+                        "truncation_side",
+                        format!(
+                            "`left` applies to long_text: truncate, not {}",
+                            self.long_text
+                        ),
+                    )?;
+                }
+                if lt.mode != Mode::Truncate && self.max_length.is_none() {
+                    err(
+                        "long_text",
+                        format!(
+                            "`{}` needs max_length (the length it fits texts to)",
+                            self.long_text
+                        ),
+                    )?;
+                }
+                if self.chunk_stride > 0 && lt.mode != Mode::Chunk {
+                    err("chunk_stride", "applies to long_text: chunk".into())?;
+                }
+                if self.head_tokens.is_some() && lt.mode != Mode::HeadTail {
+                    err("head_tokens", "applies to long_text: head_tail".into())?;
+                }
+            }
+        }
+        if let Err(e) = Aggregate::parse(&self.chunk_aggregate) {
+            err("chunk_aggregate", format!("{e:#}"))?;
         }
         if self.eval_steps == Some(0) {
             err("eval_steps", "must be at least 1 (or null)".into())?;
@@ -864,6 +935,59 @@ mod tests {
             ]
         );
         assert!(parse_flags(&["oops".to_string()]).is_err());
+    }
+
+    #[test]
+    fn long_text_keys_are_checked_together() {
+        let load = |flags: &[&str]| {
+            let args: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+            Config::load(None, &parse_flags(&args).expect("flags")).map(|(c, _)| c)
+        };
+        let ok = load(&[
+            "--max_length",
+            "64",
+            "--long_text",
+            "chunk",
+            "--chunk_stride",
+            "8",
+        ])
+        .expect("chunk with max_length");
+        let lt = ok.long_text_settings().unwrap();
+        assert_eq!(
+            (lt.mode, lt.stride, lt.max_length),
+            (Mode::Chunk, 8, Some(64))
+        );
+        for (flags, key) in [
+            (&["--long_text", "chunk"][..], "long_text"),
+            (
+                &["--max_length", "64", "--long_text", "chunks"],
+                "long_text",
+            ),
+            (
+                &["--max_length", "64", "--truncation_side", "up"],
+                "truncation_side",
+            ),
+            (
+                &[
+                    "--max_length",
+                    "64",
+                    "--long_text",
+                    "head_tail",
+                    "--truncation_side",
+                    "left",
+                ],
+                "truncation_side",
+            ),
+            (
+                &["--max_length", "64", "--chunk_stride", "4"],
+                "chunk_stride",
+            ),
+            (&["--max_length", "64", "--head_tokens", "4"], "head_tokens"),
+            (&["--chunk_aggregate", "max"], "chunk_aggregate"),
+        ] {
+            let e = format!("{:#}", load(flags).expect_err("refused"));
+            assert!(e.contains(&format!("key `{key}`")), "{flags:?}: {e}");
+        }
     }
 
     #[test]

@@ -7,7 +7,11 @@
 //! - `tags/` (JSONL, multi-label, lists of names): the measures a one- or two-clause
 //!   headline mentions, columns `text`, `tags`;
 //! - `move/` (JSONL, regression, a float): the signed size of the move, +2/-2 for a strong
-//!   verb, +1/-1 otherwise, columns `text`, `score`.
+//!   verb, +1/-1 otherwise, columns `text`, `score`;
+//! - `long/` (JSONL, binary, long documents): five clauses about shares and sales, one of
+//!   which, placed fourth or fifth (past the first [`LONG_PAST_TOKENS`] tokens), is about
+//!   profit in a `profit` document and about shares or sales in a `none` one; columns `text`,
+//!   `label`. Only a model that reads past the start can tell them apart.
 //!
 //! Everything comes from a fixed seed and is byte-identical on every run.
 use crate::runio::write_text;
@@ -53,12 +57,42 @@ const TIMES: [&str; 4] = ["on Monday", "on Friday", "last week", "in early tradi
 /// One clause: (text, measure index, signed size).
 fn clause(rng: &mut ChaCha8Rng) -> (String, usize, f64) {
     let m = rng.gen_range(0..MEASURES.len());
+    let (text, size) = clause_about(rng, m);
+    (text, m, size)
+}
+
+/// One clause about measure `m`: (text, signed size).
+fn clause_about(rng: &mut ChaCha8Rng, m: usize) -> (String, f64) {
     let subject = MEASURES[m].1[rng.gen_range(0..2)]
         .replace("{}", COMPANIES[rng.gen_range(0..COMPANIES.len())]);
     let (verb, size) = MOVES[rng.gen_range(0..MOVES.len())];
     let pct = rng.gen_range(1..10);
     let time = TIMES[rng.gen_range(0..TIMES.len())];
-    (format!("{subject} {verb} {pct} percent {time}"), m, size)
+    (format!("{subject} {verb} {pct} percent {time}"), size)
+}
+
+/// The demo tokenizer reads the first three clauses of a `long/` document (after the default
+/// template's ` Sentence: ` and BOS) in more tokens than this: a `max_length` up to it never
+/// sees the deciding clause.
+pub const LONG_PAST_TOKENS: usize = 32;
+const PROFIT: usize = 1;
+
+/// One `long/` document: (text, label).
+fn long_document(rng: &mut ChaCha8Rng) -> (String, &'static str) {
+    let filler = |rng: &mut ChaCha8Rng| {
+        let m = [0, 2][rng.gen_range(0..2)];
+        clause_about(rng, m).0
+    };
+    let mut clauses: Vec<String> = (0..4).map(|_| filler(rng)).collect();
+    let profit = rng.gen_bool(0.5);
+    let deciding = if profit {
+        clause_about(rng, PROFIT).0
+    } else {
+        filler(rng)
+    };
+    clauses.insert(rng.gen_range(3..=4), deciding);
+    let text = clauses.join(". ") + ".";
+    (text, if profit { "profit" } else { "none" })
 }
 
 fn csv_field(s: &str) -> String {
@@ -69,14 +103,20 @@ fn csv_field(s: &str) -> String {
     }
 }
 
-/// Writes `out/tasks/{topic,tags,move}/{train,validation}.*`.
+/// Writes `out/tasks/{topic,tags,move,long}/{train,validation}.*`.
 pub fn write_demo_tasks(out: &Path) -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(SEED);
+    // Its own stream: the other tasks' bytes do not change with it.
+    let mut long_rng = ChaCha8Rng::seed_from_u64(SEED + 1);
     for (split, n) in [("train", N_TRAIN), ("validation", N_DEV)] {
         let mut topic = String::from("id,headline,topic\n");
         let mut tags = String::new();
         let mut moves = String::new();
+        let mut long = String::new();
         for i in 0..n {
+            let (text, label) = long_document(&mut long_rng);
+            long.push_str(&format!("{}\n", json!({"text": text, "label": label})));
+
             let (text, m, _) = clause(&mut rng);
             topic.push_str(&format!(
                 "{},{},{}\n",
@@ -108,6 +148,7 @@ pub fn write_demo_tasks(out: &Path) -> Result<()> {
         write_text(&dir.join("topic").join(format!("{split}.csv")), &topic)?;
         write_text(&dir.join("tags").join(format!("{split}.jsonl")), &tags)?;
         write_text(&dir.join("move").join(format!("{split}.jsonl")), &moves)?;
+        write_text(&dir.join("long").join(format!("{split}.jsonl")), &long)?;
     }
     Ok(())
 }

@@ -3,7 +3,9 @@
 //! scores its shard, the logits are gathered, and the padding duplicates are dropped, so
 //! every example counts exactly once.
 use crate::calibration;
+use crate::config::Config;
 use crate::data::batch::{collate, epoch_batches, target_tensor, Encoded};
+use crate::data::long_text::{self, Aggregate};
 use crate::dist::{self, Dist};
 use crate::labels::Target;
 use crate::labels::{LabelSpec, ProblemType};
@@ -35,6 +37,17 @@ pub struct EvalResult {
     pub gold: Vec<i64>,
     /// Multi-label with labels: the gold label flags, in `idx` order.
     pub gold_flags: Vec<Vec<bool>>,
+    /// With `long_text: chunk`: every window's logits, which the rows above aggregate.
+    pub windows: Option<Windows>,
+}
+
+/// The windows of a chunked split, row by row: their document's idx, their place in it, and
+/// their logits.
+#[derive(Debug, Clone, Default)]
+pub struct Windows {
+    pub idx: Vec<i64>,
+    pub window: Vec<u32>,
+    pub logits: Vec<Vec<f64>>,
 }
 
 impl EvalResult {
@@ -51,6 +64,8 @@ pub struct Scoring {
     /// How probabilities become labels (argmax / 0.5 unless an adapter's threshold.json or
     /// the configuration sets a threshold).
     pub decision: Decision,
+    /// How a chunked document's windows become its prediction.
+    pub aggregate: Aggregate,
 }
 
 impl Scoring {
@@ -60,19 +75,29 @@ impl Scoring {
             spec: LabelSpec::mrpc(num_classes),
             metrics: vec!["accuracy".into(), "f1".into()],
             decision: Decision::Default,
+            aggregate: Aggregate::MeanLogits,
         }
     }
 
     /// How a run scores a task's evaluation split: MRPC as the reference does unless
-    /// `metric_for_best_model` names another metric, else the task's metrics.
-    pub fn for_task(labels: &TaskLabels, metric_for_best_model: Option<&str>) -> Result<Scoring> {
-        if labels.task.is_classic_mrpc() && metric_for_best_model.is_none() {
-            return Ok(Scoring::mrpc(labels.spec.num_labels()));
+    /// `metric_for_best_model` names another metric, else the task's metrics; chunked
+    /// documents combined as `chunk_aggregate` says.
+    pub fn for_task(labels: &TaskLabels, cfg: &Config) -> Result<Scoring> {
+        let aggregate = cfg.chunk_aggregate()?;
+        if aggregate == Aggregate::MaxProb && labels.spec.problem_type == ProblemType::Regression {
+            bail!("key `chunk_aggregate`: max_prob has no meaning for regression; use mean_logits");
+        }
+        if labels.task.is_classic_mrpc() && cfg.metric_for_best_model.is_none() {
+            return Ok(Scoring {
+                aggregate,
+                ..Scoring::mrpc(labels.spec.num_labels())
+            });
         }
         Ok(Scoring {
             spec: labels.spec.clone(),
             metrics: labels.task.metrics_for(&labels.spec)?,
             decision: Decision::Default,
+            aggregate,
         })
     }
 }
@@ -230,13 +255,49 @@ pub fn evaluate(
             dist::unshard_tensors(&gathered, data.len())?
         }
     };
-    summarize(data, &lp, scoring, model.loss_weights())
+    if !data.iter().any(|e| e.window > 0) {
+        return summarize(data, &lp, scoring, model.loss_weights());
+    }
+    let rows: Vec<Vec<f64>> = Vec::try_from(&lp.to_device(Device::Cpu))?;
+    let mut docs = Vec::new();
+    let mut flat = Vec::new();
+    for range in documents(data) {
+        let agg = long_text::aggregate(
+            &rows[range.clone()],
+            scoring.spec.problem_type,
+            scoring.aggregate,
+        )?;
+        flat.extend(agg);
+        docs.push(data[range.start].clone());
+    }
+    let k = rows.first().map_or(0, Vec::len) as i64;
+    let doc_logits = Tensor::from_slice(&flat).view([docs.len() as i64, k]);
+    let mut out = summarize(&docs, &doc_logits, scoring, model.loss_weights())?;
+    out.windows = Some(Windows {
+        idx: data.iter().map(|e| e.idx).collect(),
+        window: data.iter().map(|e| e.window).collect(),
+        logits: rows,
+    });
+    Ok(out)
+}
+
+/// The rows of each document of `data`: a new one starts at every window 0.
+pub fn documents(data: &[Encoded]) -> Vec<std::ops::Range<usize>> {
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, e) in data.iter().enumerate() {
+        match out.last_mut() {
+            Some(last) if e.window > 0 => last.end = i + 1,
+            _ => out.push(i..i + 1),
+        }
+    }
+    out
 }
 
 /// Fraction of the most frequent label: the accuracy a constant classifier gets.
 pub fn majority_fraction(data: &[Encoded]) -> f64 {
     let mut counts = std::collections::BTreeMap::new();
-    for e in data {
+    // A chunked document counts once.
+    for e in data.iter().filter(|e| e.window == 0) {
         if let Some(l) = e.label.as_ref().and_then(Target::class) {
             *counts.entry(l).or_insert(0usize) += 1;
         }

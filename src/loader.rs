@@ -89,6 +89,7 @@ fn load_model_on(cfg: &Config, device: Device, residual: Option<PathBuf>) -> Res
         crate::kernel_choice::Mode::parse(&cfg.kernels).context("key `kernels`")?,
     );
     let mut encoder = TextEncoder::from_dir(cfg.tokenizer_dir()?, cfg.max_length)?;
+    encoder.set_long_text(cfg.long_text_settings()?);
     let model_dir = cfg.model_dir()?;
     use_model_pad_token(model_dir, &mut encoder)?;
     let opts = ModelOptions {

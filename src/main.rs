@@ -54,8 +54,8 @@ enum Cmd {
     /// Predictions for any split or file, labelled or not, as CSV (index,prediction,prob_0,...).
     /// Options: --adapter DIR and --out FILE (required), --split S (default test) or
     /// --input FILE (CSV, TSV, JSONL, parquet), --dense_weights (as `eval`), --errors FILE
-    /// (the misclassified rows of a labelled split, with their text), --config FILE, config
-    /// flags.
+    /// (the misclassified rows of a labelled split, with their text), --windows FILE (with
+    /// `long_text: chunk`, every window's logits), --config FILE, config flags.
     #[command(after_help = CONFIG_HELP)]
     Predict {
         #[arg(
@@ -242,7 +242,8 @@ fn score_split(args: &Args, require_labels: bool) -> Result<Scored> {
             let name = path
                 .file_stem()
                 .map_or("input".into(), |s| s.to_string_lossy().into_owned());
-            (name, splits::encode_raw(&labels, &loaded.encoder, &raw)?)
+            let rows = splits::encode_raw(&labels, &loaded.encoder, &raw, &name)?;
+            (name, rows)
         }
         None => {
             let data_cfg = Config {
@@ -255,7 +256,7 @@ fn score_split(args: &Args, require_labels: bool) -> Result<Scored> {
             )
         }
     };
-    let mut scoring = eval::Scoring::for_task(&labels, cfg.metric_for_best_model.as_deref())?;
+    let mut scoring = eval::Scoring::for_task(&labels, &cfg)?;
     scoring.decision = loader::decision(&cfg, &adapter, &labels.spec)?;
     let started = std::time::Instant::now();
     let r = eval::evaluate(
@@ -271,7 +272,9 @@ fn score_split(args: &Args, require_labels: bool) -> Result<Scored> {
     let temperature = Some(loaded.model.temperature()).filter(|&t| t != 1.0);
     let texts = match args.own.get("errors") {
         Some(_) => Some(
+            // A chunked document is shown by its first window.
             data.iter()
+                .filter(|e| e.window == 0)
                 .map(|e| {
                     let ids: Vec<u32> = e.ids.iter().map(|&i| i as u32).collect();
                     loaded
@@ -376,6 +379,7 @@ fn run() -> Result<()> {
                     "input",
                     "dense_weights",
                     "errors",
+                    "windows",
                 ],
             )?;
             let out = PathBuf::from(args.required("out")?);
@@ -389,6 +393,10 @@ fn run() -> Result<()> {
                 }
                 _ => None,
             };
+            let windows = match args.own.get("windows") {
+                Some(f) => Some((PathBuf::from(f), scored::windows_csv(&s.r)?)),
+                None => None,
+            };
             runio::write_text(
                 &out,
                 &scored::predictions_csv(&s.labels.spec, &s.decision, &s.r),
@@ -398,6 +406,9 @@ fn run() -> Result<()> {
             if let Some((file, (csv, n))) = errors {
                 runio::write_text(&file, &csv)?;
                 println!("wrote {n} misclassified rows to {}", file.display());
+            }
+            if let Some((file, csv)) = windows {
+                runio::write_text(&file, &csv)?;
             }
         }
         Cmd::Inspect { flags } => {

@@ -723,6 +723,7 @@ fn sample_rows(
                     ids,
                     label: None,
                     idx: i as i64,
+                    window: 0,
                 })
                 .collect();
             (

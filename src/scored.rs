@@ -60,6 +60,28 @@ pub fn predictions_csv(spec: &LabelSpec, decision: &Decision, r: &EvalResult) ->
     text
 }
 
+/// `predict --windows`: `index,window,logit_0…logit_{K-1}`, a row per window of a chunked
+/// split (the logits `chunk_aggregate` combined).
+pub fn windows_csv(r: &EvalResult) -> Result<String> {
+    let Some(w) = &r.windows else {
+        anyhow::bail!("--windows: no text of this split was cut into windows (long_text: chunk, and texts over max_length)");
+    };
+    let k = w.logits.first().map_or(0, Vec::len);
+    let mut text = String::from("index,window");
+    for c in 0..k {
+        text.push_str(&format!(",logit_{c}"));
+    }
+    text.push('\n');
+    for ((idx, win), row) in w.idx.iter().zip(&w.window).zip(&w.logits) {
+        text.push_str(&format!("{idx},{win}"));
+        for v in row {
+            text.push_str(&format!(",{v:.9}"));
+        }
+        text.push('\n');
+    }
+    Ok(text)
+}
+
 /// `eval` on a labelled single-label split: scikit-learn's `classification_report` (printed,
 /// and in eval-SPLIT.json), the confusion matrix as `confusion-SPLIT.csv` (row = gold, column
 /// = predicted, scikit-learn's layout) and as a picture beside it.

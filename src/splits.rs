@@ -3,6 +3,7 @@
 use crate::config::Config;
 use crate::data::batch::{encode_examples, encode_task_examples, Encoded, TextEncoder};
 use crate::data::examples::{self, TaskExample};
+use crate::data::long_text::Counted;
 use crate::data::{formats, prompt};
 use crate::labels::LabelSpec;
 use crate::task::TaskLabels;
@@ -46,17 +47,31 @@ pub fn load_split(
         return load_mrpc_split(cfg, encoder, split);
     }
     let raw = examples::load_split(cfg.data_dir()?, &labels.task, split, require_labels)?;
-    encode_raw(labels, encoder, &raw)
+    encode_raw(labels, encoder, &raw, split)
 }
 
-/// Encodes a task's examples with their targets (the prompt is the task's own).
+/// Encodes a task's examples with their targets (the prompt is the task's own); how many
+/// were over `max_length` is said on the console, naming them `what`.
 pub fn encode_raw(
     labels: &TaskLabels,
     encoder: &TextEncoder,
     raw: &[TaskExample],
+    what: &str,
 ) -> Result<Vec<Encoded>> {
     let targets = examples::targets(&labels.spec, &labels.task, raw)?;
-    encode_task_examples(encoder, &labels.task, &labels.task.prompt, raw, targets)
+    let encoded = encode_task_examples(encoder, &labels.task, &labels.task.prompt, raw, targets)?;
+    Ok(reported(encoded, encoder, what))
+}
+
+fn reported(
+    (rows, counted): (Vec<Encoded>, Counted),
+    encoder: &TextEncoder,
+    what: &str,
+) -> Vec<Encoded> {
+    if let Some(line) = counted.line(what, encoder.long_text()) {
+        println!("{line}");
+    }
+    rows
 }
 
 /// MRPC through its original reader: checks its labels against num_classes.
@@ -81,5 +96,9 @@ fn load_mrpc_split(cfg: &Config, encoder: &TextEncoder, split: &str) -> Result<V
         &format!("{source} ({split} split)"),
     )?;
     let text = prompt::resolve_prompt(&cfg.prompt)?;
-    encode_examples(encoder, &examples, &text)
+    Ok(reported(
+        encode_examples(encoder, &examples, &text)?,
+        encoder,
+        split,
+    ))
 }

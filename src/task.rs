@@ -257,6 +257,18 @@ pub fn render(template: &str, prompt: &str, columns: &[String], texts: &[String]
     out
 }
 
+/// The start of every text [`render`] makes from `template`: the template up to its first
+/// text column, with the prompt filled in (what each `chunk` window repeats).
+pub fn prompt_part(template: &str, prompt: &str, columns: &[String]) -> String {
+    let filled = template.replace("{prompt}", prompt);
+    let first = columns
+        .iter()
+        .filter_map(|c| filled.find(&format!("{{{c}}}")))
+        .min()
+        .unwrap_or(filled.len());
+    filled[..first].to_string()
+}
+
 /// The placeholders of a template that name neither `prompt` nor one of `columns`.
 pub fn unknown_placeholders(template: &str, columns: &[String]) -> Vec<String> {
     let mut out = Vec::new();

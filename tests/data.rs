@@ -5,6 +5,7 @@ mod common;
 
 use qlora_cls::data::batch::{collate, encode_examples, epoch_batches, Encoded, TextEncoder};
 use qlora_cls::data::formats::{check_labels, load_split, locate_split, Example, Layout};
+use qlora_cls::data::long_text::{LongText, Side};
 use qlora_cls::data::prompt::{render, resolve_prompt, PROMPTS};
 use qlora_cls::demo::write_demo_assets;
 use serde::Deserialize;
@@ -163,22 +164,26 @@ fn tokenisation_and_padding_match_hugging_face() {
     oracle(&["train_tokenizer", s(&mrpc), s(&mrpc_tok)]);
     let dev = load_split(&mrpc, "validation").unwrap();
 
-    for max_length in [0usize, 40] {
-        let out = tmp.path().join(format!("hf-{max_length}.json"));
+    for (max_length, side) in [(0usize, "right"), (40, "right"), (40, "left")] {
+        let out = tmp.path().join(format!("hf-{max_length}-{side}.json"));
         oracle(&[
             "hf_encode",
             s(&mrpc),
             s(&out),
-            &max_length.to_string(),
+            &format!("{max_length}:{side}"),
             s(&demo_tok),
             s(&mrpc_tok),
         ]);
         let hf: Vec<HfTok> = serde_json::from_str(&fs::read_to_string(&out).unwrap()).unwrap();
         assert_eq!(hf.len(), 2);
         for tok in &hf {
-            let enc =
+            let mut enc =
                 TextEncoder::from_dir(Path::new(&tok.dir), (max_length > 0).then_some(max_length))
                     .unwrap();
+            enc.set_long_text(LongText {
+                side: Side::parse(side).unwrap(),
+                ..LongText::truncate(None)
+            });
             assert_eq!(enc.pad_id(), tok.pad_id, "{}: pad id", tok.dir);
             assert_eq!(enc.vocab_size(), tok.len, "{}: vocab size", tok.dir);
             assert_eq!(
@@ -190,14 +195,14 @@ fn tokenisation_and_padding_match_hugging_face() {
             let mut rows = 0;
             for (name, _) in PROMPTS {
                 let prompt = resolve_prompt(name).unwrap();
-                let encoded = encode_examples(&enc, &dev, &prompt).unwrap();
+                let encoded = encode_examples(&enc, &dev, &prompt).unwrap().0;
                 let want = &tok.prompts[name];
                 let refs: Vec<&Encoded> = encoded.iter().collect();
                 assert_eq!(refs.chunks(8).count(), want.len());
                 for (b, (chunk, w)) in refs.chunks(8).zip(want).enumerate() {
                     let batch = collate(chunk, enc.pad_id());
                     let what = format!(
-                        "{} ({}) prompt {name} max_length {max_length} batch {b}",
+                        "{} ({}) prompt {name} max_length {max_length} {side} batch {b}",
                         tok.dir, tok.class
                     );
                     assert_eq!(tensor_rows(&batch.input_ids), w.input_ids, "{what}: ids");
@@ -417,11 +422,13 @@ fn collate_pads_right_with_the_pad_id() {
         ids: vec![5, 6, 7],
         label: Some(1.into()),
         idx: 3,
+        window: 0,
     };
     let b = Encoded {
         ids: vec![8],
         label: Some(0.into()),
         idx: 4,
+        window: 0,
     };
     let batch = collate(&[&a, &b], 9);
     assert_eq!(
@@ -440,6 +447,7 @@ fn collate_pads_right_with_the_pad_id() {
         ids: vec![1],
         label: None,
         idx: 5,
+        window: 0,
     };
     assert!(collate(&[&a, &c], 0).labels.is_none());
 }
@@ -612,7 +620,7 @@ fn demo_assets_are_deterministic_and_load_in_transformers() {
         "bag-of-words dev accuracy {}",
         c.bow_dev_accuracy
     );
-    let first = encode_examples(&enc, &dev[..1], PROMPTS[1].1).unwrap();
+    let first = encode_examples(&enc, &dev[..1], PROMPTS[1].1).unwrap().0;
     assert_eq!(first[0].ids, c.first_ids[..first[0].ids.len()]);
 }
 

@@ -65,6 +65,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "data::formats",
             "data::table",
             "data::prompt",
+            "data::long_text",
             "task",
             "data::examples",
             "data::batch",

@@ -892,6 +892,7 @@ fn our_trainer_loads_peft_adapters_in(root: &Path) {
                 ids: rows[r * t..r * t + n as usize].to_vec(),
                 label: Some(label_v[r].into()),
                 idx: r as i64,
+                window: 0,
             })
             .collect();
         let r = eval::evaluate(

@@ -1,6 +1,7 @@
 //! Tokenisation (a Hugging Face `tokenizer.json`), padding into tensors, and the order of
 //! batches in an epoch.
 use super::formats::Example;
+use super::long_text::{Counted, LongText, Mode, Parts};
 use super::prompt::render;
 use crate::labels::Target;
 use anyhow::{anyhow, bail, Context, Result};
@@ -9,15 +10,17 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
-use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::Tokenizer;
 
 /// Names tried, in order, when `tokenizer_config.json` does not name the eos token.
 pub const KNOWN_EOS_NAMES: [&str; 4] = ["<|end_of_text|>", "</s>", "<|endoftext|>", "<eos>"];
 
 /// A fast tokenizer loaded from `<dir>/tokenizer.json`, encoding like
-/// `AutoTokenizer.from_pretrained(dir)(texts, truncation=True, max_length=...)`.
+/// `AutoTokenizer.from_pretrained(dir)(texts, truncation=True, max_length=...)`, and fitting
+/// longer texts to `max_length` as `long_text` says.
 pub struct TextEncoder {
     tokenizer: Tokenizer,
+    long: LongText,
     pad_id: i64,
     eos_token: String,
     max_id: i64,
@@ -25,9 +28,10 @@ pub struct TextEncoder {
 }
 
 impl TextEncoder {
-    /// Loads `<tokenizer_dir>/tokenizer.json`. Padding settings stored in the file are dropped
-    /// (we pad ourselves); `max_length` truncates on the right, special tokens included, as
-    /// HF's `truncation=True` does.
+    /// Loads `<tokenizer_dir>/tokenizer.json`. Padding and truncation settings stored in the
+    /// file are dropped (we pad ourselves, and cut in [`LongText::fit`], which needs the whole
+    /// text); `max_length` truncates on the right, special tokens included, as HF's
+    /// `truncation=True` does, until [`Self::set_long_text`] says otherwise.
     ///
     /// The pad id is the eos id (the reference sets `tokenizer.pad_token = eos_token`). The
     /// eos token is `eos_token` of `<dir>/tokenizer_config.json` (a string or `{"content": ..}`)
@@ -44,18 +48,11 @@ impl TextEncoder {
         let mut tokenizer = Tokenizer::from_file(&path)
             .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
         tokenizer.with_padding(None);
-        let trunc = match max_length {
-            Some(0) => bail!("max_length must be at least 1"),
-            Some(m) => Some(TruncationParams {
-                max_length: m,
-                strategy: TruncationStrategy::LongestFirst,
-                stride: 0,
-                direction: TruncationDirection::Right,
-            }),
-            None => None,
-        };
+        if max_length == Some(0) {
+            bail!("max_length must be at least 1");
+        }
         tokenizer
-            .with_truncation(trunc)
+            .with_truncation(None)
             .map_err(|e| anyhow!("{}: bad truncation settings: {e}", path.display()))?;
         let eos_token = find_eos(tokenizer_dir, &tokenizer)?;
         let pad_id = tokenizer
@@ -71,6 +68,7 @@ impl TextEncoder {
             as i64;
         Ok(Self {
             tokenizer,
+            long: LongText::truncate(max_length),
             pad_id,
             eos_token,
             max_id,
@@ -78,25 +76,71 @@ impl TextEncoder {
         })
     }
 
-    /// Token ids with the special tokens of the post-processor (Llama-3: `<|begin_of_text|>`).
+    /// How over-long texts are fitted (its `max_length` is the one given to `from_dir`).
+    pub fn set_long_text(&mut self, long: LongText) {
+        self.long = LongText {
+            max_length: self.long.max_length,
+            ..long
+        };
+    }
+
+    pub fn long_text(&self) -> &LongText {
+        &self.long
+    }
+
+    /// Token ids with the special tokens of the post-processor (Llama-3: `<|begin_of_text|>`),
+    /// cut to one row (with `long_text: chunk`, its first window: a right truncation).
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
-        let enc = self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| anyhow!("{}: cannot encode text: {e}", self.path.display()))?;
-        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+        let mut rows = self.encode_many(vec![text.to_string()])?;
+        rows.pop()
+            .ok_or_else(|| anyhow!("{}: no encoding", self.path.display()))
     }
 
     /// Encodes many texts in parallel; same result as `encode` on each.
     pub fn encode_many(&self, texts: Vec<String>) -> Result<Vec<Vec<i64>>> {
+        let one_row = match self.long.mode {
+            Mode::Chunk => LongText {
+                mode: Mode::Truncate,
+                ..LongText::truncate(self.long.max_length)
+            },
+            _ => self.long,
+        };
+        let (rows, _) = self.fit_many(texts, 0, &one_row)?;
+        Ok(rows.into_iter().map(|mut r| r.swap_remove(0)).collect())
+    }
+
+    /// Each text's rows (one, or one per `chunk` window, each led by the text's first
+    /// `prefix_bytes` bytes: the template's prompt part), and what was cut.
+    pub fn encode_fitted(
+        &self,
+        texts: Vec<String>,
+        prefix_bytes: usize,
+    ) -> Result<(Vec<Vec<Vec<i64>>>, Counted)> {
+        self.fit_many(texts, prefix_bytes, &self.long)
+    }
+
+    fn fit_many(
+        &self,
+        texts: Vec<String>,
+        prefix_bytes: usize,
+        long: &LongText,
+    ) -> Result<(Vec<Vec<Vec<i64>>>, Counted)> {
         let encs = self
             .tokenizer
             .encode_batch(texts, true)
             .map_err(|e| anyhow!("{}: cannot encode texts: {e}", self.path.display()))?;
-        Ok(encs
-            .iter()
-            .map(|e| e.get_ids().iter().map(|&i| i as i64).collect())
-            .collect())
+        let mut counted = Counted::default();
+        let mut out = Vec::with_capacity(encs.len());
+        for e in &encs {
+            let ids: Vec<i64> = e.get_ids().iter().map(|&i| i as i64).collect();
+            let parts = Parts::split(&ids, &e.get_sequence_ids(), e.get_offsets(), prefix_bytes);
+            let rows = long
+                .fit(&parts)
+                .with_context(|| format!("tokenizer {}", self.path.display()))?;
+            counted.add(ids.len(), long.max_length, rows.len());
+            out.push(rows);
+        }
+        Ok((out, counted))
     }
 
     pub fn pad_id(&self) -> i64 {
@@ -170,56 +214,70 @@ fn find_eos(dir: &Path, tokenizer: &Tokenizer) -> Result<String> {
         })
 }
 
-/// One tokenised example.
-#[derive(Debug, Clone, PartialEq)]
+/// One tokenised example (or, with `long_text: chunk`, one window of it).
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Encoded {
     pub ids: Vec<i64>,
     pub label: Option<Target>,
     pub idx: i64,
+    /// The window's place in its document: a document's windows follow each other, and a
+    /// new document starts at every 0.
+    pub window: u32,
 }
 
-/// `render(prompt, ex)` then encode, for every example.
+/// The texts' rows, each with its example's target and idx: one per text, or one per
+/// window.
+fn fitted(
+    enc: &TextEncoder,
+    texts: Vec<String>,
+    prefix_bytes: usize,
+    rows_of: impl Iterator<Item = (Option<Target>, i64)>,
+) -> Result<(Vec<Encoded>, Counted)> {
+    let (windows, counted) = enc.encode_fitted(texts, prefix_bytes)?;
+    let mut out = Vec::with_capacity(counted.rows);
+    for (rows, (label, idx)) in windows.into_iter().zip(rows_of) {
+        for (w, ids) in rows.into_iter().enumerate() {
+            out.push(Encoded {
+                ids,
+                label: label.clone(),
+                idx,
+                window: w as u32,
+            });
+        }
+    }
+    Ok((out, counted))
+}
+
+/// `render(prompt, ex)` then encode, for every example; and what was cut.
 pub fn encode_examples(
     enc: &TextEncoder,
     examples: &[Example],
     prompt: &str,
-) -> Result<Vec<Encoded>> {
+) -> Result<(Vec<Encoded>, Counted)> {
     let texts: Vec<String> = examples.iter().map(|ex| render(prompt, ex)).collect();
-    let ids = enc.encode_many(texts)?;
-    Ok(ids
-        .into_iter()
-        .zip(examples)
-        .map(|(ids, ex)| Encoded {
-            ids,
-            label: ex.label.map(Target::Class),
-            idx: ex.idx,
-        })
-        .collect())
+    let prefix = super::prompt::prompt_part(prompt).len();
+    let rows = examples
+        .iter()
+        .map(|ex| (ex.label.map(Target::Class), ex.idx));
+    fitted(enc, texts, prefix, rows)
 }
 
-/// A task's texts rendered through its template, then encoded, with their targets.
+/// A task's texts rendered through its template, then encoded, with their targets; and
+/// what was cut.
 pub fn encode_task_examples(
     enc: &TextEncoder,
     task: &crate::task::Task,
     prompt: &str,
     examples: &[super::examples::TaskExample],
     targets: Vec<Option<Target>>,
-) -> Result<Vec<Encoded>> {
+) -> Result<(Vec<Encoded>, Counted)> {
     let texts: Vec<String> = examples
         .iter()
         .map(|ex| crate::task::render(&task.template, prompt, &task.text_columns, &ex.texts))
         .collect();
-    let ids = enc.encode_many(texts)?;
-    Ok(ids
-        .into_iter()
-        .zip(examples)
-        .zip(targets)
-        .map(|((ids, ex), label)| Encoded {
-            ids,
-            label,
-            idx: ex.idx,
-        })
-        .collect())
+    let prefix = crate::task::prompt_part(&task.template, prompt, &task.text_columns).len();
+    let rows = targets.into_iter().zip(examples.iter().map(|ex| ex.idx));
+    fitted(enc, texts, prefix, rows)
 }
 
 /// A padded batch on the CPU.

@@ -2,5 +2,6 @@
 pub mod batch;
 pub mod examples;
 pub mod formats;
+pub mod long_text;
 pub mod prompt;
 pub mod table;

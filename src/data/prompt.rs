@@ -44,6 +44,12 @@ pub fn resolve_prompt(name_or_text: &str) -> Result<String> {
     )
 }
 
+/// The start of every [`render`]ed text, before the first sentence: what each `chunk`
+/// window repeats.
+pub fn prompt_part(prompt: &str) -> String {
+    format!("{prompt} Sentence 1: ")
+}
+
 /// Exactly Python's `f"{prompt} Sentence 1: {s1} Sentence 2: {s2}"`; the empty prompt
 /// leaves the leading space, as the reference does.
 pub fn render(prompt: &str, ex: &Example) -> String {

@@ -196,6 +196,7 @@ fn run(
             ids: i.ids.clone(),
             label: None,
             idx: 0,
+            window: 0,
         })
         .collect();
     // A libtorch error panics inside tch; it fails this batch, not the server.

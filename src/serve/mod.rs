@@ -14,6 +14,7 @@ pub mod metrics;
 use crate::config::Config;
 use crate::data::batch::TextEncoder;
 use crate::data::formats::Example;
+use crate::data::long_text::{self, Aggregate, Mode};
 use crate::data::prompt;
 use crate::labels::{self, LabelSpec, ProblemType};
 use crate::loader;
@@ -71,8 +72,11 @@ impl Default for ServeOptions {
 
 struct AppState {
     encoder: TextEncoder,
-    /// Cuts at `max_input_length` exactly as the tokenizer's own truncation would.
+    /// Fits a text to `max_input_length` as `long_text` says (`truncate`: exactly as the
+    /// tokenizer's own truncation would).
     truncating: TextEncoder,
+    /// How a chunked input's windows become one answer.
+    aggregate: Aggregate,
     max_input_length: usize,
     prompt: String,
     /// The task the adapter was trained on: its template and text columns.
@@ -107,6 +111,8 @@ pub fn serve(cfg: &Config, adapter: &Path, opts: &ServeOptions) -> Result<()> {
     let tokenizer_dir = cfg.tokenizer_dir()?;
     let mut truncating = TextEncoder::from_dir(tokenizer_dir, Some(max_input_length))?;
     truncating.set_pad_id(encoder.pad_id());
+    truncating.set_long_text(cfg.long_text_settings()?);
+    let aggregate = cfg.chunk_aggregate()?;
     let num_labels = model.opts.num_labels as usize;
     let labels = crate::adapter::labels_for(adapter, num_labels)?;
     // The prompt the adapter was trained with (an adapter from before labels.json: the
@@ -149,6 +155,8 @@ pub fn serve(cfg: &Config, adapter: &Path, opts: &ServeOptions) -> Result<()> {
         "max_concurrent_requests": limits.max_queue,
         "max_client_batch_size": opts.max_client_batch_size,
         "max_input_length": max_input_length,
+        "long_text": cfg.long_text,
+        "chunk_aggregate": cfg.chunk_aggregate,
         "temperature": model.temperature(),
         "threshold": threshold,
         "version": env!("CARGO_PKG_VERSION"),
@@ -158,6 +166,7 @@ pub fn serve(cfg: &Config, adapter: &Path, opts: &ServeOptions) -> Result<()> {
     let state = Arc::new(AppState {
         encoder,
         truncating,
+        aggregate,
         max_input_length,
         prompt: prompt_text,
         task,
@@ -285,9 +294,20 @@ fn render(prompt_text: &str, task: &Task, input: &Input) -> String {
     )
 }
 
+/// The start of every text [`render`] makes: what each `chunk` window repeats.
+fn prompt_part(prompt_text: &str, task: &Task) -> String {
+    if !task.template.is_empty() && !task.is_classic_mrpc() {
+        return crate::task::prompt_part(&task.template, prompt_text, &task.text_columns);
+    }
+    prompt::prompt_part(prompt_text)
+}
+
 async fn predict_inner(s: &AppState, body: &[u8]) -> Result<(Value, usize), ApiError> {
     let req = api::parse_predict(body, s.max_client_batch_size)?;
-    let mut ids = Vec::with_capacity(req.inputs.len());
+    let chunk = s.truncating.long_text().mode == Mode::Chunk;
+    let prefix = prompt_part(&s.prompt, &s.task).len();
+    // Every input's rows: one, or one per window of a chunked input.
+    let mut ids: Vec<Vec<Vec<i64>>> = Vec::with_capacity(req.inputs.len());
     for (i, input) in req.inputs.iter().enumerate() {
         let text = render(&s.prompt, &s.task, input);
         let tokenizer_error = |e: anyhow::Error| {
@@ -299,7 +319,7 @@ async fn predict_inner(s: &AppState, body: &[u8]) -> Result<(Value, usize), ApiE
         };
         let t = s.encoder.encode(&text).map_err(tokenizer_error)?;
         if t.len() > s.max_input_length {
-            if !req.truncate {
+            if !req.truncate && !chunk {
                 return Err(ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "Validation",
@@ -311,25 +331,46 @@ async fn predict_inner(s: &AppState, body: &[u8]) -> Result<(Value, usize), ApiE
                     ),
                 ));
             }
-            ids.push(s.truncating.encode(&text).map_err(tokenizer_error)?);
+            let (mut fitted, _) = s
+                .truncating
+                .encode_fitted(vec![text], prefix)
+                .map_err(tokenizer_error)?;
+            ids.push(fitted.pop().unwrap_or_default());
         } else {
-            ids.push(t);
+            ids.push(vec![t]);
         }
     }
     let n = ids.len();
-    let pending = s.batcher.submit(ids)?;
+    let windows: Vec<usize> = ids.iter().map(Vec::len).collect();
+    let mut pending = s
+        .batcher
+        .submit(ids.into_iter().flatten().collect())?
+        .into_iter();
     let mut answers = Vec::with_capacity(n);
-    for rx in pending {
-        let row = rx
-            .await
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "Unhealthy",
-                    "the server stopped before answering",
-                )
-            })?
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Backend", e))?;
+    for count in windows {
+        let mut rows = Vec::with_capacity(count);
+        for rx in pending.by_ref().take(count) {
+            rows.push(
+                rx.await
+                    .map_err(|_| {
+                        ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "Unhealthy",
+                            "the server stopped before answering",
+                        )
+                    })?
+                    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Backend", e))?,
+            );
+        }
+        let backend = |e: anyhow::Error| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Backend",
+                format!("{e:#}"),
+            )
+        };
+        let row =
+            long_text::aggregate(&rows, s.labels.problem_type, s.aggregate).map_err(backend)?;
         let scores = if req.raw_scores {
             row
         } else {

@@ -73,7 +73,7 @@ impl<'a> Trainer<'a> {
         let resume_from = resume::resolve(&run, cfg.resume.as_deref().unwrap_or(""))?;
 
         let (labels, raw_train) = prepare_task(cfg)?;
-        let scoring = Scoring::for_task(&labels, cfg.metric_for_best_model.as_deref())?;
+        let scoring = Scoring::for_task(&labels, cfg)?;
         if cfg.threshold.is_some() {
             // Refuses, naming the key, a task that takes no threshold (before any training).
             crate::loader::fixed_decision(0.5, &labels.spec)?;
@@ -92,7 +92,7 @@ impl<'a> Trainer<'a> {
         } = load_model(&sized_for(cfg, &labels.spec), device)?;
         let pad = encoder.pad_id();
         let train_set = match &raw_train {
-            Some(raw) => encode_raw(&labels, &encoder, raw)?,
+            Some(raw) => encode_raw(&labels, &encoder, raw, &cfg.train_splits)?,
             None => load_split(cfg, &labels, &encoder, &cfg.train_splits, true)?,
         };
         let eval_sets = eval_splits(cfg, &labels)

@@ -213,6 +213,7 @@ pub fn adapter_logits(
             ids,
             label: None,
             idx: 0,
+            window: 0,
         })
         .collect();
     let b = collate(&enc.iter().collect::<Vec<_>>(), loaded.encoder.pad_id());

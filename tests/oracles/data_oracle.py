@@ -4,7 +4,7 @@ and padding, and checks that transformers loads the demo assets.
 
     data_oracle.py layouts MRPC_DIR OUT_DIR
     data_oracle.py train_tokenizer MRPC_DIR OUT_DIR
-    data_oracle.py hf_encode MRPC_DIR OUT_JSON MAX_LENGTH TOKDIR...   (MAX_LENGTH 0 = none)
+    data_oracle.py hf_encode MRPC_DIR OUT_JSON MAX_LENGTH[:SIDE] TOKDIR...   (MAX_LENGTH 0 = none; SIDE right|left)
     data_oracle.py check_demo DEMO_DIR OUT_JSON
     data_oracle.py lora_probe DEMO_DIR LR EPOCHS   (manual: is the demo learnable by LoRA q/v
                                                     + head on the frozen random model? ~1 min/epoch on 2 CPUs)
@@ -159,7 +159,7 @@ def train_tokenizer(mrpc, out):
     print(json.dumps({"vocab": tok.get_vocab_size(), "bos": bos, "eos": tok.token_to_id(EOS)}))
 
 
-def hf_encode(mrpc, out_json, max_length, tokdirs):
+def hf_encode(mrpc, out_json, max_length, tokdirs, side="right"):
     from transformers import AutoTokenizer
 
     rows = read_tsv(os.path.join(mrpc, "dev.tsv"))
@@ -167,6 +167,7 @@ def hf_encode(mrpc, out_json, max_length, tokdirs):
     for d in tokdirs:
         tok = AutoTokenizer.from_pretrained(d)
         tok.pad_token = tok.eos_token
+        tok.truncation_side = side
         per_prompt = {}
         for name, prompt in PROMPTS.items():
             texts = [f"{prompt} Sentence 1: {r['sentence1']} Sentence 2: {r['sentence2']}" for r in rows]
@@ -312,7 +313,8 @@ if __name__ == "__main__":
     elif cmd == "train_tokenizer":
         train_tokenizer(*args)
     elif cmd == "hf_encode":
-        hf_encode(args[0], args[1], int(args[2]) or None, args[3:])
+        length, _, side = args[2].partition(":")
+        hf_encode(args[0], args[1], int(length) or None, args[3:], side or "right")
     elif cmd == "check_demo":
         check_demo(*args)
     elif cmd == "lora_probe":
