@@ -1,5 +1,6 @@
 //! `qlora-cls serve` over real HTTP on 127.0.0.1: the TEI `/predict` answers equal `predict`'s
-//! probabilities for texts, pairs and batches; 64 concurrent clients all get correct answers;
+//! probabilities for texts, pairs and batches, and `/rerank` orders texts by predict's
+//! p(positive) of their (query, text) pairs; 64 concurrent clients all get correct answers;
 //! bad input gets a JSON 4xx; a full queue gets 429; SIGTERM finishes the queued requests and
 //! exits 0.
 mod common;
@@ -530,4 +531,145 @@ fn in_bf16_the_same_batches_give_predicts_answers() {
         }
     }
     eprintln!("bf16: a row alone vs in predict's batch: max |Δlogit| {alone:.3e}");
+}
+
+/// The fixture's first query with the sentence 2 of its first ten rows as the texts to rank.
+fn rerank_case() -> (String, Vec<String>) {
+    let rows = &fixture().rows;
+    (
+        rows[0].0.clone(),
+        rows[..10].iter().map(|r| r.1.clone()).collect(),
+    )
+}
+
+/// `predict`'s p(positive) for (query, text) pairs, as a file of those pairs.
+fn predict_pairs(query: &str, texts: &[String]) -> Vec<f64> {
+    let f = fixture();
+    let input = f.data.join("rerank-pairs.jsonl");
+    let lines: Vec<String> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| json!({"sentence1": query, "sentence2": t, "idx": i}).to_string())
+        .collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let out = f.data.join("rerank-preds.csv");
+    let o = Command::new(bin())
+        .args(["predict", "--input", s(&input), "--out", s(&out)])
+        .args(["--model_dir", s(&f.model), "--adapter", s(&f.adapter)])
+        .args(["--bnb_4bit_compute_dtype", FP32])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::predicted_probabilities(&out)
+        .into_iter()
+        .map(|p| p[1])
+        .collect()
+}
+
+/// `/rerank`'s answer → score by text index, checking the order and the texts.
+fn reranked_scores(v: &Value, texts: &[String], with_text: bool) -> Vec<f64> {
+    let list = v.as_array().unwrap_or_else(|| panic!("not a list: {v}"));
+    assert_eq!(list.len(), texts.len(), "{v}");
+    let mut out = vec![f64::NAN; texts.len()];
+    let mut last = f64::INFINITY;
+    for e in list {
+        let (i, score) = (
+            e["index"].as_u64().unwrap() as usize,
+            e["score"].as_f64().unwrap(),
+        );
+        assert!(score <= last, "not sorted by score: {v}");
+        last = score;
+        assert_eq!(e.get("text").is_some(), with_text, "{e}");
+        if with_text {
+            assert_eq!(e["text"], texts[i].as_str());
+        }
+        out[i] = score;
+    }
+    assert!(out.iter().all(|x| x.is_finite()), "an index twice: {v}");
+    out
+}
+
+#[test]
+fn rerank_orders_texts_as_predict_scores_their_pairs() {
+    let (query, texts) = rerank_case();
+    let want = predict_pairs(&query, &texts);
+    let server = Server::start(&["--max_wait_ms", "5", "--max_client_batch_size", "16"]);
+    let (status, info) = server.call("GET", "/info", "");
+    assert_eq!(status, 200);
+    assert!(info.contains("\"reranker\":true"), "{info}");
+    let body = json!({"query": query, "texts": texts, "return_text": true});
+    let (status, text) = server.call("POST", "/rerank", &body.to_string());
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_close(&reranked_scores(&v, &texts, true), &want, "/rerank");
+
+    // raw_scores: the positive label's logit, as /predict's raw_scores gives it.
+    let body = json!({"query": query, "texts": texts, "raw_scores": true});
+    let (_, text) = server.call("POST", "/rerank", &body.to_string());
+    let raw = reranked_scores(&serde_json::from_str(&text).unwrap(), &texts, false);
+    for (i, t) in texts.iter().enumerate().take(3) {
+        let (_, p) = server.predict(json!({"inputs": [query, t], "raw_scores": true}));
+        let logit = p
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["label"] == "LABEL_1")
+            .unwrap()["score"]
+            .as_f64()
+            .unwrap();
+        assert!(
+            (raw[i] - logit).abs() <= 1e-5,
+            "text {i}: {} vs {logit}",
+            raw[i]
+        );
+    }
+
+    // 64 concurrent clients, each ranking its own slice of the texts.
+    let addr = server.addr.clone();
+    let clients: Vec<_> = (0..64)
+        .map(|c| {
+            let (addr, query, texts, want) =
+                (addr.clone(), query.clone(), texts.clone(), want.clone());
+            std::thread::spawn(move || {
+                for k in 0..10 {
+                    let start = (c + k) % texts.len();
+                    let n = 1 + (c * 3 + k) % (texts.len() - start);
+                    let mine = &texts[start..start + n];
+                    let body = json!({"query": query, "texts": mine}).to_string();
+                    let (status, text) = http(&addr, "POST", "/rerank", &body).unwrap();
+                    assert_eq!(status, 200, "client {c} request {k}: {text}");
+                    let got = reranked_scores(&serde_json::from_str(&text).unwrap(), mine, false);
+                    assert_close(
+                        &got,
+                        &want[start..start + n],
+                        &format!("client {c} request {k}"),
+                    );
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("a client failed");
+    }
+
+    // Bad requests get a JSON 4xx, and the server lives on.
+    let many: Vec<&str> = vec!["a text"; 17];
+    for (body, code, says) in [
+        (json!({"texts": ["a"]}), 422, "missing field `query`"),
+        (json!({"query": "q", "texts": []}), 422, "empty list"),
+        (json!({"query": "q", "texts": "a"}), 422, "list of strings"),
+        (
+            json!({"query": "q", "texts": many}),
+            413,
+            "max_client_batch_size 16",
+        ),
+    ] {
+        let (status, text) = server.call("POST", "/rerank", &body.to_string());
+        assert_eq!(status, code, "{body}: {text}");
+        let e: Value = serde_json::from_str(&text).unwrap();
+        assert!(e["error"].as_str().unwrap().contains(says), "{text}");
+        assert_eq!(e["error_type"], "Validation", "{text}");
+    }
+    let (status, _) = server.call("GET", "/health", "");
+    assert_eq!(status, 200);
 }

@@ -1,10 +1,14 @@
-//! The text-embeddings-inference `/predict` request and response, and the JSON errors.
+//! The text-embeddings-inference `/predict` and `/rerank` requests and responses, and the
+//! JSON errors.
 //!
 //! `inputs` is a text (`"a"`), one pair (`["a", "b"]`, TEI's reading of a two-string list) or
 //! a batch of texts and pairs (`[["a"], ["a", "b"]]`); `truncate` (default false) cuts an
 //! over-long input instead of refusing it; `raw_scores` (default false) returns the logits
 //! instead of the scores of the problem type. A single input answers one list of
 //! `{"label", "score"}` sorted by score, a batch one such list per input.
+//!
+//! `/rerank` takes a `query` and `texts` (and `truncate`, `raw_scores`, `return_text`) and
+//! answers `[{"index", "score"[, "text"]}]`, highest score first.
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -82,6 +86,23 @@ fn flag(obj: &serde_json::Map<String, Value>, key: &str) -> Result<bool, ApiErro
     }
 }
 
+fn right_only(obj: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
+    match obj.get("truncation_direction") {
+        Some(d) if d != "Right" && d != "right" => Err(ApiError::validation(format!(
+            "truncation_direction {d}: only Right is supported"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn too_many(n: usize, what: &str, max_client_batch: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "Validation",
+        format!("batch of {n} {what} exceeds max_client_batch_size {max_client_batch}"),
+    )
+}
+
 /// Parses and checks a `/predict` body.
 pub fn parse_predict(body: &[u8], max_client_batch: usize) -> Result<PredictRequest, ApiError> {
     let v: Value = serde_json::from_slice(body)
@@ -96,13 +117,7 @@ pub fn parse_predict(body: &[u8], max_client_batch: usize) -> Result<PredictRequ
             "unknown field `{k}` (fields: inputs, truncate, raw_scores)"
         )));
     }
-    if let Some(d) = obj.get("truncation_direction") {
-        if d != "Right" && d != "right" {
-            return Err(ApiError::validation(format!(
-                "truncation_direction {d}: only Right is supported"
-            )));
-        }
-    }
+    right_only(obj)?;
     let inputs = obj
         .get("inputs")
         .ok_or_else(|| ApiError::validation("missing field `inputs`"))?;
@@ -143,14 +158,7 @@ pub fn parse_predict(body: &[u8], max_client_batch: usize) -> Result<PredictRequ
         }
     };
     if inputs.len() > max_client_batch {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "Validation",
-            format!(
-                "batch of {} inputs exceeds max_client_batch_size {max_client_batch}",
-                inputs.len()
-            ),
-        ));
+        return Err(too_many(inputs.len(), "inputs", max_client_batch));
     }
     Ok(PredictRequest {
         inputs,
@@ -158,6 +166,89 @@ pub fn parse_predict(body: &[u8], max_client_batch: usize) -> Result<PredictRequ
         truncate: flag(obj, "truncate")?,
         raw_scores: flag(obj, "raw_scores")?,
     })
+}
+
+/// A `/rerank` request: the query and the texts to order by relevance to it.
+#[derive(Debug, PartialEq)]
+pub struct RerankRequest {
+    pub query: String,
+    pub texts: Vec<String>,
+    pub truncate: bool,
+    pub raw_scores: bool,
+    pub return_text: bool,
+}
+
+/// Parses and checks a `/rerank` body.
+pub fn parse_rerank(body: &[u8], max_client_batch: usize) -> Result<RerankRequest, ApiError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::validation(format!("malformed JSON body: {e}")))?;
+    let obj = v.as_object().ok_or_else(|| {
+        ApiError::validation("the body must be a JSON object with `query` and `texts`")
+    })?;
+    const FIELDS: [&str; 6] = [
+        "query",
+        "texts",
+        "truncate",
+        "raw_scores",
+        "return_text",
+        "truncation_direction",
+    ];
+    if let Some(k) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(ApiError::validation(format!(
+            "unknown field `{k}` (fields: query, texts, truncate, raw_scores, return_text)"
+        )));
+    }
+    right_only(obj)?;
+    let query = text(
+        obj.get("query")
+            .ok_or_else(|| ApiError::validation("missing field `query`"))?,
+        "query",
+    )?;
+    let texts = match obj.get("texts") {
+        None => return Err(ApiError::validation("missing field `texts`")),
+        Some(Value::Array(a)) if a.is_empty() => {
+            return Err(ApiError::validation("`texts` is an empty list"))
+        }
+        Some(Value::Array(a)) => a
+            .iter()
+            .enumerate()
+            .map(|(i, t)| text(t, &format!("texts[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(other) => {
+            return Err(ApiError::validation(format!(
+                "`texts` must be a list of strings, got {other}"
+            )))
+        }
+    };
+    if texts.len() > max_client_batch {
+        return Err(too_many(texts.len(), "texts", max_client_batch));
+    }
+    Ok(RerankRequest {
+        query,
+        texts,
+        truncate: flag(obj, "truncate")?,
+        raw_scores: flag(obj, "raw_scores")?,
+        return_text: flag(obj, "return_text")?,
+    })
+}
+
+/// `/rerank`'s answer: every text's index and score (and the text itself when asked),
+/// highest score first; equal scores keep the request's order.
+pub fn reranked(scores: &[f64], texts: Option<&[String]>) -> Value {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    Value::Array(
+        order
+            .into_iter()
+            .map(|i| {
+                let mut e = json!({"index": i, "score": scores[i]});
+                if let Some(t) = texts {
+                    e["text"] = json!(t[i]);
+                }
+                e
+            })
+            .collect(),
+    )
 }
 
 /// One input's answer: every label with its score, highest first.
@@ -217,6 +308,54 @@ mod tests {
         let big = format!(r#"{{"inputs": [{}]}}"#, [r#"["a"]"#; 9].join(","));
         let e = parse_predict(big.as_bytes(), 8).unwrap_err();
         assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[test]
+    fn rerank_bodies_are_checked_and_answers_sorted() {
+        let r = parse_rerank(
+            br#"{"query": "q", "texts": ["a", "b"], "return_text": true}"#,
+            8,
+        )
+        .unwrap();
+        assert_eq!((r.query.as_str(), r.texts.len()), ("q", 2));
+        assert!(r.return_text && !r.raw_scores && !r.truncate);
+        let err = |b: &str| parse_rerank(b.as_bytes(), 2).unwrap_err();
+        assert!(err(r#"{"texts": ["a"]}"#)
+            .message
+            .contains("missing field `query`"));
+        assert!(err(r#"{"query": "q"}"#)
+            .message
+            .contains("missing field `texts`"));
+        assert!(err(r#"{"query": "q", "texts": []}"#)
+            .message
+            .contains("empty list"));
+        assert!(err(r#"{"query": "q", "texts": "a"}"#)
+            .message
+            .contains("list of strings"));
+        assert!(err(r#"{"query": "q", "texts": ["a", 3]}"#)
+            .message
+            .contains("texts[1]"));
+        assert!(err(r#"{"query": " ", "texts": ["a"]}"#)
+            .message
+            .contains("query is empty"));
+        assert!(err(r#"{"query": "q", "texts": ["a"], "top_n": 1}"#)
+            .message
+            .contains("top_n"));
+        let big = err(r#"{"query": "q", "texts": ["a", "b", "c"]}"#);
+        assert_eq!(big.status, StatusCode::PAYLOAD_TOO_LARGE);
+        let v = reranked(
+            &[0.1, 0.9, 0.1],
+            Some(&["x".into(), "y".into(), "z".into()]),
+        );
+        let idx: Vec<u64> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["index"].as_u64().unwrap())
+            .collect();
+        assert_eq!(idx, [1, 0, 2]);
+        assert_eq!(v[0]["text"], "y");
+        assert!(reranked(&[0.5], None)[0].get("text").is_none());
     }
 
     #[test]

@@ -144,6 +144,7 @@ pub fn serve(cfg: &Config, adapter: &Path, opts: &ServeOptions) -> Result<()> {
         "problem_type": labels.problem_type.as_str(),
         "labels": labels.names,
         "pair_inputs": task.text_columns.len() == 2,
+        "reranker": rerank_logit(&task, &labels).is_some(),
         "template": task.template,
         "prompt": prompt_text,
         "device": format!("{device:?}"),
@@ -183,6 +184,7 @@ pub fn serve(cfg: &Config, adapter: &Path, opts: &ServeOptions) -> Result<()> {
         .route("/info", get(info_json))
         .route("/metrics", get(metrics_text))
         .route("/predict", post(predict))
+        .route("/rerank", post(rerank))
         .with_state(state.clone());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -302,29 +304,44 @@ fn prompt_part(prompt_text: &str, task: &Task) -> String {
     prompt::prompt_part(prompt_text)
 }
 
-async fn predict_inner(s: &AppState, body: &[u8]) -> Result<(Value, usize), ApiError> {
-    let req = api::parse_predict(body, s.max_client_batch_size)?;
+fn backend(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "Backend",
+        format!("{e:#}"),
+    )
+}
+
+/// The model's logits for each input (`what[i]` in errors): cut or refused at
+/// `max_input_length` as `truncate` and `long_text` say, batched with the other requests, a
+/// chunked input's windows combined into one row.
+async fn logits_of(
+    s: &AppState,
+    inputs: &[Input],
+    truncate: bool,
+    what: &str,
+) -> Result<Vec<Vec<f64>>, ApiError> {
     let chunk = s.truncating.long_text().mode == Mode::Chunk;
     let prefix = prompt_part(&s.prompt, &s.task).len();
     // Every input's rows: one, or one per window of a chunked input.
-    let mut ids: Vec<Vec<Vec<i64>>> = Vec::with_capacity(req.inputs.len());
-    for (i, input) in req.inputs.iter().enumerate() {
+    let mut ids: Vec<Vec<Vec<i64>>> = Vec::with_capacity(inputs.len());
+    for (i, input) in inputs.iter().enumerate() {
         let text = render(&s.prompt, &s.task, input);
         let tokenizer_error = |e: anyhow::Error| {
             ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "Tokenizer",
-                format!("inputs[{i}]: {e:#}"),
+                format!("{what}[{i}]: {e:#}"),
             )
         };
         let t = s.encoder.encode(&text).map_err(tokenizer_error)?;
         if t.len() > s.max_input_length {
-            if !req.truncate && !chunk {
+            if !truncate && !chunk {
                 return Err(ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "Validation",
                     format!(
-                        "inputs[{i}] is {} tokens long with the prompt, over max_input_length {}; \
+                        "{what}[{i}] is {} tokens long with the prompt, over max_input_length {}; \
                          shorten it or send \"truncate\": true",
                         t.len(),
                         s.max_input_length
@@ -340,13 +357,12 @@ async fn predict_inner(s: &AppState, body: &[u8]) -> Result<(Value, usize), ApiE
             ids.push(vec![t]);
         }
     }
-    let n = ids.len();
     let windows: Vec<usize> = ids.iter().map(Vec::len).collect();
     let mut pending = s
         .batcher
         .submit(ids.into_iter().flatten().collect())?
         .into_iter();
-    let mut answers = Vec::with_capacity(n);
+    let mut out = Vec::with_capacity(windows.len());
     for count in windows {
         let mut rows = Vec::with_capacity(count);
         for rx in pending.by_ref().take(count) {
@@ -362,21 +378,21 @@ async fn predict_inner(s: &AppState, body: &[u8]) -> Result<(Value, usize), ApiE
                     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Backend", e))?,
             );
         }
-        let backend = |e: anyhow::Error| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Backend",
-                format!("{e:#}"),
-            )
-        };
-        let row =
-            long_text::aggregate(&rows, s.labels.problem_type, s.aggregate).map_err(backend)?;
+        out.push(long_text::aggregate(&rows, s.labels.problem_type, s.aggregate).map_err(backend)?);
+    }
+    Ok(out)
+}
+
+async fn predict_inner(s: &AppState, body: &[u8]) -> Result<(Value, usize), ApiError> {
+    let req = api::parse_predict(body, s.max_client_batch_size)?;
+    let rows = logits_of(s, &req.inputs, req.truncate, "inputs").await?;
+    let n = rows.len();
+    let mut answers = Vec::with_capacity(n);
+    for row in rows {
         let scores = if req.raw_scores {
             row
         } else {
-            score_row(&row, s.labels.problem_type).map_err(|e| {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Backend", format!("{e}"))
-            })?
+            score_row(&row, s.labels.problem_type).map_err(backend)?
         };
         answers.push(api::ranked(&s.labels.names, &scores));
     }
@@ -388,6 +404,131 @@ async fn predict_inner(s: &AppState, body: &[u8]) -> Result<(Value, usize), ApiE
     Ok((v, n))
 }
 
+/// Which logit ranks a (query, text) pair: the only one of a one-output model, the positive
+/// (last) label's of a two-label classifier; `None` for any other model, or one not trained
+/// on pairs.
+fn rerank_logit(task: &Task, labels: &LabelSpec) -> Option<usize> {
+    if task.text_columns.len() != 2 {
+        return None;
+    }
+    // One output is a score whatever the problem type says (transformers reads an adapter
+    // saved without one as single-label).
+    match (labels.problem_type, labels.num_labels()) {
+        (_, 1) => Some(0),
+        (ProblemType::SingleLabel, 2) => Some(1),
+        _ => None,
+    }
+}
+
+/// A (query, text) pair's score from its logits: σ of a one-output model's logit, p(`k`) of
+/// a classifier, or the logit itself (`raw`).
+fn rerank_score(row: &[f64], k: usize, problem: ProblemType, raw: bool) -> Result<f64, ApiError> {
+    Ok(match (raw, row.len()) {
+        (true, _) => row[k],
+        (false, 1) => 1.0 / (1.0 + (-row[k]).exp()),
+        (false, _) => score_row(row, problem).map_err(backend)?[k],
+    })
+}
+
+async fn rerank(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    let start = Instant::now();
+    let (response, inputs) = match rerank_inner(&s, &body).await {
+        Ok((v, n)) => (Json(v).into_response(), n),
+        Err(e) => (e.into_response(), 0),
+    };
+    s.metrics.request(
+        response.status().as_u16(),
+        start.elapsed().as_secs_f64(),
+        inputs,
+    );
+    response
+}
+
+/// TEI's `/rerank`: each text paired with the query through the adapter's template and
+/// prompt, scored by σ(logit) (one output) or p(positive) (two labels), or by that raw logit
+/// with `raw_scores`.
+async fn rerank_inner(s: &AppState, body: &[u8]) -> Result<(Value, usize), ApiError> {
+    let Some(k) = rerank_logit(&s.task, &s.labels) else {
+        return Err(ApiError::validation(format!(
+            "/rerank needs a model trained on pairs (two text columns) with one output or two \
+             labels; this adapter has {} text column(s) and {} {} label(s)",
+            s.task.text_columns.len(),
+            s.labels.num_labels(),
+            s.labels.problem_type.as_str()
+        )));
+    };
+    let req = api::parse_rerank(body, s.max_client_batch_size)?;
+    let pairs: Vec<Input> = req
+        .texts
+        .iter()
+        .map(|t| Input::Pair(req.query.clone(), t.clone()))
+        .collect();
+    let rows = logits_of(s, &pairs, req.truncate, "texts").await?;
+    let scores = rows
+        .iter()
+        .map(|row| rerank_score(row, k, s.labels.problem_type, req.raw_scores))
+        .collect::<Result<Vec<_>, _>>()?;
+    let texts = req.return_text.then_some(req.texts.as_slice());
+    Ok((api::reranked(&scores, texts), rows.len()))
+}
+
 fn score_row(logits: &[f64], problem: ProblemType) -> Result<Vec<f64>, tch::TchError> {
     Vec::<f64>::try_from(&labels::scores(&batcher::row_tensor(logits), problem).view([-1]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(columns: &[&str]) -> Task {
+        Task {
+            name: "custom".into(),
+            text_columns: columns.iter().map(|c| c.to_string()).collect(),
+            label_column: "label".into(),
+            labels: None,
+            problem_type: None,
+            template: String::new(),
+            prompt: String::new(),
+            metrics: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn rerank_scores_one_output_or_the_positive_of_two_labels_of_pairs() {
+        let pair = task(&["query", "passage"]);
+        let spec = |p, n| LabelSpec {
+            problem_type: p,
+            names: (0..n).map(|i| format!("LABEL_{i}")).collect(),
+        };
+        assert_eq!(
+            rerank_logit(&pair, &spec(ProblemType::Regression, 1)),
+            Some(0)
+        );
+        assert_eq!(
+            rerank_logit(&pair, &spec(ProblemType::SingleLabel, 1)),
+            Some(0)
+        );
+        assert_eq!(
+            rerank_logit(&pair, &spec(ProblemType::SingleLabel, 2)),
+            Some(1)
+        );
+        assert_eq!(
+            rerank_logit(&pair, &spec(ProblemType::SingleLabel, 3)),
+            None
+        );
+        assert_eq!(rerank_logit(&pair, &spec(ProblemType::MultiLabel, 2)), None);
+        assert_eq!(
+            rerank_logit(&task(&["text"]), &spec(ProblemType::SingleLabel, 2)),
+            None
+        );
+        assert!(
+            (rerank_score(&[0.0], 0, ProblemType::Regression, false).unwrap() - 0.5).abs() < 1e-12
+        );
+        let p1 = rerank_score(&[0.0, 2.0f64.ln()], 1, ProblemType::SingleLabel, false).unwrap();
+        assert!((p1 - 2.0 / 3.0).abs() < 1e-12, "{p1}");
+        assert_eq!(
+            rerank_score(&[0.1, 0.7], 1, ProblemType::SingleLabel, true).unwrap(),
+            0.7
+        );
+    }
 }
