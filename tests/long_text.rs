@@ -1,8 +1,9 @@
 //! Documents longer than `max_length`, through the binary on the demo's `long/` task, whose
 //! label is decided by a clause placed past the first `max_length` tokens: `long_text: chunk`
-//! learns it and `truncate` cannot; `predict`'s per-document answer is the aggregate of its
-//! windows' logits (recomputed here from `--windows`), the first window is what truncation
-//! reads, and `serve` answers what `predict` does.
+//! learns it (and `head_tail`, which keeps the end, mostly does) and `truncate` cannot;
+//! `predict`'s per-document answer is the aggregate of its windows' logits (recomputed here
+//! from `--windows`), the first window is what truncation reads, and `serve` answers what
+//! `predict` does.
 mod common;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -139,13 +140,31 @@ fn chunked_documents_are_learnt_where_truncation_is_at_chance() {
         &[&chunk[..], &epochs[..], &["--results_path", s(&chunked)]].concat(),
     );
     assert!(said.contains("cut into windows"), "{said}");
+    // head_tail keeps the last 3/4 of the room: most of the last two clauses.
+    let head_tail = d.path().join("head_tail");
+    let said = run_ok(
+        "train",
+        &demo,
+        &[
+            &["--long_text", "head_tail"][..],
+            &epochs[..],
+            &["--results_path", s(&head_tail)],
+        ]
+        .concat(),
+    );
+    assert!(said.contains("kept as head and tail"), "{said}");
     let (a_cut, a_chunk) = (final_accuracy(&cut), final_accuracy(&chunked));
-    eprintln!("validation accuracy: truncate {a_cut:.4}, chunk {a_chunk:.4}");
+    let a_ht = final_accuracy(&head_tail);
+    eprintln!("validation accuracy: truncate {a_cut:.4}, head_tail {a_ht:.4}, chunk {a_chunk:.4}");
     assert!(
         a_cut < 0.7,
         "truncation cannot see the deciding clause: {a_cut}"
     );
     assert!(a_chunk > 0.9, "chunk reads every clause: {a_chunk}");
+    assert!(
+        a_ht > 0.8,
+        "head_tail sees the end, where the deciding clause is: {a_ht}"
+    );
 
     // predict's documents are the mean of their windows' logits, or the surest window.
     let adapter = chunked.join("adapter");

@@ -673,3 +673,43 @@ fn rerank_orders_texts_as_predict_scores_their_pairs() {
     let (status, _) = server.call("GET", "/health", "");
     assert_eq!(status, 200);
 }
+
+/// `"truncate": true` cuts an over-long input's end, or with `"truncation_direction": "Left"`
+/// its start, as `predict` does with `--truncation_side left`.
+#[test]
+fn truncation_direction_left_cuts_as_truncation_side_left_does() {
+    let f = fixture();
+    let max = "20";
+    for (side, direction) in [("right", "Right"), ("left", "Left")] {
+        let out = f.data.join(format!("preds-{side}.csv"));
+        let o = Command::new(bin())
+            .args(["predict", "--split", "test", "--out", s(&out)])
+            .args(["--model_dir", s(&f.model), "--data_dir", s(&f.data)])
+            .args(["--adapter", s(&f.adapter), "--bnb_4bit_compute_dtype", FP32])
+            .args(["--max_length", max, "--truncation_side", side])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let want = common::predicted_probabilities(&out);
+        let server = Server::start(&["--max_input_length", max]);
+        for i in [0usize, 3, 7] {
+            let (status, v) = server.predict(json!({
+                "inputs": [batch_item(i)],
+                "truncate": true,
+                "truncation_direction": direction,
+            }));
+            assert_eq!(status, 200, "{v}");
+            assert_close(&scores(&v[0]), &want[i], &format!("row {i}, {direction}"));
+        }
+    }
+    let read =
+        |side: &str| common::predicted_probabilities(&f.data.join(format!("preds-{side}.csv")));
+    let (right, left) = (read("right"), read("left"));
+    assert!(
+        right
+            .iter()
+            .zip(&left)
+            .any(|(a, b)| (a[1] - b[1]).abs() > 1e-4),
+        "cutting the other end changes some answer"
+    );
+}

@@ -119,7 +119,8 @@ impl TextEncoder {
         self.fit_many(texts, prefix_bytes, &self.long)
     }
 
-    fn fit_many(
+    /// [`Self::encode_fitted`] with other settings than the encoder's own.
+    pub fn fit_many(
         &self,
         texts: Vec<String>,
         prefix_bytes: usize,

@@ -6,6 +6,7 @@
 //! over-long input instead of refusing it; `raw_scores` (default false) returns the logits
 //! instead of the scores of the problem type. A single input answers one list of
 //! `{"label", "score"}` sorted by score, a batch one such list per input.
+//! `truncation_direction` (`Right`, or `Left` to keep the end) says which end `truncate` cuts.
 //!
 //! `/rerank` takes a `query` and `texts` (and `truncate`, `raw_scores`, `return_text`) and
 //! answers `[{"index", "score"[, "text"]}]`, highest score first.
@@ -63,6 +64,8 @@ pub struct PredictRequest {
     /// A single input (answer a flat list) rather than a batch.
     pub single: bool,
     pub truncate: bool,
+    /// `truncation_direction: Left`: cut the start instead of the end.
+    pub truncate_left: bool,
     pub raw_scores: bool,
 }
 
@@ -86,12 +89,15 @@ fn flag(obj: &serde_json::Map<String, Value>, key: &str) -> Result<bool, ApiErro
     }
 }
 
-fn right_only(obj: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
+/// TEI's `truncation_direction`: `Right` (the default) or `Left`; true for left.
+fn truncate_left(obj: &serde_json::Map<String, Value>) -> Result<bool, ApiError> {
     match obj.get("truncation_direction") {
-        Some(d) if d != "Right" && d != "right" => Err(ApiError::validation(format!(
-            "truncation_direction {d}: only Right is supported"
+        None | Some(Value::Null) => Ok(false),
+        Some(d) if d == "Right" || d == "right" => Ok(false),
+        Some(d) if d == "Left" || d == "left" => Ok(true),
+        Some(d) => Err(ApiError::validation(format!(
+            "truncation_direction {d}: expected Right or Left"
         ))),
-        _ => Ok(()),
     }
 }
 
@@ -117,7 +123,6 @@ pub fn parse_predict(body: &[u8], max_client_batch: usize) -> Result<PredictRequ
             "unknown field `{k}` (fields: inputs, truncate, raw_scores)"
         )));
     }
-    right_only(obj)?;
     let inputs = obj
         .get("inputs")
         .ok_or_else(|| ApiError::validation("missing field `inputs`"))?;
@@ -164,6 +169,7 @@ pub fn parse_predict(body: &[u8], max_client_batch: usize) -> Result<PredictRequ
         inputs,
         single,
         truncate: flag(obj, "truncate")?,
+        truncate_left: truncate_left(obj)?,
         raw_scores: flag(obj, "raw_scores")?,
     })
 }
@@ -174,6 +180,8 @@ pub struct RerankRequest {
     pub query: String,
     pub texts: Vec<String>,
     pub truncate: bool,
+    /// `truncation_direction: Left`.
+    pub truncate_left: bool,
     pub raw_scores: bool,
     pub return_text: bool,
 }
@@ -198,7 +206,6 @@ pub fn parse_rerank(body: &[u8], max_client_batch: usize) -> Result<RerankReques
             "unknown field `{k}` (fields: query, texts, truncate, raw_scores, return_text)"
         )));
     }
-    right_only(obj)?;
     let query = text(
         obj.get("query")
             .ok_or_else(|| ApiError::validation("missing field `query`"))?,
@@ -227,6 +234,7 @@ pub fn parse_rerank(body: &[u8], max_client_batch: usize) -> Result<RerankReques
         query,
         texts,
         truncate: flag(obj, "truncate")?,
+        truncate_left: truncate_left(obj)?,
         raw_scores: flag(obj, "raw_scores")?,
         return_text: flag(obj, "return_text")?,
     })
@@ -305,6 +313,9 @@ mod tests {
         assert!(err(r#"{"inputs": [["a"], [" "]]}"#).contains("inputs[1][0] is empty"));
         assert!(err(r#"{"inputs": 3}"#).contains("`inputs` must be"));
         assert!(err(r#"{"inputs": "a", "raw_scores": "yes"}"#).contains("raw_scores"));
+        assert!(ok(r#"{"inputs": "a", "truncation_direction": "Left"}"#).truncate_left);
+        assert!(!ok(r#"{"inputs": "a", "truncation_direction": "Right"}"#).truncate_left);
+        assert!(err(r#"{"inputs": "a", "truncation_direction": "Up"}"#).contains("Right or Left"));
         let big = format!(r#"{{"inputs": [{}]}}"#, [r#"["a"]"#; 9].join(","));
         let e = parse_predict(big.as_bytes(), 8).unwrap_err();
         assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);

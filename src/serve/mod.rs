@@ -14,7 +14,7 @@ pub mod metrics;
 use crate::config::Config;
 use crate::data::batch::TextEncoder;
 use crate::data::formats::Example;
-use crate::data::long_text::{self, Aggregate, Mode};
+use crate::data::long_text::{self, Aggregate, Mode, Side};
 use crate::data::prompt;
 use crate::labels::{self, LabelSpec, ProblemType};
 use crate::loader;
@@ -319,9 +319,20 @@ async fn logits_of(
     s: &AppState,
     inputs: &[Input],
     truncate: bool,
+    left: bool,
     what: &str,
 ) -> Result<Vec<Vec<f64>>, ApiError> {
-    let chunk = s.truncating.long_text().mode == Mode::Chunk;
+    let mut fit = *s.truncating.long_text();
+    let chunk = fit.mode == Mode::Chunk;
+    if left {
+        if fit.mode != Mode::Truncate {
+            return Err(ApiError::validation(format!(
+                "truncation_direction Left cuts a text's start, but this server's long_text is {}",
+                fit.mode.name()
+            )));
+        }
+        fit.side = Side::Left;
+    }
     let prefix = prompt_part(&s.prompt, &s.task).len();
     // Every input's rows: one, or one per window of a chunked input.
     let mut ids: Vec<Vec<Vec<i64>>> = Vec::with_capacity(inputs.len());
@@ -350,7 +361,7 @@ async fn logits_of(
             }
             let (mut fitted, _) = s
                 .truncating
-                .encode_fitted(vec![text], prefix)
+                .fit_many(vec![text], prefix, &fit)
                 .map_err(tokenizer_error)?;
             ids.push(fitted.pop().unwrap_or_default());
         } else {
@@ -385,7 +396,7 @@ async fn logits_of(
 
 async fn predict_inner(s: &AppState, body: &[u8]) -> Result<(Value, usize), ApiError> {
     let req = api::parse_predict(body, s.max_client_batch_size)?;
-    let rows = logits_of(s, &req.inputs, req.truncate, "inputs").await?;
+    let rows = logits_of(s, &req.inputs, req.truncate, req.truncate_left, "inputs").await?;
     let n = rows.len();
     let mut answers = Vec::with_capacity(n);
     for row in rows {
@@ -463,7 +474,7 @@ async fn rerank_inner(s: &AppState, body: &[u8]) -> Result<(Value, usize), ApiEr
         .iter()
         .map(|t| Input::Pair(req.query.clone(), t.clone()))
         .collect();
-    let rows = logits_of(s, &pairs, req.truncate, "texts").await?;
+    let rows = logits_of(s, &pairs, req.truncate, req.truncate_left, "texts").await?;
     let scores = rows
         .iter()
         .map(|row| rerank_score(row, k, s.labels.problem_type, req.raw_scores))
