@@ -248,6 +248,59 @@ pub struct LayerSaved {
 }
 
 impl DecoderLayer {
+    /// The layer's output at the pooled rows only, `[B, hidden]`, for inference: every row's
+    /// keys and values are needed, but the queries, attention, `o_proj`, the MLP and the
+    /// norms only where the classifier reads (a last layer's other outputs are never used).
+    pub fn forward_pooled(&self, x: &Tensor, rows: &Rows) -> Result<Tensor> {
+        let _p = scope(Part::Elementwise);
+        tch::no_grad(|| {
+            let a = &self.self_attn;
+            let d = a.head_dim;
+            let b = rows.batch;
+            let (n1, _) = self.attn_norm.forward_saved(x);
+            let no_key = |_: u64| None;
+            let (parts, _) = a.qkv.forward_saved(&n1, &no_key, &rows.scratch)?;
+            drop(n1);
+            let mut parts = parts.into_iter();
+            let (q, k, v) = (
+                parts.next().expect("q"),
+                parts.next().expect("k"),
+                parts.next().expect("v"),
+            );
+            let (q, _) = norm_rows(&a.q_norm, q, Some(d));
+            let (k, _) = norm_rows(&a.k_norm, k, Some(d));
+            let q = rows.rope(&q, d, a.rope).index_select(0, &rows.pool);
+            let k = rows.rope(&k, d, a.rope);
+            let qh = q.view([b, -1, 1, d]);
+            let (kh, vh) = (rows.heads_of_rows(&k, d), rows.heads_of_rows(&v, d));
+            let flat = match &rows.index {
+                Some(ix) => ix.index_select(0, &rows.pool),
+                None => rows.pool.shallow_clone(),
+            };
+            let pos = flat.remainder(rows.seq);
+            let attn = {
+                let _p = scope(Part::Attention);
+                a.attend_at(&qh, &kh, &vh, &rows.ctx, &pos)
+            };
+            drop((qh, kh, vh));
+            let (o, _) = a
+                .o_proj
+                .forward_saved(&attn.view([b, -1]), None, &rows.scratch)?;
+            let (o, _) = norm_rows(&self.attn_post_norm, o, None);
+            let h = x.index_select(0, &rows.pool) + o;
+            let m = &self.mlp;
+            let (n2, _) = self.mlp_norm.forward_saved(&h);
+            let (parts, _) = m.gate_up.forward_saved(&n2, &no_key, &rows.scratch)?;
+            let mut parts = parts.into_iter();
+            let (g, u) = (parts.next().expect("gate"), parts.next().expect("up"));
+            let (dn, _) =
+                m.down_proj
+                    .forward_saved(&(m.act.forward(&g) * &u), None, &rows.scratch)?;
+            let (dn, _) = norm_rows(&self.mlp_post_norm, dn, None);
+            Ok(&h + dn)
+        })
+    }
+
     /// The layer on rows `x` `[N, hidden]` outside autograd (`dropout_seed`: `None` for
     /// evaluation); with `save`, also what [`Self::backward`] needs.
     pub fn forward_rows(

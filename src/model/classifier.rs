@@ -282,13 +282,21 @@ impl LlamaClassifier {
         tch::no_grad(|| {
             let (ids, rows) = self.rows(input_ids, attention_mask);
             let mut h = rows.gather(&self.model.embed(&ids));
-            for (i, layer) in self.model.layers.iter().enumerate() {
+            let last = self.model.layers.len().saturating_sub(1);
+            for (i, layer) in self.model.layers.iter().enumerate().take(last) {
                 h = layer
                     .forward_rows(&h, &rows, None, false)
                     .with_context(|| format!("decoder layer {i}"))?
                     .0;
             }
-            let z = self.score_rows(&h.index_select(0, &rows.pool));
+            // The last layer works at the pooled rows alone: nothing reads its other outputs.
+            let pooled = match self.model.layers.last() {
+                Some(layer) => layer
+                    .forward_pooled(&h, &rows)
+                    .with_context(|| format!("decoder layer {last}"))?,
+                None => h.index_select(0, &rows.pool),
+            };
+            let z = self.score_rows(&pooled);
             Ok(if self.temperature == 1.0 {
                 z
             } else {

@@ -583,6 +583,53 @@ impl Attention {
         }
     }
 
+    /// [`Self::attend`] for one query per sequence: `q` `[B, heads, 1, d]` sits at position
+    /// `pos[b]` of its sequence and sees the keys `[B, kv_heads, T, d]` that query would see
+    /// there; `[B, heads, 1, d]` out.
+    pub fn attend_at(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        ctx: &LayerContext,
+        pos: &Tensor,
+    ) -> Tensor {
+        let s = k.size();
+        let (b, t) = (s[0], s[2]);
+        let n_rep = self.num_heads / self.num_kv_heads;
+        let (k, v) = (repeat_kv(k, n_rep), repeat_kv(v, n_rep));
+        let allowed = match &ctx.masks(self.window).mask {
+            // Each sequence's row of its mask at the query's position.
+            Some(mask) => mask.expand([b, 1, t, t], false).gather(
+                2,
+                &pos.view([b, 1, 1, 1]).expand([b, 1, 1, t], false),
+                false,
+            ),
+            None => {
+                let idx = Tensor::arange(t, (Kind::Int64, k.device()));
+                idx.view([1, 1, 1, t]).le_tensor(&pos.view([b, 1, 1, 1]))
+            }
+        };
+        match self.softcap {
+            Some(cap) => {
+                let w = q.matmul(&k.transpose(2, 3)) * self.scale;
+                let w = (w / cap).tanh() * cap;
+                let w = w.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
+                w.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(&v)
+            }
+            None => Tensor::scaled_dot_product_attention(
+                q,
+                &k,
+                &v,
+                Some(&allowed),
+                0.0,
+                false,
+                self.scale,
+                false,
+            ),
+        }
+    }
+
     pub fn forward(&self, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
         let s = x.size();
         let (b, t) = (s[0], s[1]);
