@@ -165,9 +165,19 @@ pub fn read_labels(dir: &Path) -> Result<Option<TaskLabels>> {
     }))
 }
 
+/// The rows of the head an adapter file holds (`score.weight` in `modules_to_save`), if any.
+pub fn head_rows(adapter_dir: &Path) -> Result<Option<usize>> {
+    let path = adapter_dir.join(WEIGHTS_FILE);
+    let weights = read_safetensors(&path)?;
+    Ok(weights
+        .get(crate::model::classifier::SCORE_KEY)
+        .and_then(|t| t.size().first().copied())
+        .map(|rows| rows as usize))
+}
+
 /// The labels of the adapter in `adapter_dir` whose head has `num_labels` outputs: its
-/// `labels.json`, else (an adapter saved before labels travelled with it) transformers'
-/// defaults, `LABEL_i` and single-label classification.
+/// `labels.json`, else (an adapter saved before labels travelled with it, or made elsewhere)
+/// transformers' defaults ([`LabelSpec::transformers_default`]).
 pub fn labels_for(adapter_dir: &Path, num_labels: usize) -> Result<LabelSpec> {
     let Some(saved) = read_labels(adapter_dir)? else {
         return Ok(LabelSpec::transformers_default(num_labels));

@@ -36,10 +36,15 @@ impl LabelSpec {
     }
 
     /// transformers' defaults for a head of `num_labels` outputs and no saved labels:
-    /// `LABEL_i`, single-label classification.
+    /// `LABEL_i`, single-label classification, or regression for one output (as its
+    /// `*ForSequenceClassification` decides a missing `problem_type`: a reward model's head).
     pub fn transformers_default(num_labels: usize) -> LabelSpec {
         LabelSpec {
-            problem_type: ProblemType::SingleLabel,
+            problem_type: if num_labels == 1 {
+                ProblemType::Regression
+            } else {
+                ProblemType::SingleLabel
+            },
             names: (0..num_labels).map(|i| format!("LABEL_{i}")).collect(),
         }
     }

@@ -204,9 +204,15 @@ pub fn load_with_adapter(cfg: &Config, adapter_dir: &Path) -> Result<(Loaded, Ta
     with_adapter_options(&mut cfg, meta);
     let labels = match adapter::read_labels(adapter_dir)? {
         Some(l) => l,
+        // An adapter made elsewhere: its head's rows size ours. Two (or the configured
+        // count) read as MRPC's classes, as before; any other count gets transformers'
+        // defaults, so a one-output head (TRL's reward models) is a regression head.
         None => TaskLabels {
             task: cfg.to_task()?,
-            spec: LabelSpec::mrpc(cfg.num_classes as usize),
+            spec: match adapter::head_rows(adapter_dir)? {
+                Some(k) if k as i64 != cfg.num_classes => LabelSpec::transformers_default(k),
+                _ => LabelSpec::mrpc(cfg.num_classes as usize),
+            },
         },
     };
     let cfg = sized_for(&cfg, &labels.spec);
