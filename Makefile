@@ -27,7 +27,7 @@ TORCH_PKGS  := torch==2.11.0
 NVCC_PKGS   := nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-cccl==13.0.85
 ORACLE_PKGS := transformers==5.24.0 peft==0.21.2 bitsandbytes==0.50.2 accelerate==1.15.0 \
                pyarrow==26.0.1 safetensors==0.8.0 tokenizers==0.23.3 numpy==2.4.6 \
-               scikit-learn==1.9.1 scipy==1.17.1
+               scikit-learn==1.9.1 scipy==1.17.1 trl==1.16.0 datasets==5.2.0
 
 .PHONY: setup build test train eval predict sweep plots bench demo-assets clean lint glue
 

@@ -84,6 +84,8 @@ pub struct Config {
     /// label and combined by `chunk_aggregate` in eval, predict and serve).
     pub long_text: String,
     pub chunk_stride: usize,
+    /// `task: preference`: TRL's `center_rewards_coefficient` (adds c · mean((r_c + r_r)²)).
+    pub center_rewards_coefficient: Option<f64>,
     /// `mean_logits` or `max_prob` (the window the model is surest of).
     pub chunk_aggregate: String,
     /// `head_tail`: body tokens kept from the start (null: a quarter of the room).
@@ -277,6 +279,7 @@ impl Default for Config {
             long_text: "truncate".into(),
             chunk_stride: 0,
             chunk_aggregate: "mean_logits".into(),
+            center_rewards_coefficient: None,
             head_tokens: None,
             bucket_by_length: false,
             train_splits: "train".into(),
@@ -657,6 +660,20 @@ impl Config {
                 if self.head_tokens.is_some() && lt.mode != Mode::HeadTail {
                     err("head_tokens", "applies to long_text: head_tail".into())?;
                 }
+            }
+        }
+        if let Some(c) = self.center_rewards_coefficient {
+            if !c.is_finite() || c < 0.0 {
+                err(
+                    "center_rewards_coefficient",
+                    format!("must be 0 or more, got {c}"),
+                )?;
+            }
+            if self.task != crate::task::PREFERENCE {
+                err(
+                    "center_rewards_coefficient",
+                    "applies to task: preference".into(),
+                )?;
             }
         }
         if let Err(e) = Aggregate::parse(&self.chunk_aggregate) {

@@ -11,7 +11,10 @@
 //! - `long/` (JSONL, binary, long documents): five clauses about shares and sales, one of
 //!   which, placed fourth or fifth (past the first [`LONG_PAST_TOKENS`] tokens), is about
 //!   profit in a `profit` document and about shares or sales in a `none` one; columns `text`,
-//!   `label`. Only a model that reads past the start can tell them apart.
+//!   `label`. Only a model that reads past the start can tell them apart;
+//! - `preference/` (JSONL, TRL's preference format with an explicit prompt): a prompt asking
+//!   for a gain, the `chosen` headline reporting a rise and the `rejected` one a fall;
+//!   columns `prompt`, `chosen`, `rejected`.
 //!
 //! Everything comes from a fixed seed and is byte-identical on every run.
 use crate::runio::write_text;
@@ -77,6 +80,20 @@ fn clause_about(rng: &mut ChaCha8Rng, m: usize) -> (String, f64) {
 pub const LONG_PAST_TOKENS: usize = 32;
 const PROFIT: usize = 1;
 
+/// One `preference/` pair: a clause whose verb rises (chosen) and one whose verb falls.
+fn preference_pair(rng: &mut ChaCha8Rng) -> (String, String) {
+    loop {
+        let (a, _, sa) = clause(rng);
+        let (b, _, sb) = clause(rng);
+        if sa > 0.0 && sb < 0.0 {
+            return (format!("{a}."), format!("{b}."));
+        }
+        if sa < 0.0 && sb > 0.0 {
+            return (format!("{b}."), format!("{a}."));
+        }
+    }
+}
+
 /// One `long/` document: (text, label).
 fn long_document(rng: &mut ChaCha8Rng) -> (String, &'static str) {
     let filler = |rng: &mut ChaCha8Rng| {
@@ -103,19 +120,28 @@ fn csv_field(s: &str) -> String {
     }
 }
 
-/// Writes `out/tasks/{topic,tags,move,long}/{train,validation}.*`.
+/// Writes `out/tasks/{topic,tags,move,long,preference}/{train,validation}.*`.
 pub fn write_demo_tasks(out: &Path) -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(SEED);
     // Its own stream: the other tasks' bytes do not change with it.
     let mut long_rng = ChaCha8Rng::seed_from_u64(SEED + 1);
+    let mut pref_rng = ChaCha8Rng::seed_from_u64(SEED + 2);
     for (split, n) in [("train", N_TRAIN), ("validation", N_DEV)] {
         let mut topic = String::from("id,headline,topic\n");
         let mut tags = String::new();
         let mut moves = String::new();
         let mut long = String::new();
+        let mut preference = String::new();
         for i in 0..n {
             let (text, label) = long_document(&mut long_rng);
             long.push_str(&format!("{}\n", json!({"text": text, "label": label})));
+            let (chosen, rejected) = preference_pair(&mut pref_rng);
+            let row = json!({
+                "prompt": "Which headline reports a gain? ",
+                "chosen": chosen,
+                "rejected": rejected,
+            });
+            preference.push_str(&format!("{row}\n"));
 
             let (text, m, _) = clause(&mut rng);
             topic.push_str(&format!(
@@ -149,6 +175,10 @@ pub fn write_demo_tasks(out: &Path) -> Result<()> {
         write_text(&dir.join("tags").join(format!("{split}.jsonl")), &tags)?;
         write_text(&dir.join("move").join(format!("{split}.jsonl")), &moves)?;
         write_text(&dir.join("long").join(format!("{split}.jsonl")), &long)?;
+        write_text(
+            &dir.join("preference").join(format!("{split}.jsonl")),
+            &preference,
+        )?;
     }
     Ok(())
 }

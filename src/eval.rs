@@ -39,6 +39,8 @@ pub struct EvalResult {
     pub gold_flags: Vec<Vec<bool>>,
     /// With `long_text: chunk`: every window's logits, which the rows above aggregate.
     pub windows: Option<Windows>,
+    /// Preference pairs: `probs` and `logits` hold each pair's (chosen, rejected) rewards.
+    pub pairs: bool,
 }
 
 /// The windows of a chunked split, row by row: their document's idx, their place in it, and
@@ -119,6 +121,11 @@ fn all_logits(
             &b.input_ids.to_device(device),
             &b.attention_mask.to_device(device),
         )?;
+        // A batch of pairs scores its chosen texts then its rejected ones: one row per pair.
+        let logits = match batch.first().and_then(|e| e.rejected.as_ref()) {
+            Some(_) => logits.view([2, -1]).transpose(0, 1),
+            None => logits,
+        };
         parts.push(logits.to_kind(Kind::Double));
     }
     ensure!(!parts.is_empty(), "nothing to evaluate");
@@ -133,7 +140,11 @@ fn summarize(
     logits: &Tensor,
     scoring: &Scoring,
     weights: &LossWeights,
+    pairs: Option<Option<f64>>,
 ) -> Result<EvalResult> {
+    if let Some(center) = pairs {
+        return summarize_pairs(data, logits, center);
+    }
     let problem = scoring.spec.problem_type;
     let logits = logits.to_device(Device::Cpu);
     let lp = logits.log_softmax(-1, Kind::Double);
@@ -228,6 +239,39 @@ fn summarize(
     Ok(out)
 }
 
+/// RewardTrainer's evaluation of preference pairs from their `[n, 2]` (chosen, rejected)
+/// rewards: its loss, `accuracy` (the share with r_c > r_r) and `margin` (mean r_c − r_r).
+fn summarize_pairs(data: &[Encoded], rewards: &Tensor, center: Option<f64>) -> Result<EvalResult> {
+    let rows: Vec<Vec<f64>> = Vec::try_from(&rewards.to_device(Device::Cpu))?;
+    ensure!(
+        rows.len() == data.len(),
+        "{} rewards for {} pairs",
+        rows.len(),
+        data.len()
+    );
+    let n = rows.len().max(1) as f64;
+    let mut out = EvalResult {
+        idx: data.iter().map(|e| e.idx).collect(),
+        pred: vec![0; rows.len()],
+        probs: rows.clone(),
+        logits: rows.clone(),
+        pairs: true,
+        ..EvalResult::default()
+    };
+    let accuracy = rows.iter().filter(|r| r[0] > r[1]).count() as f64 / n;
+    let margin = rows.iter().map(|r| r[0] - r[1]).sum::<f64>() / n;
+    out.metrics = vec![("accuracy".into(), accuracy), ("margin".into(), margin)];
+    let refs: Vec<&Encoded> = data.iter().collect();
+    if let Some(margins) = target_tensor(&refs) {
+        let stacked = rewards
+            .to_device(Device::Cpu)
+            .transpose(0, 1)
+            .reshape([-1, 1]);
+        out.loss = Some(loss::pairwise_loss(&stacked, &margins, center)?.double_value(&[]));
+    }
+    Ok(out)
+}
+
 /// Runs the model over `data`: on this process alone, or sharded over the ranks of `dist`
 /// (every rank gets the same, complete result).
 pub fn evaluate(
@@ -256,7 +300,7 @@ pub fn evaluate(
         }
     };
     if !data.iter().any(|e| e.window > 0) {
-        return summarize(data, &lp, scoring, model.loss_weights());
+        return summarize(data, &lp, scoring, model.loss_weights(), model.pairwise());
     }
     let rows: Vec<Vec<f64>> = Vec::try_from(&lp.to_device(Device::Cpu))?;
     let mut docs = Vec::new();
@@ -272,7 +316,7 @@ pub fn evaluate(
     }
     let k = rows.first().map_or(0, Vec::len) as i64;
     let doc_logits = Tensor::from_slice(&flat).view([docs.len() as i64, k]);
-    let mut out = summarize(&docs, &doc_logits, scoring, model.loss_weights())?;
+    let mut out = summarize(&docs, &doc_logits, scoring, model.loss_weights(), None)?;
     out.windows = Some(Windows {
         idx: data.iter().map(|e| e.idx).collect(),
         window: data.iter().map(|e| e.window).collect(),

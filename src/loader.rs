@@ -225,6 +225,11 @@ pub fn load_with_adapter(cfg: &Config, adapter_dir: &Path) -> Result<(Loaded, Ta
         .load_trainable(&|name| weights.get(name).map(|t| t.shallow_clone()))
         .with_context(|| format!("cannot load the adapter {}", weights_path.display()))?;
     loaded.model.set_loss(labels.spec.problem_type, None);
+    if labels.task.is_preference() {
+        loaded
+            .model
+            .set_pairwise_loss(cfg.center_rewards_coefficient);
+    }
     if let Some(t) = adapter::read_temperature(adapter_dir)? {
         if labels.spec.problem_type != ProblemType::SingleLabel {
             bail!(

@@ -724,6 +724,7 @@ fn sample_rows(
                     label: None,
                     idx: i as i64,
                     window: 0,
+                    rejected: None,
                 })
                 .collect();
             (

@@ -23,6 +23,14 @@ pub fn csv_field(s: &str) -> String {
 /// probability per label), or
 /// `index,prediction` for regression.
 pub fn predictions_csv(spec: &LabelSpec, decision: &Decision, r: &EvalResult) -> String {
+    if r.pairs {
+        // A reward model on preference pairs: each side's reward.
+        let mut text = String::from("index,reward_chosen,reward_rejected\n");
+        for (idx, p) in r.idx.iter().zip(&r.probs) {
+            text.push_str(&format!("{idx},{:.6},{:.6}\n", p[0], p[1]));
+        }
+        return text;
+    }
     let flags = decision.flags(&r.probs);
     let regression = spec.problem_type == ProblemType::Regression;
     let mut text = String::from("index,prediction");

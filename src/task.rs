@@ -191,10 +191,15 @@ pub fn glue(name: &str) -> Option<&'static GlueTask> {
     GLUE.iter().find(|t| t.name == name)
 }
 
+/// TRL's preference task: pairs of `chosen` and `rejected` texts (an optional `prompt` in
+/// front of both, an optional `margin`), trained as a one-output reward model.
+pub const PREFERENCE: &str = "preference";
+
 /// Every task name the `task` key accepts.
 pub fn task_names() -> Vec<&'static str> {
     let mut v: Vec<&str> = GLUE.iter().map(|t| t.name).collect();
     v.push("custom");
+    v.push(PREFERENCE);
     v
 }
 
@@ -314,6 +319,17 @@ impl Task {
                 prompt: String::new(),
                 metrics: g.metrics.iter().map(|s| s.to_string()).collect(),
             }
+        } else if cfg.task == PREFERENCE {
+            Task {
+                name: PREFERENCE.into(),
+                text_columns: vec!["chosen".into(), "rejected".into()],
+                label_column: "margin".into(),
+                labels: None,
+                problem_type: Some(ProblemType::Regression),
+                template: String::new(),
+                prompt: String::new(),
+                metrics: vec!["accuracy".into(), "margin".into()],
+            }
         } else if cfg.task == "custom" {
             if cfg.text_columns.is_empty() || cfg.text_columns.len() > 2 {
                 bail!(
@@ -345,6 +361,10 @@ impl Task {
                 task.problem_type.map_or("?", ProblemType::as_str)
             );
         }
+        if task.is_preference() {
+            // TRL renders `prompt + chosen`: the texts are read as they are.
+            return Ok(task);
+        }
         task.prompt = crate::data::prompt::resolve_prompt(cfg.prompt)?;
         task.template = cfg
             .template
@@ -369,6 +389,10 @@ impl Task {
         Ok(task)
     }
 
+    pub fn is_preference(&self) -> bool {
+        self.name == PREFERENCE
+    }
+
     /// MRPC with its default template: read by the original MRPC readers (GLUE TSV, MSR txt,
     /// parquet, CSV, JSONL) and rendered by `prompt::render`, byte for byte as before.
     pub fn is_classic_mrpc(&self) -> bool {
@@ -377,6 +401,10 @@ impl Task {
 
     /// The metrics once the label side is known (custom tasks default by problem type).
     pub fn metrics_for(&self, spec: &LabelSpec) -> Result<Vec<String>> {
+        if self.is_preference() {
+            // RewardTrainer's: the share of pairs ranked right, the mean reward gap.
+            return Ok(self.metrics.clone());
+        }
         let allowed = metrics_for(spec.problem_type);
         let mut m = default_metrics(spec.problem_type, spec.names.len());
         if self.name != "custom" {

@@ -423,12 +423,14 @@ fn collate_pads_right_with_the_pad_id() {
         label: Some(1.into()),
         idx: 3,
         window: 0,
+        rejected: None,
     };
     let b = Encoded {
         ids: vec![8],
         label: Some(0.into()),
         idx: 4,
         window: 0,
+        rejected: None,
     };
     let batch = collate(&[&a, &b], 9);
     assert_eq!(
@@ -448,6 +450,7 @@ fn collate_pads_right_with_the_pad_id() {
         label: None,
         idx: 5,
         window: 0,
+        rejected: None,
     };
     assert!(collate(&[&a, &c], 0).labels.is_none());
 }

@@ -1,18 +1,10 @@
 //! Data-parallel training on CPU with Gloo: 2 ranks = 1 rank = gradient accumulation = both,
 //! LoRA dropout included; a rank killed mid-epoch stops the others, named, within the timeout.
 mod common;
-use std::net::TcpListener;
+use common::ranks::{free_port, rank};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn train_args(assets: &Path, run: &Path, extra: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = vec!["train".into(), "--config".into()];
@@ -36,20 +28,6 @@ fn train_args(assets: &Path, run: &Path, extra: &[&str]) -> Vec<String> {
         v.push(a.to_string());
     }
     v
-}
-
-fn rank(args: &[String], r: usize, world: usize, port: u16) -> Child {
-    Command::new(common::bin())
-        .args(args)
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .env("RANK", r.to_string())
-        .env("LOCAL_RANK", r.to_string())
-        .env("WORLD_SIZE", world.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
 }
 
 fn eval_rows(run: &Path) -> Vec<Vec<String>> {
@@ -88,25 +66,9 @@ fn adapter_of(run: &Path) -> std::collections::HashMap<String, tch::Tensor> {
 /// panics with the ranks' output on failure.
 fn train_ranks(assets: &Path, run: &Path, world: usize, extra: &[&str]) {
     let args = train_args(assets, run, extra);
+    common::ranks::run_ranks(&args, world);
     if world == 1 {
-        let out = Command::new(common::bin()).args(&args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         return;
-    }
-    let port = free_port();
-    let ranks: Vec<Child> = (0..world).map(|r| rank(&args, r, world, port)).collect();
-    for (r, c) in ranks.into_iter().enumerate() {
-        let out = c.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "rank {r}: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
     }
     let summary = std::fs::read_to_string(run.join("summary.json")).unwrap();
     assert!(

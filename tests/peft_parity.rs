@@ -893,6 +893,7 @@ fn our_trainer_loads_peft_adapters_in(root: &Path) {
                 label: Some(label_v[r].into()),
                 idx: r as i64,
                 window: 0,
+                rejected: None,
             })
             .collect();
         let r = eval::evaluate(

@@ -1,8 +1,10 @@
-//! Reward models: a one-output sequence classifier made elsewhere (transformers + PEFT, as
-//! TRL's `RewardTrainer` saves one: `num_labels=1`, no `problem_type`, the head in
-//! `modules_to_save`) loads here with no labels file and no `num_classes`; `predict` and
-//! `serve`'s `/predict` give its rewards, and `/rerank` refuses it by name (one text, not a
-//! pair).
+//! Reward models. `task: preference` trains like TRL's `RewardTrainer` + PEFT (three steps
+//! from the same adapter, with and without margins and reward centring, and its evaluation);
+//! the demo's pairs are learnt on one process and on two Gloo ranks alike; predict, serve and
+//! a merged checkpoint in transformers give the same rewards. A one-output classifier made
+//! elsewhere (as TRL saves one: `num_labels=1`, no `problem_type`, the head in
+//! `modules_to_save`) loads with no labels file; `predict` and `serve`'s `/predict` give its
+//! rewards, and `/rerank` refuses it by name (one text, not a pair).
 mod common;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -105,4 +107,344 @@ fn a_peft_reward_model_predicts_and_serves_its_rewards() {
     let (status, text) = server.call("POST", "/rerank", &body);
     assert_eq!(status, 422, "{text}");
     assert!(text.contains("trained on pairs"), "{text}");
+}
+
+/// The first `n` pairs of the demo's preference `split`, with `margins` when given.
+fn pairs(demo: &Path, split: &str, n: usize, margins: Option<&[f64]>) -> String {
+    let text =
+        std::fs::read_to_string(demo.join(format!("tasks/preference/{split}.jsonl"))).unwrap();
+    let rows: Vec<String> = text
+        .lines()
+        .take(n)
+        .enumerate()
+        .map(|(i, l)| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            if let Some(m) = margins {
+                v["margin"] = json!(m[i % m.len()]);
+            }
+            v.to_string()
+        })
+        .collect();
+    rows.join("\n") + "\n"
+}
+
+/// `qlora-cls train` on a preference data folder with `extra` flags (fp32, dense weights,
+/// dropout off, AdamW without weight decay or warmup: what the TRL oracle runs).
+fn train_pairs(demo: &Path, data: &Path, run: &Path, extra: &[&str]) -> String {
+    let cfg = common::root().join("configs/demo.yaml");
+    let o = Command::new(common::bin())
+        .arg("train")
+        .args(["--config", s(&cfg), "--model_dir", s(&demo.join("model"))])
+        .args([
+            "--data_dir",
+            s(data),
+            "--task",
+            "preference",
+            "--results_path",
+            s(run),
+        ])
+        .args([
+            "--batch_size",
+            "4",
+            "--eval_batch_size",
+            "4",
+            "--lora_dropout",
+            "0",
+        ])
+        .args(["--load_in_4bit", "false", "--optimizer", "adamw"])
+        .args(["--warmup_ratio", "0", "--weight_decay", "0"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+/// eval.csv's last row: column name → value.
+fn last_eval(run: &Path) -> std::collections::HashMap<String, f64> {
+    let text = std::fs::read_to_string(run.join("eval.csv")).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let last: Vec<&str> = lines.last().unwrap().split(',').collect();
+    header
+        .iter()
+        .zip(last)
+        .filter_map(|(h, v)| v.parse().ok().map(|x| (h.to_string(), x)))
+        .collect()
+}
+
+// Three steps of ours and of TRL's RewardTrainer + PEFT from the same adapter, on the same
+// four pairs (one batch, so the order inside it does not matter): the same LoRA pairs and
+// head within 1e-4, and our evaluation = its evaluate(); plain, and with margins and
+// center_rewards_coefficient.
+#[test]
+fn three_steps_equal_trl_reward_trainer_with_and_without_margin_and_centering() {
+    let d = common::tempdir();
+    let demo = common::demo_assets(&d.path().join("demo"));
+    for (name, margins, center) in [
+        ("plain", None, None),
+        ("margin", Some(&[0.5, 1.0, 0.0, 2.0][..]), Some("0.01")),
+    ] {
+        let data = d.path().join(name).join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(data.join("train.jsonl"), pairs(&demo, "train", 4, margins)).unwrap();
+        std::fs::write(
+            data.join("validation.jsonl"),
+            pairs(&demo, "validation", 4, margins),
+        )
+        .unwrap();
+        let center_flag: Vec<&str> = match center {
+            Some(c) => vec!["--center_rewards_coefficient", c],
+            None => vec![],
+        };
+        // The starting adapter: one step of a learning rate too small to move an fp32 weight.
+        let init = d.path().join(name).join("init");
+        train_pairs(
+            &demo,
+            &data,
+            &init,
+            &[&["--lr", "1e-30", "--max_steps", "1"][..], &center_flag].concat(),
+        );
+        let ours = d.path().join(name).join("ours");
+        train_pairs(
+            &demo,
+            &data,
+            &ours,
+            &[
+                &["--lr", "1e-3", "--max_steps", "3", "--epochs", "3"][..],
+                &center_flag,
+            ]
+            .concat(),
+        );
+        let trl = d.path().join(name).join("trl");
+        std::fs::create_dir_all(&trl).unwrap();
+        common::oracle(
+            "reward_oracle.py",
+            &[
+                "trl_train",
+                s(&demo.join("model")),
+                s(&init.join("adapter")),
+                s(&data),
+                s(&trl),
+                "1e-3",
+                "3",
+                "4",
+                center.unwrap_or("none"),
+            ],
+        );
+        let read = |p: &Path| {
+            qlora_cls::adapter::read_safetensors(&p.join("adapter_model.safetensors")).unwrap()
+        };
+        let (a, b, start) = (
+            read(&ours.join("adapter")),
+            read(&trl.join("adapter")),
+            read(&init.join("adapter")),
+        );
+        assert_eq!(a.len(), b.len(), "{name}: {:?} vs {:?}", a.keys(), b.keys());
+        let (mut worst, mut moved) = (0f64, 0f64);
+        for (k, t) in &a {
+            let u = b
+                .get(k)
+                .unwrap_or_else(|| panic!("{name}: TRL's adapter lacks {k}"));
+            worst = worst.max(common::max_abs_diff(t, u));
+            moved = moved.max(common::max_abs_diff(t, &start[k]));
+        }
+        eprintln!("{name}: max |ours - TRL| {worst:.2e}, the weights moved up to {moved:.2e}");
+        assert!(worst < 1e-4, "{name}: {worst}");
+        assert!(
+            moved > 100.0 * worst,
+            "{name}: the steps moved the weights {moved}"
+        );
+        let theirs: Value =
+            serde_json::from_str(&std::fs::read_to_string(trl.join("eval.json")).unwrap()).unwrap();
+        let ev = last_eval(&ours);
+        for (ours_key, trl_key) in [
+            ("loss", "eval_loss"),
+            ("accuracy", "eval_accuracy"),
+            ("margin", "eval_margin"),
+        ] {
+            let (x, y) = (ev[ours_key], theirs[trl_key].as_f64().unwrap());
+            assert!(
+                (x - y).abs() < 1e-5,
+                "{name} {ours_key}: ours {x} vs TRL's {y}"
+            );
+        }
+    }
+}
+
+// The demo's preference pairs (a rise chosen over a fall) are learnt; 2 Gloo ranks with LoRA
+// dropout train the adapter one process trains; predict writes both rewards, and the merged
+// checkpoint gives them in transformers.
+#[test]
+fn preference_demo_is_learnt_on_one_and_two_ranks_and_merges() {
+    let d = common::tempdir();
+    let demo = common::demo_assets(&d.path().join("demo"));
+    let data = demo.join("tasks/preference");
+    let cfg = common::root().join("configs/demo.yaml");
+    let args = |run: &Path| -> Vec<String> {
+        [
+            "train",
+            "--config",
+            s(&cfg),
+            "--model_dir",
+            s(&demo.join("model")),
+            "--data_dir",
+            s(&data),
+            "--task",
+            "preference",
+            "--results_path",
+            s(run),
+            "--epochs",
+            "1",
+            "--lora_dropout",
+            "0.1",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let (one, two) = (d.path().join("one"), d.path().join("two"));
+    common::ranks::run_ranks(&args(&one), 1);
+    common::ranks::run_ranks(&args(&two), 2);
+    let read = |r: &Path| {
+        qlora_cls::adapter::read_safetensors(&r.join("adapter/adapter_model.safetensors")).unwrap()
+    };
+    let (a, b) = (read(&one), read(&two));
+    let worst = a
+        .iter()
+        .map(|(k, t)| common::max_abs_diff(t, &b[k]))
+        .fold(0f64, f64::max);
+    eprintln!("1 rank vs 2 ranks: max |Δw| {worst:.2e}");
+    assert!(worst < 1e-5, "{worst}");
+    let ev = last_eval(&one);
+    eprintln!(
+        "pairwise accuracy {}, margin {}",
+        ev["accuracy"], ev["margin"]
+    );
+    assert!(ev["accuracy"] > 0.95, "{ev:?}");
+
+    let model = demo.join("model");
+    let flags = [
+        "--config",
+        s(&cfg),
+        "--model_dir",
+        s(&model),
+        "--data_dir",
+        s(&data),
+    ];
+    let pred = d.path().join("pred.csv");
+    let o = Command::new(common::bin())
+        .arg("predict")
+        .args(flags)
+        .args([
+            "--adapter",
+            s(&one.join("adapter")),
+            "--split",
+            "validation",
+            "--out",
+            s(&pred),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let csv = std::fs::read_to_string(&pred).unwrap();
+    assert!(
+        csv.starts_with("index,reward_chosen,reward_rejected\n"),
+        "{csv}"
+    );
+    let rewards: Vec<(f64, f64)> = csv
+        .lines()
+        .skip(1)
+        .take(4)
+        .map(|l| {
+            let c: Vec<f64> = l.split(',').skip(1).map(|x| x.parse().unwrap()).collect();
+            (c[0], c[1])
+        })
+        .collect();
+
+    // serve: /predict on (prompt, response) gives the reward, /rerank puts the chosen first.
+    let rows: Vec<Value> = std::fs::read_to_string(data.join("validation.jsonl"))
+        .unwrap()
+        .lines()
+        .take(4)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let adapter = one.join("adapter");
+    let mut serve_args = flags.to_vec();
+    serve_args.extend(["--adapter", s(&adapter)]);
+    let server = common::server::Server::serve(&serve_args);
+    for (i, r) in rows.iter().enumerate() {
+        let (prompt, chosen, rejected) = (
+            r["prompt"].as_str().unwrap(),
+            r["chosen"].as_str().unwrap(),
+            r["rejected"].as_str().unwrap(),
+        );
+        let (status, v) = server.predict(json!({ "inputs": [prompt, chosen] }));
+        assert_eq!(status, 200, "{v}");
+        let got = v[0]["score"].as_f64().unwrap();
+        assert!(
+            (got - rewards[i].0).abs() < 1e-5,
+            "pair {i}: served {got} vs predict {}",
+            rewards[i].0
+        );
+        let body = json!({"query": prompt, "texts": [rejected, chosen], "raw_scores": true});
+        let (status, text) = server.call("POST", "/rerank", &body.to_string());
+        assert_eq!(status, 200, "{text}");
+        let ranked: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(ranked[0]["index"], 1, "the chosen response first: {ranked}");
+        let top = ranked[0]["score"].as_f64().unwrap();
+        assert!((top - rewards[i].0).abs() < 1e-5, "pair {i}: {ranked}");
+    }
+    drop(server);
+
+    let merged = d.path().join("merged");
+    let o = Command::new(common::bin())
+        .arg("merge")
+        .args(flags)
+        .args([
+            "--adapter",
+            s(&one.join("adapter")),
+            "--out",
+            s(&merged),
+            "--dtype",
+            "float32",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The texts the reward model read: prompt + response + EOS (TRL's rendering).
+    let eos = "<|end_of_text|>";
+    let mut texts = Vec::new();
+    for r in &rows {
+        for side in ["chosen", "rejected"] {
+            texts.push(format!(
+                "{}{}{eos}",
+                r["prompt"].as_str().unwrap(),
+                r[side].as_str().unwrap()
+            ));
+        }
+    }
+    let texts_file = d.path().join("texts.json");
+    std::fs::write(&texts_file, serde_json::to_string(&texts).unwrap()).unwrap();
+    let hf: Value = serde_json::from_str(&common::oracle(
+        "merge_oracle.py",
+        &["logits", s(&merged), s(&texts_file)],
+    ))
+    .unwrap();
+    assert_eq!(hf["num_labels"], 1, "{hf}");
+    let logits = hf["logits"].as_array().unwrap();
+    for (i, (c, r)) in rewards.iter().enumerate() {
+        let (hc, hr) = (
+            logits[2 * i][0].as_f64().unwrap(),
+            logits[2 * i + 1][0].as_f64().unwrap(),
+        );
+        assert!(
+            (c - hc).abs() < 1e-4 && (r - hr).abs() < 1e-4,
+            "pair {i}: ours ({c}, {r}) vs transformers' ({hc}, {hr})"
+        );
+    }
 }

@@ -224,6 +224,8 @@ pub struct Encoded {
     /// The window's place in its document: a document's windows follow each other, and a
     /// new document starts at every 0.
     pub window: u32,
+    /// A preference pair's rejected text (`ids` holds the chosen one).
+    pub rejected: Option<Vec<i64>>,
 }
 
 /// The texts' rows, each with its example's target and idx: one per text, or one per
@@ -243,6 +245,7 @@ fn fitted(
                 label: label.clone(),
                 idx,
                 window: w as u32,
+                rejected: None,
             });
         }
     }
@@ -263,6 +266,54 @@ pub fn encode_examples(
     fitted(enc, texts, prefix, rows)
 }
 
+/// TRL's preference pairs (`[prompt, chosen, rejected]` texts): `prompt + chosen` and
+/// `prompt + rejected`, each with the EOS token appended unless it already ends with it, as
+/// `RewardTrainer` renders non-conversational data; both cut as `long_text: truncate` says.
+fn encode_pairs(
+    enc: &TextEncoder,
+    examples: &[super::examples::TaskExample],
+    targets: Vec<Option<Target>>,
+) -> Result<(Vec<Encoded>, Counted)> {
+    if enc.long_text().mode == Mode::Chunk {
+        bail!("key `long_text`: a preference pair is read whole or cut, not chunked");
+    }
+    let eos = enc.eos_token().to_string();
+    let with_eos = |t: &str| {
+        if t.ends_with(&eos) {
+            t.to_string()
+        } else {
+            format!("{t}{eos}")
+        }
+    };
+    let mut texts = Vec::with_capacity(2 * examples.len());
+    for ex in examples {
+        let [prompt, chosen, rejected] = ex.texts.as_slice() else {
+            bail!(
+                "{}: a preference pair needs chosen and rejected texts",
+                ex.where_
+            );
+        };
+        texts.push(format!("{prompt}{}", with_eos(chosen)));
+        texts.push(format!("{prompt}{}", with_eos(rejected)));
+    }
+    let (rows, counted) = enc.encode_fitted(texts, 0)?;
+    let mut out = Vec::with_capacity(examples.len());
+    let mut rows = rows.into_iter().map(|mut r| r.swap_remove(0));
+    for (ex, label) in examples.iter().zip(targets) {
+        let (Some(ids), Some(rejected)) = (rows.next(), rows.next()) else {
+            bail!("{}: no encoding", ex.where_);
+        };
+        out.push(Encoded {
+            ids,
+            label,
+            idx: ex.idx,
+            window: 0,
+            rejected: Some(rejected),
+        });
+    }
+    Ok((out, counted))
+}
+
 /// A task's texts rendered through its template, then encoded, with their targets; and
 /// what was cut.
 pub fn encode_task_examples(
@@ -272,6 +323,9 @@ pub fn encode_task_examples(
     examples: &[super::examples::TaskExample],
     targets: Vec<Option<Target>>,
 ) -> Result<(Vec<Encoded>, Counted)> {
+    if task.is_preference() {
+        return encode_pairs(enc, examples, targets);
+    }
     let texts: Vec<String> = examples
         .iter()
         .map(|ex| crate::task::render(&task.template, prompt, &task.text_columns, &ex.texts))
@@ -297,14 +351,24 @@ pub struct Batch {
 }
 
 /// Right-pads every row to the longest with `pad_id` (HF `padding=True`, padding side right).
+/// Preference pairs give two rows each: every chosen text, then every rejected one (TRL's
+/// `DataCollatorForPreference`).
 pub fn collate(items: &[&Encoded], pad_id: i64) -> Batch {
-    let b = items.len();
-    let t = items.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+    let texts: Vec<&[i64]> = match items.first().and_then(|e| e.rejected.as_ref()) {
+        Some(_) => items
+            .iter()
+            .map(|e| e.ids.as_slice())
+            .chain(items.iter().map(|e| e.rejected.as_deref().unwrap_or(&[])))
+            .collect(),
+        None => items.iter().map(|e| e.ids.as_slice()).collect(),
+    };
+    let b = texts.len();
+    let t = texts.iter().map(|e| e.len()).max().unwrap_or(0);
     let mut ids = vec![pad_id; b * t];
     let mut mask = vec![0i64; b * t];
-    for (r, e) in items.iter().enumerate() {
-        ids[r * t..r * t + e.ids.len()].copy_from_slice(&e.ids);
-        mask[r * t..r * t + e.ids.len()].fill(1);
+    for (r, e) in texts.iter().enumerate() {
+        ids[r * t..r * t + e.len()].copy_from_slice(e);
+        mask[r * t..r * t + e.len()].fill(1);
     }
     let shape = [b as i64, t as i64];
     Batch {
@@ -312,7 +376,7 @@ pub fn collate(items: &[&Encoded], pad_id: i64) -> Batch {
         attention_mask: Tensor::from_slice(&mask).view(shape),
         labels: target_tensor(items),
         idx: items.iter().map(|e| e.idx).collect(),
-        n_tokens: items.iter().map(|e| e.ids.len() as i64).sum(),
+        n_tokens: texts.iter().map(|e| e.len() as i64).sum(),
     }
 }
 

@@ -213,7 +213,8 @@ fn extract(
         }
     }
     let has_label = table.columns.iter().any(|c| c == label_col);
-    if require_labels && !has_label {
+    // A preference pair's label is its order; `margin` is optional.
+    if require_labels && !has_label && !task.is_preference() {
         return Err(missing_column(table, label_col, "label"));
     }
     let textual = matches!(Format::of(&table.path)?, Format::Csv | Format::Tsv);
@@ -234,6 +235,15 @@ fn extract(
             }
             texts.push(t);
         }
+        if task.is_preference() {
+            // TRL's explicit-prompt form: `prompt` goes in front of both texts.
+            let prompt = match row.cells.get("prompt") {
+                Some(Cell::Str(s)) => s.clone(),
+                Some(Cell::Null) | None => String::new(),
+                Some(other) => bail!("{at}: column 'prompt': {other:?} is not a text"),
+            };
+            texts.insert(0, prompt);
+        }
         let label = match row.cells.get(label_col) {
             None => None,
             Some(cell) => {
@@ -249,7 +259,7 @@ fn extract(
             }
             (l, _) => l,
         };
-        if require_labels && label.is_none() {
+        if require_labels && label.is_none() && !task.is_preference() {
             bail!("{at}: column '{label_col}': no label");
         }
         let idx = match idx_col.and_then(|c| row.cells.get(c).map(|v| (c, v))) {
@@ -308,6 +318,9 @@ fn raw_label(cell: &Cell, textual: bool) -> Result<Option<RawLabel>> {
 
 /// The label side of a task from its training examples (`source` names them in errors).
 pub fn infer_labels(task: &Task, train: &[TaskExample]) -> Result<LabelSpec> {
+    if task.is_preference() {
+        return Ok(LabelSpec::transformers_default(1));
+    }
     let labelled: Vec<(&TaskExample, &RawLabel)> = train
         .iter()
         .filter_map(|e| e.label.as_ref().map(|l| (e, l)))
@@ -476,6 +489,22 @@ pub fn targets(
     task: &Task,
     examples: &[TaskExample],
 ) -> Result<Vec<Option<Target>>> {
+    if task.is_preference() {
+        return examples
+            .iter()
+            .map(|e| match &e.label {
+                None => Ok(Some(Target::Value(0.0))),
+                Some(RawLabel::Int(m)) => Ok(Some(Target::Value(*m as f64))),
+                Some(RawLabel::Float(m)) if m.is_finite() => Ok(Some(Target::Value(*m))),
+                Some(other) => bail!(
+                    "{}: column '{}': {} is not a number",
+                    e.where_,
+                    task.label_column,
+                    other.text()
+                ),
+            })
+            .collect();
+    }
     examples
         .iter()
         .map(|e| {

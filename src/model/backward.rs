@@ -104,7 +104,7 @@ impl Rows {
 
     /// Keys each row's LoRA dropout masks by its example's index in the global batch (this
     /// batch's first example is `first_example` there) and its position in the sequence.
-    pub fn key_dropout(&mut self, first_example: i64) -> Result<()> {
+    pub fn key_dropout(&mut self, first_example: i64, pairs: bool) -> Result<()> {
         anyhow::ensure!(
             self.seq <= MAX_POSITIONS,
             "sequences of {} tokens are longer than LoRA dropout can key ({MAX_POSITIONS})",
@@ -115,7 +115,15 @@ impl Rows {
             Some(ix) => ix.shallow_clone(),
             None => Tensor::arange(self.batch * self.seq, (Kind::Int64, device)),
         };
-        let example = flat.divide_scalar_mode(self.seq, "floor") + first_example;
+        let row = flat.divide_scalar_mode(self.seq, "floor");
+        // Pairs: rows are the chosen texts then the rejected ones, and `first_example` counts
+        // pairs; pair p's texts are examples 2p and 2p + 1 however the batch was split.
+        let example = if pairs {
+            let half = self.batch / 2;
+            (row.remainder(half) + first_example) * 2 + row.divide_scalar_mode(half, "floor")
+        } else {
+            row + first_example
+        };
         let position = flat.remainder(self.seq);
         self.dropout_keys = Some(example * MAX_POSITIONS + position);
         Ok(())

@@ -74,6 +74,8 @@ pub struct LlamaClassifier {
     dropout_step: AtomicU64,
     /// The training loss: problem type and class weights (cross-entropy unweighted unless set).
     loss_kind: (ProblemType, LossWeights),
+    /// `Some(center_rewards_coefficient)`: the loss of preference pairs.
+    pairs: Option<Option<f64>>,
     /// The temperature [`Self::logits`] divides by (an adapter's `calibration.json`; 1 in
     /// training). The training pass and [`Self::forward`] never use it.
     temperature: f64,
@@ -166,6 +168,7 @@ impl LlamaClassifier {
             opts: opts.clone(),
             dropout_step: AtomicU64::new(0),
             loss_kind: (ProblemType::SingleLabel, LossWeights::None),
+            pairs: None,
             temperature: 1.0,
         })
     }
@@ -343,7 +346,22 @@ impl LlamaClassifier {
     }
 
     fn loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-        loss::loss(logits, labels, self.loss_kind.0, &self.loss_kind.1)
+        match self.pairs {
+            Some(center) => loss::pairwise_loss(logits, labels, center),
+            None => loss::loss(logits, labels, self.loss_kind.0, &self.loss_kind.1),
+        }
+    }
+
+    /// `Some(center_rewards_coefficient)` when training on preference pairs.
+    pub fn pairwise(&self) -> Option<Option<f64>> {
+        self.pairs
+    }
+
+    /// Trains on preference pairs ([`loss::pairwise_loss`], with TRL's
+    /// `center_rewards_coefficient`): a batch's rows are its chosen texts then its rejected
+    /// ones, and its labels the pairs' margins.
+    pub fn set_pairwise_loss(&mut self, center_rewards_coefficient: Option<f64>) {
+        self.pairs = Some(center_rewards_coefficient);
     }
 
     /// The task's mean loss ([`Self::set_loss`]) forward and backward of a whole batch,
@@ -382,17 +400,19 @@ impl LlamaClassifier {
         dropout_step: u64,
     ) -> Result<(Tensor, Tensor)> {
         self.check_inputs(input_ids, attention_mask)?;
-        if labels.size().first() != Some(&input_ids.size()[0]) {
+        let per_label = if self.pairs.is_some() { 2 } else { 1 };
+        if labels.size().first().map(|n| n * per_label) != Some(input_ids.size()[0]) {
             bail!(
-                "labels {:?} must have one row per example of input_ids {:?}",
+                "labels {:?} must have one row per {} of input_ids {:?}",
                 labels.size(),
+                if per_label == 2 { "pair" } else { "example" },
                 input_ids.size()
             );
         }
         let (ids, mut rows) = self.rows(input_ids, attention_mask);
         let seeds = self.dropout_seeds(dropout_step);
         if seeds.is_some() {
-            rows.key_dropout(part.first_example)?;
+            rows.key_dropout(part.first_example, self.pairs.is_some())?;
         }
         let train_layers = self.opts.lora.is_some();
         let recompute = |i: usize| i < self.opts.recompute_layers;

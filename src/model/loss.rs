@@ -171,6 +171,28 @@ pub fn loss(
 /// sklearn's `compute_class_weight("balanced", classes=range(num_classes), y=labels)`:
 /// `n / (num_classes * count[c])`. Like sklearn, refuses a class absent from `labels` (its
 /// weight would be infinite) and a label outside the classes.
+/// TRL `RewardTrainer`'s loss of preference pairs: `logits` `[2B, 1]` are the chosen texts'
+/// rewards then the rejected ones' (its collator's order), `margins` `[B]`;
+/// `−mean(log σ(r_c − r_r − margin))`, plus `center · mean((r_c + r_r)²)` when set.
+pub fn pairwise_loss(logits: &Tensor, margins: &Tensor, center: Option<f64>) -> Result<Tensor> {
+    let size = logits.size();
+    let b = margins.size().first().copied().unwrap_or(0);
+    if size != [2 * b, 1] {
+        bail!("pair logits {size:?} must be [2·{b}, 1] for {b} pairs");
+    }
+    let r = logits.view([2, b]);
+    let (chosen, rejected) = (r.get(0), r.get(1));
+    let margins = margins.to_device(logits.device()).to_kind(logits.kind());
+    let out = (&chosen - &rejected - margins)
+        .log_sigmoid()
+        .mean(None)
+        .neg();
+    Ok(match center {
+        Some(c) => out + (chosen + rejected).square().mean(None) * c,
+        None => out,
+    })
+}
+
 pub fn balanced_class_weights(labels: &[i64], num_classes: usize) -> Result<Vec<f64>> {
     let mut counts = vec![0usize; num_classes];
     for &l in labels {

@@ -197,6 +197,7 @@ fn run(
             label: None,
             idx: 0,
             window: 0,
+            rejected: None,
         })
         .collect();
     // A libtorch error panics inside tch; it fails this batch, not the server.

@@ -260,9 +260,13 @@ async fn metrics_text(State(s): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-async fn predict(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+/// An answer as JSON (or its error), timed and counted in `/metrics` with its inputs.
+async fn counted(
+    s: &AppState,
+    answer: impl std::future::Future<Output = Result<(Value, usize), ApiError>>,
+) -> Response {
     let start = Instant::now();
-    let (response, inputs) = match predict_inner(&s, &body).await {
+    let (response, inputs) = match answer.await {
         Ok((v, n)) => (Json(v).into_response(), n),
         Err(e) => (e.into_response(), 0),
     };
@@ -274,13 +278,27 @@ async fn predict(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
     response
 }
 
+async fn predict(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    counted(&s, predict_inner(&s, &body)).await
+}
+
 /// The text `predict` feeds the model for a row with these texts: MRPC's own rendering, or
-/// the task's template with its prompt and text columns.
-fn render(prompt_text: &str, task: &Task, input: &Input) -> String {
+/// the task's template with its prompt and text columns; for a reward model (`task:
+/// preference`), a response, or a (prompt, response) pair, as training read it: `prompt +
+/// response`, EOS appended unless there.
+fn render(prompt_text: &str, task: &Task, input: &Input, eos: &str) -> String {
     let (a, b) = match input {
         Input::Single(t) => (t.clone(), String::new()),
         Input::Pair(a, b) => (a.clone(), b.clone()),
     };
+    if task.is_preference() {
+        let text = format!("{a}{b}");
+        return if text.ends_with(eos) {
+            text
+        } else {
+            text + eos
+        };
+    }
     if !task.template.is_empty() && !task.is_classic_mrpc() {
         let texts = [a, b];
         return crate::task::render(&task.template, prompt_text, &task.text_columns, &texts);
@@ -337,7 +355,7 @@ async fn logits_of(
     // Every input's rows: one, or one per window of a chunked input.
     let mut ids: Vec<Vec<Vec<i64>>> = Vec::with_capacity(inputs.len());
     for (i, input) in inputs.iter().enumerate() {
-        let text = render(&s.prompt, &s.task, input);
+        let text = render(&s.prompt, &s.task, input, s.encoder.eos_token());
         let tokenizer_error = |e: anyhow::Error| {
             ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -442,17 +460,7 @@ fn rerank_score(row: &[f64], k: usize, problem: ProblemType, raw: bool) -> Resul
 }
 
 async fn rerank(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
-    let start = Instant::now();
-    let (response, inputs) = match rerank_inner(&s, &body).await {
-        Ok((v, n)) => (Json(v).into_response(), n),
-        Err(e) => (e.into_response(), 0),
-    };
-    s.metrics.request(
-        response.status().as_u16(),
-        start.elapsed().as_secs_f64(),
-        inputs,
-    );
-    response
+    counted(&s, rerank_inner(&s, &body)).await
 }
 
 /// TEI's `/rerank`: each text paired with the query through the adapter's template and

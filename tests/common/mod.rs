@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod ranks;
 pub mod server;
 
 pub fn root() -> PathBuf {
@@ -214,6 +215,7 @@ pub fn adapter_logits(
             label: None,
             idx: 0,
             window: 0,
+            rejected: None,
         })
         .collect();
     let b = collate(&enc.iter().collect::<Vec<_>>(), loaded.encoder.pad_id());
