@@ -182,8 +182,17 @@ pub fn plan(
     micro_batch: usize,
     device: Device,
 ) -> Result<MemoryPlan> {
-    let lengths: Vec<usize> = train.iter().map(|e| e.ids.len()).collect();
-    let shape = largest_batch(&lengths, micro_batch);
+    // A preference pair is two rows of the forward: its chosen and its rejected text.
+    let lengths: Vec<usize> = train
+        .iter()
+        .flat_map(|e| std::iter::once(e.ids.len()).chain(e.rejected.as_ref().map(Vec::len)))
+        .collect();
+    let rows_per_example = if train.iter().any(|e| e.rejected.is_some()) {
+        2
+    } else {
+        1
+    };
+    let shape = largest_batch(&lengths, micro_batch * rows_per_example);
     let lora_modules = cfg
         .target_modules
         .iter()
