@@ -30,6 +30,9 @@ use tokenizers::{
     Tokenizer,
 };
 
+/// The demo tokenizer's chat template (conversational preference data renders through it).
+pub const DEMO_CHAT_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] | trim }}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}";
+
 pub const BOS: &str = "<|begin_of_text|>";
 pub const EOS: &str = "<|end_of_text|>";
 /// Llama-3's pre-tokenizer pattern (tokenizer.json of Meta-Llama-3-8B).
@@ -90,6 +93,7 @@ pub fn write_demo_assets(out: &Path) -> Result<()> {
             "model_input_names": ["input_ids", "attention_mask"],
             "model_max_length": 512,
             "tokenizer_class": "PreTrainedTokenizerFast",
+            "chat_template": DEMO_CHAT_TEMPLATE,
         }),
     )?;
     write_json(

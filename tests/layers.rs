@@ -66,6 +66,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "data::table",
             "data::prompt",
             "data::long_text",
+            "data::chat",
             "task",
             "data::examples",
             "data::batch",

@@ -448,3 +448,102 @@ fn preference_demo_is_learnt_on_one_and_two_ranks_and_merges() {
         );
     }
 }
+
+/// Meta-Llama-3-8B-Instruct's chat template, as its tokenizer_config.json ships it.
+const LLAMA3_CHAT_TEMPLATE: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+
+/// Our token ids of a preference split's pairs: (chosen, rejected) per row.
+fn our_pair_ids(tokenizer: &Path, file: &Path) -> Vec<(Vec<i64>, Vec<i64>)> {
+    use qlora_cls::data::{batch, examples};
+    let cfg = qlora_cls::config::Config {
+        task: "preference".into(),
+        ..Default::default()
+    };
+    let task = cfg.to_task().unwrap();
+    let enc = batch::TextEncoder::from_dir(tokenizer, None).unwrap();
+    let raw = examples::read_file(file, &task, true, 0).unwrap();
+    let spec = examples::infer_labels(&task, &raw).unwrap();
+    let targets = examples::targets(&spec, &task, &raw).unwrap();
+    let (rows, _) = batch::encode_task_examples(&enc, &task, "", &raw, targets).unwrap();
+    rows.into_iter()
+        .map(|e| (e.ids, e.rejected.unwrap()))
+        .collect()
+}
+
+// TRL's conversational form (prompt, chosen and rejected as lists of messages): our ids are
+// the ones RewardTrainer prepares through `apply_chat_template`, token for token, with the
+// demo tokenizer's template and with Llama-3's; and such data trains through the binary.
+#[test]
+fn conversational_pairs_render_as_trl_s_chat_template_does() {
+    let d = common::tempdir();
+    let demo = common::demo_assets(&d.path().join("demo"));
+    let data = d.path().join("conv");
+    std::fs::create_dir_all(&data).unwrap();
+    let plain = std::fs::read_to_string(demo.join("tasks/preference/train.jsonl")).unwrap();
+    let rows: Vec<String> = plain
+        .lines()
+        .take(6)
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            let say = |role: &str, text: &Value| json!([{"role": role, "content": text}]);
+            json!({
+                "prompt": say("user", &v["prompt"]),
+                "chosen": say("assistant", &v["chosen"]),
+                "rejected": say("assistant", &v["rejected"]),
+            })
+            .to_string()
+        })
+        .collect();
+    let train = data.join("train.jsonl");
+    std::fs::write(&train, rows.join("\n") + "\n").unwrap();
+    std::fs::write(data.join("validation.jsonl"), rows.join("\n") + "\n").unwrap();
+
+    // The demo model again, its tokenizer carrying Llama-3's template.
+    let llama3 = d.path().join("llama3-template");
+    std::fs::create_dir_all(&llama3).unwrap();
+    for f in std::fs::read_dir(demo.join("model")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, llama3.join(f.file_name().unwrap())).unwrap();
+    }
+    let cfg_path = llama3.join("tokenizer_config.json");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["chat_template"] = json!(LLAMA3_CHAT_TEMPLATE);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+
+    for model in [demo.join("model"), llama3] {
+        let out = d.path().join("trl_ids.json");
+        common::oracle(
+            "reward_oracle.py",
+            &["trl_tokenize", s(&model), s(&data), s(&out)],
+        );
+        let trl: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        let ours = our_pair_ids(&model, &train);
+        assert_eq!(ours.len(), rows.len());
+        for (i, (c, r)) in ours.iter().enumerate() {
+            let want = |k: &str| -> Vec<i64> {
+                trl[k][i]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_i64().unwrap())
+                    .collect()
+            };
+            assert_eq!(
+                c,
+                &want("chosen_ids"),
+                "{} row {i}: chosen",
+                model.display()
+            );
+            assert_eq!(
+                r,
+                &want("rejected_ids"),
+                "{} row {i}: rejected",
+                model.display()
+            );
+        }
+    }
+    let run = d.path().join("run");
+    let said = train_pairs(&demo, &data, &run, &["--max_steps", "2"]);
+    assert!(said.contains("validation accuracy"), "{said}");
+}

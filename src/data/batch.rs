@@ -126,9 +126,24 @@ impl TextEncoder {
         prefix_bytes: usize,
         long: &LongText,
     ) -> Result<(Vec<Vec<Vec<i64>>>, Counted)> {
+        self.fit_many_with(texts, prefix_bytes, long, true)
+    }
+
+    /// The folder of the tokenizer (where its `tokenizer_config.json` and chat template are).
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+
+    fn fit_many_with(
+        &self,
+        texts: Vec<String>,
+        prefix_bytes: usize,
+        long: &LongText,
+        add_special_tokens: bool,
+    ) -> Result<(Vec<Vec<Vec<i64>>>, Counted)> {
         let encs = self
             .tokenizer
-            .encode_batch(texts, true)
+            .encode_batch(texts, add_special_tokens)
             .map_err(|e| anyhow!("{}: cannot encode texts: {e}", self.path.display()))?;
         let mut counted = Counted::default();
         let mut out = Vec::with_capacity(encs.len());
@@ -285,6 +300,22 @@ fn encode_pairs(
             format!("{t}{eos}")
         }
     };
+    let conversational = examples.first().is_some_and(|e| e.conversational);
+    if examples.iter().any(|e| e.conversational != conversational) {
+        bail!("preference rows mix plain texts with conversations (lists of messages)");
+    }
+    // The conversational form renders `prompt + chosen` (messages) through the chat template,
+    // whose text already holds the special tokens it wants.
+    let template = match conversational {
+        true => Some(super::chat::ChatTemplate::from_dir(enc.dir())?.ok_or_else(|| {
+            anyhow!(
+                "conversational preference data needs the tokenizer's chat template, and {} has none \
+                 (tokenizer_config.json `chat_template` or chat_template.jinja)",
+                enc.dir().display()
+            )
+        })?),
+        false => None,
+    };
     let mut texts = Vec::with_capacity(2 * examples.len());
     for ex in examples {
         let [prompt, chosen, rejected] = ex.texts.as_slice() else {
@@ -293,10 +324,23 @@ fn encode_pairs(
                 ex.where_
             );
         };
-        texts.push(format!("{prompt}{}", with_eos(chosen)));
-        texts.push(format!("{prompt}{}", with_eos(rejected)));
+        match &template {
+            Some(t) => {
+                let render = |side: &str| -> Result<String> {
+                    let mut messages = super::chat::parse_messages(prompt)?;
+                    messages.extend(super::chat::parse_messages(side)?);
+                    t.render(&messages, false)
+                };
+                texts.push(render(chosen).with_context(|| ex.where_.clone())?);
+                texts.push(render(rejected).with_context(|| ex.where_.clone())?);
+            }
+            None => {
+                texts.push(format!("{prompt}{}", with_eos(chosen)));
+                texts.push(format!("{prompt}{}", with_eos(rejected)));
+            }
+        }
     }
-    let (rows, counted) = enc.encode_fitted(texts, 0)?;
+    let (rows, counted) = enc.fit_many_with(texts, 0, enc.long_text(), !conversational)?;
     let mut out = Vec::with_capacity(examples.len());
     let mut rows = rows.into_iter().map(|mut r| r.swap_remove(0));
     for (ex, label) in examples.iter().zip(targets) {

@@ -46,6 +46,9 @@ pub struct TaskExample {
     pub idx: i64,
     /// "file:line" or "file: row N".
     pub where_: String,
+    /// A preference pair in TRL's conversational form: each text is the JSON of a list of
+    /// `{"role", "content"}` messages.
+    pub conversational: bool,
 }
 
 /// Split names a file may go by: HF says `validation[_matched]`, GLUE says `dev[_matched]`.
@@ -182,6 +185,22 @@ fn read_glue_tsv(path: &Path, tsv: &GlueTsv) -> Result<Table> {
     table::read(path, None)
 }
 
+/// A JSONL list of message objects (read as their JSON texts) as one JSON array, checked.
+fn messages_json(items: &[Cell]) -> Result<String> {
+    let parts: Vec<&str> = items
+        .iter()
+        .map(|c| match c {
+            Cell::Str(s) => Ok(s.as_str()),
+            other => Err(anyhow!(
+                "{other:?} is not a {{\"role\", \"content\"}} message"
+            )),
+        })
+        .collect::<Result<_>>()?;
+    let json = format!("[{}]", parts.join(","));
+    super::chat::parse_messages(&json)?;
+    Ok(json)
+}
+
 fn missing_column(table: &Table, column: &str, what: &str) -> anyhow::Error {
     anyhow!(
         "{}: no {what} column '{column}' (the file has: {})",
@@ -222,8 +241,13 @@ fn extract(
     for (i, row) in table.rows.iter().enumerate() {
         let at = &row.where_;
         let mut texts = Vec::with_capacity(text_cols.len());
+        let mut conversational = false;
         for c in text_cols {
             let t = match row.cells.get(c) {
+                Some(Cell::List(items)) if task.is_preference() => {
+                    conversational = true;
+                    messages_json(items).map_err(|e| anyhow!("{at}: column '{c}': {e}"))?
+                }
                 Some(Cell::Str(s)) => s.clone(),
                 Some(Cell::Int(v)) => v.to_string(),
                 Some(Cell::Float(v)) => v.to_string(),
@@ -238,6 +262,10 @@ fn extract(
         if task.is_preference() {
             // TRL's explicit-prompt form: `prompt` goes in front of both texts.
             let prompt = match row.cells.get("prompt") {
+                Some(Cell::List(items)) if conversational => {
+                    messages_json(items).map_err(|e| anyhow!("{at}: column 'prompt': {e}"))?
+                }
+                None | Some(Cell::Null) if conversational => "[]".to_string(),
                 Some(Cell::Str(s)) => s.clone(),
                 Some(Cell::Null) | None => String::new(),
                 Some(other) => bail!("{at}: column 'prompt': {other:?} is not a text"),
@@ -275,6 +303,7 @@ fn extract(
             label,
             idx,
             where_: row.where_.clone(),
+            conversational,
         });
     }
     Ok(out)

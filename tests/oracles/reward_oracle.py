@@ -11,6 +11,9 @@ q_proj/v_proj and the head in modules_to_save, both drawn random so they matter.
       DATA_DIR/train.jsonl (CENTER: its center_rewards_coefficient, or `none`), evaluates on
       DATA_DIR/validation.jsonl, and writes OUT_DIR/adapter/ (PEFT's save_pretrained) and
       OUT_DIR/eval.json (evaluate()'s metrics)
+  trl_tokenize MODEL_DIR DATA_DIR OUT.json
+      the `chosen_ids` and `rejected_ids` RewardTrainer prepares from DATA_DIR/train.jsonl
+      (plain or conversational, rendered through the tokenizer's chat template)
 """
 import json
 import sys
@@ -81,11 +84,34 @@ def trl_train(model_dir, init_adapter, data_dir, out_dir, lr, steps, batch, cent
         json.dump(metrics, f)
 
 
+def trl_tokenize(model_dir, data_dir, out_path):
+    import os
+    import tempfile
+
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    with open(os.path.join(data_dir, "train.jsonl")) as f:
+        train = Dataset.from_list([json.loads(l) for l in f if l.strip()])
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = LlamaForSequenceClassification.from_pretrained(
+        model_dir, num_labels=1, dtype=torch.float32)
+    args = RewardConfig(output_dir=tempfile.mkdtemp(), max_length=None, report_to=[],
+                        use_cpu=True, bf16=False, fp16=False)
+    trainer = RewardTrainer(model=model, args=args, processing_class=tok, train_dataset=train)
+    ds = trainer.train_dataset
+    with open(out_path, "w") as f:
+        json.dump({"chosen_ids": list(map(list, ds["chosen_ids"])),
+                   "rejected_ids": list(map(list, ds["rejected_ids"]))}, f)
+
+
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
     if cmd == "reward_adapter":
         reward_adapter(*args)
     elif cmd == "trl_train":
         trl_train(*args)
+    elif cmd == "trl_tokenize":
+        trl_tokenize(*args)
     else:
         sys.exit(f"unknown command {cmd}")
