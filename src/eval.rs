@@ -41,6 +41,8 @@ pub struct EvalResult {
     pub windows: Option<Windows>,
     /// Preference pairs: `probs` and `logits` hold each pair's (chosen, rejected) rewards.
     pub pairs: bool,
+    /// A reward model's plain rows: `probs` holds each row's reward.
+    pub rewards: bool,
 }
 
 /// The windows of a chunked split, row by row: their document's idx, their place in it, and
@@ -300,7 +302,17 @@ pub fn evaluate(
         }
     };
     if !data.iter().any(|e| e.window > 0) {
-        return summarize(data, &lp, scoring, model.loss_weights(), model.pairwise());
+        // A reward model scores pairs, or plain rows as a regression head does.
+        let pairs = data.first().is_some_and(|e| e.rejected.is_some());
+        let mut out = summarize(
+            data,
+            &lp,
+            scoring,
+            model.loss_weights(),
+            model.pairwise().filter(|_| pairs),
+        )?;
+        out.rewards = model.pairwise().is_some() && !pairs;
+        return Ok(out);
     }
     let rows: Vec<Vec<f64>> = Vec::try_from(&lp.to_device(Device::Cpu))?;
     let mut docs = Vec::new();

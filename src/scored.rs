@@ -31,6 +31,13 @@ pub fn predictions_csv(spec: &LabelSpec, decision: &Decision, r: &EvalResult) ->
         }
         return text;
     }
+    if r.rewards {
+        let mut text = String::from("index,reward\n");
+        for (idx, p) in r.idx.iter().zip(&r.probs) {
+            text.push_str(&format!("{idx},{:.6}\n", p[0]));
+        }
+        return text;
+    }
     let flags = decision.flags(&r.probs);
     let regression = spec.problem_type == ProblemType::Regression;
     let mut text = String::from("index,prediction");

@@ -366,13 +366,53 @@ fn preference_demo_is_learnt_on_one_and_two_ranks_and_merges() {
         })
         .collect();
 
-    // serve: /predict on (prompt, response) gives the reward, /rerank puts the chosen first.
     let rows: Vec<Value> = std::fs::read_to_string(data.join("validation.jsonl"))
         .unwrap()
         .lines()
         .take(4)
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    // Plain rows (a prompt and one text each) get one reward each: the pair's sides'.
+    let plain = d.path().join("responses.jsonl");
+    let lines: Vec<String> = rows
+        .iter()
+        .flat_map(|r| {
+            ["chosen", "rejected"]
+                .map(|side| json!({"prompt": r["prompt"], "text": r[side]}).to_string())
+        })
+        .collect();
+    std::fs::write(&plain, lines.join("\n") + "\n").unwrap();
+    let plain_pred = d.path().join("responses.csv");
+    let o = Command::new(common::bin())
+        .arg("predict")
+        .args(flags)
+        .args([
+            "--adapter",
+            s(&one.join("adapter")),
+            "--input",
+            s(&plain),
+            "--out",
+            s(&plain_pred),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let csv = std::fs::read_to_string(&plain_pred).unwrap();
+    assert!(csv.starts_with("index,reward\n"), "{csv}");
+    let single: Vec<f64> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+        .collect();
+    for (i, (c, r)) in rewards.iter().enumerate() {
+        assert!(
+            (single[2 * i] - c).abs() < 1e-5 && (single[2 * i + 1] - r).abs() < 1e-5,
+            "pair {i}: ({c}, {r}) vs rows {:?}",
+            &single[2 * i..2 * i + 2]
+        );
+    }
+
+    // serve: /predict on (prompt, response) gives the reward, /rerank puts the chosen first.
     let adapter = one.join("adapter");
     let mut serve_args = flags.to_vec();
     serve_args.extend(["--adapter", s(&adapter)]);

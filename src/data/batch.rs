@@ -316,6 +316,10 @@ fn encode_pairs(
         })?),
         false => None,
     };
+    let plain = examples.iter().any(|e| e.texts.len() == 2);
+    if plain {
+        return encode_responses(enc, examples, template.as_ref(), &with_eos);
+    }
     let mut texts = Vec::with_capacity(2 * examples.len());
     for ex in examples {
         let [prompt, chosen, rejected] = ex.texts.as_slice() else {
@@ -355,6 +359,44 @@ fn encode_pairs(
             rejected: Some(rejected),
         });
     }
+    Ok((out, counted))
+}
+
+/// A reward model's plain rows (`[prompt, text]` texts): each rendered as one side of a pair
+/// is, one row each, without a target.
+fn encode_responses(
+    enc: &TextEncoder,
+    examples: &[super::examples::TaskExample],
+    template: Option<&super::chat::ChatTemplate>,
+    with_eos: &dyn Fn(&str) -> String,
+) -> Result<(Vec<Encoded>, Counted)> {
+    let mut texts = Vec::with_capacity(examples.len());
+    for ex in examples {
+        let [prompt, text] = ex.texts.as_slice() else {
+            bail!("{}: rows of responses and of pairs in one file", ex.where_);
+        };
+        texts.push(match template {
+            Some(t) => {
+                let mut messages = super::chat::parse_messages(prompt)?;
+                messages.extend(super::chat::parse_messages(text)?);
+                t.render(&messages, false)
+                    .with_context(|| ex.where_.clone())?
+            }
+            None => format!("{prompt}{}", with_eos(text)),
+        });
+    }
+    let (rows, counted) = enc.fit_many_with(texts, 0, enc.long_text(), template.is_none())?;
+    let out = rows
+        .into_iter()
+        .zip(examples)
+        .map(|(mut r, ex)| Encoded {
+            ids: r.swap_remove(0),
+            label: None,
+            idx: ex.idx,
+            window: 0,
+            rejected: None,
+        })
+        .collect();
     Ok((out, counted))
 }
 

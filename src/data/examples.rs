@@ -156,6 +156,17 @@ pub fn read_file(
             tsv.label.to_string(),
             tsv.index.map(str::to_string),
         ),
+        // A reward model scores plain rows too: a `text` (and optional `prompt`) per row.
+        None if task.is_preference()
+            && !table.columns.iter().any(|c| c == "chosen")
+            && table.columns.iter().any(|c| c == "text") =>
+        {
+            (
+                vec!["text".to_string()],
+                task.label_column.clone(),
+                Some("idx".to_string()),
+            )
+        }
         None => (
             task.text_columns.clone(),
             task.label_column.clone(),
@@ -522,6 +533,8 @@ pub fn targets(
         return examples
             .iter()
             .map(|e| match &e.label {
+                // A plain row (prompt, text) has no order to learn.
+                _ if e.texts.len() == 2 => Ok(None),
                 None => Ok(Some(Target::Value(0.0))),
                 Some(RawLabel::Int(m)) => Ok(Some(Target::Value(*m as f64))),
                 Some(RawLabel::Float(m)) if m.is_finite() => Ok(Some(Target::Value(*m))),
