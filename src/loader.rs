@@ -122,6 +122,20 @@ fn load_model_on(cfg: &Config, device: Device, residual: Option<PathBuf>) -> Res
     })
 }
 
+/// The loss the model trains and evaluates with for `labels`: transformers' for its problem
+/// type (with class `weights`), or TRL's pairwise loss for a preference task.
+pub fn set_task_loss(
+    model: &mut LlamaClassifier,
+    labels: &TaskLabels,
+    weights: Option<Vec<f64>>,
+    cfg: &Config,
+) {
+    model.set_loss(labels.spec.problem_type, weights);
+    if labels.task.is_preference() {
+        model.set_pairwise_loss(cfg.center_rewards_coefficient);
+    }
+}
+
 /// `cfg` with the head sized for `spec` (one output for regression).
 pub fn sized_for(cfg: &Config, spec: &LabelSpec) -> Config {
     let mut c = cfg.clone();
@@ -224,12 +238,7 @@ pub fn load_with_adapter(cfg: &Config, adapter_dir: &Path) -> Result<(Loaded, Ta
         .model
         .load_trainable(&|name| weights.get(name).map(|t| t.shallow_clone()))
         .with_context(|| format!("cannot load the adapter {}", weights_path.display()))?;
-    loaded.model.set_loss(labels.spec.problem_type, None);
-    if labels.task.is_preference() {
-        loaded
-            .model
-            .set_pairwise_loss(cfg.center_rewards_coefficient);
-    }
+    set_task_loss(&mut loaded.model, &labels, None, &cfg);
     if let Some(t) = adapter::read_temperature(adapter_dir)? {
         if labels.spec.problem_type != ProblemType::SingleLabel {
             bail!(

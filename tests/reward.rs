@@ -14,6 +14,22 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
+/// `qlora-cls CMD ARGS…`, which must succeed; its stdout.
+fn qlora(cmd: &str, args: &[&[&str]]) -> String {
+    let o = Command::new(common::bin())
+        .arg(cmd)
+        .args(args.concat())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "qlora-cls {cmd} failed:\n{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
 #[test]
 fn a_peft_reward_model_predicts_and_serves_its_rewards() {
     let d = common::tempdir();
@@ -68,13 +84,10 @@ fn a_peft_reward_model_predicts_and_serves_its_rewards() {
         "false",
     ];
     let pred = d.path().join("pred.csv");
-    let o = Command::new(common::bin())
-        .arg("predict")
-        .args(task)
-        .args(["--input", s(&input), "--out", s(&pred)])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    qlora(
+        "predict",
+        &[&task[..], &["--input", s(&input), "--out", s(&pred)][..]],
+    );
     let csv = std::fs::read_to_string(&pred).unwrap();
     assert!(csv.starts_with("index,prediction\n"), "{csv}");
     let got: Vec<f64> = csv
@@ -132,37 +145,34 @@ fn pairs(demo: &Path, split: &str, n: usize, margins: Option<&[f64]>) -> String 
 /// dropout off, AdamW without weight decay or warmup: what the TRL oracle runs).
 fn train_pairs(demo: &Path, data: &Path, run: &Path, extra: &[&str]) -> String {
     let cfg = common::root().join("configs/demo.yaml");
-    let o = Command::new(common::bin())
-        .arg("train")
-        .args(["--config", s(&cfg), "--model_dir", s(&demo.join("model"))])
-        .args([
-            "--data_dir",
-            s(data),
-            "--task",
-            "preference",
-            "--results_path",
-            s(run),
-        ])
-        .args([
-            "--batch_size",
-            "4",
-            "--eval_batch_size",
-            "4",
-            "--lora_dropout",
-            "0",
-        ])
-        .args(["--load_in_4bit", "false", "--optimizer", "adamw"])
-        .args(["--warmup_ratio", "0", "--weight_decay", "0"])
-        .args(extra)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(
-        o.status.success(),
-        "{out}\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    out
+    let model = demo.join("model");
+    let fixed = [
+        "--config",
+        s(&cfg),
+        "--model_dir",
+        s(&model),
+        "--data_dir",
+        s(data),
+        "--task",
+        "preference",
+        "--results_path",
+        s(run),
+        "--batch_size",
+        "4",
+        "--eval_batch_size",
+        "4",
+        "--lora_dropout",
+        "0",
+        "--load_in_4bit",
+        "false",
+        "--optimizer",
+        "adamw",
+        "--warmup_ratio",
+        "0",
+        "--weight_decay",
+        "0",
+    ];
+    qlora("train", &[&fixed[..], extra])
 }
 
 /// eval.csv's last row: column name → value.
@@ -337,20 +347,20 @@ fn preference_demo_is_learnt_on_one_and_two_ranks_and_merges() {
         s(&data),
     ];
     let pred = d.path().join("pred.csv");
-    let o = Command::new(common::bin())
-        .arg("predict")
-        .args(flags)
-        .args([
-            "--adapter",
-            s(&one.join("adapter")),
-            "--split",
-            "validation",
-            "--out",
-            s(&pred),
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    qlora(
+        "predict",
+        &[
+            &flags[..],
+            &[
+                "--adapter",
+                s(&one.join("adapter")),
+                "--split",
+                "validation",
+                "--out",
+                s(&pred),
+            ][..],
+        ],
+    );
     let csv = std::fs::read_to_string(&pred).unwrap();
     assert!(
         csv.starts_with("index,reward_chosen,reward_rejected\n"),
@@ -383,20 +393,20 @@ fn preference_demo_is_learnt_on_one_and_two_ranks_and_merges() {
         .collect();
     std::fs::write(&plain, lines.join("\n") + "\n").unwrap();
     let plain_pred = d.path().join("responses.csv");
-    let o = Command::new(common::bin())
-        .arg("predict")
-        .args(flags)
-        .args([
-            "--adapter",
-            s(&one.join("adapter")),
-            "--input",
-            s(&plain),
-            "--out",
-            s(&plain_pred),
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    qlora(
+        "predict",
+        &[
+            &flags[..],
+            &[
+                "--adapter",
+                s(&one.join("adapter")),
+                "--input",
+                s(&plain),
+                "--out",
+                s(&plain_pred),
+            ][..],
+        ],
+    );
     let csv = std::fs::read_to_string(&plain_pred).unwrap();
     assert!(csv.starts_with("index,reward\n"), "{csv}");
     let single: Vec<f64> = csv
@@ -442,20 +452,20 @@ fn preference_demo_is_learnt_on_one_and_two_ranks_and_merges() {
     drop(server);
 
     let merged = d.path().join("merged");
-    let o = Command::new(common::bin())
-        .arg("merge")
-        .args(flags)
-        .args([
-            "--adapter",
-            s(&one.join("adapter")),
-            "--out",
-            s(&merged),
-            "--dtype",
-            "float32",
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    qlora(
+        "merge",
+        &[
+            &flags[..],
+            &[
+                "--adapter",
+                s(&one.join("adapter")),
+                "--out",
+                s(&merged),
+                "--dtype",
+                "float32",
+            ][..],
+        ],
+    );
     // The texts the reward model read: prompt + response + EOS (TRL's rendering).
     let eos = "<|end_of_text|>";
     let mut texts = Vec::new();

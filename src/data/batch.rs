@@ -198,15 +198,7 @@ fn find_eos(dir: &Path, tokenizer: &Tokenizer) -> Result<String> {
             .with_context(|| format!("cannot read {}", cfg_path.display()))?;
         let cfg: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("{}: not valid JSON", cfg_path.display()))?;
-        let named = match cfg.get("eos_token") {
-            Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(serde_json::Value::Object(o)) => o
-                .get("content")
-                .and_then(|c| c.as_str())
-                .map(str::to_string),
-            _ => None,
-        };
-        if let Some(name) = named {
+        if let Some(name) = super::chat::token_text(cfg.get("eos_token")) {
             if tokenizer.token_to_id(&name).is_none() {
                 bail!(
                     "{} names eos_token '{name}', which tokenizer.json does not have",

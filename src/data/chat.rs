@@ -23,6 +23,15 @@ pub fn parse_messages(json: &str) -> Result<Vec<Message>> {
         .map_err(|e| anyhow!("not a list of {{\"role\", \"content\"}} messages ({e}): {json}"))
 }
 
+/// A special token as `tokenizer_config.json` names it: a string, or `{"content": ...}`.
+pub fn token_text(v: Option<&serde_json::Value>) -> Option<String> {
+    match v? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
 /// A tokenizer's chat template and the special tokens it may name.
 #[derive(Debug, Clone)]
 pub struct ChatTemplate {
@@ -57,15 +66,7 @@ impl ChatTemplate {
         };
         let mut specials = BTreeMap::new();
         for k in SPECIAL_KEYS {
-            let v = match cfg.get(k) {
-                Some(serde_json::Value::String(s)) => Some(s.clone()),
-                Some(serde_json::Value::Object(o)) => o
-                    .get("content")
-                    .and_then(|c| c.as_str())
-                    .map(str::to_string),
-                _ => None,
-            };
-            if let Some(v) = v {
+            if let Some(v) = token_text(cfg.get(k)) {
                 specials.insert(k.to_string(), v);
             }
         }

@@ -196,6 +196,16 @@ impl Rows {
     }
 }
 
+/// The q, k and v parts of the attention's projections, in that order.
+fn split_qkv(parts: Vec<Tensor>) -> (Tensor, Tensor, Tensor) {
+    let mut parts = parts.into_iter();
+    (
+        parts.next().expect("q"),
+        parts.next().expect("k"),
+        parts.next().expect("v"),
+    )
+}
+
 /// A norm's input and its `rstd`, for the backward.
 struct NormSaved {
     x: Tensor,
@@ -269,12 +279,7 @@ impl DecoderLayer {
             let no_key = |_: u64| None;
             let (parts, _) = a.qkv.forward_saved(&n1, &no_key, &rows.scratch)?;
             drop(n1);
-            let mut parts = parts.into_iter();
-            let (q, k, v) = (
-                parts.next().expect("q"),
-                parts.next().expect("k"),
-                parts.next().expect("v"),
-            );
+            let (q, k, v) = split_qkv(parts);
             let (q, _) = norm_rows(&a.q_norm, q, Some(d));
             let (k, _) = norm_rows(&a.k_norm, k, Some(d));
             let q = rows.rope(&q, d, a.rope).index_select(0, &rows.pool);
@@ -332,12 +337,7 @@ impl DecoderLayer {
             let (n1, rstd1) = self.attn_norm.forward_saved(x);
             let (parts, qkv_lora) = a.qkv.forward_saved(&n1, &seed, &rows.scratch)?;
             drop(n1);
-            let mut parts = parts.into_iter();
-            let (q, k, v) = (
-                parts.next().expect("q"),
-                parts.next().expect("k"),
-                parts.next().expect("v"),
-            );
+            let (q, k, v) = split_qkv(parts);
             let (q, q_norm) = norm_rows(&a.q_norm, q, Some(d));
             let (k, k_norm) = norm_rows(&a.k_norm, k, Some(d));
             let q = rows.rope(&q, d, a.rope);

@@ -110,10 +110,7 @@ impl<'a> Trainer<'a> {
             };
             println!("{kind} (training and evaluation loss): {w:?}");
         }
-        model.set_loss(labels.spec.problem_type, weights);
-        if labels.task.is_preference() {
-            model.set_pairwise_loss(cfg.center_rewards_coefficient);
-        }
+        crate::loader::set_task_loss(&mut model, &labels, weights, cfg);
         let counts = model.param_counts();
         if main {
             println!("{}", peft_param_line(counts.0, counts.1));
